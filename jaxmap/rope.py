@@ -1,0 +1,63 @@
+"""Rotary position embeddings as Hugging Face's llama computes them (rotate-half layout), including llama3 scaling.
+
+The inverse frequencies are plain numpy, computed once per config; cos/sin are computed inside the jitted step from
+the positions, which costs a few hundred flops per token and keeps no table on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+
+
+def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """``inv_freq`` of shape [head_dim // 2], float32, with the config's rope scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, scaling)
+    else:
+        raise UserError(f"rope scaling {kind!r} is not supported yet; supported: default, linear, llama3")
+    return inv_freq.astype(np.float32)
+
+
+def _llama3_scaling(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    """Llama 3.1's frequency-dependent scaling: long wavelengths divided by ``factor``, short ones kept, a blend between."""
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled)
+
+
+def rope_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin of shape positions.shape + [head_dim], float32, in the rotate-half layout."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate ``x`` [..., heads, head_dim]; cos/sin broadcast over the heads axis."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[..., None, :].astype(x.dtype)
+    sin = sin[..., None, :].astype(x.dtype)
+    return x * cos + rotated * sin
