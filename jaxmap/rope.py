@@ -33,7 +33,7 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def _llama3_scaling(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
-    """Llama 3.1's frequency-dependent scaling: long wavelengths divided by ``factor``, short ones kept, a blend between."""
+    """Llama 3.1 scaling: long wavelengths divided by ``factor``, short ones kept, a blend between."""
     factor = float(scaling["factor"])
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from jaxmap.config import ModelConfig
     from jaxmap.tokenizer import Tokenizer
+
+    from jaxmap.config import ModelConfig
 
 
 class WeightSource(Protocol):

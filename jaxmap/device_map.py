@@ -1,0 +1,273 @@
+"""The plan as data: :class:`DeviceMap` (stages, where the outer weights live, memory, strategy and reason).
+
+Pure data, no jax: it is made for hardware you may not have, saved with ``--save-plan`` and loaded with ``--plan``
+(refused for another model: it carries the model's name and a fingerprint of its architecture). The engine builds
+each stage's mesh with ``jax.make_mesh`` / ``mesh_utils.create_device_mesh`` over the device ids a stage names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+
+STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu")
+MEMORY_KINDS = ("device", "host", "disk")
+GIB = 1 << 30
+
+
+def config_fingerprint(config: ModelConfig) -> str:
+    """A short hash of what shapes the weights (the name is left out: a renamed copy is the same model)."""
+    keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+    blob = json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A maximal run of layers inside a stage with every setting equal: one compiled unit for the engine."""
+
+    start: int
+    end: int
+    isq: str | None
+
+
+@dataclasses.dataclass
+class Stage:
+    """Layers ``[start, end)`` on one device group, arranged as a mesh ``{"tp": n}``."""
+
+    start: int
+    end: int
+    devices: list[str]
+    device_ids: list[int]
+    mesh: dict[str, int]
+    memory_kind: str = "device"
+    dtype: str = "float32"
+    isq: list[str | None] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.isq:
+            self.isq = [None] * (self.end - self.start)
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.get("tp", 1)
+
+    def segments(self) -> list[Segment]:
+        out: list[Segment] = []
+        for layer, isq in zip(range(self.start, self.end), self.isq, strict=False):
+            if out and out[-1].isq == isq:
+                out[-1] = Segment(out[-1].start, layer + 1, isq)
+            else:
+                out.append(Segment(layer, layer + 1, isq))
+        return out
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where an outer weight (embeddings, final norm, LM head) lives; ``stage`` is None off the stages' devices."""
+
+    devices: list[str]
+    stage: int | None
+    vocab_parallel: bool = False
+    isq: str | None = None
+
+
+@dataclasses.dataclass
+class DeviceMemory:
+    """Bytes a device must hold: weights after sharding and the KV cache for the planned batch and length."""
+
+    device: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    capacity_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+@dataclasses.dataclass
+class DeviceMap:
+    model: str
+    fingerprint: str
+    hardware: str
+    platform: str
+    num_layers: int
+    stages: list[Stage]
+    embed: Placement
+    final_norm: Placement
+    lm_head: Placement
+    strategy: str
+    reason: str
+    memory: list[DeviceMemory] = dataclasses.field(default_factory=list)
+    idle_devices: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    dtype: str = "float32"
+    max_seq_len: int = 4096
+    max_batch_size: int = 1
+    from_topology: bool = False
+
+    # ---- queries ---------------------------------------------------------------------------------------------------
+    def stage_of(self, layer: int) -> Stage:
+        return next(s for s in self.stages if s.start <= layer < s.end)
+
+    def layer_devices(self) -> list[list[str]]:
+        return [list(s.devices) for s in self.stages for _ in range(s.start, s.end)]
+
+    def check_model(self, config: ModelConfig) -> None:
+        """Refuse a plan made for another model (a saved plan loaded with ``--plan``)."""
+        if self.fingerprint != config_fingerprint(config) or self.num_layers != config.num_hidden_layers:
+            raise UserError(f"the plan was made for model {self.model!r} (fingerprint {self.fingerprint}) but the "
+                            f"model is {config.name or 'unnamed'!r} (fingerprint {config_fingerprint(config)}); "
+                            "make a new plan for it")
+
+    # ---- round trip ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> DeviceMap:
+        if not isinstance(raw, dict):
+            raise UserError("a plan must be a mapping (as written by --save-plan)")
+        try:
+            fields = dict(raw)
+            fields["stages"] = [Stage(**s) for s in raw["stages"]]
+            for key in ("embed", "final_norm", "lm_head"):
+                fields[key] = Placement(**raw[key])
+            fields["memory"] = [DeviceMemory(**m) for m in raw.get("memory", [])]
+            out = cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"the plan is malformed ({exc}); write it with --save-plan") from None
+        out._validate()
+        return out
+
+    def _validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"plan strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        expected = 0
+        for s in self.stages:
+            if s.start != expected or s.end <= s.start or len(s.isq) != s.end - s.start:
+                raise UserError(f"plan stage {s.start}-{s.end} does not continue at layer {expected}")
+            if s.memory_kind not in MEMORY_KINDS:
+                raise UserError(f"plan stage {s.start}-{s.end}: memory_kind must be one of {', '.join(MEMORY_KINDS)}")
+            expected = s.end
+        if expected != self.num_layers:
+            raise UserError(f"the plan's stages cover {expected} layers but the model has {self.num_layers}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path, config: ModelConfig | None = None) -> DeviceMap:
+        """Load a saved plan (path or text); with ``config`` refuse one made for another model."""
+        text = source.read_text() if isinstance(source, Path) else source
+        if isinstance(source, str) and "\n" not in source and Path(source).is_file():
+            text = Path(source).read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise UserError(f"the plan is not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
+        out = cls.from_dict(raw)
+        if config is not None:
+            out.check_model(config)
+        return out
+
+    # ---- other forms -----------------------------------------------------------------------------------------------
+    def to_device_layers(self) -> str | None:
+        """The equivalent ``-n`` string: single-device stages on distinct ordinals, then the rest on the host CPU."""
+        host = "cpu[0]"
+        stages = list(self.stages)
+        while stages and stages[-1].devices == [host]:
+            stages.pop()
+        pairs, seen = [], set()
+        for s in stages:
+            if len(s.devices) != 1:
+                return None
+            platform, _, rest = s.devices[0].partition("[")
+            ordinal = int(rest.rstrip("]"))
+            if platform != self.platform or ordinal in seen:
+                return None
+            seen.add(ordinal)
+            pairs.append(f"{ordinal}:{s.end - s.start}")
+        return ";".join(pairs) if pairs else "0"
+
+    def to_topology(self) -> str:
+        """Topology YAML text (reference format) for this plan; tensor-parallel stages get a comment, no device."""
+        lines = [f"# topology for {self.model} on {self.hardware} (from a jaxmap plan)"]
+        for s in self.stages:
+            for seg in s.segments():
+                body = []
+                if len(s.devices) == 1:
+                    dev = s.devices[0]
+                    body.append(f"  device: {'cpu' if dev == 'cpu[0]' and self.platform != 'cpu' else dev}")
+                if seg.isq is not None:
+                    body.append(f"  isq: {seg.isq}")
+                if len(s.devices) > 1:
+                    lines.append(f"# {seg.start}-{seg.end}: tensor parallel over {', '.join(s.devices)} "
+                                 "(a topology names one device per layer)")
+                lines.append(f"{seg.start}-{seg.end}:" + ("" if body else " {}"))
+                lines += body
+        for key, place in (("/model\\.embed_tokens/", self.embed), ("/model\\.norm/", self.final_norm),
+                           ("/lm_head/", self.lm_head)):
+            if place.stage is None and len(place.devices) == 1:
+                lines += [f"'{key}':", f"  device: {place.devices[0]}"]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        """Machine-readable form: one ``layers`` entry per decoder layer, in order."""
+        layers = [{"layer": i, "stage": k, "devices": list(s.devices), "memory_kind": s.memory_kind, "dtype": s.dtype,
+                   "isq": s.isq[i - s.start]}
+                  for k, s in enumerate(self.stages) for i in range(s.start, s.end)]
+        out = self.to_dict()
+        out["layers"] = layers
+        out["device_layers"] = self.to_device_layers()
+        return out
+
+    def render_table(self) -> str:
+        """The text logged at INFO at startup: stages, outer weights, memory per device, strategy and reason."""
+        head = (f"jaxmap plan: {self.model} on {self.hardware} ({self.dtype}, max_seq_len {self.max_seq_len}, "
+                f"max_batch_size {self.max_batch_size})")
+        rows = [("layers", "devices", "mesh", "memory", "dtype", "isq")]
+        for s in self.stages:
+            mesh = " x ".join(f"{k}={v}" for k, v in s.mesh.items())
+            for seg in s.segments():
+                rows.append((f"{seg.start}-{seg.end - 1}", ",".join(s.devices), mesh, s.memory_kind, s.dtype,
+                             seg.isq or "-"))
+        out = [head, *_columns(rows)]
+        for label, place in (("embeddings", self.embed), ("final norm", self.final_norm), ("lm head", self.lm_head)):
+            where = f"stage {place.stage}" if place.stage is not None else "off-stage"
+            split = ", vocab-parallel" if place.vocab_parallel else ""
+            out.append(f"{label}: {','.join(place.devices)} ({where}{split})")
+        mem = [("device", "weights", "kv cache", "total", "capacity")]
+        for m in self.memory:
+            cap = format_bytes(m.capacity_bytes) if m.capacity_bytes else "-"
+            mem.append((m.device, format_bytes(m.weights_bytes), format_bytes(m.kv_cache_bytes),
+                        format_bytes(m.total_bytes), cap))
+        out += _columns(mem)
+        out.append(f"strategy: {self.strategy}: {self.reason}")
+        if self.idle_devices:
+            out.append(f"idle: {', '.join(self.idle_devices)}")
+        out += [f"warning: {w}" for w in self.warnings]
+        if self.from_topology:
+            out.append("layer devices (topology):")
+            out += [f"  layer {i}: {','.join(d)}" for i, d in enumerate(self.layer_devices())]
+        return "\n".join(out)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 100 else f"{n / (1 << 20):.2f} MiB"
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

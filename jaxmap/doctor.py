@@ -1,0 +1,164 @@
+"""``python -m jaxmap.doctor``: what this machine offers for device mapping, and what it means.
+
+Reports the platforms and plugin versions, every device with its memory in use and limit (where jax knows it), the
+memory kinds each device offers, process index and count, which collectives are available, the environment variables
+that change what jax sees, and plain-language consequences ("one device: no tensor parallelism").
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from jaxmap.generate import guarded
+
+ENV_VARS = ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+            "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "TPU_VISIBLE_CHIPS")
+PLATFORM_NAMES = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "cpu": "cpu", "mps": "metal",
+                  "metal": "metal"}
+PLUGINS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu", "jax-mps", "flax", "orbax-checkpoint")
+
+
+def platform_name(device) -> str:
+    """jaxmap's name for a device's platform: cuda, rocm, tpu, metal or cpu."""
+    return PLATFORM_NAMES.get(device.platform.lower(), device.platform.lower())
+
+
+def _gib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def collect() -> dict:
+    """Everything doctor knows, as plain data (also what ``--json`` prints)."""
+    import jax
+
+    versions = {}
+    for name in PLUGINS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    devices = []
+    for d in jax.devices():
+        stats = None
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without memory stats raise various errors
+            stats = None
+        try:
+            kinds = sorted(m.kind for m in d.addressable_memories())
+        except Exception:  # noqa: BLE001
+            kinds = []
+        devices.append({
+            "id": d.id, "name": f"{platform_name(d)}[{_ordinal(d)}]", "kind": getattr(d, "device_kind", ""),
+            "platform": platform_name(d), "process_index": d.process_index,
+            "bytes_in_use": (stats or {}).get("bytes_in_use"), "bytes_limit": (stats or {}).get("bytes_limit"),
+            "memory_kinds": kinds,
+            "default_memory_kind": _default_kind(d),
+        })
+    return {
+        "versions": versions,
+        "backend": jax.default_backend(),
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "devices": devices,
+        "local_device_count": jax.local_device_count(),
+        "collectives": _collectives(jax),
+        "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        "advice": advice(devices, jax.process_count()),
+    }
+
+
+def _ordinal(device) -> int:
+    import jax
+
+    same = [d for d in jax.devices() if d.platform == device.platform]
+    return [d.id for d in same].index(device.id)
+
+
+def _default_kind(device) -> str | None:
+    try:
+        return device.default_memory().kind
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _collectives(jax) -> str:
+    backend = jax.default_backend()
+    if backend in ("gpu", "cuda"):
+        return "NCCL (within a process and across processes with jax.distributed)"
+    if backend == "tpu":
+        return "ICI within a slice, DCN across slices"
+    if backend == "cpu":
+        impl = getattr(jax.config, "jax_cpu_collectives_implementation", None)
+        return f"in-process; across processes: {impl or 'none (set jax_cpu_collectives_implementation=gloo)'}"
+    return "unknown"
+
+
+def advice(devices: list[dict], process_count: int) -> list[str]:
+    """What the device list means for mapping, in sentences."""
+    out = []
+    accel = [d for d in devices if d["platform"] != "cpu"]
+    platform = accel[0]["platform"] if accel else "cpu"
+    n = len(accel) or len(devices)
+    if platform == "metal":
+        out.append("Apple GPU: one device sharing unified memory with the CPU; device mapping has no host tier here.")
+    elif n == 1:
+        out.append("one device: no tensor parallelism; the whole model goes on it (offload when it does not fit).")
+    else:
+        out.append(f"{n} {platform} devices: tensor parallel over all of them by default when the model's heads "
+                   "divide; otherwise a pipeline of stages.")
+    if not accel:
+        out.append("no accelerator found: layers run on the CPU in float32. For several virtual CPU devices set "
+                   "XLA_FLAGS=--xla_force_host_platform_device_count=N before starting.")
+    if platform == "cuda":
+        out.append("jax preallocates 75% of GPU memory at start: plans use the allocator's bytes_limit. Set "
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 to give it more, XLA_PYTHON_CLIENT_PREALLOCATE=false to "
+                   "allocate on demand.")
+        out.append("pinned host memory for offloaded layers is capped at 64 GB by default; raise it with "
+                   "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB.")
+        out.append("CUDA_VISIBLE_DEVICES hides GPUs from jaxmap (e.g. a GPU another process is using).")
+    if process_count > 1:
+        out.append(f"{process_count} processes: stages and tensor-parallel groups may span processes.")
+    return out
+
+
+def render(report: dict) -> str:
+    lines = ["jaxmap doctor", ""]
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    lines.append(f"default backend: {report['backend']}; process {report['process_index']} of "
+                 f"{report['process_count']}; collectives: {report['collectives']}")
+    lines.append("")
+    lines.append(f"{'name':<10} {'id':>3} {'kind':<22} {'proc':>4} {'in use':>12} {'limit':>12}  memory kinds")
+    for d in report["devices"]:
+        kinds = ", ".join(k + ("*" if k == d["default_memory_kind"] else "") for k in d["memory_kinds"])
+        lines.append(f"{d['name']:<10} {d['id']:>3} {d['kind'][:22]:<22} {d['process_index']:>4} "
+                     f"{_gib(d['bytes_in_use']):>12} {_gib(d['bytes_limit']):>12}  {kinds}")
+    lines.append("(* default memory kind)")
+    lines.append("")
+    env = report["environment"]
+    lines.append("environment: " + (", ".join(f"{k}={v}" for k, v in env.items()) if env else "none of "
+                                    + ", ".join(ENV_VARS[:3]) + " set"))
+    lines.append("")
+    lines.extend("- " + a for a in report["advice"])
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxmap.doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return guarded(run, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""What the hardware is: :class:`Device` and :class:`Hardware`, read live from jax or from a ``meshes/`` preset.
+
+Pure data so that a plan can be made for hardware you do not have (``python -m jaxmap.plan --mesh 8xh100``); only
+:meth:`Hardware.from_jax` imports jax. Devices are named ``platform[ordinal]`` (``cuda[1]``, ``cpu[3]``, ``tpu[5]``),
+the names the topology YAML and ``-n`` use; ``id`` is jax's device id within that platform's client, which the
+engine uses to find the device again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxmap.errors import UserError
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu", "metal")
+_JAX_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "metal": "metal",
+                 "mps": "metal"}
+MESHES_DIR = Path(__file__).resolve().parent.parent / "meshes"
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One device: ``ordinal`` counts within its platform (what ``-n`` and ``cuda[N]`` mean)."""
+
+    platform: str
+    ordinal: int
+    id: int
+    process_index: int = 0
+    memory_bytes: int | None = None
+    coords: tuple[int, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.platform}[{self.ordinal}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """The devices a plan may use, plus host memory (the future host-offload tier)."""
+
+    devices: tuple[Device, ...]
+    host_memory_bytes: int | None = None
+    unified_memory: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            raise UserError(f"hardware {self.name!r} lists a device twice: {', '.join(names)}")
+        if not self.devices:
+            raise UserError(f"hardware {self.name!r} has no devices")
+
+    @property
+    def default_platform(self) -> str:
+        """The accelerator platform when there is one, else ``cpu`` (what a bare ``-n`` ordinal means)."""
+        return next((d.platform for d in self.devices if d.platform != "cpu"), "cpu")
+
+    def on(self, platform: str) -> list[Device]:
+        return sorted((d for d in self.devices if d.platform == platform), key=lambda d: d.ordinal)
+
+    @property
+    def accelerators(self) -> list[Device]:
+        """The devices automatic placement spreads over (the CPU devices on CPU-only hardware)."""
+        return self.on(self.default_platform)
+
+    @property
+    def host(self) -> Device:
+        """The CPU device that takes ``-n``'s remainder and a topology's ``device: cpu``."""
+        cpus = self.on("cpu")
+        if cpus:
+            return cpus[0]
+        return Device("cpu", 0, 0, memory_bytes=self.host_memory_bytes)
+
+    def find(self, name: str) -> Device | None:
+        if name in ("cpu", self.host.name):
+            return self.host
+        return next((d for d in self.devices if d.name == name), None)
+
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    # ---- constructors --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_jax(cls) -> Hardware:
+        """The live devices: jax's default backend plus its CPU devices (the host tier and ``-n``'s remainder)."""
+        import jax
+
+        found = list(jax.devices())
+        if found and found[0].platform != "cpu":
+            try:
+                found += jax.devices("cpu")
+            except RuntimeError:
+                pass
+        devices: list[Device] = []
+        counts: dict[str, int] = {}
+        for dev in found:
+            platform = _JAX_PLATFORM.get(dev.platform.lower(), dev.platform.lower())
+            ordinal = counts.get(platform, 0)
+            counts[platform] = ordinal + 1
+            coords = getattr(dev, "coords", None)
+            devices.append(Device(platform, ordinal, int(dev.id), int(getattr(dev, "process_index", 0)),
+                                  _memory_limit(dev), tuple(int(c) for c in coords) if coords is not None else None))
+        kind = getattr(found[0], "device_kind", found[0].platform)
+        return cls(tuple(devices), _host_memory(), any(d.platform == "metal" for d in devices),
+                   f"live: {len(found)} x {kind}")
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | Path) -> Hardware:
+        """A ``meshes/`` preset by name (``2x24gb``) or a path to a preset YAML file."""
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = MESHES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(list_mesh_presets()) or "none"
+            raise UserError(f"unknown mesh preset {str(name_or_path)!r}; known presets: {known}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise UserError(f"{path} is not valid YAML{where}") from None
+        return cls.from_dict(raw, default_name=path.stem, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, default_name: str = "", source: str = "hardware") -> Hardware:
+        """Build from the preset format documented at the top of every ``meshes/*.yaml``."""
+        if not isinstance(raw, dict):
+            raise UserError(f"{source} must hold a mapping with a 'devices' list")
+        unknown = set(raw) - {"name", "host_memory_gib", "unified_memory", "devices"}
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+        groups = raw.get("devices")
+        if not isinstance(groups, list) or not groups:
+            raise UserError(f"{source}: 'devices' must be a non-empty list of device groups")
+        devices: list[Device] = []
+        counts: dict[str, int] = {}
+        for group in groups:
+            devices += _device_group(group, counts, source)
+        host = raw.get("host_memory_gib")
+        return cls(tuple(devices), _gib(host, source), bool(raw.get("unified_memory", False)),
+                   str(raw.get("name") or default_name))
+
+
+def _device_group(group: Any, counts: dict[str, int], source: str) -> list[Device]:
+    if not isinstance(group, dict):
+        raise UserError(f"{source}: each device group must be a mapping, got {group!r}")
+    unknown = set(group) - {"platform", "count", "memory_gib", "process", "coords"}
+    if unknown:
+        raise UserError(f"{source}: unknown device group key(s) {', '.join(sorted(unknown))}")
+    platform = group.get("platform")
+    if platform not in PLATFORMS:
+        raise UserError(f"{source}: platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+    count = group.get("count", 1)
+    if not isinstance(count, int) or count <= 0:
+        raise UserError(f"{source}: count must be a positive integer, got {count!r}")
+    coords = group.get("coords")
+    if coords is not None and (not isinstance(coords, list) or len(coords) != count):
+        raise UserError(f"{source}: coords must list one coordinate per device ({count})")
+    out = []
+    for i in range(count):
+        ordinal = counts.get(platform, 0)
+        counts[platform] = ordinal + 1
+        c = tuple(int(x) for x in coords[i]) if coords is not None else None
+        out.append(Device(platform, ordinal, ordinal, int(group.get("process", 0)),
+                          _gib(group.get("memory_gib"), source), c))
+    return out
+
+
+def _gib(value: Any, source: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(f"{source}: memory sizes are positive numbers of GiB, got {value!r}")
+    return int(value * GIB)
+
+
+def _memory_limit(dev: Any) -> int | None:
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # backends without memory stats (CPU, some plugins) raise or return None
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def list_mesh_presets() -> list[str]:
+    return sorted(p.stem for p in MESHES_DIR.glob("*.yaml")) if MESHES_DIR.is_dir() else []

@@ -1,0 +1,187 @@
+"""``python -m jaxmap.plan``: print the device map for a model on some hardware, including hardware you lack.
+
+    python -m jaxmap.plan -m smollm2-135m --mesh 8xh100
+    python -m jaxmap.plan -m llama-3-70b --mesh 4xa100-80gb --dtype bf16 --json
+    python -m jaxmap.plan --mesh 2x24gb -n "0:16;1:14" --save-plan plan.yaml --svg plan.svg
+
+Without ``--mesh`` it plans for the live devices. User errors print ``error: <one line>`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+from jaxmap.config import ModelConfig
+from jaxmap.device_map import DeviceMap
+from jaxmap.errors import UserError
+from jaxmap.hardware import Hardware
+from jaxmap.planner import plan
+from jaxmap.wishes import Topology, Wish, parse_device_layers, parse_devices
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def config_from_model_arg(arg: str | None) -> ModelConfig:
+    """A preset name or file, a folder with ``config.json``, or a ``.gguf`` file (header only); None: the default."""
+    if arg is None:
+        return ModelConfig.from_preset(DEFAULT_MODEL)
+    path = Path(arg)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json")
+        return ModelConfig.from_json_file(path / "config.json")
+    if path.suffix == ".gguf":
+        return _config_from_gguf(path)
+    return ModelConfig.from_preset(arg)
+
+
+def _config_from_gguf(path: Path) -> ModelConfig:
+    """The llama.* metadata keys of a GGUF header (the tensors are not read)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UserError("reading .gguf needs the gguf package (pip install gguf)") from None
+    try:
+        reader = GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read GGUF {path}: {exc}") from None
+
+    def get(key: str, default: object = None) -> object:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    arch = str(get("general.architecture", ""))
+    if arch not in _GGUF_ARCH:
+        raise UserError(f"{path}: unsupported GGUF architecture {arch!r}; jaxmap supports llama, mistral, qwen2")
+    heads = int(get(f"{arch}.attention.head_count"))  # type: ignore[arg-type]
+    hidden = int(get(f"{arch}.embedding_length"))  # type: ignore[arg-type]
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise UserError(f"{path}: GGUF metadata has no vocabulary size")
+    raw = {
+        "model_type": _GGUF_ARCH[arch],
+        "vocab_size": int(vocab),  # type: ignore[arg-type]
+        "hidden_size": hidden,
+        "intermediate_size": get(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": get(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get(f"{arch}.attention.head_count_kv", heads),
+        "head_dim": get(f"{arch}.attention.key_length", hidden // heads),
+        "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": get(f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": get(f"{arch}.context_length", 4096),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+    if any(v is None for v in raw.values()):
+        missing = [k for k, v in raw.items() if v is None]
+        raise UserError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    return ModelConfig.from_hf_dict(raw, name=path.stem)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxmap.plan", description="Print the device map jaxmap would use.")
+    p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
+    p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
+    p.add_argument("--tp", type=int, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, help="pipeline stages")
+    p.add_argument("--devices", help="device ordinals to use, e.g. 0,2")
+    p.add_argument("-n", "--device-layers", help='layers per ordinal: "16" or "0:16;1:14"; the rest on the CPU')
+    p.add_argument("--topology", help="topology YAML file (per-layer device and isq)")
+    p.add_argument("--isq", help="global in-situ quantization type for layers a topology does not cover")
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="sequence length the KV cache is planned for")
+    p.add_argument("--max-batch-size", type=int, default=1, help="batch size the KV cache is planned for")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--save-plan", help="write the plan as YAML (load it later with --plan)")
+    p.add_argument("--plan", help="print a saved plan (checked against the model)")
+    p.add_argument("--svg", help="write an SVG picture of the layers coloured by device")
+    return p
+
+
+def make_plan(args: argparse.Namespace) -> DeviceMap:
+    config = config_from_model_arg(args.model)
+    if args.plan:
+        return DeviceMap.from_yaml(Path(args.plan) if Path(args.plan).is_file() else _missing(args.plan), config)
+    hardware = Hardware.from_preset(args.mesh) if args.mesh else Hardware.from_jax()
+    wish = Wish(
+        tp=args.tp,
+        pp=args.pp,
+        devices=parse_devices(args.devices) if args.devices else None,
+        device_layers=parse_device_layers(args.device_layers) if args.device_layers is not None else None,
+        topology=Topology.from_yaml(Path(args.topology)) if args.topology else None,
+        isq=args.isq,
+    )
+    return plan(config, hardware, wish, args.dtype, args.max_seq_len, args.max_batch_size)
+
+
+def _missing(path: str) -> Path:
+    raise UserError(f"cannot read plan {path}: no such file")
+
+
+_PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+            "#bab0ac")
+
+
+def render_svg(device_map: DeviceMap) -> str:
+    """Layers as cells coloured by device group (stripes for host/disk memory kinds), with a legend."""
+    groups: list[str] = []
+    for s in device_map.stages:
+        label = ",".join(s.devices)
+        if label not in groups:
+            groups.append(label)
+    cell, pad, cols = 22, 10, 16
+    rows = (device_map.num_layers + cols - 1) // cols
+    height = pad * 3 + rows * cell + 20 * (len(groups) + 2)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{pad * 2 + cols * cell}" height="{height}" '
+           'font-family="sans-serif" font-size="11">',
+           '<defs><pattern id="host" width="4" height="4" patternUnits="userSpaceOnUse">'
+           '<path d="M0,4 l4,-4" stroke="#000" stroke-opacity="0.4"/></pattern></defs>',
+           f'<text x="{pad}" y="{pad + 4}">{html.escape(device_map.model)} on {html.escape(device_map.hardware)}: '
+           f'{device_map.strategy}</text>']
+    for s in device_map.stages:
+        colour = _PALETTE[groups.index(",".join(s.devices)) % len(_PALETTE)]
+        for layer in range(s.start, s.end):
+            x, y = pad + (layer % cols) * cell, pad * 2 + (layer // cols) * cell
+            title = f"layer {layer}: {','.join(s.devices)} {s.memory_kind} {s.dtype} isq={s.isq[layer - s.start]}"
+            out.append(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" fill="{colour}">'
+                       f"<title>{html.escape(title)}</title></rect>")
+            if s.memory_kind != "device":
+                out.append(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" fill="url(#host)"/>')
+            out.append(f'<text x="{x + 3}" y="{y + 14}" fill="#fff" font-size="9">{layer}</text>')
+    y = pad * 3 + rows * cell
+    for i, label in enumerate(groups):
+        out.append(f'<rect x="{pad}" y="{y + i * 20}" width="14" height="14" fill="{_PALETTE[i % len(_PALETTE)]}"/>')
+        out.append(f'<text x="{pad + 20}" y="{y + i * 20 + 11}">{html.escape(label)}</text>')
+    y += len(groups) * 20
+    out.append(f'<rect x="{pad}" y="{y}" width="14" height="14" fill="url(#host)" stroke="#000"/>')
+    out.append(f'<text x="{pad + 20}" y="{y + 11}">striped: host or disk memory; plain: device memory</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device_map = make_plan(args)
+        if args.save_plan:
+            Path(args.save_plan).write_text(device_map.to_yaml())
+        if args.svg:
+            Path(args.svg).write_text(render_svg(device_map))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(json.dumps(device_map.to_json(), indent=2) if args.json else device_map.render_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""``plan(config, hardware, wish) -> DeviceMap``: where every layer lives and runs, decided as pure data.
+
+Order of decisions: a base placement (``-n`` by hand, else automatic tensor x pipeline over the accelerators), then
+a topology's per-layer devices override it, then consecutive layers on the same devices become one stage. The same
+inputs always give the same plan. Automatic rules (mistral.rs's, kept): one device takes everything; several take
+tensor parallel over all when the model's dimensions divide, else the largest tp that does with pipeline stages over
+the remaining factor (equal layer ranges, earlier stages take the extra layer); devices that fit no grid stay idle
+and the reason names them.
+
+``-n`` on CPU-only hardware (the 8 virtual test devices): a bare ordinal N means ``cpu[N]`` and the remainder goes to
+the host CPU device ``cpu[0]``, so ``-n 0`` and ``-n 16`` both put everything on ``cpu[0]`` there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from itertools import groupby
+
+from jaxmap.config import ModelConfig
+from jaxmap.device_map import (
+    DeviceMap,
+    DeviceMemory,
+    Placement,
+    Stage,
+    config_fingerprint,
+    format_bytes,
+)
+from jaxmap.dtypes import parse_dtype
+from jaxmap.errors import UserError
+from jaxmap.hardware import Device, Hardware
+from jaxmap.sharding_rules import RULES, logical_to_spec, shard_fraction
+from jaxmap.wishes import Topology, Wish, format_device_layers
+
+_OUTER_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+
+
+@dataclasses.dataclass
+class _Base:
+    """The placement before a topology: one device group per layer, plus the explanation."""
+
+    layers: list[tuple[Device, ...]]
+    strategy: str
+    reason: str
+    idle: list[Device]
+    warnings: list[str]
+
+
+# ---- tensor-parallel sizes --------------------------------------------------------------------------------------
+
+def tp_problems(config: ModelConfig, tp: int) -> list[str]:
+    """Why ``tp`` devices cannot split this model (empty when they can); vocab never blocks (it replicates)."""
+    h, kv, f = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    out = []
+    if h % tp:
+        out.append(f"{h} attention heads do not divide over {tp} devices")
+    if kv % tp and tp % kv:
+        out.append(f"{kv} kv heads neither divide over {tp} devices nor divide {tp}")
+    if f % tp:
+        out.append(f"intermediate size {f} does not divide over {tp} devices")
+    return out
+
+
+def valid_tp_sizes(config: ModelConfig) -> list[int]:
+    return [t for t in range(1, config.num_attention_heads + 1) if not tp_problems(config, t)]
+
+
+def _tp_refusal(config: ModelConfig, tp: int) -> UserError:
+    allowed = ", ".join(map(str, valid_tp_sizes(config)))
+    return UserError(
+        f"--tp {tp} does not fit {config.name or 'the model'}: {'; '.join(tp_problems(config, tp))}; "
+        f"{config.num_attention_heads} attention heads / {config.num_key_value_heads} kv heads / intermediate size "
+        f"{config.intermediate_size} allow tp in {{{allowed}}}"
+    )
+
+
+# ---- device grouping: meshes follow the wires -------------------------------------------------------------------
+
+def _snake_index(coords: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+    """Boustrophedon order over a grid (last axis major): consecutive indices are always grid neighbours."""
+    index = 0
+    for axis in reversed(range(len(coords))):
+        c = coords[axis]
+        if index % 2:
+            c = sizes[axis] - 1 - c
+        index = index * sizes[axis] + c
+    return index
+
+
+def wire_order(devices: Sequence[Device]) -> list[Device]:
+    """Devices sorted so that neighbours on the fast links sit next to each other: process, then coords, then id."""
+    with_coords = [d.coords for d in devices if d.coords]
+    sizes = tuple(max(c[i] for c in with_coords) + 1 for i in range(len(with_coords[0]))) if with_coords else ()
+
+    def key(d: Device) -> tuple[int, int, int, int]:
+        snake = _snake_index(d.coords, sizes) if d.coords and len(d.coords) == len(sizes) else -1
+        return (d.process_index, snake, d.id, d.ordinal)
+
+    return sorted(devices, key=key)
+
+
+def group_devices(devices: Sequence[Device], pp: int, tp: int) -> tuple[list[list[Device]], list[Device], list[str]]:
+    """``pp`` groups of ``tp`` devices; a group stays inside one process and takes coordinate neighbours.
+
+    Returns the groups (stage order), the devices left idle, and notes (a group that had to span processes).
+    The engine builds each group's mesh with ``jax.make_mesh`` / ``mesh_utils.create_device_mesh`` over these ids.
+    """
+    groups: list[list[Device]] = []
+    leftovers: list[Device] = []
+    for _, devs in groupby(wire_order(devices), key=lambda d: d.process_index):
+        devs = list(devs)
+        full = len(devs) // tp * tp
+        groups += [devs[i:i + tp] for i in range(0, full, tp)]
+        leftovers += devs[full:]
+    notes = []
+    while len(groups) < pp and len(leftovers) >= tp:
+        groups.append(leftovers[:tp])
+        leftovers = leftovers[tp:]
+        notes.append(f"tp group {', '.join(d.name for d in groups[-1])} spans processes (slower links)")
+    idle = leftovers + [d for g in groups[pp:] for d in g]
+    return groups[:pp], sorted(idle, key=lambda d: (d.platform, d.ordinal)), notes
+
+
+def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
+    """Equal contiguous ranges; the earlier ranges take the extra layers."""
+    size, extra = divmod(num_layers, parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+# ---- base placements ---------------------------------------------------------------------------------------------
+
+def _pool(hardware: Hardware, wish: Wish) -> list[Device]:
+    platform = hardware.default_platform
+    if wish.devices is None:
+        return hardware.accelerators
+    pool = []
+    for ordinal in wish.devices:
+        dev = hardware.find(f"{platform}[{ordinal}]")
+        if dev is None:
+            raise UserError(f"--devices names {platform}[{ordinal}], which {hardware.name or 'this hardware'} lacks; "
+                            f"it has {', '.join(d.name for d in hardware.accelerators)}")
+        pool.append(dev)
+    return pool
+
+
+def _automatic(config: ModelConfig, hardware: Hardware, wish: Wish) -> _Base:
+    pool = _pool(hardware, wish)
+    n, layers = len(pool), config.num_hidden_layers
+    valid = valid_tp_sizes(config)
+    if wish.tp is not None:
+        if wish.tp not in valid:
+            raise _tp_refusal(config, wish.tp)
+        tp, pp = wish.tp, wish.pp or max(1, min(n // wish.tp, layers))
+    elif wish.pp is not None:
+        if wish.pp > n:
+            raise UserError(f"--pp {wish.pp} needs {wish.pp} devices; {_offer(pool)}")
+        tp, pp = max(t for t in valid if t * wish.pp <= n), wish.pp
+    else:
+        tp = max(t for t in valid if t <= n)
+        pp = max(1, min(n // tp, layers))
+    if tp * pp > n:
+        raise UserError(f"tp={tp} x pp={pp} needs {tp * pp} devices; {_offer(pool)}")
+    if pp > layers:
+        raise UserError(f"--pp {pp} is more stages than the model's {layers} layers")
+    groups, idle, warnings = group_devices(pool, pp, tp)
+    per_layer: list[tuple[Device, ...]] = []
+    for group, (start, end) in zip(groups, split_layers(layers, pp), strict=True):
+        per_layer += [tuple(group)] * (end - start)
+    strategy = {(False, False): "single", (True, False): "tensor_parallel", (False, True): "pipeline",
+                (True, True): "pipeline_x_tensor"}[(tp > 1, pp > 1)]
+    return _Base(per_layer, strategy, _auto_reason(config, wish, n, tp, pp, idle, pool), idle, warnings)
+
+
+def _offer(pool: Sequence[Device]) -> str:
+    return f"{len(pool)} available ({', '.join(d.name for d in pool)})"
+
+
+def _layout(tp: int, pp: int) -> str:
+    if tp > 1 and pp > 1:
+        return f"pipeline over {pp} stages x tensor parallel tp={tp}"
+    if pp > 1:
+        return f"pipeline over {pp} stages"
+    return f"tensor parallel over {tp} devices" if tp > 1 else "one device"
+
+
+def _auto_reason(config: ModelConfig, wish: Wish, n: int, tp: int, pp: int, idle: list[Device],
+                 pool: list[Device]) -> str:
+    if n == 1:
+        return f"one device ({pool[0].name}): everything on it"
+    if not wish.is_automatic and (wish.tp or wish.pp):
+        asked = " ".join(f"--{k} {v}" for k, v in (("tp", wish.tp), ("pp", wish.pp)) if v)
+        reason = f"{_layout(tp, pp)} as asked ({asked})"
+    elif tp == n:
+        reason = (f"tensor parallel over {n} devices: {config.num_attention_heads} attention heads, "
+                  f"{config.num_key_value_heads} kv heads and intermediate size {config.intermediate_size} divide")
+    else:
+        reason = f"tensor parallel unavailable: {'; '.join(tp_problems(config, n))}; using {_layout(tp, pp)}"
+    if tp > 1 and tp % config.num_key_value_heads == 0 and tp > config.num_key_value_heads:
+        reason += f"; {config.num_key_value_heads} kv heads replicated on each of the {tp} devices of a stage"
+    if idle:
+        why = (f"the model has only {config.num_hidden_layers} layers" if pp == config.num_hidden_layers and
+               pp * tp < n else f"{n} devices do not fill another tp={tp} group" if not wish.tp and not wish.pp
+               else "not needed by the requested layout")
+        reason += f"; {len(idle)} device(s) idle ({', '.join(d.name for d in idle)}): {why}"
+    return reason
+
+
+def _manual(config: ModelConfig, hardware: Hardware, pairs: list[tuple[int | None, int]]) -> _Base:
+    platform, layers = hardware.default_platform, config.num_hidden_layers
+    total = sum(n for _, n in pairs)
+    spec = format_device_layers(pairs)
+    if total > layers:
+        raise UserError(f"-n {spec} places {total} layers but {config.name or 'the model'} has {layers}")
+    per_layer: list[tuple[Device, ...]] = []
+    for ordinal, count in pairs:
+        name = f"{platform}[{0 if ordinal is None else ordinal}]"
+        dev = hardware.find(name)
+        if dev is None:
+            raise UserError(f"-n {spec} names {name}, which {hardware.name or 'this hardware'} lacks; it has "
+                            f"{', '.join(d.name for d in hardware.accelerators)}")
+        per_layer += [(dev,)] * count
+    host = hardware.host
+    per_layer += [(host,)] * (layers - total)
+    used = {d.name for g in per_layer for d in g}
+    idle = [d for d in hardware.accelerators if d.name not in used]
+    if total == 0:
+        return _Base(per_layer, "cpu", f"-n {spec}: every layer on the CPU ({host.name})", idle, [])
+    rest = f"; the remaining {layers - total} layers on the CPU ({host.name})" if total < layers else ""
+    placed = ", ".join(f"{n} on {platform}[{0 if o is None else o}]" for o, n in pairs)
+    idle_note = f"; not named by -n: {', '.join(d.name for d in idle)}" if idle else ""
+    return _Base(per_layer, "manual", f"-n {spec}: {placed}{rest}{idle_note}", idle, [])
+
+
+def _apply_topology(base: _Base, topology: Topology, config: ModelConfig, hardware: Hardware) -> int:
+    """Topology devices override the base placement; returns how many layers it placed."""
+    topology.check_layers(config.num_hidden_layers)
+    placed = 0
+    for layer in range(config.num_hidden_layers):
+        win = topology.winner(layer)
+        if win is None or win.device is None:
+            continue
+        dev = hardware.find(win.device)
+        if dev is None:
+            raise UserError(f"{topology.source}: entry {win.where} names {win.device}, which "
+                            f"{hardware.name or 'this hardware'} lacks; it has {', '.join(hardware.names())}")
+        base.layers[layer] = (dev,)
+        placed += 1
+    base.warnings += [o.message() for o in topology.overrides()]
+    used = {d.name for g in base.layers for d in g}
+    base.idle = [d for d in hardware.accelerators if d.name not in used]
+    return placed
+
+
+# ---- the plan ----------------------------------------------------------------------------------------------------
+
+def plan(
+    config: ModelConfig,
+    hardware: Hardware,
+    wish: Wish | None = None,
+    dtype: str = "float32",
+    max_seq_len: int = 4096,
+    max_batch_size: int = 1,
+) -> DeviceMap:
+    """Decide the device map. Raises :class:`UserError` for a wish the model or hardware cannot take."""
+    wish = wish or Wish()
+    dtype_name = parse_dtype(dtype).name
+    if max_seq_len <= 0 or max_batch_size <= 0:
+        raise UserError("--max-seq-len and --max-batch-size must be positive")
+    base = (_manual(config, hardware, wish.device_layers) if wish.device_layers is not None
+            else _automatic(config, hardware, wish))
+    strategy, reason = base.strategy, base.reason
+    topology = wish.topology
+    if topology is not None:
+        placed = _apply_topology(base, topology, config, hardware)
+        if placed:
+            strategy = "manual"
+            what = "the topology" if topology.source == "topology" else f"topology {topology.source}"
+            reason = (f"{what} places every layer" if placed == config.num_hidden_layers else
+                      f"{what} places {placed} of {config.num_hidden_layers} layers; the rest: {base.reason}")
+    if hardware.default_platform != "cpu" and all(d.platform == "cpu" for g in base.layers for d in g):
+        strategy = "cpu"
+    stages = _stages(base.layers, config, hardware, wish, dtype_name, base.warnings)
+    stages = _assign_memory_kinds(stages, hardware)
+    outer = _outer(stages, hardware, topology, config, base.warnings)
+    memory = _memory(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, base.warnings)
+    idle = [d.name for d in base.idle]
+    return DeviceMap(
+        model=config.name or "unnamed", fingerprint=config_fingerprint(config), hardware=hardware.name or "hardware",
+        platform=hardware.default_platform, num_layers=config.num_hidden_layers, stages=stages,
+        embed=outer["embed"], final_norm=outer["final_norm"], lm_head=outer["lm_head"], strategy=strategy,
+        reason=reason, memory=memory, idle_devices=idle, warnings=base.warnings, dtype=dtype_name,
+        max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        from_topology=topology is not None and any(e.device for e in topology.ranges),
+    )
+
+
+def _stages(per_layer: list[tuple[Device, ...]], config: ModelConfig, hardware: Hardware, wish: Wish,
+            dtype: str, warnings: list[str]) -> list[Stage]:
+    """Consecutive layers on the same devices form one stage; CPU stages on accelerator hardware run float32."""
+    stages: list[Stage] = []
+    for layer, group in enumerate(per_layer):
+        isq = wish.topology.layer_isq(layer, wish.isq) if wish.topology is not None else wish.isq
+        names = [d.name for d in group]
+        if stages and stages[-1].devices == names:
+            stages[-1].end = layer + 1
+            stages[-1].isq.append(isq)
+            continue
+        stage_dtype = dtype
+        if hardware.default_platform != "cpu" and group[0].platform == "cpu" and dtype != "float32":
+            stage_dtype = "float32"
+        stages.append(Stage(layer, layer + 1, names, [d.id for d in group], {"tp": len(group)}, "device",
+                            stage_dtype, [isq]))
+    for s in stages:
+        if s.dtype != dtype:
+            warnings.append(f"layers {s.start}-{s.end - 1} on {s.devices[0]} run in float32 (CPUs lack fast {dtype})")
+    return stages
+
+
+def _assign_memory_kinds(stages: list[Stage], hardware: Hardware) -> list[Stage]:
+    """Hook for the memory-aware mapping (host/disk tiers, ``--max-memory``): today every stage stays on device."""
+    return stages
+
+
+def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, config: ModelConfig,
+           warnings: list[str]) -> dict[str, Placement]:
+    """Embeddings with the first stage, final norm and LM head with the last, unless a ``/regex/`` entry moves them."""
+    defaults = {"embed": 0, "final_norm": len(stages) - 1, "lm_head": len(stages) - 1}
+    out: dict[str, Placement] = {}
+    for key, index in defaults.items():
+        stage = stages[index]
+        entry = topology.match_for_name(_OUTER_NAMES[key]) if topology is not None else None
+        isq = entry.isq if entry is not None else None
+        if entry is not None and entry.device is not None:
+            dev = hardware.find(entry.device)
+            if dev is None:
+                raise UserError(f"{topology.source}: entry {entry.where} names {entry.device}, which "  # type: ignore
+                                f"{hardware.name or 'this hardware'} lacks; it has {', '.join(hardware.names())}")
+            home = next((i for i, s in enumerate(stages) if s.devices == [dev.name]), None)
+            out[key] = Placement([dev.name], home, False, isq)
+            continue
+        parallel = key != "final_norm" and stage.tp > 1 and config.vocab_size % stage.tp == 0
+        if key != "final_norm" and stage.tp > 1 and not parallel:
+            warnings.append(f"vocab size {config.vocab_size} does not divide over tp={stage.tp}: {key} replicated "
+                            f"on each of {', '.join(stage.devices)}")
+        out[key] = Placement(list(stage.devices), index, parallel, isq)
+    if topology is not None:
+        layer_names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj.weight", "mlp.down_proj.weight",
+                                                          "input_layernorm.weight")]
+        for e in topology.patterns:
+            if e.device and any(re.search(e.pattern, n) for n in layer_names):
+                warnings.append(f"topology: regex {e.where} matches decoder-layer weights; a regex device applies "
+                                "only to embeddings, final norm and LM head (place layers with ranges)")
+    return out
+
+
+def _memory(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
+            max_seq_len: int, max_batch_size: int, dtype: str, warnings: list[str]) -> list[DeviceMemory]:
+    """Bytes per device after sharding: its layers' weights, the outer weights it holds, its KV cache."""
+    from jaxmap.param_specs import layer_param_specs, outer_param_specs
+
+    weights: dict[str, int] = {}
+    kv: dict[str, int] = {}
+    units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
+    layer_specs = layer_param_specs(config, 0)
+    for s in stages:
+        mesh, nbytes = {"tp": s.tp}, parse_dtype(s.dtype).itemsize
+        per_layer = sum(p.size // shard_fraction(logical_to_spec(p.axes, RULES, p.shape, mesh, name=n, units=units),
+                                                 mesh) for n, p in layer_specs.items())
+        kv_heads = config.num_key_value_heads
+        kv_per_device = kv_heads // s.tp if kv_heads % s.tp == 0 else kv_heads
+        cache = 2 * (s.end - s.start) * max_batch_size * max_seq_len * kv_per_device * config.head_dim * nbytes
+        for d in s.devices:
+            weights[d] = weights.get(d, 0) + per_layer * (s.end - s.start) * nbytes
+            kv[d] = kv.get(d, 0) + cache
+    specs = outer_param_specs(config)
+    spec_for = {"embed": specs["embed_tokens"], "final_norm": specs["final_norm"],
+                "lm_head": specs.get("lm_head", specs["embed_tokens"])}
+    for key, place in outer.items():
+        if key == "lm_head" and config.tie_word_embeddings and place.devices == outer["embed"].devices:
+            continue  # tied: the embedding table already there serves as the head
+        nbytes = parse_dtype(stages[place.stage].dtype if place.stage is not None else dtype).itemsize
+        share = spec_for[key].size // (len(place.devices) if place.vocab_parallel else 1)
+        for d in place.devices:
+            weights[d] = weights.get(d, 0) + share * nbytes
+    out = []
+    everyone = list(hardware.devices) + ([] if hardware.host in hardware.devices else [hardware.host])
+    for dev in everyone:
+        if dev.name not in weights:
+            continue
+        cap = dev.memory_bytes or (hardware.host_memory_bytes if dev.platform == "cpu" else None)
+        mem = DeviceMemory(dev.name, weights[dev.name], kv.get(dev.name, 0), cap)
+        if cap is not None and mem.total_bytes > cap:
+            warnings.append(f"{dev.name} needs {format_bytes(mem.total_bytes)} but has {format_bytes(cap)}; use -n, "
+                            "--topology or more devices (automatic offload is not implemented yet)")
+        out.append(mem)
+    return out
