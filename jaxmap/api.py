@@ -14,14 +14,19 @@ import numpy as np
 
 from jaxmap import materialize
 from jaxmap.config import ModelConfig, list_presets
+from jaxmap.device_map import DeviceMap
 from jaxmap.dtypes import default_dtype, parse_dtype
 from jaxmap.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
 from jaxmap.errors import UserError
+from jaxmap.hardware import Hardware
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.random_source import RandomSource
+from jaxmap.placement import stage_placements
+from jaxmap.planner import plan as plan_device_map
 from jaxmap.progress import Progress
 from jaxmap.sampling import SamplingParams, mark_seen
 from jaxmap.tokenizer import Tokenizer
+from jaxmap.wishes import make_wish
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class Model:
         self.engine = engine
         self.tokenizer = tokenizer
         self.source_path = source_path
+        self.device_map: DeviceMap | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -266,13 +272,25 @@ def load(
     layer_mode: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    *,
+    device_layers: str | int | Sequence[str] | None = None,
+    topology: str | Path | dict | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    devices: str | Sequence[int] | None = None,
+    plan: str | Path | DeviceMap | None = None,
+    max_batch_size: int = 1,
+    save_plan: str | Path | None = None,
 ) -> Model:
-    """Load a model (Hugging Face folder, GGUF file, ``preset:NAME``; None: the default SmolLM2) onto a device."""
+    """Load a model and map it onto the devices present.
+
+    ``model``: a Hugging Face folder, a GGUF file, ``preset:NAME`` (random weights) or None (the default SmolLM2).
+    Placement wishes, as on the command line: ``device_layers="0:16;1:14"`` (or ``["0:16", "1:14"]``),
+    ``topology=`` a YAML path, text or dict, ``tp=``, ``pp=``, ``devices="0,2"``, or a saved ``plan=``.
+    """
     source = resolve_source(model, seed=seed)
     try:
         config = source.config
-        target = jax.devices()[0]
-        np_dtype = parse_dtype(dtype) if dtype else default_dtype(target.platform)
         seq = default_max_seq_len(config) if max_seq_len is None else int(max_seq_len)
         if seq < 1:
             raise UserError(f"--max-seq-len must be at least 1, got {seq}")
@@ -281,17 +299,67 @@ def load(
                 f"{config.architecture} uses a sliding attention window of {config.sliding_window} tokens, which "
                 f"jaxmap does not implement yet; use --max-seq-len {config.sliding_window} or less"
             )
-        sharding = jax.sharding.SingleDeviceSharding(target)
-        specs = materialize.stage_param_specs(config, 0, config.num_hidden_layers, True, True)
-        bar = Progress(materialize.count_params(specs), "loading weights", enabled=progress)
-        params = materialize.materialize_stage(source, specs, np_dtype, lambda spec: sharding, bar)
+        hardware = Hardware.from_jax()
+        np_dtype = parse_dtype(dtype) if dtype else default_dtype(hardware.default_platform)
+        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan,
+                                 make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers,
+                                           topology=topology))
+        if save_plan is not None:
+            _write_text(Path(save_plan), device_map.to_yaml())
+        for warning in device_map.warnings:
+            log.warning("%s", warning)
+        log.info("device map for %s:\n%s", source.path, device_map.render_table())
+        placements = stage_placements(device_map, hardware)
+        stage_specs = [materialize.stage_param_specs(config, p.start, p.end, p.is_first, p.is_last)
+                       for p in placements]
+        bar = Progress(sum(materialize.count_params(s) for s in stage_specs), "loading weights", enabled=progress)
+        stages = []
+        for placement, specs in zip(placements, stage_specs, strict=True):
+            stage_dtype = _stage_dtype(device_map, placement, np_dtype)
+            params = materialize.materialize_stage(
+                source, specs, stage_dtype, lambda spec, p=placement: p.param_sharding(spec, config), bar)
+            stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
+                                placement.cache_sharding(config), placement.is_first, placement.is_last,
+                                choose_layer_mode(placement.end - placement.start, layer_mode), stage_dtype,
+                                sync=placement.mesh.devices.size > 1 and placement.platform == "cpu"))
         bar.close()
-        stage = Stage(0, config.num_hidden_layers, params, sharding, sharding, True, True,
-                      choose_layer_mode(config.num_hidden_layers, layer_mode))
-        engine = Engine(config, [stage], jnp.dtype(np_dtype), seq)
+        engine = Engine(config, stages, jnp.dtype(np_dtype), seq)
         tokenizer = source.tokenizer()
-        log.info("loaded %s: %d layers, %s, max_seq_len %d, on %s (%s layers)", source.path,
-                 config.num_hidden_layers, jnp.dtype(np_dtype).name, seq, target, stage.mode)
-        return Model(config, engine, tokenizer, str(source.path))
+        log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
+                 len(stages), jnp.dtype(np_dtype).name, seq)
+        out = Model(config, engine, tokenizer, str(source.path))
+        out.device_map = device_map
+        return out
     finally:
         source.close()
+
+
+def _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish) -> DeviceMap:
+    if plan is None:
+        return plan_device_map(config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size)
+    if isinstance(plan, DeviceMap):
+        plan.check_model(config)
+        return plan
+    path = Path(plan)
+    if not path.is_file():
+        raise UserError(f"cannot read plan {path}: no such file")
+    return DeviceMap.from_yaml(path, config)
+
+
+def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtype:
+    """The plan's dtype for the stage holding these layers (CPU stages beside accelerators run float32)."""
+    for s in device_map.stages:
+        if s.start <= placement.start < s.end:
+            return parse_dtype(s.dtype)
+    return default
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically: a half-written plan is never left behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None

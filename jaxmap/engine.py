@@ -21,6 +21,7 @@ at most log2(max_seq_len / 128) + 1 of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,11 @@ class Stage:
     is_first: bool
     is_last: bool
     mode: LayerMode = "unrolled"
+    dtype: Any = None  # compute dtype of this stage (CPU stages run float32); None: the engine's
+    # Wait for each program before dispatching the next. XLA:CPU runs a multi-device program's collectives on a
+    # shared thread pool: with several such programs in flight (one per layer) its rendezvous can deadlock
+    # (seen with jax 0.10.2 on 8 virtual devices, tp=8, per-layer mode). Set for multi-device CPU stages only.
+    sync: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -123,6 +129,8 @@ class Engine:
         self.config = config
         self.stages = list(stages)
         self.dtype = jnp.dtype(dtype)
+        for stage in self.stages:
+            stage.dtype = jnp.dtype(stage.dtype or self.dtype)
         self.max_seq_len = max_seq_len
         self.inv_freq = inverse_frequencies(config)
         self.compile_stats = CompileStats()
@@ -134,7 +142,7 @@ class Engine:
         shape = (batch, self.config.num_key_value_heads, self.max_seq_len, self.config.head_dim)
         caches = []
         for stage in self.stages:
-            make = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=stage.cache_sharding)
+            make = jax.jit(functools.partial(jnp.zeros, shape, stage.dtype), out_shardings=stage.cache_sharding)
             caches.append([(make(), make()) for _ in range(stage.num_layers)])
         return caches
 
@@ -146,11 +154,10 @@ class Engine:
         return self._programs[key]
 
     def _build(self, stage: Stage, shape: StepShape, part: str) -> Callable:
-        config, dtype, inv_freq = self.config, self.dtype, self.inv_freq
+        config, dtype, inv_freq = self.config, stage.dtype, self.inv_freq
 
         def enter(params, x, start, pad):
-            if stage.is_first:
-                x = llama.embed(params, x, dtype)
+            x = llama.embed(params, x, dtype) if stage.is_first else x.astype(dtype)
             cos, sin, mask = _attention_context(start, pad, shape.n_tokens, shape.attend_len, inv_freq)
             return x, cos, sin, mask
 
@@ -230,6 +237,8 @@ class Engine:
                 for p, (kc, vc) in zip(stage.params["layers"], caches[i], strict=True):
                     x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, cos, sin, mask)
                     new.append((kc, vc))
+                    if stage.sync:
+                        x.block_until_ready()
                 if stage.is_last:
                     seen = None if seen is None else jax.device_put(seen, stage.activation_sharding)
                     token, logits, seen = self._call(
@@ -238,6 +247,8 @@ class Engine:
                         jax.device_put(values, stage.activation_sharding),
                         jax.device_put(key, stage.activation_sharding))
             out_caches.append(new)
+            if stage.sync:
+                jax.block_until_ready(token if stage.is_last else x)
         return token, logits, out_caches, seen
 
 

@@ -20,7 +20,7 @@ from jaxmap.device_map import DeviceMap
 from jaxmap.errors import UserError
 from jaxmap.hardware import Hardware
 from jaxmap.planner import plan
-from jaxmap.wishes import Topology, Wish, parse_device_layers, parse_devices
+from jaxmap.wishes import make_wish
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -109,14 +109,8 @@ def make_plan(args: argparse.Namespace) -> DeviceMap:
     if args.plan:
         return DeviceMap.from_yaml(Path(args.plan) if Path(args.plan).is_file() else _missing(args.plan), config)
     hardware = Hardware.from_preset(args.mesh) if args.mesh else Hardware.from_jax()
-    wish = Wish(
-        tp=args.tp,
-        pp=args.pp,
-        devices=parse_devices(args.devices) if args.devices else None,
-        device_layers=parse_device_layers(args.device_layers) if args.device_layers is not None else None,
-        topology=Topology.from_yaml(Path(args.topology)) if args.topology else None,
-        isq=args.isq,
-    )
+    wish = make_wish(tp=args.tp, pp=args.pp, devices=args.devices or None, device_layers=args.device_layers,
+                     topology=Path(args.topology) if args.topology else None, isq=args.isq)
     return plan(config, hardware, wish, args.dtype, args.max_seq_len, args.max_batch_size)
 
 

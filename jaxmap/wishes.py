@@ -310,3 +310,22 @@ def parse_devices(text: str) -> list[int]:
     if not all(re.fullmatch(r"\d+", p) for p in parts):
         raise UserError(f"--devices expects comma-separated ordinals like 0,2, got {text!r}")
     return [int(p) for p in parts]
+
+
+def make_wish(
+    tp: int | None = None,
+    pp: int | None = None,
+    devices: str | Sequence[int] | None = None,
+    device_layers: str | int | Sequence[str] | None = None,
+    topology: str | Path | Mapping[Any, Any] | Topology | None = None,
+    isq: str | None = None,
+) -> Wish:
+    """A :class:`Wish` from the forms the CLI and the Python API take (``"0,2"`` or ``[0, 2]``, ``"0:16;1:14"`` or
+    ``["0:16", "1:14"]``, a topology path, YAML text or dict)."""
+    if isinstance(devices, str):
+        devices = parse_devices(devices)
+    if topology is not None and not isinstance(topology, Topology):
+        topology = Topology.from_yaml(topology)
+    return Wish(tp=tp, pp=pp, devices=list(devices) if devices is not None else None,
+                device_layers=parse_device_layers(device_layers) if device_layers is not None else None,
+                topology=topology, isq=isq)
