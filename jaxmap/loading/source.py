@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from jaxmap.tokenizer import Tokenizer
-
     from jaxmap.config import ModelConfig
+    from jaxmap.tokenizer import Tokenizer
 
 
 class WeightSource(Protocol):

@@ -1,0 +1,431 @@
+"""A single GGUF file (llama.cpp's format): metadata, quantized tensors and the tokenizer's vocabulary in one file.
+
+Everything is presented in Hugging Face terms so the rest of jaxmap never knows the weights came from GGUF: tensor
+names are mapped (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``), shapes are given as
+``[out, in]``, quantized blocks are dequantized with ``gguf.quants``, and the row order of the llama q/k
+projections is restored. llama.cpp's converter reorders those rows so that each RoPE pair sits in adjacent rows
+(interleaved rotation); jaxmap, like Hugging Face, rotates the two halves of each head, so the rows are put back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+from jaxmap.loading.safetensors_source import as_numpy_dtype
+
+if TYPE_CHECKING:
+    from gguf import ReaderTensor
+
+    from jaxmap.tokenizer import Tokenizer
+
+GGUF_MAGIC = b"GGUF"
+# general.architecture -> config.json model_type. Mistral GGUFs say "llama".
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# GGUF's per-block tensor names -> Hugging Face's (after "model.layers.{i}.").
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+# Pre-tokenizer regexes per ``tokenizer.ggml.pre``, applied one after another as llama.cpp does (each splits the
+# pieces the previous one produced). The case-insensitive contractions are spelled out, as llama.cpp does too.
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_RE = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), (_LLAMA3_RE,)),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2_RE,)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), (r"\p{N}", _GPT2_RE)),
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais", "phi-2"), (_GPT2_RE,)),
+}
+_IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3")  # whole-word vocab hits skip the merges
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6  # tokenizer.ggml.token_type values
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: per head, interleaved RoPE pairs back to the two halves HF rotates.
+
+    The converter did ``w.reshape(n_head, 2, d // 2, ...).swapaxes(1, 2)``; this is its inverse. Works on
+    ``[out, in]`` weights, ``[out]`` biases and ``[out, bytes]`` raw quantized rows alike.
+    """
+    rows = w.shape[0]
+    head_dim = rows // n_head
+    if n_head <= 0 or rows % n_head or head_dim % 2:
+        raise UserError(f"cannot reorder a q/k tensor of {rows} rows into {n_head} heads")
+    rest = w.shape[1:]
+    return w.reshape(n_head, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's HF -> GGUF q/k row order (for writing test files and checking the inverse)."""
+    rows = w.shape[0]
+    head_dim = rows // n_head
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_scaling(config: ModelConfig, factors: np.ndarray) -> dict[str, Any] | None:
+    """HF ``rope_scaling`` (llama3) that reproduces GGUF's ``rope_freqs`` table of per-frequency divisors, or None.
+
+    The largest divisor is ``factor``. In the blended band ``1 / divisor`` is linear in ``1 / wavelength``, which
+    fixes ``original_max_position_embeddings / (high - low)`` and ``low / (high - low)``: scaling all three by one
+    constant gives the same table, so ``low_freq_factor = 1`` is taken and the rest follows. With fewer than two
+    blended frequencies the values Llama 3.x ships are tried instead. Any answer is checked against the table.
+    """
+    from jaxmap.rope import inverse_frequencies
+
+    factors = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if factors.shape != (config.head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        return None
+    base = inverse_frequencies(config.with_changes(rope_scaling=None)).astype(np.float64)
+    factor = float(factors.max())
+    candidates: list[tuple[float, float, float]] = []
+    medium = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    if medium.sum() >= 2 and factor > 1:
+        smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+        inv_wavelen = base[medium] / (2 * math.pi)
+        a, minus_b = np.polyfit(inv_wavelen, smooth, 1)
+        if minus_b < 0 < a:
+            b = -minus_b
+            candidates.append((round(a / b), 1.0, round(1.0 + 1.0 / b, 6)))
+    candidates += [(float(n), lo, hi) for n in (8192, 4096, 16384, 32768, 65536, 131072, 2048)
+                   for lo, hi in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0), (2.0, 8.0))]
+    for length, low, high in candidates:
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+                   "high_freq_factor": float(high), "original_max_position_embeddings": int(length)}
+        scaled = inverse_frequencies(config.with_changes(rope_scaling=scaling)).astype(np.float64)
+        if np.allclose(base / scaled, factors, rtol=1e-3, atol=1e-4):
+            return scaling
+    return None
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for tensors jaxmap has no use for."""
+    m = _BLOCK_RE.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        mapped = _BLOCK_NAMES.get(part)
+        return f"model.layers.{layer}.{mapped}.{kind}" if mapped else None
+    base, _, kind = gguf_name.rpartition(".")
+    mapped = _TOP_NAMES.get(base)
+    return f"{mapped}.{kind}" if mapped and kind in ("weight", "bias") else None
+
+
+class GGUFSource:
+    """A :class:`~jaxmap.loading.source.WeightSource` over one ``.gguf`` file (llama and qwen2 architectures)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = str(path)
+        self._file = path
+        self._reader = _open_reader(path)
+        self._meta_cache: dict[str, Any] = {}
+        arch = str(self._get("general.architecture", ""))
+        if arch not in _ARCHITECTURES:
+            raise UserError(f"{path}: unsupported GGUF architecture {arch!r}; jaxmap reads llama (also Llama 2/3, "
+                            "Mistral, SmolLM2) and qwen2 GGUF files")
+        self.architecture = arch
+        self._tensors: dict[str, ReaderTensor] = {}
+        self.unmapped: list[str] = []  # GGUF tensors with no Hugging Face counterpart (kept for diagnostics)
+        by_gguf_name = {t.name: t for t in self._reader.tensors}
+        for t in self._reader.tensors:
+            name = hf_name(t.name)
+            if name is None:
+                self.unmapped.append(t.name)
+            else:
+                self._tensors[name] = t
+        self.config = self._build_config(by_gguf_name)
+
+    # ---- metadata ------------------------------------------------------------------------------------------------
+    def _get(self, key: str, default: Any = None) -> Any:
+        if key not in self._meta_cache:
+            field = self._reader.fields.get(key)
+            try:
+                self._meta_cache[key] = None if field is None else field.contents()
+            except (ValueError, IndexError, TypeError) as exc:
+                raise UserError(f"{self.path} is truncated or corrupt: cannot decode {key!r} ({exc})") from None
+        value = self._meta_cache[key]
+        return default if value is None else value
+
+    def _build_config(self, by_gguf_name: dict[str, ReaderTensor]) -> ModelConfig:
+        arch = self.architecture
+
+        def need(key: str) -> Any:
+            value = self._get(f"{arch}.{key}")
+            if value is None:
+                raise UserError(f"{self.path}: GGUF metadata lacks {arch}.{key}")
+            return value
+
+        heads = int(need("attention.head_count"))
+        hidden = int(need("embedding_length"))
+        head_dim = int(self._get(f"{arch}.attention.key_length", hidden // heads))
+        rope_dims = self._get(f"{arch}.rope.dimension_count")
+        if rope_dims is not None and int(rope_dims) != head_dim:
+            raise UserError(f"{self.path}: RoPE on {rope_dims} of {head_dim} head dimensions (partial rotary) is "
+                            "not supported")
+        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+        vocab = self._get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+        if vocab is None and "model.embed_tokens.weight" in self._tensors:
+            vocab = int(self._tensors["model.embed_tokens.weight"].shape[-1])
+        if vocab is None:
+            raise UserError(f"{self.path}: GGUF metadata has no vocabulary size")
+        eos = [self._get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                      "tokenizer.ggml.eom_token_id")]
+        raw: dict[str, Any] = {
+            "model_type": _ARCHITECTURES[arch],
+            "vocab_size": int(vocab),
+            "hidden_size": hidden,
+            "intermediate_size": int(need("feed_forward_length")),
+            "num_hidden_layers": int(need("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._get(f"{arch}.attention.head_count_kv", heads)),
+            "head_dim": head_dim,
+            "rms_norm_eps": float(self._get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(self._get(f"{arch}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self._get(f"{arch}.context_length", 4096)),
+            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            "bos_token_id": self._get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
+        }
+        config = ModelConfig.from_hf_dict(raw, name=self._file.stem)  # the file name: what the user typed
+        scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
+        return config.with_changes(rope_scaling=scaling) if scaling else config
+
+    def _rope_scaling(self, config: ModelConfig, freqs: ReaderTensor | None) -> dict[str, Any] | None:
+        """Rope scaling from ``{arch}.rope.scaling.*``, or llama3 scaling recovered from ``rope_freqs.weight``."""
+        arch = self.architecture
+        kind = self._get(f"{arch}.rope.scaling.type")
+        if freqs is not None:
+            return self._llama3_from_factors(config, np.asarray(freqs.data, dtype=np.float64).reshape(-1))
+        if kind in (None, "none"):
+            return None
+        factor = float(self._get(f"{arch}.rope.scaling.factor", 1.0))
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": factor}
+        if kind == "yarn":
+            original = int(self._get(f"{arch}.rope.scaling.original_context_length", config.max_position_embeddings))
+            return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+        raise UserError(f"{self.path}: rope scaling {kind!r} is not supported")
+
+    def _llama3_from_factors(self, config: ModelConfig, factors: np.ndarray) -> dict[str, Any]:
+        scaling = llama3_rope_scaling(config, factors)
+        if scaling is None:
+            raise UserError(f"{self.path}: llama3 rope scaling from GGUF (rope_freqs.weight) could not be matched to "
+                            "Hugging Face's llama3 parameters; load the Hugging Face folder instead")
+        return scaling
+
+    # ---- WeightSource --------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _tensor(self, name: str) -> ReaderTensor:
+        t = self._tensors.get(name)
+        if t is None:
+            raise UserError(f"{self.path} has no tensor {name!r}")
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dimensions fastest-first ([in, out]); Hugging Face slowest-first ([out, in]).
+        return tuple(int(d) for d in reversed(self._tensor(name).shape))
+
+    def stored_nbytes(self, name: str) -> int:
+        return int(self._tensor(name).n_bytes)
+
+    def stored_type(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
+    def _q_k_heads(self, name: str) -> int | None:
+        """Heads to un-permute by, for llama q/k projections; None for every other tensor (and qwen2's)."""
+        if self.architecture != "llama":
+            return None
+        if ".self_attn.q_proj." in name:
+            return self.config.num_attention_heads
+        if ".self_attn.k_proj." in name:
+            return self.config.num_key_value_heads
+        return None
+
+    def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensor(name)
+        target = as_numpy_dtype(dtype)
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError) as exc:
+            raise UserError(f"{self.path}: cannot dequantize {name} ({t.tensor_type.name}): {exc}") from None
+        values = values.reshape(self.shape(name))
+        heads = self._q_k_heads(name)
+        if heads is not None:
+            values = unpermute_rows(values, heads)
+        return np.array(values, dtype=target, order="C", copy=True)
+
+    def raw(self, name: str) -> tuple[np.ndarray, str]:
+        """The stored bytes/values as rows of quantized blocks ([out, bytes per row]) and the ggml type name.
+
+        q/k rows are already put back in Hugging Face order (quant blocks never straddle rows, so rows move whole).
+        """
+        t = self._tensor(name)
+        data = np.asarray(t.data)
+        if data.ndim == 1 and len(self.shape(name)) == 2:
+            data = data.reshape(self.shape(name)[0], -1)
+        heads = self._q_k_heads(name)
+        if heads is not None:
+            data = unpermute_rows(data, heads)
+        return np.array(data, order="C", copy=True), t.tensor_type.name
+
+    def tokenizer(self) -> Tokenizer | None:
+        from jaxmap.tokenizer import Tokenizer
+
+        model = self._get("tokenizer.ggml.model")
+        if model is None:
+            return None
+        if model == "gpt2":
+            inner, default_add_bos = self._byte_level_bpe()
+        elif model == "llama":
+            inner, default_add_bos = self._sentencepiece_bpe()
+        else:
+            raise UserError(f"{self.path}: GGUF tokenizer model {model!r} is not supported (supported: gpt2 "
+                            "byte-level BPE, llama SentencePiece)")
+        template = self._get("tokenizer.chat_template")
+        pad = self._get("tokenizer.ggml.padding_token_id")
+        return Tokenizer(inner, bos_token_id=self.config.bos_token_id, eos_token_ids=self.config.eos_token_ids,
+                         pad_token_id=None if pad is None else int(pad),
+                         chat_template=str(template) if template else None,
+                         add_bos=bool(self._get("tokenizer.ggml.add_bos_token", default_add_bos)))
+
+    def _vocab(self) -> tuple[list[str], list[int], dict[str, int]]:
+        tokens = [str(t) for t in self._get("tokenizer.ggml.tokens", [])]
+        types = [int(t) for t in self._get("tokenizer.ggml.token_type", [1] * len(tokens))]
+        if not tokens or len(types) != len(tokens):
+            raise UserError(f"{self.path}: GGUF tokenizer has no (or an inconsistent) token list")
+        vocab: dict[str, int] = {}
+        for i, tok in enumerate(tokens):
+            vocab.setdefault(tok, i)  # a duplicated token string keeps its first id
+        return tokens, types, vocab
+
+    def _add_special(self, inner: Any, tokens: list[str], types: list[int], vocab: dict[str, int]) -> None:
+        from tokenizers import AddedToken
+
+        control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
+                   if k == _CONTROL and t]
+        user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types, strict=True)
+                if k == _USER_DEFINED and t]
+        if control:
+            inner.add_special_tokens(control)
+        if user:
+            inner.add_tokens(user)
+
+    def _byte_level_bpe(self) -> tuple[Any, bool]:
+        """GPT-2 style byte-level BPE from the vocabulary, merges and llama.cpp's pre-tokenizer choice."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RawTokenizer
+
+        tokens, types, vocab = self._vocab()
+        pre = str(self._get("tokenizer.ggml.pre", "default"))
+        regexes = _PRE_TOKENIZERS.get(pre)
+        if regexes is None:
+            raise UserError(f"{self.path}: GGUF pre-tokenizer {pre!r} is not supported yet (supported: "
+                            f"{', '.join(sorted(_PRE_TOKENIZERS))})")
+        merges = []
+        for m in self._get("tokenizer.ggml.merges", []):
+            m = str(m)
+            cut = m.find(" ", 1)
+            if cut > 0:
+                merges.append((m[:cut], m[cut + 1:]))
+        inner = RawTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES))
+        inner.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        inner.decoder = decoders.ByteLevel()
+        self._add_special(inner, tokens, types, vocab)
+        return inner, pre in _IGNORE_MERGES  # llama.cpp adds a BOS for llama3 vocabularies unless told otherwise
+
+    def _sentencepiece_bpe(self) -> tuple[Any, bool]:
+        """SentencePiece BPE (Llama 2, Mistral) rebuilt as a ``tokenizers`` BPE with byte fallback.
+
+        GGUF keeps scores, not merges; SentencePiece merges the adjacent pair whose joined piece scores highest, so
+        merges are derived from every normal piece that splits into two vocabulary pieces, ranked by that score.
+        """
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers import decoders, models, normalizers
+
+        tokens, types, vocab = self._vocab()
+        scores = [float(s) for s in self._get("tokenizer.ggml.scores", [0.0] * len(tokens))]
+        normal = {t for t, k in zip(tokens, types, strict=True) if k in (1, _USER_DEFINED)}
+        ranked: list[tuple[float, int, str, str]] = []
+        for piece in normal:
+            pid = vocab[piece]
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in normal and right in normal:
+                    ranked.append((-scores[pid], pid, left, right))
+        ranked.sort()
+        merges = [(left, right) for _, _, left, right in ranked]
+        unk_id = self._get("tokenizer.ggml.unknown_token_id", 0)
+        unk = tokens[int(unk_id)] if 0 <= int(unk_id) < len(tokens) else None
+        inner = RawTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        prefix = bool(self._get("tokenizer.ggml.add_space_prefix", True))
+        steps = [normalizers.Prepend("\u2581")] if prefix else []
+        inner.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        inner.decoder = decoders.Sequence([*dec, decoders.Strip(" ", 1, 0)] if prefix else dec)
+        self._add_special(inner, tokens, types, vocab)
+        return inner, True
+
+    def close(self) -> None:
+        # GGUFReader holds a np.memmap; dropping the reader (and its tensors' views) releases the mapping.
+        self._tensors = {}
+        self._reader = None  # type: ignore[assignment]
+
+    def __enter__(self) -> GGUFSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_reader(path: Path) -> Any:
+    """GGUFReader with every failure turned into one clear line; tensor extents are checked against the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - gguf is a dependency
+        raise UserError("reading .gguf files needs the gguf package (pip install gguf)") from None
+    try:
+        reader = GGUFReader(str(path), "r")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
+        raise UserError(f"{path} is truncated or corrupt: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        expected = math.prod(int(d) for d in t.shape)
+        if end > size or expected <= 0:
+            raise UserError(f"{path} is truncated or corrupt: tensor {t.name} ends at byte {end} but the file has "
+                            f"{size} bytes (an incomplete download?)")
+    return reader

@@ -1,0 +1,216 @@
+"""A Hugging Face model folder: ``config.json`` plus one or many ``*.safetensors`` files.
+
+The safetensors format is simple enough to read without the library: 8 bytes of little-endian header length, a JSON
+header mapping each tensor name to its dtype, shape and byte range, then the raw bytes. Parsing it ourselves lets
+every header be checked against the file size when the folder is opened, so a truncated download fails at once with
+a message naming the file instead of halfway through placing weights; the bytes are only touched, through a numpy
+memory map, when a tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import ml_dtypes
+import numpy as np
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxmap.tokenizer import Tokenizer
+
+# safetensors dtype names -> numpy dtypes (little-endian, as the format mandates).
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation refuses headers above 100 MB too
+
+
+def as_numpy_dtype(dtype: np.dtype | str | type) -> np.dtype:
+    """Accept numpy dtypes, ml_dtypes types and names such as ``"bfloat16"``."""
+    if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype_name: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def parse_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Read and validate one file's header: its tensors (absolute offsets) and its ``__metadata__``."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path} is truncated or corrupt: too short to be a safetensors file")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, _MAX_HEADER):
+                raise UserError(f"{path} is truncated or corrupt: its header claims {length} bytes but the file "
+                                f"has {size} bytes")
+            raw = fh.read(length)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path} is truncated or corrupt: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is truncated or corrupt: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    data_size = size - data_start
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        try:
+            dtype_name = str(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} is truncated or corrupt: malformed header entry for {name!r}") from None
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which jaxmap cannot read")
+        if end > data_size:
+            raise UserError(f"{path} is truncated or corrupt: tensor {name!r} ends at byte {data_start + end} but "
+                            f"the file has only {size} bytes (an incomplete download?)")
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize or min(shape, default=1) < 0:
+            raise UserError(f"{path} is truncated or corrupt: tensor {name!r} has inconsistent shape and offsets")
+        entries[name] = _Entry(path, dtype_name, shape, data_start + begin, end - begin)
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+class SafetensorsSource:
+    """A :class:`~jaxmap.loading.source.WeightSource` over a Hugging Face model folder."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.path = str(folder)
+        self.folder = folder
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"{folder} is a folder without config.json; expected a Hugging Face model folder")
+        self.config: ModelConfig = ModelConfig.from_json_file(config_file)
+        self._entries: dict[str, _Entry] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self._weight_files():
+            entries, metadata = parse_header(file)
+            self.metadata.update(metadata)
+            self._entries.update(entries)
+        self._check_index()
+        self._maps: dict[Path, np.memmap] = {}
+
+    def _weight_files(self) -> list[Path]:
+        """The files to open: those the index names, else ``model.safetensors``, else every ``*.safetensors``."""
+        index_file = self.folder / "model.safetensors.index.json"
+        if index_file.is_file():
+            try:
+                index = json.loads(index_file.read_text())
+                weight_map = index["weight_map"]
+                files = sorted({str(v) for v in weight_map.values()})
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{index_file} is not a valid safetensors index (no weight_map)") from None
+            missing = [f for f in files if not (self.folder / f).is_file()]
+            if missing:
+                raise UserError(f"{index_file} refers to {missing[0]}, which is not in {self.folder}")
+            self._index = dict(weight_map)
+            return [self.folder / f for f in files]
+        self._index = {}
+        single = self.folder / "model.safetensors"
+        if single.is_file():
+            return [single]
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{self.folder} has config.json but no *.safetensors weights")
+        return files
+
+    def _check_index(self) -> None:
+        for name, file in self._index.items():
+            entry = self._entries.get(name)
+            if entry is None or entry.file.name != Path(file).name:
+                raise UserError(f"{self.folder}: the index says {name!r} is in {file}, but that file has no such "
+                                "tensor (corrupt or mismatched shards)")
+
+    # ---- WeightSource --------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            where = f" (the index names {self._index[name]})" if name in self._index else ""
+            raise UserError(f"{self.folder} has no tensor {name!r}{where}")
+        return entry
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def stored_nbytes(self, name: str) -> int:
+        return self._entry(name).nbytes
+
+    def stored_type(self, name: str) -> str:
+        return self._entry(name).dtype_name
+
+    def view(self, name: str) -> np.ndarray:
+        """A read-only, zero-copy view of the tensor in its stored dtype (backed by the memory map)."""
+        entry = self._entry(name)
+        mm = self._maps.get(entry.file)
+        if mm is None:
+            try:
+                mm = self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot map {entry.file}: {exc}") from None
+        if entry.start + entry.nbytes > mm.size:  # the file shrank since it was opened
+            raise UserError(f"{entry.file} is truncated or corrupt: tensor {name!r} lies past the end of the file")
+        raw = mm[entry.start:entry.start + entry.nbytes]
+        return raw.view(SAFETENSORS_DTYPES[entry.dtype_name]).reshape(entry.shape)
+
+    def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        return np.array(self.view(name), dtype=as_numpy_dtype(dtype), order="C", copy=True)
+
+    def tokenizer(self) -> Tokenizer | None:
+        from jaxmap.tokenizer import Tokenizer
+
+        file = self.folder / "tokenizer.json"
+        if not file.is_file():
+            return None
+        return Tokenizer.from_file(file, config_eos=self.config.eos_token_ids, config_bos=self.config.bos_token_id)
+
+    def close(self) -> None:
+        # np.memmap closes its mapping when the last view goes; dropping ours is all that is needed.
+        self._maps.clear()
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

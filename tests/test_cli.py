@@ -1,0 +1,122 @@
+"""The command lines as a user runs them: output, JSON, and one clear line with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "tiny-llama"
+
+
+def cli(*args: str, stdin: str | None = None, module: str = "jaxmap.generate", timeout: int = 240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                          input=stdin, env=env, timeout=timeout)
+
+
+def assert_user_error(out, *fragments: str) -> None:
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_generate_json_batch():
+    out = cli("-m", str(TINY), "--prompt", "hello there", "--prompt", "a", "--max-new-tokens", "5", "--json",
+              "--ignore-eos", "-q")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello there", "a"]
+    for r in rows:
+        assert len(r["token_ids"]) == 5
+        assert isinstance(r["text"], str)
+        assert {"ttft_s", "decode_tokens_per_s", "compile_s"} <= set(r["stats"])
+
+
+def test_generate_streams_text_and_stats_from_stdin():
+    out = cli("-m", str(TINY), "--max-new-tokens", "6", "--ignore-eos", "--devices", "0", stdin="the history of")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "time to first token" in out.stderr and "decode:" in out.stderr
+    assert "device map" in out.stderr  # the layout table at INFO
+
+
+def test_generate_layout_flags_and_saved_plan(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    a = cli("-m", str(TINY), "-p", "hi", "--max-new-tokens", "4", "--ignore-eos", "--json", "-q", "--pp", "2",
+            "--save-plan", str(plan))
+    b = cli("-m", str(TINY), "-p", "hi", "--max-new-tokens", "4", "--ignore-eos", "--json", "-q", "--plan", str(plan))
+    c = cli("-m", str(TINY), "-p", "hi", "--max-new-tokens", "4", "--ignore-eos", "--json", "-q", "-n", "0:2;1:1")
+    for out in (a, b, c):
+        assert out.returncode == 0, out.stderr
+    ids = [json.loads(o.stdout)["token_ids"] for o in (a, b, c)]
+    assert ids[0] == ids[1] == ids[2]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["-m", "/no/such/model"], ["no such file"]),
+        (["-m", str(ROOT / "tests")], ["config.json"]),
+        (["-m", str(TINY), "--dtype", "float8"], ["unknown dtype"]),
+        (["-m", str(TINY), "--max-seq-len", "4"], ["longer than --max-seq-len"]),
+        (["-m", str(TINY), "-n", "0:x"], ["-n"]),
+        (["-m", str(TINY), "-n", "0:2;0:1"], []),
+        (["-m", str(TINY), "-n", "9:2"], []),
+        (["-m", str(TINY), "-n", "99"], []),
+        (["-m", str(TINY), "--tp", "3"], ["--tp 3"]),
+        (["-m", str(TINY), "--temperature", "-1"], ["temperature"]),
+        (["-m", "preset:nope"], ["unknown model preset"]),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, fragments):
+    out = cli(*args, "--prompt", "hello world, this is a prompt", "--max-new-tokens", "2")
+    assert_user_error(out, *fragments)
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert_user_error(cli("-m", str(folder), "--prompt", "x"), "unsupported architecture", "llama")
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(TINY, folder)
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert_user_error(cli("-m", str(folder), "--prompt", "x"), "truncated")
+
+
+def test_truncated_gguf(tmp_path, default_gguf):
+    broken = tmp_path / "broken.gguf"
+    with open(default_gguf, "rb") as src:
+        broken.write_bytes(src.read(5_000_000))
+    assert_user_error(cli("-m", str(broken), "--prompt", "x"))
+
+
+def test_bad_topology(tmp_path):
+    topo = tmp_path / "t.yml"
+    topo.write_text("0-9:\n  device: cpu\n")
+    assert_user_error(cli("-m", str(TINY), "--topology", str(topo), "--prompt", "x"))
+    topo.write_text("0-2:\n  device: [oops\n")
+    assert_user_error(cli("-m", str(TINY), "--topology", str(topo), "--prompt", "x"), "line")
+
+
+def test_doctor_reports_devices():
+    out = cli(module="jaxmap.doctor")
+    assert out.returncode == 0, out.stderr
+    assert "cpu[3]" in out.stdout and "pinned_host" in out.stdout
+    report = json.loads(cli("--json", module="jaxmap.doctor").stdout)
+    assert len(report["devices"]) == 4 and report["process_count"] == 1
