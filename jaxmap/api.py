@@ -219,6 +219,7 @@ class Model:
             dev_token = next_dev
             steps += 1
         t_end = time.perf_counter()
+        engine.release_cache(caches)
 
         compile_total = engine.compile_stats.seconds - compile0
         decode_compile = compile_total - prefill_compile

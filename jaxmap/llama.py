@@ -82,10 +82,20 @@ def decoder_layer(
     values = v_cache[:, :, :attend_len].astype(q.dtype)
 
     q = q.reshape(b, t, g, rep, k_dim)
-    scores = jnp.einsum("btgrk,bglk->bgrtl", q, keys).astype(jnp.float32) * (k_dim**-0.5)
+    if t == 1:
+        # Decode: multiply-and-reduce instead of a batched dot. XLA:CPU runs the dot as batch*kv_heads tiny GEMMs;
+        # the fused elementwise form was ~4x faster for SmolLM2 at batch 8 (and no slower at batch 1).
+        scores = jnp.sum(q[:, 0, :, :, None, :] * keys[:, :, None, :, :], axis=-1)[:, :, :, None, :]
+    else:
+        scores = jnp.einsum("btgrk,bglk->bgrtl", q, keys)
+    scores = scores.astype(jnp.float32) * (k_dim**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    attn = jnp.einsum("bgrtl,bglk->btgrk", probs, values).reshape(b, t, g * rep * k_dim)
+    if t == 1:
+        attn = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None, :, :], axis=-2)[:, None]
+    else:
+        attn = jnp.einsum("bgrtl,bglk->btgrk", probs, values)
+    attn = attn.reshape(b, t, g * rep * k_dim)
     x = x + attn @ p["wo"]
 
     h = rms_norm(x, p["mlp_norm"], eps)

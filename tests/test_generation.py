@@ -146,5 +146,5 @@ def test_bad_inputs(tiny):
 def test_buckets():
     assert [attend_bucket(n, 4096) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
     assert attend_bucket(5000, 4096) == 4096
-    assert [prefill_bucket(n, 4096) for n in (1, 16, 17, 200, 257, 600)] == [16, 16, 32, 256, 512, 768]
+    assert [prefill_bucket(n, 4096) for n in (1, 9, 16, 17, 200, 257, 600)] == [8, 16, 16, 32, 256, 512, 768]
     assert prefill_bucket(100, 50) == 50
