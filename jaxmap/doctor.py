@@ -15,17 +15,16 @@ import sys
 from collections.abc import Sequence
 
 from jaxmap.generate import guarded
+from jaxmap.hardware import jax_platform_name
 
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION",
             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "TPU_VISIBLE_CHIPS")
-PLATFORM_NAMES = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "cpu": "cpu", "mps": "metal",
-                  "metal": "metal"}
 PLUGINS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu", "jax-mps", "flax", "orbax-checkpoint")
 
 
 def platform_name(device) -> str:
     """jaxmap's name for a device's platform: cuda, rocm, tpu, metal or cpu."""
-    return PLATFORM_NAMES.get(device.platform.lower(), device.platform.lower())
+    return jax_platform_name(device.platform)
 
 
 def _gib(n: int | None) -> str:

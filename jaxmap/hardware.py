@@ -20,6 +20,13 @@ from jaxmap.errors import UserError
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu", "metal")
 _JAX_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu", "metal": "metal",
                  "mps": "metal"}
+
+
+def jax_platform_name(platform: str) -> str:
+    """jaxmap's name for a jax platform: ``gpu`` -> ``cuda``, ``mps`` -> ``metal``; others unchanged."""
+    return _JAX_PLATFORM.get(platform.lower(), platform.lower())
+
+
 MESHES_DIR = Path(__file__).resolve().parent.parent / "meshes"
 GIB = 1 << 30
 
@@ -100,7 +107,7 @@ class Hardware:
         devices: list[Device] = []
         counts: dict[str, int] = {}
         for dev in found:
-            platform = _JAX_PLATFORM.get(dev.platform.lower(), dev.platform.lower())
+            platform = jax_platform_name(dev.platform)
             ordinal = counts.get(platform, 0)
             counts[platform] = ordinal + 1
             coords = getattr(dev, "coords", None)

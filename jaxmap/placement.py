@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxmap.config import ModelConfig
 from jaxmap.device_map import DeviceMap
 from jaxmap.errors import UserError
-from jaxmap.hardware import Hardware
+from jaxmap.hardware import Hardware, jax_platform_name
 from jaxmap.param_specs import ParamSpec
 from jaxmap.sharding_rules import RULES, logical_to_spec
 
@@ -57,22 +57,33 @@ class StagePlacement:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-def jax_devices_by_id() -> dict[int, jax.Device]:
+def live_devices_by_name() -> dict[str, jax.Device]:
+    """jax devices by jaxmap name (``cuda[0]``, ``cpu[3]``), enumerated exactly as ``Hardware.from_jax`` names them.
+
+    Names, not ids: jax numbers each platform's devices from 0, so a GPU and the host CPU both have id 0.
+    """
     devices = list(jax.devices())
     if devices and devices[0].platform != "cpu":
         try:
             devices += jax.devices("cpu")
         except RuntimeError:
             pass
-    return {d.id: d for d in devices}
+    counts: dict[str, int] = {}
+    out = {}
+    for dev in devices:
+        platform = jax_platform_name(dev.platform)
+        ordinal = counts.get(platform, 0)
+        counts[platform] = ordinal + 1
+        out[f"{platform}[{ordinal}]"] = dev
+    return out
 
 
-def make_mesh(device_ids: list[int], by_id: dict[int, jax.Device]) -> Mesh:
-    missing = [i for i in device_ids if i not in by_id]
+def make_mesh(names: list[str], live: dict[str, jax.Device]) -> Mesh:
+    missing = [n for n in names if n not in live]
     if missing:
-        raise UserError(f"the plan names device id {missing[0]}, which this machine does not have "
-                        f"(it has ids {sorted(by_id)}); make the plan on this machine")
-    devices = [by_id[i] for i in device_ids]
+        raise UserError(f"the plan names device {missing[0]}, which this machine does not have (it has "
+                        f"{', '.join(live)}); make the plan on this machine")
+    devices = [live[n] for n in names]
     try:
         grid = mesh_utils.create_device_mesh((len(devices),), devices=devices)
     except (ValueError, AssertionError, NotImplementedError):
@@ -82,25 +93,22 @@ def make_mesh(device_ids: list[int], by_id: dict[int, jax.Device]) -> Mesh:
 
 def stage_placements(device_map: DeviceMap, hardware: Hardware) -> list[StagePlacement]:
     """The engine's stages for a plan; embeddings or LM head placed away from their stage become 0-layer stages."""
-    by_id = jax_devices_by_id()
+    live = live_devices_by_name()
 
-    def ids(names: list[str]) -> list[int]:
-        found = [hardware.find(n) for n in names]
-        if any(d is None for d in found):
-            raise UserError(f"the plan names {names}, not all of which exist here ({', '.join(hardware.names())})")
-        return [d.id for d in found]
+    def names(devices: list[str]) -> list[str]:  # "cpu" (the host) -> its full name
+        return [hardware.find(n).name if hardware.find(n) is not None else n for n in devices]
 
     stages = device_map.stages
     out: list[StagePlacement] = []
     embed_devices = device_map.embed.devices
     if embed_devices and embed_devices != stages[0].devices:
-        out.append(StagePlacement(0, 0, make_mesh(ids(embed_devices), by_id), True, False))
+        out.append(StagePlacement(0, 0, make_mesh(names(embed_devices), live), True, False))
     for s in stages:
-        out.append(StagePlacement(s.start, s.end, make_mesh(list(s.device_ids), by_id), not out, False))
+        out.append(StagePlacement(s.start, s.end, make_mesh(names(s.devices), live), not out, False))
     head_devices = device_map.lm_head.devices
     if head_devices and head_devices != stages[-1].devices:
         end = device_map.num_layers
-        out.append(StagePlacement(end, end, make_mesh(ids(head_devices), by_id), False, True))
+        out.append(StagePlacement(end, end, make_mesh(names(head_devices), live), False, True))
     else:
         out[-1].is_last = True
     return out

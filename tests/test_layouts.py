@@ -137,3 +137,18 @@ def test_bad_wishes():
         jaxmap.load("preset:tiny", progress=False, device_layers="0:3;9:1")
     with pytest.raises(UserError):
         jaxmap.load("preset:tiny", progress=False, device_layers="0:5")
+
+
+def test_device_names_do_not_collide_across_platforms(monkeypatch):
+    """jax numbers each platform from 0: a GPU and the host CPU both have id 0 (a bug seen on an H100)."""
+    import types
+
+    import jax
+
+    from jaxmap import placement
+
+    gpu = [types.SimpleNamespace(platform="gpu", id=i) for i in range(2)]
+    cpu = [types.SimpleNamespace(platform="cpu", id=0)]
+    monkeypatch.setattr(jax, "devices", lambda backend=None: cpu if backend == "cpu" else gpu)
+    live = placement.live_devices_by_name()
+    assert live == {"cuda[0]": gpu[0], "cuda[1]": gpu[1], "cpu[0]": cpu[0]}
