@@ -27,6 +27,35 @@ def jax_platform_name(platform: str) -> str:
     return _JAX_PLATFORM.get(platform.lower(), platform.lower())
 
 
+def live_jax_devices() -> list[tuple[str, int, Any]]:
+    """(platform, ordinal, jax device) for jax's default backend, then the host CPU devices.
+
+    The one enumeration behind every device name: jax numbers each platform from 0, so names (``cuda[0]``,
+    ``cpu[0]``) and not jax ids identify a device across platforms.
+    """
+    import jax
+
+    found = list(jax.devices())
+    if found and found[0].platform != "cpu":
+        try:
+            found += jax.devices("cpu")
+        except RuntimeError:
+            pass
+    counts: dict[str, int] = {}
+    out = []
+    for dev in found:
+        platform = jax_platform_name(dev.platform)
+        ordinal = counts.get(platform, 0)
+        counts[platform] = ordinal + 1
+        out.append((platform, ordinal, dev))
+    return out
+
+
+def _coords(dev: Any) -> tuple[int, ...] | None:
+    coords = getattr(dev, "coords", None)
+    return tuple(int(c) for c in coords) if coords is not None else None
+
+
 MESHES_DIR = Path(__file__).resolve().parent.parent / "meshes"
 GIB = 1 << 30
 
@@ -96,23 +125,10 @@ class Hardware:
     @classmethod
     def from_jax(cls) -> Hardware:
         """The live devices: jax's default backend plus its CPU devices (the host tier and ``-n``'s remainder)."""
-        import jax
-
-        found = list(jax.devices())
-        if found and found[0].platform != "cpu":
-            try:
-                found += jax.devices("cpu")
-            except RuntimeError:
-                pass
-        devices: list[Device] = []
-        counts: dict[str, int] = {}
-        for dev in found:
-            platform = jax_platform_name(dev.platform)
-            ordinal = counts.get(platform, 0)
-            counts[platform] = ordinal + 1
-            coords = getattr(dev, "coords", None)
-            devices.append(Device(platform, ordinal, int(dev.id), int(getattr(dev, "process_index", 0)),
-                                  _memory_limit(dev), tuple(int(c) for c in coords) if coords is not None else None))
+        found = live_jax_devices()
+        devices = [Device(platform, ordinal, int(dev.id), int(getattr(dev, "process_index", 0)), _memory_limit(dev),
+                          _coords(dev)) for platform, ordinal, dev in found]
+        found = [dev for _, _, dev in found]
         kind = getattr(found[0], "device_kind", found[0].platform)
         return cls(tuple(devices), _host_memory(), any(d.platform == "metal" for d in devices),
                    f"live: {len(found)} x {kind}")

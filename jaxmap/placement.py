@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxmap.config import ModelConfig
 from jaxmap.device_map import DeviceMap
 from jaxmap.errors import UserError
-from jaxmap.hardware import Hardware, jax_platform_name
+from jaxmap.hardware import Hardware, live_jax_devices
 from jaxmap.param_specs import ParamSpec
 from jaxmap.sharding_rules import RULES, logical_to_spec
 
@@ -62,20 +62,7 @@ def live_devices_by_name() -> dict[str, jax.Device]:
 
     Names, not ids: jax numbers each platform's devices from 0, so a GPU and the host CPU both have id 0.
     """
-    devices = list(jax.devices())
-    if devices and devices[0].platform != "cpu":
-        try:
-            devices += jax.devices("cpu")
-        except RuntimeError:
-            pass
-    counts: dict[str, int] = {}
-    out = {}
-    for dev in devices:
-        platform = jax_platform_name(dev.platform)
-        ordinal = counts.get(platform, 0)
-        counts[platform] = ordinal + 1
-        out[f"{platform}[{ordinal}]"] = dev
-    return out
+    return {f"{platform}[{ordinal}]": dev for platform, ordinal, dev in live_jax_devices()}
 
 
 def make_mesh(names: list[str], live: dict[str, jax.Device]) -> Mesh:
