@@ -120,3 +120,12 @@ def test_doctor_reports_devices():
     assert "cpu[3]" in out.stdout and "pinned_host" in out.stdout
     report = json.loads(cli("--json", module="jaxmap.doctor").stdout)
     assert len(report["devices"]) == 4 and report["process_count"] == 1
+
+
+def test_example_layouts_runs(default_gguf):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "examples/layouts.py"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "4xa100" in out.stdout and "cpu[1]" in out.stdout and "Paris" in out.stdout
