@@ -165,9 +165,10 @@ class Engine:
 
     def release_cache(self, caches: list) -> None:
         """Keep one set of buffers per batch size for the next generation (saves allocating and zeroing them)."""
-        batch = caches[0][0][0].shape[0] if caches and caches[0] else None
-        if batch is not None:
-            self._cache_pool[batch] = caches
+        # the first stage may hold no layers (embeddings placed on their own devices): look past empty stages
+        first = next((stage_caches[0][0] for stage_caches in caches if stage_caches), None)
+        if first is not None:
+            self._cache_pool[first.shape[0]] = caches
 
     # ---- programs ---------------------------------------------------------------------------------------------------
     def _program(self, stage_index: int, shape: StepShape, part: str) -> Callable:
