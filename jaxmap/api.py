@@ -21,6 +21,8 @@ from jaxmap.errors import UserError
 from jaxmap.hardware import Hardware
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.random_source import RandomSource
+from jaxmap.loading.safetensors_source import SafetensorsSource
+from jaxmap.offload import check_writable, default_offload_folder, open_disk_layers
 from jaxmap.placement import stage_placements
 from jaxmap.planner import plan as plan_device_map
 from jaxmap.progress import Progress
@@ -282,12 +284,19 @@ def load(
     plan: str | Path | DeviceMap | None = None,
     max_batch_size: int = 1,
     save_plan: str | Path | None = None,
+    max_memory: str | dict | None = None,
+    auto: bool = True,
+    allow_disk: bool = True,
+    offload_folder: str | Path | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
     ``model``: a Hugging Face folder, a GGUF file, ``preset:NAME`` (random weights) or None (the default SmolLM2).
     Placement wishes, as on the command line: ``device_layers="0:16;1:14"`` (or ``["0:16", "1:14"]``),
     ``topology=`` a YAML path, text or dict, ``tp=``, ``pp=``, ``devices="0,2"``, or a saved ``plan=``.
+    Memory: ``max_memory="0:20GiB,host:64GiB"`` (or a dict of sizes) caps what the plan may use; layers that do not
+    fit the accelerators are streamed from host memory, then from disk (``offload_folder``, unless
+    ``allow_disk=False``); ``auto=False`` keeps the layout even where it does not fit.
     """
     source = resolve_source(model, seed=seed)
     try:
@@ -304,25 +313,42 @@ def load(
         np_dtype = parse_dtype(dtype) if dtype else default_dtype(hardware.default_platform)
         device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan,
                                  make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers,
-                                           topology=topology))
+                                           topology=topology, max_memory=max_memory, auto=auto,
+                                           allow_disk=allow_disk))
+        if any(s.memory_kind == "disk" for s in device_map.stages) and not isinstance(source, SafetensorsSource):
+            check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
         if save_plan is not None:
             _write_text(Path(save_plan), device_map.to_yaml())
         for warning in device_map.warnings:
             log.warning("%s", warning)
         log.info("device map for %s:\n%s", source.path, device_map.render_table())
         placements = stage_placements(device_map, hardware)
-        stage_specs = [materialize.stage_param_specs(config, p.start, p.end, p.is_first, p.is_last)
-                       for p in placements]
+        stage_specs = [materialize.stage_param_specs(config, p.start, p.end if p.memory_kind != "disk" else p.start,
+                                                     p.is_first, p.is_last) for p in placements]
         bar = Progress(sum(materialize.count_params(s) for s in stage_specs), "loading weights", enabled=progress)
         stages = []
         for placement, specs in zip(placements, stage_specs, strict=True):
             stage_dtype = _stage_dtype(device_map, placement, np_dtype)
-            params = materialize.materialize_stage(
-                source, specs, stage_dtype, lambda spec, p=placement: p.param_sharding(spec, config), bar)
+            kind = placement.memory_kind
+            host_kind = "pinned_host" if kind == "host" else None
+
+            def place_for(spec, p=placement, host_kind=host_kind):
+                layer = spec.hf_name.startswith("model.layers.")
+                return p.param_sharding(spec, config, host_kind if layer else None)
+
+            params = materialize.materialize_stage(source, specs, stage_dtype, place_for, bar)
+            streamed = kind in ("host", "disk") and placement.end > placement.start
+            layer_shardings = ({k: placement.param_sharding(v, config) for k, v in
+                                materialize.stage_param_specs(config, placement.start, placement.start + 1, False,
+                                                              False)["layers"][0].items()} if streamed else None)
+            disk = (open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
+                                     offload_folder) if kind == "disk" and streamed else None)
+            mode = "per_layer" if streamed else choose_layer_mode(placement.end - placement.start, layer_mode)
             stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
                                 placement.cache_sharding(config), placement.is_first, placement.is_last,
-                                choose_layer_mode(placement.end - placement.start, layer_mode), stage_dtype,
-                                sync=placement.mesh.devices.size > 1 and placement.platform == "cpu"))
+                                mode, stage_dtype,
+                                sync=placement.mesh.devices.size > 1 and placement.platform == "cpu",
+                                memory_kind=kind, disk=disk, layer_shardings=layer_shardings))
         bar.close()
         engine = Engine(config, stages, jnp.dtype(np_dtype), seq)
         tokenizer = source.tokenizer()

@@ -18,7 +18,7 @@ import yaml
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 
-STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu")
+STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu", "offload")
 MEMORY_KINDS = ("device", "host", "disk")
 GIB = 1 << 30
 
@@ -83,16 +83,32 @@ class Placement:
 
 @dataclasses.dataclass
 class DeviceMemory:
-    """Bytes a device must hold: weights after sharding and the KV cache for the planned batch and length."""
+    """What one memory must hold under the plan, after sharding.
+
+    ``kind`` is ``device`` (an accelerator, or a CPU device running layers), ``host`` (offloaded weights in pinned
+    host memory) or ``disk`` (weights read per forward pass). On a device: resident weights, the KV cache of every
+    layer it runs (streamed ones too), the prefill activation peak at ``max_seq_len x max_batch_size``, and the
+    buffers of two streamed layers (double buffering) when it runs offloaded layers. ``capacity_bytes`` is what the
+    plan may use (the allocator's limit less what is in use, or the ``--max-memory`` cap) and ``headroom_bytes``
+    what it keeps free of that.
+    """
 
     device: str
     weights_bytes: int
     kv_cache_bytes: int
     capacity_bytes: int | None = None
+    activation_bytes: int = 0
+    streaming_bytes: int = 0
+    headroom_bytes: int = 0
+    kind: str = "device"
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.streaming_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity_bytes is None or self.total_bytes + self.headroom_bytes <= self.capacity_bytes
 
 
 @dataclasses.dataclass
@@ -115,6 +131,7 @@ class DeviceMap:
     max_seq_len: int = 4096
     max_batch_size: int = 1
     from_topology: bool = False
+    memory_notes: list[str] = dataclasses.field(default_factory=list)
 
     # ---- queries ---------------------------------------------------------------------------------------------------
     def stage_of(self, layer: int) -> Stage:
@@ -248,12 +265,15 @@ class DeviceMap:
             where = f"stage {place.stage}" if place.stage is not None else "off-stage"
             split = ", vocab-parallel" if place.vocab_parallel else ""
             out.append(f"{label}: {','.join(place.devices)} ({where}{split})")
-        mem = [("device", "weights", "kv cache", "total", "capacity")]
+        mem = [("memory", "weights", "kv cache", "activations", "streaming", "total", "headroom", "capacity")]
         for m in self.memory:
             cap = format_bytes(m.capacity_bytes) if m.capacity_bytes else "-"
-            mem.append((m.device, format_bytes(m.weights_bytes), format_bytes(m.kv_cache_bytes),
-                        format_bytes(m.total_bytes), cap))
+            name = m.device if m.kind == "device" else f"{m.kind} ({m.device})"
+            mem.append((name, format_bytes(m.weights_bytes), format_bytes(m.kv_cache_bytes),
+                        format_bytes(m.activation_bytes), format_bytes(m.streaming_bytes),
+                        format_bytes(m.total_bytes), format_bytes(m.headroom_bytes), cap))
         out += _columns(mem)
+        out += [f"memory: {n}" for n in self.memory_notes]
         out.append(f"strategy: {self.strategy}: {self.reason}")
         if self.idle_devices:
             out.append(f"idle: {', '.join(self.idle_devices)}")

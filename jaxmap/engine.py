@@ -66,10 +66,22 @@ class Stage:
     # shared thread pool: with several such programs in flight (one per layer) its rendezvous can deadlock
     # (seen with jax 0.10.2 on 8 virtual devices, tp=8, per-layer mode). Set for multi-device CPU stages only.
     sync: bool = False
+    # Where the layer weights live. "host": ``params["layers"]`` are in pinned host memory and each step moves
+    # them in one layer at a time, the next layer's transfer inside the current layer's program (double
+    # buffering). "disk": ``disk`` reads each layer from a memory map at every step, the next read issued while
+    # the current layer computes. Both run per layer: one program per layer bounds device memory to about two
+    # layers, where an unrolled program may schedule every transfer early and keep all layers resident.
+    memory_kind: str = "device"
+    disk: Any = None  # jaxmap.offload.DiskLayers for disk stages
+    layer_shardings: dict | None = None  # device shardings of one layer's parameters (streamed stages)
 
     @property
     def num_layers(self) -> int:
         return self.end - self.start
+
+    @property
+    def streamed(self) -> bool:
+        return self.memory_kind in ("host", "disk")
 
 
 def choose_layer_mode(num_layers: int, requested: str = "auto") -> LayerMode:
@@ -214,6 +226,26 @@ class Engine:
             return jax.jit(enter)
         if part == "layer":
             return jax.jit(layer, donate_argnames=("k_cache", "v_cache"))
+        if part == "stream":  # host tier: this layer's compute, and the next layer's move into device memory
+            targets = stage.layer_shardings
+
+            def stream(p, p_next_host, x, k_cache, v_cache, start, cos, sin, mask):
+                x, k_cache, v_cache = layer(p, x, k_cache, v_cache, start, cos, sin, mask)
+                return x, k_cache, v_cache, jax.device_put(p_next_host, targets)
+
+            return jax.jit(stream, donate_argnames=("k_cache", "v_cache"))
+        if part == "raw_layer":  # disk tier: weights arrive as stored (Hugging Face layout, stored dtype)
+            specs, targets = stage.disk.specs[stage.start], stage.layer_shardings
+
+            def raw_layer(raw, x, k_cache, v_cache, start, cos, sin, mask):
+                p = {}
+                for name, spec in specs.items():
+                    w = raw[name].astype(dtype).reshape(spec.hf_shape)
+                    w = (w.T if spec.transpose else w).reshape(spec.shape)
+                    p[name] = jax.lax.with_sharding_constraint(w, targets[name])
+                return layer(p, x, k_cache, v_cache, start, cos, sin, mask)
+
+            return jax.jit(raw_layer, donate_argnames=("k_cache", "v_cache"))
         if part == "leave":
             return jax.jit(leave, donate_argnames=("seen",))
         raise ValueError(part)
@@ -284,12 +316,15 @@ class Engine:
                     x, new = self._call(i, shape, "stage", *args, None, None, None, None)
             else:
                 x, cos, sin, mask = self._call(i, shape, "enter", _outer(stage.params), x, start_i, stage_pad)
-                new = []
-                for p, (kc, vc) in zip(stage.params["layers"], caches[i], strict=True):
-                    x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, cos, sin, mask)
-                    new.append((kc, vc))
-                    if stage.sync:
-                        x.block_until_ready()
+                if stage.streamed:
+                    x, new = self._streamed_layers(i, stage, shape, x, caches[i], start_i, cos, sin, mask)
+                else:
+                    new = []
+                    for p, (kc, vc) in zip(stage.params["layers"], caches[i], strict=True):
+                        x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, cos, sin, mask)
+                        new.append((kc, vc))
+                        if stage.sync:
+                            x.block_until_ready()
                 if stage.is_last:
                     seen = None if seen is None else jax.device_put(seen, stage.activation_sharding)
                     token, logits, seen = self._call(
@@ -301,6 +336,41 @@ class Engine:
             if stage.sync:
                 jax.block_until_ready(token if stage.is_last else x)
         return token, logits, out_caches, seen
+
+    def _streamed_layers(self, i: int, stage: Stage, shape: StepShape, x, caches, start, cos, sin, mask):
+        """Run a host- or disk-tier stage: at most two layers' weights in device memory (three while the
+        program of the previous layer is still finishing), each next layer's move overlapping this one's compute."""
+        new = []
+        n = stage.num_layers
+        pending = None  # the previous layer's output: waited on so that dispatch stays one layer ahead at most
+        if stage.memory_kind == "host":
+            host = stage.params["layers"]
+            current = jax.device_put(host[0], stage.layer_shardings)
+            for j, (kc, vc) in enumerate(caches):
+                if j + 1 < n:
+                    x, kc, vc, following = self._call(i, shape, "stream", current, host[j + 1], x, kc, vc, start,
+                                                      cos, sin, mask)
+                else:
+                    x, kc, vc = self._call(i, shape, "layer", current, x, kc, vc, start, cos, sin, mask)
+                    following = None
+                new.append((kc, vc))
+                if pending is not None:
+                    pending.block_until_ready()
+                pending, current = x, following
+            return x, new
+        disk, put = stage.disk, functools.partial(jax.device_put, device=stage.activation_sharding)
+        current = put(disk.read(stage.start))
+        for j, (kc, vc) in enumerate(caches):
+            x, kc, vc = self._call(i, shape, "raw_layer", current, x, kc, vc, start, cos, sin, mask)
+            new.append((kc, vc))
+            following = put(disk.read(stage.start + j + 1)) if j + 1 < n else None  # read while layer j computes
+            if pending is not None:
+                pending.block_until_ready()
+                disk.release(stage.start + j - 1)
+            pending, current = x, following
+        x.block_until_ready()
+        disk.release(stage.end - 1)
+        return x, new
 
 
 def _outer(params: dict) -> dict:

@@ -70,6 +70,7 @@ class Device:
     process_index: int = 0
     memory_bytes: int | None = None
     coords: tuple[int, ...] | None = None
+    used_bytes: int | None = None  # already in use when read live (another model, jax's own buffers)
 
     @property
     def name(self) -> str:
@@ -126,8 +127,11 @@ class Hardware:
     def from_jax(cls) -> Hardware:
         """The live devices: jax's default backend plus its CPU devices (the host tier and ``-n``'s remainder)."""
         found = live_jax_devices()
-        devices = [Device(platform, ordinal, int(dev.id), int(getattr(dev, "process_index", 0)), _memory_limit(dev),
-                          _coords(dev)) for platform, ordinal, dev in found]
+        devices = []
+        for platform, ordinal, dev in found:
+            limit, used = _memory_stats(dev)
+            devices.append(Device(platform, ordinal, int(dev.id), int(getattr(dev, "process_index", 0)), limit,
+                                  _coords(dev), used))
         found = [dev for _, _, dev in found]
         kind = getattr(found[0], "device_kind", found[0].platform)
         return cls(tuple(devices), _host_memory(), any(d.platform == "metal" for d in devices),
@@ -203,16 +207,26 @@ def _gib(value: Any, source: str) -> int | None:
     return int(value * GIB)
 
 
-def _memory_limit(dev: Any) -> int | None:
+def _memory_stats(dev: Any) -> tuple[int | None, int | None]:
+    """(allocator limit, bytes in use) where the backend reports them; on GPU the limit is what jax preallocated
+    (75% of the card by default), which is what a plan may use."""
     try:
-        stats = dev.memory_stats()
+        stats = dev.memory_stats() or {}
     except Exception:  # backends without memory stats (CPU, some plugins) raise or return None
-        return None
-    limit = (stats or {}).get("bytes_limit")
-    return int(limit) if limit else None
+        return None, None
+    limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use")
+    return (int(limit) if limit else None), (int(used) if used is not None else None)
 
 
 def _host_memory() -> int | None:
+    """Host memory available now (MemAvailable: free plus reclaimable page cache), else the physical total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

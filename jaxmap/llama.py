@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
+from jaxmap.memory import prefill_query_chunk
 from jaxmap.param_specs import LOGICAL_AXES, ParamSpec, layer_param_specs, outer_param_specs
 from jaxmap.rope import apply_rope
 
@@ -97,10 +98,22 @@ def decoder_layer(
                 + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
     else:
         # Prefill from an empty cache (start is 0 and attend_len == t): the keys are exactly the new ones.
-        scores = jnp.einsum("btgrk,blgk->bgrtl", q, k).astype(jnp.float32) * scale
-        scores = jnp.where(mask[:, None, None, :, :t], scores, neg)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bgrtl,blgk->btgrk", probs, v)
+        def block(qb, mb):  # queries [b, c, g, r, k] against every key; mask [b, c, t]
+            scores = jnp.einsum("btgrk,blgk->bgrtl", qb, k).astype(jnp.float32) * scale
+            scores = jnp.where(mb[:, None, None, :, :t], scores, neg)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            return jnp.einsum("bgrtl,blgk->btgrk", probs, v)
+
+        chunk = prefill_query_chunk(t)
+        if chunk == t:
+            attn = block(q, mask)
+        else:
+            # Long prompts: query blocks one after another (a loop XLA cannot run side by side), so the scores
+            # held at once are [b, heads, chunk, t] rather than [b, heads, t, t] (8.6 GB for Llama-3-70B at 8192).
+            n = t // chunk
+            qs = q.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
+            ms = mask[:, :, :t].reshape(b, n, chunk, t).swapaxes(0, 1)
+            attn = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, t, g, rep, k_dim)
     attn = attn.reshape(b, t, g * rep * k_dim)
     # Make the in-place cache write depend on the reads above (``0 * attn`` is not folded away for floats), so
     # XLA orders the write after them instead of copying every donated cache buffer on every step; an

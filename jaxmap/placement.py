@@ -34,6 +34,7 @@ class StagePlacement:
     mesh: Mesh
     is_first: bool
     is_last: bool
+    memory_kind: str = "device"  # where the stage's layer weights live: device, host (pinned_host) or disk
 
     @property
     def tp(self) -> int:
@@ -43,10 +44,11 @@ class StagePlacement:
     def platform(self) -> str:
         return self.mesh.devices.flat[0].platform
 
-    def param_sharding(self, spec: ParamSpec, config: ModelConfig) -> NamedSharding:
+    def param_sharding(self, spec: ParamSpec, config: ModelConfig, memory_kind: str | None = None) -> NamedSharding:
+        """The parameter's sharding; ``memory_kind="pinned_host"`` for host-tier layers (moved in per step)."""
         axes = logical_to_spec(spec.axes, RULES, spec.shape, {TP: self.tp}, name=spec.hf_name,
                                units={"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads})
-        return NamedSharding(self.mesh, PartitionSpec(*axes))
+        return NamedSharding(self.mesh, PartitionSpec(*axes), memory_kind=memory_kind)
 
     def cache_sharding(self, config: ModelConfig) -> NamedSharding:
         """KV buffers [batch, kv_heads, slots, head_dim]: split on kv heads when they divide over tp."""
@@ -91,7 +93,7 @@ def stage_placements(device_map: DeviceMap, hardware: Hardware) -> list[StagePla
     if embed_devices and embed_devices != stages[0].devices:
         out.append(StagePlacement(0, 0, make_mesh(names(embed_devices), live), True, False))
     for s in stages:
-        out.append(StagePlacement(s.start, s.end, make_mesh(names(s.devices), live), not out, False))
+        out.append(StagePlacement(s.start, s.end, make_mesh(names(s.devices), live), not out, False, s.memory_kind))
     head_devices = device_map.lm_head.devices
     if head_devices and head_devices != stages[-1].devices:
         end = device_map.num_layers

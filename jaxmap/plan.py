@@ -61,6 +61,13 @@ def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=1, help="batch size the KV cache is planned for")
     p.add_argument("--save-plan", help="write the plan as YAML (load it later with --plan)")
     p.add_argument("--plan", help="use a saved plan (checked against the model)")
+    p.add_argument("--max-memory", help='cap per memory, accelerate-style: "0:20GiB,1:14GiB,host:64GiB" (naming '
+                                        "accelerators restricts the plan to them)")
+    p.add_argument("--no-auto", dest="auto", action="store_false",
+                   help="no automatic memory fitting: keep the layout even where it does not fit")
+    p.add_argument("--no-disk", dest="allow_disk", action="store_false", help="forbid the disk tier")
+    p.add_argument("--offload-folder", help="where disk-tier layers of non-safetensors models are written "
+                                            "(default ~/.cache/jaxmap/offload)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +88,8 @@ def make_plan(args: argparse.Namespace) -> DeviceMap:
         return DeviceMap.from_yaml(Path(args.plan) if Path(args.plan).is_file() else _missing(args.plan), config)
     hardware = Hardware.from_preset(args.mesh) if args.mesh else Hardware.from_jax()
     wish = make_wish(tp=args.tp, pp=args.pp, devices=args.devices or None, device_layers=args.device_layers,
-                     topology=Path(args.topology) if args.topology else None, isq=args.isq)
+                     topology=Path(args.topology) if args.topology else None, isq=args.isq,
+                     max_memory=args.max_memory, auto=args.auto, allow_disk=args.allow_disk)
     return plan(config, hardware, wish, args.dtype, args.max_seq_len, args.max_batch_size)
 
 

@@ -19,18 +19,11 @@ from collections.abc import Sequence
 from itertools import groupby
 
 from jaxmap.config import ModelConfig
-from jaxmap.device_map import (
-    DeviceMap,
-    DeviceMemory,
-    Placement,
-    Stage,
-    config_fingerprint,
-    format_bytes,
-)
+from jaxmap.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
 from jaxmap.dtypes import parse_dtype
 from jaxmap.errors import UserError
+from jaxmap.fit import Budgets, account, compute_budgets, fill, pool_for
 from jaxmap.hardware import Device, Hardware
-from jaxmap.sharding_rules import RULES, logical_to_spec, shard_fraction
 from jaxmap.wishes import Topology, Wish, format_device_layers
 
 _OUTER_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
@@ -149,8 +142,7 @@ def _pool(hardware: Hardware, wish: Wish) -> list[Device]:
     return pool
 
 
-def _automatic(config: ModelConfig, hardware: Hardware, wish: Wish) -> _Base:
-    pool = _pool(hardware, wish)
+def _automatic(config: ModelConfig, hardware: Hardware, wish: Wish, pool: list[Device]) -> _Base:
     n, layers = len(pool), config.num_hidden_layers
     valid = valid_tp_sizes(config)
     if wish.tp is not None:
@@ -272,23 +264,47 @@ def plan(
     dtype_name = parse_dtype(dtype).name
     if max_seq_len <= 0 or max_batch_size <= 0:
         raise UserError("--max-seq-len and --max-batch-size must be positive")
+    pool = pool_for(hardware, _pool(hardware, wish), wish.max_memory)
+    budgets = compute_budgets(hardware, pool, wish.max_memory)
     base = (_manual(config, hardware, wish.device_layers) if wish.device_layers is not None
-            else _automatic(config, hardware, wish))
+            else _automatic(config, hardware, wish, pool))
     strategy, reason = base.strategy, base.reason
     topology = wish.topology
+    placed_by_topology = 0
     if topology is not None:
-        placed = _apply_topology(base, topology, config, hardware)
-        if placed:
+        placed_by_topology = _apply_topology(base, topology, config, hardware)
+        if placed_by_topology:
             strategy = "manual"
             what = "the topology" if topology.source == "topology" else f"topology {topology.source}"
-            reason = (f"{what} places every layer" if placed == config.num_hidden_layers else
-                      f"{what} places {placed} of {config.num_hidden_layers} layers; the rest: {base.reason}")
+            reason = (f"{what} places every layer" if placed_by_topology == config.num_hidden_layers else
+                      f"{what} places {placed_by_topology} of {config.num_hidden_layers} layers; the rest: "
+                      f"{base.reason}")
     if hardware.default_platform != "cpu" and all(d.platform == "cpu" for g in base.layers for d in g):
         strategy = "cpu"
-    stages = _stages(base.layers, config, hardware, wish, dtype_name, base.warnings)
-    stages = _assign_memory_kinds(stages, hardware)
+    kinds = ["device"] * config.num_hidden_layers
+    notes = list(budgets.notes)
+    if wish.is_automatic and wish.auto and not placed_by_topology:
+        trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
+        memory = account(config, hardware, trial, _outer(trial, hardware, topology, config, []), max_seq_len,
+                         max_batch_size, dtype_name, budgets)
+        if not all(m.fits for m in memory):
+            over = next(m for m in memory if not m.fits)
+            isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
+            filled = fill(config, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size, wish.allow_disk)
+            notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
+                         f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
+            base.layers, kinds = [(d,) for d in filled.devices], filled.kinds
+            used = {d.name for d in filled.devices}
+            base.idle = [d for d in hardware.accelerators if d.name not in used]
+            strategy = "offload" if any(k != "device" for k in kinds) else (
+                "pipeline" if len(used) > 1 else "single")
+            reason = filled.reason
+    elif not wish.auto:
+        notes.append("automatic memory fitting is off (--no-auto): the layout is kept even where it does not fit")
+    stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
     outer = _outer(stages, hardware, topology, config, base.warnings)
-    memory = _memory(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, base.warnings)
+    memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets)
+    _check_fit(memory, budgets, wish, base.warnings)
     idle = [d.name for d in base.idle]
     return DeviceMap(
         model=config.name or "unnamed", fingerprint=config_fingerprint(config), hardware=hardware.name or "hardware",
@@ -296,34 +312,50 @@ def plan(
         embed=outer["embed"], final_norm=outer["final_norm"], lm_head=outer["lm_head"], strategy=strategy,
         reason=reason, memory=memory, idle_devices=idle, warnings=base.warnings, dtype=dtype_name,
         max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-        from_topology=topology is not None and any(e.device for e in topology.ranges),
+        from_topology=topology is not None and any(e.device for e in topology.ranges), memory_notes=notes,
     )
 
 
-def _stages(per_layer: list[tuple[Device, ...]], config: ModelConfig, hardware: Hardware, wish: Wish,
-            dtype: str, warnings: list[str]) -> list[Stage]:
-    """Consecutive layers on the same devices form one stage; CPU stages on accelerator hardware run float32."""
+def _layer_isq(wish: Wish, layer: int) -> str | None:
+    return wish.topology.layer_isq(layer, wish.isq) if wish.topology is not None else wish.isq
+
+
+def _check_fit(memory: list[DeviceMemory], budgets: Budgets, wish: Wish, warnings: list[str]) -> None:
+    """An automatic plan that still does not fit is an error; a hand-made layout that does not fit, a warning."""
+    for m in memory:
+        if m.fits:
+            continue
+        usable = max(0, (m.capacity_bytes or 0) - m.headroom_bytes)
+        line = (f"{m.device} needs {format_bytes(m.total_bytes)} but may use {format_bytes(usable)}"
+                f" (short by {format_bytes(m.total_bytes - usable)})")
+        if wish.is_automatic and wish.auto and budgets.explicit and m.kind == "device":
+            raise UserError(f"the model does not fit: {line}; raise --max-memory, lower --max-seq-len or "
+                            "--max-batch-size, or quantize with --isq")
+        hint = ("lower --max-seq-len, or let automatic mapping offload (drop -n/--tp/--pp/--topology devices/"
+                "--no-auto)" if m.kind == "device" else "raise --max-memory host:SIZE or allow the disk tier")
+        warnings.append(f"{line}; {hint}")
+
+
+def _stages(per_layer: list[tuple[Device, ...]], kinds: list[str], config: ModelConfig, hardware: Hardware,
+            wish: Wish, dtype: str, warnings: list[str]) -> list[Stage]:
+    """Consecutive layers on the same devices and memory kind form one stage; CPU stages on accelerator hardware
+    run float32."""
     stages: list[Stage] = []
     for layer, group in enumerate(per_layer):
-        isq = wish.topology.layer_isq(layer, wish.isq) if wish.topology is not None else wish.isq
+        isq = _layer_isq(wish, layer)
         names = [d.name for d in group]
-        if stages and stages[-1].devices == names:
+        if stages and stages[-1].devices == names and stages[-1].memory_kind == kinds[layer]:
             stages[-1].end = layer + 1
             stages[-1].isq.append(isq)
             continue
         stage_dtype = dtype
         if hardware.default_platform != "cpu" and group[0].platform == "cpu" and dtype != "float32":
             stage_dtype = "float32"
-        stages.append(Stage(layer, layer + 1, names, [d.id for d in group], {"tp": len(group)}, "device",
+        stages.append(Stage(layer, layer + 1, names, [d.id for d in group], {"tp": len(group)}, kinds[layer],
                             stage_dtype, [isq]))
     for s in stages:
         if s.dtype != dtype:
             warnings.append(f"layers {s.start}-{s.end - 1} on {s.devices[0]} run in float32 (CPUs lack fast {dtype})")
-    return stages
-
-
-def _assign_memory_kinds(stages: list[Stage], hardware: Hardware) -> list[Stage]:
-    """Hook for the memory-aware mapping (host/disk tiers, ``--max-memory``): today every stage stays on device."""
     return stages
 
 
@@ -356,47 +388,4 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
             if e.device and any(re.search(e.pattern, n) for n in layer_names):
                 warnings.append(f"topology: regex {e.where} matches decoder-layer weights; a regex device applies "
                                 "only to embeddings, final norm and LM head (place layers with ranges)")
-    return out
-
-
-def _memory(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
-            max_seq_len: int, max_batch_size: int, dtype: str, warnings: list[str]) -> list[DeviceMemory]:
-    """Bytes per device after sharding: its layers' weights, the outer weights it holds, its KV cache."""
-    from jaxmap.param_specs import layer_param_specs, outer_param_specs
-
-    weights: dict[str, int] = {}
-    kv: dict[str, int] = {}
-    units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
-    layer_specs = layer_param_specs(config, 0)
-    for s in stages:
-        mesh, nbytes = {"tp": s.tp}, parse_dtype(s.dtype).itemsize
-        per_layer = sum(p.size // shard_fraction(logical_to_spec(p.axes, RULES, p.shape, mesh, name=n, units=units),
-                                                 mesh) for n, p in layer_specs.items())
-        kv_heads = config.num_key_value_heads
-        kv_per_device = kv_heads // s.tp if kv_heads % s.tp == 0 else kv_heads
-        cache = 2 * (s.end - s.start) * max_batch_size * max_seq_len * kv_per_device * config.head_dim * nbytes
-        for d in s.devices:
-            weights[d] = weights.get(d, 0) + per_layer * (s.end - s.start) * nbytes
-            kv[d] = kv.get(d, 0) + cache
-    specs = outer_param_specs(config)
-    spec_for = {"embed": specs["embed_tokens"], "final_norm": specs["final_norm"],
-                "lm_head": specs.get("lm_head", specs["embed_tokens"])}
-    for key, place in outer.items():
-        if key == "lm_head" and config.tie_word_embeddings and place.devices == outer["embed"].devices:
-            continue  # tied: the embedding table already there serves as the head
-        nbytes = parse_dtype(stages[place.stage].dtype if place.stage is not None else dtype).itemsize
-        share = spec_for[key].size // (len(place.devices) if place.vocab_parallel else 1)
-        for d in place.devices:
-            weights[d] = weights.get(d, 0) + share * nbytes
-    out = []
-    everyone = list(hardware.devices) + ([] if hardware.host in hardware.devices else [hardware.host])
-    for dev in everyone:
-        if dev.name not in weights:
-            continue
-        cap = dev.memory_bytes or (hardware.host_memory_bytes if dev.platform == "cpu" else None)
-        mem = DeviceMemory(dev.name, weights[dev.name], kv.get(dev.name, 0), cap)
-        if cap is not None and mem.total_bytes > cap:
-            warnings.append(f"{dev.name} needs {format_bytes(mem.total_bytes)} but has {format_bytes(cap)}; use -n, "
-                            "--topology or more devices (automatic offload is not implemented yet)")
-        out.append(mem)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from jaxmap.errors import UserError
+from jaxmap.memory import parse_max_memory
 
 DEVICE_PATTERN = re.compile(r"^(cpu|(cpu|cuda|rocm|metal|tpu)\[(\d+)\])$")
 _RANGE_KEY = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -285,6 +286,9 @@ class Wish:
     device_layers: list[tuple[int | None, int]] | None = None
     topology: Topology | None = None
     isq: str | None = None
+    max_memory: dict[str, int] | None = None  # --max-memory, parsed (jaxmap.memory.parse_max_memory)
+    auto: bool = True  # False: --no-auto, keep the layout even where it does not fit
+    allow_disk: bool = True  # False: --no-disk
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp)):
@@ -319,6 +323,9 @@ def make_wish(
     device_layers: str | int | Sequence[str] | None = None,
     topology: str | Path | Mapping[Any, Any] | Topology | None = None,
     isq: str | None = None,
+    max_memory: str | Mapping[str, Any] | None = None,
+    auto: bool = True,
+    allow_disk: bool = True,
 ) -> Wish:
     """A :class:`Wish` from the forms the CLI and the Python API take (``"0,2"`` or ``[0, 2]``, ``"0:16;1:14"`` or
     ``["0:16", "1:14"]``, a topology path, YAML text or dict)."""
@@ -328,4 +335,5 @@ def make_wish(
         topology = Topology.from_yaml(topology)
     return Wish(tp=tp, pp=pp, devices=list(devices) if devices is not None else None,
                 device_layers=parse_device_layers(device_layers) if device_layers is not None else None,
-                topology=topology, isq=isq)
+                topology=topology, isq=isq, max_memory=parse_max_memory(max_memory), auto=auto,
+                allow_disk=allow_disk)

@@ -252,9 +252,10 @@ def test_memory_tensor_parallel_splits_weights():
     assert (four[0].weights_bytes - norms) * 4 == one.weights_bytes - norms
 
 
-def test_memory_overflow_is_a_warning():
-    m = plan(ModelConfig.from_preset("llama-3-70b"), Hardware.from_preset("1x24gb"), dtype="bf16")
-    assert any("cuda[0] needs" in w for w in m.warnings)
+def test_memory_overflow_of_a_hand_made_layout_is_a_warning():
+    m = plan(ModelConfig.from_preset("llama-3-70b"), Hardware.from_preset("1x24gb"), Wish(device_layers=[(0, 80)]),
+             dtype="bf16")
+    assert any("cuda[0] needs" in w and "short by" in w for w in m.warnings)
 
 
 def test_plans_are_deterministic():

@@ -1,0 +1,137 @@
+"""The memory model behind automatic mapping: bytes per layer, KV cache, activations, headroom, and ``--max-memory``.
+
+Pure data, no jax: the planner uses it for hardware you may not have. Every figure is per device *after sharding*
+(a tp=4 stage holds a quarter of each split weight and of its kv heads, or a full replica where kv heads are fewer
+than the devices).
+
+Headroom (what the plan keeps free on each memory): max(2% of the capacity, 512 MiB) on an accelerator (mistral.rs's
+rule: allocator fragmentation, cuBLAS/XLA workspaces, compiled programs), max(5% of the capacity, 1 GiB) for host
+memory (the Python process, the tokenizer, the loader's one-tensor buffer and the offload reader live there too).
+"""
+
+from __future__ import annotations
+
+import re
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+
+MIB = 1 << 20
+GIB = 1 << 30
+ACCELERATOR_HEADROOM = (0.02, 512 * MIB)
+HOST_HEADROOM = (0.05, 1 * GIB)
+# CUDA's pinned host memory is a pool capped at 64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise.
+CUDA_PINNED_POOL_DEFAULT_GB = 64
+
+# Bits per weight of each ISQ type for the planner (block scales and mins included); the quantizers own the layout.
+ISQ_BITS = {
+    "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q2K": 2.625, "Q3K": 3.4375, "Q4K": 4.5,
+    "Q5K": 5.5, "Q6K": 6.5625, "Q8K": 9.125, "INT8": 8.0, "INT4": 4.0, "F8E4M3": 8.0,
+}
+
+_DEVICE_NAME = re.compile(r"(cpu|cuda|rocm|metal|tpu)\[\d+\]")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10, "m": 1000**2, "mb": 1000**2,
+          "mib": MIB, "mi": MIB, "g": 1000**3, "gb": 1000**3, "gib": GIB, "gi": GIB, "t": 1000**4, "tb": 1000**4,
+          "tib": 1 << 40, "ti": 1 << 40}
+
+
+PREFILL_QUERY_CHUNK = 512
+
+
+def prefill_query_chunk(t: int) -> int:
+    """Queries per attention block in a prefill of ``t`` tokens: all of them up to 1024, else 512 (or 256) at a time.
+
+    Prefill lengths above 256 are multiples of 256 (``engine.prefill_bucket``), so one of these always divides.
+    """
+    if t <= 2 * PREFILL_QUERY_CHUNK:
+        return t
+    return PREFILL_QUERY_CHUNK if t % PREFILL_QUERY_CHUNK == 0 else (256 if t % 256 == 0 else t)
+
+
+def headroom(capacity: int, host: bool = False) -> int:
+    frac, floor = HOST_HEADROOM if host else ACCELERATOR_HEADROOM
+    return min(capacity, max(int(capacity * frac), floor))
+
+
+def parse_size(text: str, what: str = "--max-memory") -> int:
+    """``"20GiB"`` -> bytes. Units as accelerate writes them: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB of 1024."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UserError(f"{what}: {text!r} is not a size; write e.g. 20GiB, 512MiB or 16GB")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if value <= 0:
+        raise UserError(f"{what}: {text!r} must be a positive size")
+    return int(value)
+
+
+def parse_max_memory(spec: str | dict | None) -> dict[str, int] | None:
+    """``"0:20GiB,1:14GiB,host:64GiB"`` -> ``{"0": ..., "1": ..., "host": ...}`` (keys: ordinals, device names such
+    as ``cuda[1]``, or ``host``/``cpu`` for host memory). A dict (the Python API) may hold ints of bytes."""
+    if spec is None:
+        return None
+    items = list(spec.items()) if isinstance(spec, dict) else None
+    if items is None:
+        text = str(spec).strip()
+        if not text:
+            raise UserError("--max-memory is empty; write e.g. 0:20GiB,1:14GiB,host:64GiB")
+        items = []
+        for part in text.split(","):
+            key, sep, size = part.partition(":")
+            if not sep or not key.strip() or not size.strip():
+                raise UserError(f"--max-memory {text!r}: {part.strip()!r} is not DEVICE:SIZE "
+                                "(e.g. 0:20GiB, host:64GiB)")
+            items.append((key, size))
+    out: dict[str, int] = {}
+    for key, size in items:
+        name = str(key).strip().lower()
+        if name == "cpu":
+            name = "host"
+        if not (name == "host" or re.fullmatch(r"\d+", name) or _DEVICE_NAME.fullmatch(name)):
+            raise UserError(f"--max-memory: {key!r} is not a device; use an ordinal (0), a name (cuda[1]) or host")
+        if name in out:
+            raise UserError(f"--max-memory names {name} twice")
+        if isinstance(size, bool):
+            raise UserError(f"--max-memory: size for {name} must be a number of bytes or a string like 20GiB")
+        if isinstance(size, (int, float)):
+            if size <= 0:
+                raise UserError(f"--max-memory: size for {name} must be positive, got {size}")
+            out[name] = int(size)
+        else:
+            out[name] = parse_size(size, f"--max-memory {name}")
+    return out
+
+
+def tensor_bytes(size: int, itemsize: int, isq: str | None, quantizable: bool) -> int:
+    """Bytes of one tensor of ``size`` elements: ISQ applies to 2-D projection weights only."""
+    if isq and quantizable:
+        return int(size * ISQ_BITS.get(isq.upper(), 8 * itemsize) / 8 + 0.5)
+    return size * itemsize
+
+
+def kv_cache_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int) -> int:
+    """One layer's K and V buffers on one device: split on kv heads when they divide over tp, else replicated."""
+    kv_heads = config.num_key_value_heads
+    per_device = kv_heads // tp if kv_heads % tp == 0 else kv_heads
+    return 2 * max_batch_size * max_seq_len * per_device * config.head_dim * itemsize
+
+
+def activation_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int) -> int:
+    """Peak temporaries of a prefill of ``max_batch_size`` prompts of ``max_seq_len`` tokens on one device.
+
+    The engine's prefill materialises the attention scores and probabilities ([batch, heads/tp, S, S] in float32)
+    and the MLP's gate/up/product ([batch, S, intermediate/tp]); a few copies of the hidden state live throughout.
+    The larger of the attention and MLP peaks counts (XLA frees one before the other), plus the logits of the
+    last position. ``doctor --model`` compares this with XLA's own ``memory_analysis`` of the compiled layer.
+    """
+    b, s, d = max_batch_size, max_seq_len, config.hidden_size
+    heads = config.num_attention_heads // tp if config.num_attention_heads % tp == 0 else config.num_attention_heads
+    kv_heads = config.num_key_value_heads
+    kv_local = kv_heads // tp if kv_heads % tp == 0 else kv_heads
+    hidden = 3 * b * s * d * itemsize
+    chunk = prefill_query_chunk(s)
+    attention = b * s * (heads + 2 * kv_local) * config.head_dim * itemsize + 2 * b * heads * chunk * s * 4
+    mlp = 3 * b * s * (config.intermediate_size // tp if config.intermediate_size % tp == 0
+                       else config.intermediate_size) * itemsize
+    logits = 2 * b * config.vocab_size * 4
+    return hidden + max(attention, mlp) + logits

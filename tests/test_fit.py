@@ -1,0 +1,141 @@
+"""Automatic memory-aware mapping on hardware presets and capped virtual devices (pure data: no arrays).
+
+The preset figures were checked by hand once (e.g. Llama-3-70B in bfloat16 is 70.55e9 x 2 bytes = 131.4 GiB, a
+quarter per device at tp=4; Llama-3-8B's layer is 218e6 float32 weights = 0.81 GiB) and are asserted here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+from jaxmap.fit import layer_weight_bytes, outer_bytes
+from jaxmap.hardware import Device, Hardware
+from jaxmap.memory import GIB, activation_bytes, kv_cache_bytes, parse_max_memory, parse_size
+from jaxmap.planner import plan
+from jaxmap.wishes import make_wish
+
+L3_8B, L3_70B = ModelConfig.from_preset("llama-3-8b"), ModelConfig.from_preset("llama-3-70b")
+TINY = ModelConfig.from_preset("tiny")
+
+
+def layers_by_kind(m) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in m.stages:
+        out[s.memory_kind] = out.get(s.memory_kind, 0) + s.end - s.start
+    return out
+
+
+def row(m, device):
+    return next(r for r in m.memory if r.device == device)
+
+
+def test_model_that_fits_keeps_the_automatic_layout():
+    m = plan(L3_70B, Hardware.from_preset("4xa100-80gb"), dtype="bf16", max_seq_len=8192)
+    assert m.strategy == "tensor_parallel" and m.stages[0].tp == 4 and layers_by_kind(m) == {"device": 80}
+    r = row(m, "cuda[0]")
+    assert r.weights_bytes / GIB == pytest.approx(32.86, abs=0.01)
+    assert r.kv_cache_bytes / GIB == pytest.approx(0.625, abs=1e-3)  # 2 of 8 kv heads per device
+    assert r.headroom_bytes / GIB == pytest.approx(1.6) and r.fits
+    m = plan(L3_8B, Hardware.from_preset("24gb+16gb"), dtype="bf16", max_seq_len=8192)
+    assert m.strategy == "tensor_parallel" and all(r.fits for r in m.memory)
+
+
+def test_heterogeneous_devices_get_layers_in_proportion_to_free_memory():
+    m = plan(L3_8B, Hardware.from_preset("24gb+16gb"), dtype="float32")
+    assert m.strategy == "pipeline"
+    assert [(s.devices, s.end - s.start) for s in m.stages] == [(["cuda[0]"], 20), (["cuda[1]"], 12)]
+    assert all(r.fits for r in m.memory) and "proportion" in m.reason
+
+
+def test_one_accelerator_offloads_the_rest_to_host_then_disk():
+    m = plan(L3_8B, Hardware.from_preset("1x24gb"), dtype="float32")
+    assert m.strategy == "offload" and layers_by_kind(m) == {"device": 19, "host": 13}
+    assert row(m, "cuda[0]").streaming_bytes == 2 * layer_weight_bytes(L3_8B, 0, 1, "float32", None)
+    assert row(m, "pinned_host").weights_bytes == 13 * layer_weight_bytes(L3_8B, 0, 1, "float32", None)
+    m = plan(L3_70B, Hardware.from_preset("1x24gb"), dtype="bf16")
+    assert layers_by_kind(m) == {"device": 8, "host": 38, "disk": 34}
+    assert all(r.fits for r in m.memory)
+    assert "pinned_host" in m.render_table() and "34 read from disk" in m.reason
+
+
+def test_no_disk_fails_before_loading_with_what_would_help():
+    with pytest.raises(UserError, match=r"does not fit: 34 layer\(s\) .* --no-disk .* --max-memory"):
+        plan(L3_70B, Hardware.from_preset("1x24gb"), make_wish(allow_disk=False), dtype="bf16")
+
+
+def test_unified_memory_has_no_host_tier():
+    m = plan(L3_70B, Hardware.from_preset("mac-m2-32gb"), dtype="bf16")
+    assert "host" not in layers_by_kind(m) and layers_by_kind(m)["disk"] > 0
+    assert any("unified memory" in n for n in m.memory_notes)
+
+
+def test_no_auto_keeps_the_layout_and_warns():
+    m = plan(L3_70B, Hardware.from_preset("1x24gb"), make_wish(auto=False), dtype="bf16")
+    assert layers_by_kind(m) == {"device": 80} and any("short by" in w for w in m.warnings)
+
+
+def test_gpu_memory_in_use_is_not_planned_on():
+    busy = Hardware((Device("cuda", 0, 0, memory_bytes=24 * GIB, used_bytes=12 * GIB), Device("cpu", 0, 0)),
+                    64 * GIB, name="busy")
+    m = plan(L3_8B, busy, dtype="bf16")
+    assert m.strategy == "offload" and row(m, "cuda[0]").capacity_bytes == 12 * GIB
+
+
+def test_isq_lets_more_layers_stay_resident():
+    plain = plan(L3_8B, Hardware.from_preset("1x24gb"), dtype="float32")
+    quant = plan(L3_8B, Hardware.from_preset("1x24gb"), make_wish(isq="Q4K"), dtype="float32")
+    assert layers_by_kind(quant).get("device", 0) > layers_by_kind(plain)["device"]
+
+
+def cpu_hw(n: int = 8) -> Hardware:
+    return Hardware(tuple(Device("cpu", i, i) for i in range(n)), 16 * GIB, name=f"cpu-{n}")
+
+
+def tiny_caps(resident: int, host_layers: int) -> dict[str, int]:
+    """Caps that leave room for ``resident`` layers on cpu[0] and ``host_layers`` in host memory."""
+    w, kv = layer_weight_bytes(TINY, 0, 1, "float32", None), kv_cache_bytes(TINY, 1, 4, 64, 1)
+    outer = outer_bytes(TINY, "embed", "float32", None, 1) + outer_bytes(TINY, "final_norm", "float32", None, 1)
+    if not TINY.tie_word_embeddings:
+        outer += outer_bytes(TINY, "lm_head", "float32", None, 1)
+    device = activation_bytes(TINY, 1, 4, 64, 1) + outer + 2 * w + kv * TINY.num_hidden_layers + resident * w
+    return {"0": device + 100, "host": host_layers * w + 100}
+
+
+def test_max_memory_caps_split_layers_over_device_host_and_disk():
+    m = plan(TINY, cpu_hw(), make_wish(max_memory=tiny_caps(1, 1)), max_seq_len=64)
+    assert [(s.start, s.end, s.memory_kind) for s in m.stages] == [(0, 1, "device"), (1, 2, "host"), (2, 4, "disk")]
+    assert {s.devices[0] for s in m.stages} == {"cpu[0]"}  # naming cpu[0] alone restricts the plan to it
+    assert all(r.fits for r in m.memory)
+
+
+def test_cpu_only_hardware_has_no_host_tier_unless_asked():
+    caps = tiny_caps(1, 1)
+    m = plan(TINY, cpu_hw(), make_wish(max_memory={"0": caps["0"]}), max_seq_len=64)
+    assert layers_by_kind(m) == {"device": 1, "disk": 3}
+
+
+def test_kv_cache_that_cannot_fit_says_so():
+    with pytest.raises(UserError, match="--max-seq-len"):
+        plan(TINY, cpu_hw(), make_wish(max_memory="0:1MiB"), max_seq_len=4096)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("0:20XB", "is not a size"), ("0:-1GiB", "is not a size"), ("0:0", "must be a positive size"),
+    ("host", "is not DEVICE:SIZE"), ("gpu0:1GiB", "is not a device"), ("0:1GiB,0:2GiB", "twice"), ("", "empty"),
+])
+def test_malformed_max_memory(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_max_memory(spec)
+
+
+def test_max_memory_naming_a_missing_device():
+    with pytest.raises(UserError, match=r"names cpu\[9\], which cpu-8 lacks"):
+        plan(TINY, cpu_hw(), make_wish(max_memory="9:1GiB"))
+
+
+def test_sizes_follow_accelerates_units():
+    assert parse_size("1GiB") == GIB and parse_size("1GB") == 10**9 and parse_size("1.5 MiB") == 3 << 19
+    assert parse_max_memory("0:20GiB, cuda[1]:14GiB,cpu:64GiB") == {"0": 20 * GIB, "cuda[1]": 14 * GIB,
+                                                                   "host": 64 * GIB}
