@@ -1,0 +1,162 @@
+"""Host and disk tiers at run time on virtual CPU devices: same tokens as all-on-device, planned bytes equal to
+what is allocated, device memory bounded to a few layers while streaming, and clean failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxmap
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+from jaxmap.fit import layer_weight_bytes, outer_bytes
+from jaxmap.memory import activation_bytes, kv_cache_bytes
+
+DATA = Path(__file__).parent / "data"
+PROMPT = [[1, 5, 9, 2, 7, 3, 11]]
+
+
+def caps(config: ModelConfig, resident: int, host_layers: int, seq: int = 64) -> dict[str, int]:
+    """--max-memory that leaves room for ``resident`` layers on cpu[0] and ``host_layers`` in host memory."""
+    w, kv = layer_weight_bytes(config, 0, 1, "float32", None), kv_cache_bytes(config, 1, 4, seq, 1)
+    outer = sum(outer_bytes(config, k, "float32", None, 1) for k in ("embed", "final_norm"))
+    if not config.tie_word_embeddings:
+        outer += outer_bytes(config, "lm_head", "float32", None, 1)
+    device = activation_bytes(config, 1, 4, seq, 1) + outer + 2 * w + kv * config.num_hidden_layers + resident * w
+    return {"0": device + 100, "host": max(host_layers * w + 100, 1)}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0")
+
+
+@pytest.fixture(scope="module")
+def offloaded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("offload")
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False,
+                        max_memory=caps(ModelConfig.from_preset("tiny"), 1, 1), offload_folder=folder)
+    return model, folder
+
+
+def test_host_and_disk_layers_give_the_same_tokens_and_logits(reference, offloaded):
+    model, folder = offloaded
+    assert [(s.start, s.end, s.memory_kind) for s in model.device_map.stages] == [
+        (0, 1, "device"), (1, 2, "host"), (2, 4, "disk")]
+    assert sorted(p.name for p in next(folder.iterdir()).iterdir()) == ["layer-0002.safetensors",
+                                                                        "layer-0003.safetensors"]
+    want = reference.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)[0].token_ids
+    assert model.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)[0].token_ids == want
+    np.testing.assert_allclose(model.forward_logits(PROMPT)[0], reference.forward_logits(PROMPT)[0], atol=1e-5)
+
+
+def allocated(model) -> dict[tuple[str, str], int]:
+    """Bytes of the model's parameter arrays per (device, memory kind), as jax holds them."""
+    out: dict[tuple[str, str], int] = {}
+    for stage in model.engine.stages:
+        for leaf in jax.tree.leaves(stage.params):
+            for shard in leaf.addressable_shards:
+                key = (f"cpu[{shard.device.id}]", leaf.sharding.memory_kind or "device")
+                out[key] = out.get(key, 0) + shard.data.nbytes
+    return out
+
+
+def test_planned_bytes_match_what_is_allocated(offloaded):
+    model, _ = offloaded
+    got = allocated(model)
+    plan = {r.device: r for r in model.device_map.memory}
+    assert got[("cpu[0]", "device")] == pytest.approx(plan["cpu[0]"].weights_bytes, rel=0.10)
+    assert got[("cpu[0]", "pinned_host")] == pytest.approx(plan["pinned_host"].weights_bytes, rel=0.10)
+    assert plan["offload"].weights_bytes == model.engine.stages[-1].disk.stored_bytes()
+    caches = model.engine.new_cache(1)
+    kv = sum(b.nbytes for stage in caches for pair in stage for b in pair)
+    assert kv == pytest.approx(plan["cpu[0]"].kv_cache_bytes, rel=0.10)
+    model.engine.release_cache(caches)
+
+
+def test_tensor_parallel_plan_matches_allocation():
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, tp=4, pp=2)
+    got = allocated(model)
+    for r in model.device_map.memory:
+        assert got[(r.device, "device")] == pytest.approx(r.weights_bytes, rel=0.10), r.device
+
+
+def test_streaming_keeps_device_memory_to_a_few_layers(monkeypatch):
+    config = ModelConfig.from_preset("tiny-deep")
+    model = jaxmap.load("preset:tiny-deep", max_seq_len=64, progress=False, max_memory=caps(config, 0, 80))
+    assert [(s.memory_kind, s.end - s.start) for s in model.device_map.stages] == [("host", 80)]
+    gate = (config.hidden_size, config.intermediate_size)  # w_gate and w_up: two arrays per layer
+
+    def on_device() -> int:
+        return sum(1 for a in jax.live_arrays()
+                   if a.shape == gate and (a.sharding.memory_kind or "device") == "device")
+
+    baseline, peak = on_device(), 0  # other tests' models may hold arrays of this shape
+    original = model.engine._call
+
+    def counting(*args):
+        nonlocal peak
+        out = original(*args)
+        peak = max(peak, on_device() - baseline)
+        return out
+
+    monkeypatch.setattr(model.engine, "_call", counting)
+    model.generate(PROMPT, max_new_tokens=3, stop_at_eos=False)
+    layers = peak / 2
+    assert 1 <= layers <= 3, f"{layers} layers' weights were in device memory at once (80 streamed)"
+
+
+def test_disk_tier_reads_safetensors_in_place(tmp_path):
+    folder = DATA / "tiny-llama"
+    config = ModelConfig.from_json_file(folder / "config.json")
+    ref = jaxmap.load(folder, max_seq_len=64, progress=False, devices="0")
+    model = jaxmap.load(folder, max_seq_len=64, progress=False, max_memory=caps(config, 0, 0),
+                        offload_folder=tmp_path / "unused")
+    assert {s.memory_kind for s in model.device_map.stages} == {"disk"}
+    assert not (tmp_path / "unused").exists()  # safetensors are read where they are: nothing written
+    ids = [[3, 17, 42, 8, 99]]
+    np.testing.assert_allclose(model.forward_logits(ids)[0], ref.forward_logits(ids)[0], atol=1e-5)
+
+
+def test_unwritable_offload_folder_fails_before_loading(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="is not writable"):
+        jaxmap.load("preset:tiny", max_seq_len=64, progress=False,
+                    max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0), offload_folder=blocker / "sub")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxmap.generate", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-memory", "0:12QB"], "is not a size"),
+    (["--max-memory", "9:1GiB"], "names cpu[9]"),
+    (["--max-memory", "0:0"], "must be a positive size"),
+    (["--max-seq-len", "0"], "--max-seq-len"),
+    (["--max-memory", "0:64KiB,host:1KiB", "--no-disk"], "does not fit"),
+])
+def test_cli_memory_errors_are_one_line(flags, message, tmp_path):
+    out = run_cli("-m", str(DATA / "tiny-llama"), "--prompt", "hi", "--offload-folder", str(tmp_path / "off"), *flags)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "off").exists()
+
+
+def test_chunked_prefill_attention_matches_one_block(monkeypatch):
+    from jaxmap import memory
+
+    ids = [list(np.random.default_rng(0).integers(0, 512, 1100))]
+    model = jaxmap.load("preset:tiny", max_seq_len=1280, progress=False, devices="0")
+    chunked = model.forward_logits(ids)[0]
+    monkeypatch.setattr(memory, "PREFILL_QUERY_CHUNK", 4096)
+    whole = jaxmap.load("preset:tiny", max_seq_len=1280, progress=False, devices="0").forward_logits(ids)[0]
+    np.testing.assert_allclose(chunked, whole, atol=2e-5)
