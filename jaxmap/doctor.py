@@ -149,13 +149,51 @@ def render(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     report = collect()
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    verdict = _verdict(args) if args.model is not None else None
+    if verdict is not None:
+        report["verdict"] = {"status": verdict.status, "lines": verdict.lines,
+                             "xla_temp_bytes": verdict.xla_temp_bytes,
+                             "planned_activation_bytes": verdict.planned_activation_bytes}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report))
+        if verdict is not None:
+            print("")
+            print(f"model {args.model}:")
+            print(verdict.render())
     return 0
+
+
+def _verdict(args: argparse.Namespace):
+    from jaxmap.dtypes import default_dtype
+    from jaxmap.hardware import Hardware
+    from jaxmap.plan import config_from_model_arg
+    from jaxmap.verdict import judge
+    from jaxmap.wishes import make_wish
+
+    config = config_from_model_arg(None if args.model == "default" else args.model)
+    hardware = Hardware.from_jax()
+    dtype = args.dtype or default_dtype(hardware.default_platform).name
+    seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
+    wish = make_wish(max_memory=args.max_memory, allow_disk=args.allow_disk, isq=args.isq)
+    return judge(config, hardware, wish, dtype, seq, args.max_batch_size, check_xla=args.xla_check)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxmap.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--model", "-m", nargs="?", const="default", default=None,
+                        help="also judge whether this model (preset, folder, .gguf; bare --model: the default) "
+                             "fits this machine: fits, fits with offload, or does not fit")
+    parser.add_argument("--dtype", help="compute dtype to plan for (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--max-seq-len", type=int, help="sequence length to plan for (default: min(context, 4096))")
+    parser.add_argument("--max-batch-size", type=int, default=1)
+    parser.add_argument("--max-memory", help='caps, e.g. "0:20GiB,host:64GiB"')
+    parser.add_argument("--no-disk", dest="allow_disk", action="store_false", help="forbid the disk tier")
+    parser.add_argument("--isq", help="plan with this in-situ quantization type")
+    parser.add_argument("--no-xla-check", dest="xla_check", action="store_false",
+                        help="skip compiling one layer for XLA's memory_analysis")
     return guarded(run, parser.parse_args(argv))
 
 

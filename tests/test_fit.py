@@ -139,3 +139,18 @@ def test_sizes_follow_accelerates_units():
     assert parse_size("1GiB") == GIB and parse_size("1GB") == 10**9 and parse_size("1.5 MiB") == 3 << 19
     assert parse_max_memory("0:20GiB, cuda[1]:14GiB,cpu:64GiB") == {"0": 20 * GIB, "cuda[1]": 14 * GIB,
                                                                    "host": 64 * GIB}
+
+
+def test_doctor_verdicts_and_xla_check():
+    from jaxmap.verdict import judge
+
+    hw = Hardware((Device("cpu", 0, 0),), 16 * GIB, name="one-cpu")
+    fits = judge(TINY, hw, make_wish(), "float32", 256, 1)
+    assert fits.status == "fits"
+    # XLA's own temporaries for one layer's prefill agree with the planner's activation estimate within 2x
+    assert 0.5 <= fits.xla_temp_bytes / fits.planned_activation_bytes <= 2.0
+    offload = judge(TINY, hw, make_wish(max_memory=tiny_caps(1, 0)), "float32", 64, 1, check_xla=False)
+    assert offload.status == "fits with offload" and any("layers on disk" in line for line in offload.lines)
+    nope = judge(TINY, hw, make_wish(max_memory=tiny_caps(1, 0), allow_disk=False), "float32", 64, 1,
+                 check_xla=False)
+    assert nope.status == "does not fit" and "--no-disk" in nope.lines[0]
