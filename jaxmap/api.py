@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmap import isq as isq_mod
 from jaxmap import materialize
 from jaxmap.config import ModelConfig, list_presets
 from jaxmap.device_map import DeviceMap
@@ -282,12 +283,15 @@ def load(
     plan: str | Path | DeviceMap | None = None,
     max_batch_size: int = 1,
     save_plan: str | Path | None = None,
+    isq: str | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
     ``model``: a Hugging Face folder, a GGUF file, ``preset:NAME`` (random weights) or None (the default SmolLM2).
     Placement wishes, as on the command line: ``device_layers="0:16;1:14"`` (or ``["0:16", "1:14"]``),
     ``topology=`` a YAML path, text or dict, ``tp=``, ``pp=``, ``devices="0,2"``, or a saved ``plan=``.
+    ``isq=``: in-situ quantization type (``Q4K``, ``Q8_0``, ``INT8``...; see :mod:`jaxmap.isq`); ``"none"``
+    dequantizes a GGUF, which otherwise (with no ``dtype`` either) keeps its stored quantized types.
     """
     source = resolve_source(model, seed=seed)
     try:
@@ -302,9 +306,13 @@ def load(
             )
         hardware = Hardware.from_jax()
         np_dtype = parse_dtype(dtype) if dtype else default_dtype(hardware.default_platform)
-        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan,
-                                 make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers,
-                                           topology=topology))
+        global_isq = isq_mod.default_isq(source, isq, dtype)
+        wish = make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
+                         isq=global_isq)
+        if wish.topology is not None:
+            isq_mod.check_types(None, [e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]])
+        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish)
+        quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq))
         if save_plan is not None:
             _write_text(Path(save_plan), device_map.to_yaml())
         for warning in device_map.warnings:
@@ -318,12 +326,14 @@ def load(
         for placement, specs in zip(placements, stage_specs, strict=True):
             stage_dtype = _stage_dtype(device_map, placement, np_dtype)
             params = materialize.materialize_stage(
-                source, specs, stage_dtype, lambda spec, p=placement: p.param_sharding(spec, config), bar)
+                source, specs, stage_dtype, lambda spec, p=placement: p.param_sharding(spec, config), bar,
+                quantizer)
             stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
                                 placement.cache_sharding(config), placement.is_first, placement.is_last,
                                 choose_layer_mode(placement.end - placement.start, layer_mode), stage_dtype,
                                 sync=placement.mesh.devices.size > 1 and placement.platform == "cpu"))
         bar.close()
+        quantizer.report(np.dtype(np_dtype).itemsize)
         engine = Engine(config, stages, jnp.dtype(np_dtype), seq)
         tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
