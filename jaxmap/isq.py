@@ -121,7 +121,7 @@ class Quantizer:
     def report(self, float_itemsize: int) -> None:
         """Warnings for fallbacks and requantized GGUF types; one INFO line per layer range with bytes saved."""
         for (short, want, got), names in self.fallbacks.items():
-            shape = "block" if want in quant.QTYPES and quant.QTYPES[want].block else "rows"
+            shape = "blocks" if want in quant.QTYPES and quant.QTYPES[want].block else "packed rows"
             log.warning("isq: %s does not fit %s (its %s do not divide the tensor's per-device part); %s used "
                         "instead for %d tensor(s), e.g. %s", want, short, shape, got, len(names), names[0])
         for native in sorted(self.requantized):
