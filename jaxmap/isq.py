@@ -107,12 +107,7 @@ class Quantizer:
         return jax.device_put(qt, quant.shardings_for(qt, out_axis, in_axis, mesh))
 
     def _fit(self, want: str, spec: ParamSpec, out: int, n: int, in_shards: int, out_shards: int) -> str:
-        qtype = want
-        while not (quant.fits(qtype, n // in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0
-                   and n % in_shards == 0):
-            qtype = quant.FALLBACK.get(qtype, "INT8")
-            if qtype == "INT8" and out % out_shards == 0:
-                break
+        qtype = fitted_type(want, out, n, in_shards, out_shards)
         if qtype != want:
             short = _LAYER_RE.sub("", spec.hf_name)
             self.fallbacks.setdefault((short, want, qtype), []).append(spec.hf_name)
@@ -176,3 +171,29 @@ def type_function(device_map, config, global_isq: str | None) -> Callable[[Param
         return None if t is None else parse(t)
 
     return type_for
+
+
+def fitted_type(qtype: str, out: int, n: int, in_shards: int = 1, out_shards: int = 1) -> str:
+    """The type a ``[out, in]`` weight split ``in_shards`` x ``out_shards`` ways really gets (after fallback)."""
+    while not (quant.fits(qtype, n // in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0):
+        qtype = quant.FALLBACK.get(qtype, "INT8")
+        if qtype == "INT8":
+            break
+    return qtype
+
+
+def param_bytes_per_device(spec: ParamSpec, isq: str | None, itemsize: int, tp: int, units=None) -> int:
+    """Bytes one device holds of ``spec`` under ``isq`` on a ``tp``-way stage: what the planner's memory table
+    needs (``isq`` None, ``none`` or ``native`` counts the float size: a native GGUF type is known only from the file).
+    """
+    from jaxmap.sharding_rules import RULES, logical_to_spec
+
+    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=units)
+    shards = [tp if a else 1 for a in axes]
+    qtype = None if isq in (None, NATIVE) else parse(isq)
+    if qtype is None or len(spec.shape) != 2:
+        return spec.size * itemsize // max(1, int(np.prod(shards)))
+    (out, n), (out_sh, in_sh) = ((spec.shape[1], spec.shape[0]), (shards[1], shards[0])) if spec.transpose else (
+        spec.shape, tuple(shards))
+    got = fitted_type(qtype, out, n, in_sh, out_sh)
+    return quant.tensor_nbytes(got, (out, n), in_shards=in_sh) // (in_sh * out_sh)
