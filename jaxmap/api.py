@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmap import isq as isq_mod
 from jaxmap import materialize
 from jaxmap.config import ModelConfig, list_presets
 from jaxmap.device_map import DeviceMap
@@ -288,6 +289,7 @@ def load(
     auto: bool = True,
     allow_disk: bool = True,
     offload_folder: str | Path | None = None,
+    isq: str | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
@@ -297,6 +299,8 @@ def load(
     Memory: ``max_memory="0:20GiB,host:64GiB"`` (or a dict of sizes) caps what the plan may use; layers that do not
     fit the accelerators are streamed from host memory, then from disk (``offload_folder``, unless
     ``allow_disk=False``); ``auto=False`` keeps the layout even where it does not fit.
+    ``isq=``: in-situ quantization type (``Q4K``, ``Q8_0``, ``INT8``...; see :mod:`jaxmap.isq`); ``"none"``
+    dequantizes a GGUF, which otherwise (with no ``dtype`` either) keeps its stored quantized types.
     """
     source = resolve_source(model, seed=seed)
     try:
@@ -311,10 +315,13 @@ def load(
             )
         hardware = Hardware.from_jax()
         np_dtype = parse_dtype(dtype) if dtype else default_dtype(hardware.default_platform)
-        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan,
-                                 make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers,
-                                           topology=topology, max_memory=max_memory, auto=auto,
-                                           allow_disk=allow_disk))
+        global_isq = isq_mod.default_isq(source, isq, dtype)
+        wish = make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
+                         isq=global_isq, max_memory=max_memory, auto=auto, allow_disk=allow_disk)
+        if wish.topology is not None:
+            isq_mod.check_types(None, [e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]])
+        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish)
+        quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq))
         if any(s.memory_kind == "disk" for s in device_map.stages) and not isinstance(source, SafetensorsSource):
             check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
         if save_plan is not None:
@@ -336,11 +343,9 @@ def load(
                 layer = spec.hf_name.startswith("model.layers.")
                 return p.param_sharding(spec, config, host_kind if layer else None)
 
-            params = materialize.materialize_stage(source, specs, stage_dtype, place_for, bar)
+            params = materialize.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
             streamed = kind in ("host", "disk") and placement.end > placement.start
-            layer_shardings = ({k: placement.param_sharding(v, config) for k, v in
-                                materialize.stage_param_specs(config, placement.start, placement.start + 1, False,
-                                                              False)["layers"][0].items()} if streamed else None)
+            layer_shardings = _device_shardings(params, placement, config) if streamed else None
             disk = (open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
                                      offload_folder) if kind == "disk" and streamed else None)
             mode = "per_layer" if streamed else choose_layer_mode(placement.end - placement.start, layer_mode)
@@ -350,6 +355,7 @@ def load(
                                 sync=placement.mesh.devices.size > 1 and placement.platform == "cpu",
                                 memory_kind=kind, disk=disk, layer_shardings=layer_shardings))
         bar.close()
+        quantizer.report(np.dtype(np_dtype).itemsize)
         engine = Engine(config, stages, jnp.dtype(np_dtype), seq)
         tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
@@ -371,6 +377,15 @@ def _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish) -> 
     if not path.is_file():
         raise UserError(f"cannot read plan {path}: no such file")
     return DeviceMap.from_yaml(path, config)
+
+
+def _device_shardings(params: dict, placement, config: ModelConfig) -> dict:
+    """Device-memory shardings for one streamed layer: those of its host copy (quantized leaves included), in
+    device memory; for disk layers (nothing placed yet) the plain parameter shardings."""
+    if params["layers"]:
+        return jax.tree.map(lambda a: a.sharding.with_memory_kind("device"), params["layers"][0])
+    specs = materialize.stage_param_specs(config, placement.start, placement.start + 1, False, False)["layers"][0]
+    return {k: placement.param_sharding(v, config) for k, v in specs.items()}
 
 
 def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtype:

@@ -140,6 +140,11 @@ def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq
     """One decoder layer's weight bytes on one device of a ``tp``-way stage (ISQ on its 2-D projections)."""
     itemsize = parse_dtype(dtype).itemsize
     units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
+    if isq is not None and isq.lower() not in ("none", "native"):
+        from jaxmap.isq import param_bytes_per_device  # the quantizers' own layouts, fallbacks included
+
+        return sum(param_bytes_per_device(p, isq, itemsize, tp, units)
+                   for p in layer_param_specs(config, layer).values())
     total = 0
     for name, p in layer_param_specs(config, layer).items():
         spec = logical_to_spec(p.axes, RULES, p.shape, {"tp": tp}, name=name, units=units)

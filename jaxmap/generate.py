@@ -81,13 +81,11 @@ def run(args: argparse.Namespace) -> int:
         prompts = [sys.stdin.read()]
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     enable_compile_cache()
-    if args.isq:
-        raise UserError("--isq (in-situ quantization) is not implemented yet")
     model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=args.max_batch_size, max_memory=args.max_memory,
-                 auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder)
+                 auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq)
     if model.tokenizer is None:
         raise UserError(f"{model.source_path} has no tokenizer, so text prompts cannot be encoded")
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxmap.config import ModelConfig
 from jaxmap.memory import prefill_query_chunk
 from jaxmap.param_specs import LOGICAL_AXES, ParamSpec, layer_param_specs, outer_param_specs
+from jaxmap.quant import dense, dense_rows, take_rows
 from jaxmap.rope import apply_rope
 
 __all__ = ["LOGICAL_AXES", "ParamSpec", "layer_param_specs", "outer_param_specs", "decoder_layer", "embed",
@@ -31,16 +32,16 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def embed(params: dict, tokens: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
-    return jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype)
+    return take_rows(params["embed_tokens"], tokens, dtype)
 
 
 def lm_head(params: dict, x: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
     """Final norm and vocabulary projection; logits in float32."""
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     if config.tie_word_embeddings:
-        logits = jnp.einsum("...d,vd->...v", x, params["embed_tokens"].astype(x.dtype))
+        logits = dense_rows(x, params["embed_tokens"])
     else:
-        logits = x @ params["lm_head"]
+        logits = dense(x, params["lm_head"])
     return logits.astype(jnp.float32)
 
 
@@ -69,7 +70,7 @@ def decoder_layer(
     eps = config.rms_norm_eps
 
     h = rms_norm(x, p["attn_norm"], eps)
-    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = q.reshape(b, t, g * rep, k_dim)
@@ -122,8 +123,8 @@ def decoder_layer(
     k, v = k + after_reads, v + after_reads
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
-    x = x + attn @ p["wo"]
+    x = x + dense(attn, p["wo"])
 
     h = rms_norm(x, p["mlp_norm"], eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    x = x + dense(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), p["w_down"])
     return x, k_cache, v_cache

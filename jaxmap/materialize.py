@@ -49,10 +49,17 @@ def stage_param_specs(config: ModelConfig, start: int, end: int, is_first: bool,
 
 
 def materialize_stage(source: WeightSource, specs: dict, dtype: np.dtype, place_for: PlaceFn,
-                      progress: Progress | None = None) -> dict:
-    """Read and place every parameter of one stage."""
+                      progress: Progress | None = None, quantizer=None) -> dict:
+    """Read and place every parameter of one stage; ``quantizer`` (:class:`jaxmap.isq.Quantizer`) may take a
+    weight instead and return it quantized and placed."""
 
     def load(spec: llama.ParamSpec) -> jax.Array:
+        if quantizer is not None:
+            placed = quantizer.load(spec, place_for(spec), dtype)
+            if placed is not None:
+                if progress is not None:
+                    progress.update(placed.nbytes)
+                return placed
         host = read_param(source, spec, dtype)
         array = jax.device_put(host, place_for(spec))
         if progress is not None:

@@ -1,0 +1,199 @@
+"""In-situ quantization while loading: which type each weight gets, fallbacks, GGUF-native repacking, the report.
+
+Rules (the README's ISQ section says the same):
+
+- ``isq=TYPE`` / ``--isq TYPE`` quantizes every decoder-layer projection and the LM head (for tied embeddings the
+  shared table, whose lookup then dequantizes the gathered rows); a topology range's ``isq`` overrides it for its
+  layers, a ``/regex/`` entry's for the embeddings or head. Norms and biases stay float.
+- A GGUF loaded with neither ``isq`` nor ``dtype`` keeps its stored types ("native"): Q4_0, Q4_1, Q5_0, Q5_1,
+  Q8_0, Q4_K and Q6_K blocks are repacked as integers, never through float32; other stored types are dequantized.
+  ``isq="none"`` (or an explicit ``dtype``) dequantizes everything to the compute dtype.
+- A type whose block does not divide a tensor's per-shard input dimension, or whose packed rows do not divide its
+  per-shard output rows, falls back along :data:`jaxmap.quant.FALLBACK` (Q4K -> Q5_0 -> INT8, ...), with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxmap import quant
+from jaxmap.errors import UserError
+from jaxmap.param_specs import ParamSpec
+
+log = logging.getLogger(__name__)
+
+NATIVE = "native"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def parse(name: str | None) -> str | None:
+    """``--isq`` / ``isq=`` value: a type, ``native`` or None (``none`` -> None)."""
+    if name is not None and str(name).strip().lower() == NATIVE:
+        return NATIVE
+    return quant.parse_isq(name)
+
+
+def is_gguf(source) -> bool:
+    return hasattr(source, "raw") and hasattr(source, "stored_type")
+
+
+def default_isq(source, isq: str | None, dtype: str | None) -> str | None:
+    """What an unset ``isq`` means: native types for a GGUF loaded without a dtype, else float."""
+    if isq is not None:
+        return None if str(isq).strip().lower() in ("none", "off", "float") else parse(isq)
+    if dtype is None and is_gguf(source) and any(_native_type(source, n) for n in source.names()):
+        return NATIVE
+    return None
+
+
+def _native_type(source, hf_name: str) -> str | None:
+    try:
+        stored = source.stored_type(hf_name)
+    except KeyError:
+        return None
+    return stored if stored in quant.GGUF_NATIVE else None
+
+
+def check_types(isq: str | None, topology_types: list[str | None]) -> None:
+    for t in [isq, *topology_types]:
+        if t is not None:
+            parse(t)
+
+
+class Quantizer:
+    """Loads one 2-D weight as a placed :class:`~jaxmap.quant.QTensor` (or None: keep it float)."""
+
+    def __init__(self, source, type_for: Callable[[ParamSpec], str | None]):
+        self.source = source
+        self.type_for = type_for
+        self.fallbacks: dict[tuple[str, str, str], list[str]] = {}
+        self.requantized: set[str] = set()
+        self.bytes: dict[str, tuple[int, int, str]] = {}  # hf name -> (stored bytes, float32 bytes, type)
+
+    def load(self, spec: ParamSpec, sharding, dtype: np.dtype):
+        want = self.type_for(spec)
+        if want is None or len(spec.shape) != 2:
+            return None
+        out, n = spec.hf_shape if spec.transpose else spec.shape
+        pspec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+        out_axis, in_axis = (pspec[1], pspec[0]) if spec.transpose else (pspec[0], pspec[1])
+        mesh = sharding.mesh
+        in_shards = mesh.shape[in_axis] if in_axis else 1
+        out_shards = mesh.shape[out_axis] if out_axis else 1
+        native = _native_type(self.source, spec.hf_name) if is_gguf(self.source) else None
+        if want == NATIVE:
+            if native is None:
+                return None  # stored as float (or a type without a native form): dequantized as before
+            want = quant.gguf_to_jaxmap_type(native)
+        elif native is not None and quant.QTYPES[want].gguf != native:
+            self.requantized.add(native)
+        qtype = self._fit(want, spec, out, n, in_shards, out_shards)
+        if native is not None and quant.QTYPES[qtype].gguf == native:
+            raw, _ = self.source.raw(spec.hf_name)
+            qt = quant.from_gguf(raw, native, (out, n))
+        else:
+            host = self.source.read(spec.hf_name, np.float32)
+            if tuple(host.shape) != spec.hf_shape:
+                raise UserError(f"{self.source.path}: tensor {spec.hf_name!r} has shape {tuple(host.shape)}, the "
+                                f"config expects {spec.hf_shape}; the checkpoint does not match its config")
+            qt = quant.quantize(host, qtype, in_shards)
+            del host
+        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qtype)
+        return jax.device_put(qt, quant.shardings_for(qt, out_axis, in_axis, mesh))
+
+    def _fit(self, want: str, spec: ParamSpec, out: int, n: int, in_shards: int, out_shards: int) -> str:
+        qtype = fitted_type(want, out, n, in_shards, out_shards)
+        if qtype != want:
+            short = _LAYER_RE.sub("", spec.hf_name)
+            self.fallbacks.setdefault((short, want, qtype), []).append(spec.hf_name)
+        return qtype
+
+    def report(self, float_itemsize: int) -> None:
+        """Warnings for fallbacks and requantized GGUF types; one INFO line per layer range with bytes saved."""
+        for (short, want, got), names in self.fallbacks.items():
+            shape = "blocks" if want in quant.QTYPES and quant.QTYPES[want].block else "packed rows"
+            log.warning("isq: %s does not fit %s (its %s do not divide the tensor's per-device part); %s used "
+                        "instead for %d tensor(s), e.g. %s", want, short, shape, got, len(names), names[0])
+        for native in sorted(self.requantized):
+            log.warning("isq: the checkpoint is already quantized (%s); the requested type requantizes its "
+                        "dequantized weights (precision lost in %s is not recovered)", native, native)
+        per_layer: dict[int | str, list] = {}
+        for name, (stored, f32, qtype) in self.bytes.items():
+            m = _LAYER_RE.match(name)
+            key: int | str = int(m.group(1)) if m else name
+            entry = per_layer.setdefault(key, [0, 0, set()])
+            entry[0] += stored
+            entry[1] += f32 // 4 * float_itemsize
+            entry[2].add(qtype)
+        rows = []
+        for key, (stored, full, types) in sorted(per_layer.items(), key=lambda kv: (isinstance(kv[0], str), kv[0])):
+            label = f"layer {key}" if isinstance(key, int) else key
+            rows.append((label, "+".join(sorted(types)), stored, full))
+        merged: list[list] = []
+        for label, types, stored, full in rows:  # merge consecutive layers with the same line
+            if (merged and label.startswith("layer") and merged[-1][0].startswith("layer")
+                    and merged[-1][1] == types and merged[-1][2] == stored):
+                merged[-1][4] = label.split()[-1]
+                merged[-1][5] += 1
+                continue
+            merged.append([label, types, stored, full, None, 1])
+        for label, types, stored, full, last, count in merged:
+            span = f"layers {label.split()[-1]}-{last}" if last else label
+            saved = full - stored
+            log.info("isq: %s: %s, %.2f MiB%s (float %.2f MiB, saved %.2f MiB, %.0f%%)", span, types,
+                     stored / 2**20, " each" if count > 1 else "", full / 2**20, saved / 2**20,
+                     100 * saved / max(full, 1))
+
+
+def type_function(device_map, config, global_isq: str | None) -> Callable[[ParamSpec], str | None]:
+    """Each 2-D weight's requested type from the plan: its layer's isq, or the head's / embeddings' placement."""
+    per_layer = {i: s.isq[i - s.start] for s in device_map.stages for i in range(s.start, s.end)}
+    head = device_map.lm_head.isq if device_map.lm_head.isq is not None else global_isq
+    embed = device_map.embed.isq
+    if config.tie_word_embeddings:
+        embed = head if head is not None else embed
+
+    def type_for(spec: ParamSpec) -> str | None:
+        m = _LAYER_RE.match(spec.hf_name)
+        if m:
+            t = per_layer.get(int(m.group(1)))
+        elif spec.hf_name == "lm_head.weight":
+            t = head
+        elif spec.hf_name == "model.embed_tokens.weight":
+            t = embed
+        else:
+            t = None
+        return None if t is None else parse(t)
+
+    return type_for
+
+
+def fitted_type(qtype: str, out: int, n: int, in_shards: int = 1, out_shards: int = 1) -> str:
+    """The type a ``[out, in]`` weight split ``in_shards`` x ``out_shards`` ways really gets (after fallback)."""
+    while not (quant.fits(qtype, n // in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0):
+        qtype = quant.FALLBACK.get(qtype, "INT8")
+        if qtype == "INT8":
+            break
+    return qtype
+
+
+def param_bytes_per_device(spec: ParamSpec, isq: str | None, itemsize: int, tp: int, units=None) -> int:
+    """Bytes one device holds of ``spec`` under ``isq`` on a ``tp``-way stage: what the planner's memory table
+    needs (``isq`` None, ``none`` or ``native`` counts the float size: a native GGUF type is known only from the file).
+    """
+    from jaxmap.sharding_rules import RULES, logical_to_spec
+
+    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=units)
+    shards = [tp if a else 1 for a in axes]
+    qtype = None if isq in (None, NATIVE) else parse(isq)
+    if qtype is None or len(spec.shape) != 2:
+        return spec.size * itemsize // max(1, int(np.prod(shards)))
+    (out, n), (out_sh, in_sh) = ((spec.shape[1], spec.shape[0]), (shards[1], shards[0])) if spec.transpose else (
+        spec.shape, tuple(shards))
+    got = fitted_type(qtype, out, n, in_sh, out_sh)
+    return quant.tensor_nbytes(got, (out, n), in_shards=in_sh) // (in_sh * out_sh)

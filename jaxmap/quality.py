@@ -1,0 +1,85 @@
+"""``python -m jaxmap.quality``: what each ISQ type costs in accuracy and buys in memory and decode speed.
+
+For one model (default: SmolLM2-135M-Instruct) and each ``--isq`` type, against the float32 run of the same
+checkpoint (``isq="none"``; for the default GGUF that is its Q4_1 weights dequantized): mean absolute logit error and
+top-1 agreement over every position of a fixed public-domain text (the opening of *Pride and Prejudice*, 448
+tokens), the text's perplexity, resident weight bytes, and greedy decode tokens/s. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+TEXT = Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
+DEFAULT_TYPES = ("none", "native", "Q8_0", "Q6K", "Q5K", "Q4K", "Q4_0", "Q4_1", "Q3K", "Q2K", "INT8", "INT4",
+                 "F8E4M3")
+
+
+def _weight_bytes(model) -> int:
+    return sum(int(a.size) * a.dtype.itemsize for s in model.engine.stages for a in jax.tree_util.tree_leaves(s.params))
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll.mean()))
+
+
+def measure(model_path, isq: str, ids: list[int], reference: np.ndarray | None, new_tokens: int, layer_mode: str):
+    import jaxmap
+
+    t0 = time.perf_counter()
+    model = jaxmap.load(model_path, isq=isq, max_seq_len=512, devices="0", progress=False, layer_mode=layer_mode)
+    load_s = time.perf_counter() - t0
+    (logits,) = model.forward_logits([ids])
+    row = {"isq": isq, "weights_mib": _weight_bytes(model) / 2**20, "ppl": _perplexity(logits, ids),
+           "load_s": load_s}
+    if reference is not None:
+        row["mae"] = float(np.abs(logits - reference).mean())
+        row["top1"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+    model.generate([ids[:16]], max_new_tokens=4, stop_at_eos=False)  # compile the decode buckets
+    result = model.generate([ids[:16]], max_new_tokens=new_tokens, stop_at_eos=False)[0]
+    row["decode_tps"] = result.stats.decode_tokens_per_s
+    return row, logits
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxmap.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", default=None)
+    parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma-separated --isq values")
+    parser.add_argument("--tokens", type=int, default=448, help="text tokens scored (at least 256)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
+    parser.add_argument("--layer-mode", default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(args.model)
+    tokenizer = source.tokenizer()
+    source.close()
+    ids = tokenizer.encode(TEXT.read_text())[: args.tokens]
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}; {len(ids)} tokens of {TEXT.name}; "
+          f"device: {jax.devices()[0].device_kind}")
+    print("| isq | weights MiB | mean abs logit err | top-1 agree | perplexity | decode tok/s | load s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    reference = None
+    for isq in args.types.split(","):
+        row, logits = measure(args.model, isq, ids, reference, args.new_tokens, args.layer_mode)
+        if reference is None:
+            reference = logits
+        print(f"| {isq} | {row['weights_mib']:.1f} | {row.get('mae', 0.0):.4f} | {100 * row.get('top1', 1.0):.1f}% | "
+              f"{row['ppl']:.3f} | {row['decode_tps']:.1f} | {row['load_s']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

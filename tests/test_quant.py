@@ -1,0 +1,151 @@
+"""In-situ quantization: formats, GGUF repacking, precedence, fallback, tensor parallel, the native GGUF path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmap
+from jaxmap import quant
+from jaxmap.errors import UserError
+
+# Mean absolute error relative to the mean |w| of a standard normal 64x512 matrix (measured, with headroom).
+ROUND_TRIP = {"Q4_0": 0.10, "Q4_1": 0.09, "Q5_0": 0.05, "Q5_1": 0.045, "Q8_0": 0.007, "Q2K": 0.36, "Q3K": 0.18,
+              "Q4K": 0.09, "Q5K": 0.045, "Q6K": 0.022, "Q8K": 0.009, "INT8": 0.009, "INT4": 0.14, "F8E4M3": 0.025}
+
+
+def _dev(qt):
+    return jax.tree_util.tree_map(jnp.asarray, qt)
+
+
+@pytest.mark.parametrize("name", list(quant.QTYPES))
+def test_round_trip_and_matmul(name):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+    qt = quant.quantize(w, name)
+    assert qt.nbytes * 8 / w.size == pytest.approx(quant.QTYPES[name].bits_per_weight, abs=0.07)
+    back = np.asarray(quant.dequantize(_dev(qt)))
+    assert np.abs(back - w).mean() / np.abs(w).mean() < ROUND_TRIP[name]
+    for rows in (1, 9):  # decode and prefill forms
+        x = rng.standard_normal((1, rows, 512)).astype(np.float32)
+        y = np.asarray(jax.jit(quant.dense)(jnp.asarray(x), _dev(qt)))
+        np.testing.assert_allclose(y, x @ back.T, rtol=1e-4, atol=2e-4)
+    ids = np.array([[0, 5, 63, 17]])
+    np.testing.assert_array_equal(np.asarray(quant.take_rows(_dev(qt), jnp.asarray(ids), jnp.float32)), back[ids])
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_gguf_simple_blocks_repack_exactly(gguf_type):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(1).standard_normal((32, 256)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType[gguf_type])
+    qt = quant.from_gguf(raw, gguf_type, w.shape)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(_dev(qt))),
+                                  dequantize(raw, GGMLQuantizationType[gguf_type]))
+
+
+@pytest.mark.parametrize("gguf_type,block_bytes,halves", [("Q4_K", 144, (0, 2)), ("Q6_K", 210, (208,))])
+def test_gguf_k_blocks_repack_exactly(gguf_type, block_bytes, halves):
+    """Random K blocks (sane float16 scales) decode exactly as gguf's reference dequantizer does."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(2)
+    rows, n = 16, 512
+    raw = rng.integers(0, 256, (rows, n // 256, block_bytes), dtype=np.uint8)
+    for offset in halves:  # d (and dmin) as small positive float16 values
+        raw[..., offset:offset + 2] = rng.uniform(1e-3, 2e-2, (rows, n // 256)).astype(np.float16)[..., None].view(
+            np.uint8)
+    raw = raw.reshape(rows, -1)
+    qt = quant.from_gguf(raw, gguf_type, (rows, n))
+    expected = dequantize(raw, GGMLQuantizationType[gguf_type])
+    np.testing.assert_allclose(np.asarray(quant.dequantize(_dev(qt))), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_type_lists_known():
+    with pytest.raises(UserError, match="Q4K") as info:
+        quant.parse_isq("Q9")
+    assert "\n" not in str(info.value)
+    assert quant.parse_isq("q4_k") == "Q4K" and quant.parse_isq("none") is None
+
+
+def test_cli_bad_isq_exit_2(capsys):
+    from jaxmap.generate import main
+
+    assert main(["-m", "preset:tiny", "--isq", "Q9", "-p", "hi", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --isq type 'Q9'" in err[0] and "Q8_0" in err[0]
+
+
+def test_fallback_when_block_does_not_fit(caplog):
+    """tiny has hidden 128: K super-blocks (256) never fit, so Q4K falls back to Q5_0 with a warning."""
+    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+        model = jaxmap.load("preset:tiny", max_seq_len=32, devices="0", progress=False, isq="Q4K")
+    layer = model.engine.stages[0].params["layers"][0]
+    assert layer["wq"].qtype == "Q5_0" and layer["w_down"].qtype == "Q4K"  # down: 256 inputs
+    assert any("Q4K does not fit" in r.message and "Q5_0" in r.message for r in caplog.records)
+
+
+def test_topology_isq_overrides_global():
+    topo = {"0-2": {"isq": "Q4_0"}, "3-4": {"isq": "none"}}
+    model = jaxmap.load("preset:tiny", max_seq_len=32, devices="0", progress=False, isq="Q8_0", topology=topo)
+    layers = model.engine.stages[0].params["layers"]
+    assert [getattr(p["wq"], "qtype", None) for p in layers] == ["Q4_0", "Q4_0", "Q8_0", None]
+    assert model.device_map.stages[0].isq == ["Q4_0", "Q4_0", "Q8_0", "none"]
+    assert "Q4_0" in model.device_map.render_table()
+    assert model.engine.stages[0].params["lm_head"].qtype == "Q8_0"
+
+
+@pytest.mark.parametrize("isq,tp", [("Q4_0", 4), ("Q4K", 2)])
+def test_tensor_parallel_isq_matches_one_device(isq, tp):
+    prompt = [[3, 17, 29, 101, 7]]
+    one = jaxmap.load("preset:tiny", max_seq_len=64, devices="0", progress=False, isq=isq)
+    many = jaxmap.load("preset:tiny", max_seq_len=64, tp=tp, progress=False, isq=isq)
+    wq = many.engine.stages[0].params["layers"][0]["wq"]
+    assert len(wq.q[0].sharding.device_set) == tp and wq.d.sharding.spec == wq.q[0].sharding.spec
+    a = one.generate(prompt, max_new_tokens=12, stop_at_eos=False)[0].token_ids
+    b = many.generate(prompt, max_new_tokens=12, stop_at_eos=False)[0].token_ids
+    assert a == b
+    types = [[getattr(w, "qtype", None) for w in layer.values()]
+             for m in (one, many) for layer in m.engine.stages[0].params["layers"]]
+    if types[:len(types) // 2] == types[len(types) // 2:]:  # same types (no shard-dependent fallback): same logits
+        np.testing.assert_allclose(one.forward_logits(prompt)[0], many.forward_logits(prompt)[0], atol=2e-4, rtol=0)
+
+
+def test_gguf_native_q8_0_equals_requantized(default_gguf):
+    """The GGUF's Q8_0 embedding repacked natively equals requantizing its dequantized floats to Q8_0."""
+    from jaxmap.loading import open_source
+
+    with open_source(default_gguf) as src:
+        name = "model.embed_tokens.weight"
+        assert src.stored_type(name) == "Q8_0"
+        raw, _ = src.raw(name)
+        rows = slice(0, 4096)
+        native = quant.from_gguf(raw[rows], "Q8_0", (4096, src.shape(name)[1]))
+        requant = quant.quantize(src.read(name, np.float32)[rows], "Q8_0")
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(_dev(native))),
+                                  np.asarray(quant.dequantize(_dev(requant))))
+
+
+def test_gguf_native_q4_1_reproduces_float32_greedy(default_gguf):
+    native = jaxmap.load(str(default_gguf), max_seq_len=64, devices="0", progress=False, layer_mode="per_layer")
+    layer = native.engine.stages[0].params["layers"][0]
+    assert layer["wq"].qtype == "Q4_1" and native.engine.stages[0].params["embed_tokens"].qtype == "Q8_0"
+    dense = jaxmap.load(str(default_gguf), max_seq_len=64, devices="0", progress=False, isq="none",
+                        layer_mode="per_layer")
+    assert not quant.is_quantized(dense.engine.stages[0].params["layers"][0]["wq"])
+    prompt = "The capital of France is"
+    a = native.generate([prompt], max_new_tokens=16, stop_at_eos=False)[0].token_ids
+    b = dense.generate([prompt], max_new_tokens=16, stop_at_eos=False)[0].token_ids
+    assert a == b
+
+
+def test_tensor_nbytes_matches_storage():
+    w = np.zeros((64, 512), np.float32)
+    for name in ("Q4K", "Q8_0", "INT8", "Q6K"):
+        assert quant.tensor_nbytes(name, w.shape) == quant.quantize(w, name).nbytes
+    assert quant.tensor_nbytes(None, w.shape, 2) == w.size * 2
