@@ -148,6 +148,9 @@ def render(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxmap.multihost import start_from_args
+
+    start_from_args(args)  # with --coordinator (or a cluster's environment) the report covers every process
     report = collect()
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
@@ -156,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxmap.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    from jaxmap.multihost import add_distributed_arguments
+
+    add_distributed_arguments(parser)
     return guarded(run, parser.parse_args(argv))
 
 
