@@ -244,13 +244,24 @@ class OrbaxSource:
                 raise UserError(f"{self.path}: tensor {spec.hf_name!r} is quantized ({e['isq']}), which this build "
                                 "cannot restore")
             by_item.setdefault(e["item"], {})[e["key"]] = (name, spec, sharding)
+        import jax
+
         out: dict[str, Any] = {}
         for item, wanted in by_item.items():
-            args = {key: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape), dtype=np.dtype(dtype))
-                    for key, (_, spec, sharding) in wanted.items()}
+            args, elsewhere = {}, {}
+            for key, (name, spec, sharding) in wanted.items():
+                if sharding.addressable_devices:
+                    args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape),
+                                                     dtype=np.dtype(dtype))
+                else:  # every shard lives on other processes: nothing to read here (orbax 0.12.8 fails on these)
+                    elsewhere[name] = jax.make_array_from_single_device_arrays(tuple(spec.shape), sharding, [],
+                                                                               dtype=np.dtype(dtype))
+            if not args:  # every process makes the same restore calls (orbax synchronises them): read a tiny one
+                key = min(self.tensors_by_item(item), key=lambda k: np.prod(self.tensors_by_item(item)[k]["shape"]))
+                args = {key: ocp.RestoreArgs(restore_type=np.ndarray)}
             restored = self._restore(item, args)
             for key, (name, _, _) in wanted.items():
-                out[name] = restored[key]
+                out[name] = elsewhere[name] if name in elsewhere else restored[key]
         return out
 
     def _restore(self, item: str, restore_args: dict) -> dict:

@@ -81,3 +81,23 @@ def test_environment_and_clusters():
     assert (got.coordinator, got.num_processes, got.process_id, got.wanted) == ("10.0.0.1:1234", 4, 3, True)
     assert multihost.resolve(environ={"SLURM_JOB_ID": "7"}).auto  # jax detects SLURM by itself
     assert not multihost.resolve(environ={}).wanted
+
+
+def test_two_process_example_restores_a_checkpoint(tmp_path, reference, capsys):
+    """examples/two_processes.py with an orbax checkpoint: each process restores only its own stage's arrays."""
+    import importlib.util
+
+    from jaxmap.checkpoint import convert
+    from jaxmap.loading import open_source
+
+    ckpt = convert(open_source(TINY), tmp_path / "ck", progress=False)
+    spec = importlib.util.spec_from_file_location("two_processes", ROOT / "examples" / "two_processes.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    env = child_env()
+    env["JAXMAP_EXAMPLE_MODEL"] = str(ckpt)
+    assert example.main(env) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["stages"] == [[f"cpu[{i}]" for i in range(4)], [f"cpu[{i}]" for i in range(4, 8)]]
+    model = jaxmap.load(str(ckpt), devices="0", progress=False, max_seq_len=128)
+    assert row["token_ids"] == model.generate("Hello world", max_new_tokens=8, stop_at_eos=False)[0].token_ids
