@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "SamplingParams", "UserError", "ModelConfig"]
+__all__ = ["load", "Model", "SamplingParams", "UserError", "ModelConfig", "shard", "plan_for", "offload", "fetch",
+           "MemoryPlan"]
 
 
 def __getattr__(name: str):
@@ -21,6 +22,10 @@ def __getattr__(name: str):
         from jaxmap.errors import UserError
 
         return UserError
+    if name in ("shard", "plan_for", "offload", "fetch", "MemoryPlan", "shardings_for"):
+        from jaxmap import library
+
+        return getattr(library, name)
     if name == "ModelConfig":
         from jaxmap.config import ModelConfig
 

@@ -148,6 +148,9 @@ def render(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxmap.multihost import start_from_args
+
+    start_from_args(args)  # with --coordinator (or a cluster's environment) the report covers every process
     report = collect()
     verdict = _verdict(args) if args.model is not None else None
     if verdict is not None:
@@ -194,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--isq", help="plan with this in-situ quantization type")
     parser.add_argument("--no-xla-check", dest="xla_check", action="store_false",
                         help="skip compiling one layer for XLA's memory_analysis")
+    from jaxmap.multihost import add_distributed_arguments
+
+    add_distributed_arguments(parser)
     return guarded(run, parser.parse_args(argv))
 
 

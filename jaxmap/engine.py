@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxmap import llama
 from jaxmap.config import ModelConfig
+from jaxmap.multihost import put, to_local
 from jaxmap.rope import inverse_frequencies, rope_cos_sin
 from jaxmap.sampling import SamplerShape, mark_seen, sample
 
@@ -153,6 +154,7 @@ class Engine:
         self._programs: dict[tuple, Callable] = {}
         self._cache_pool: dict[int, list] = {}
         self._called: set[tuple] = set()
+        self.multi_process = jax.process_count() > 1
 
     # ---- state ------------------------------------------------------------------------------------------------------
     def new_cache(self, batch: int) -> list[list[tuple[jax.Array, jax.Array]]]:
@@ -301,17 +303,17 @@ class Engine:
         out_caches = []
         token = logits = None
         for i, stage in enumerate(self.stages):
-            x = jax.device_put(x, stage.activation_sharding)
-            stage_pad = jax.device_put(pad, stage.activation_sharding)
-            start_i = jax.device_put(start_arr, stage.activation_sharding)
+            x = put(x, stage.activation_sharding)
+            stage_pad = put(pad, stage.activation_sharding)
+            start_i = put(start_arr, stage.activation_sharding)
             if stage.mode == "unrolled":
                 args = [stage.params, x, caches[i], start_i, stage_pad]
                 if stage.is_last:
-                    seen = None if seen is None else jax.device_put(seen, stage.activation_sharding)
+                    seen = None if seen is None else put(seen, stage.activation_sharding)
                     token, logits, new, seen = self._call(
-                        i, shape, "stage", *args, jax.device_put(last_arr, stage.activation_sharding), seen,
-                        jax.device_put(values, stage.activation_sharding),
-                        jax.device_put(key, stage.activation_sharding))
+                        i, shape, "stage", *args, put(last_arr, stage.activation_sharding), seen,
+                        put(values, stage.activation_sharding),
+                        put(key, stage.activation_sharding))
                 else:
                     x, new = self._call(i, shape, "stage", *args, None, None, None, None)
             else:
@@ -326,15 +328,17 @@ class Engine:
                         if stage.sync:
                             x.block_until_ready()
                 if stage.is_last:
-                    seen = None if seen is None else jax.device_put(seen, stage.activation_sharding)
+                    seen = None if seen is None else put(seen, stage.activation_sharding)
                     token, logits, seen = self._call(
                         i, shape, "leave", _outer(stage.params), x, start_i,
-                        jax.device_put(last_arr, stage.activation_sharding), seen,
-                        jax.device_put(values, stage.activation_sharding),
-                        jax.device_put(key, stage.activation_sharding))
+                        put(last_arr, stage.activation_sharding), seen,
+                        put(values, stage.activation_sharding),
+                        put(key, stage.activation_sharding))
             out_caches.append(new)
             if stage.sync:
                 jax.block_until_ready(token if stage.is_last else x)
+        if self.multi_process:  # the last stage may live on another process: every process gets the outputs
+            token, logits, seen = to_local(token), to_local(logits), to_local(seen)
         return token, logits, out_caches, seen
 
     def _streamed_layers(self, i: int, stage: Stage, shape: StepShape, x, caches, start, cos, sin, mask):

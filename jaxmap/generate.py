@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxmap.plan import add_mapping_arguments
 
     add_mapping_arguments(parser)
+    from jaxmap.multihost import add_distributed_arguments
+
+    add_distributed_arguments(parser)
     parser.add_argument("-p", "--prompt", action="append", default=None,
                         help="a prompt (repeat for a batch); read from standard input when absent")
     add_sampling_arguments(parser)
@@ -70,6 +73,10 @@ def format_stats(stats) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxmap.multihost import start_from_args
+
+    if start_from_args(args):  # before any use of jax; processes other than 0 print nothing
+        args.quiet = True
     from jaxmap.api import load
     from jaxmap.compile_cache import enable_compile_cache
     from jaxmap.sampling import SamplingParams

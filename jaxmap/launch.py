@@ -1,0 +1,114 @@
+"""``python -m jaxmap.launch -n 2 -- python -m jaxmap.generate ...``: a multi-process job on this machine.
+
+Starts N copies of a command with ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a free port), ``JAX_NUM_PROCESSES``
+and ``JAX_PROCESS_ID`` set, as a cluster scheduler would on N hosts; with ``--cpu-devices K`` each process gets K
+virtual CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=K``, ``JAX_PLATFORMS=cpu``). Process 0's
+standard output is passed through; every process's standard error is kept and shown when one fails. All processes
+end together: when one fails, or the time limit passes, the others are killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from jaxmap.errors import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(process_id: int, num_processes: int, port: int, cpu_devices: int | None,
+              base: dict | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
+    if cpu_devices:
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={cpu_devices}"])
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def launch(command: Sequence[str], num_processes: int = 2, cpu_devices: int | None = None, timeout_s: float = 300,
+           cwd: str | None = None, env: dict | None = None) -> tuple[int, str, list[str]]:
+    """Run ``command`` as ``num_processes`` processes; returns (exit status, process 0's stdout, every stderr).
+
+    The status is 0 when all succeeded, else the first failure's (124 on the time limit).
+    """
+    if num_processes < 1:
+        raise UserError(f"-n must be at least 1, got {num_processes}")
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    outs = [tempfile.TemporaryFile() for _ in range(num_processes)]
+    errs = [tempfile.TemporaryFile() for _ in range(num_processes)]
+    status = 0
+    try:
+        for i in range(num_processes):
+            procs.append(subprocess.Popen(list(command), stdout=outs[i], stderr=errs[i], cwd=cwd,
+                                          env=child_env(i, num_processes, port, cpu_devices, env)))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                status = failed[0]
+                break
+            if all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                status = 124
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:  # only the processes this call started
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+    texts = []
+    for f in outs + errs:
+        f.seek(0)
+        texts.append(f.read().decode(errors="replace"))
+        f.close()
+    return status, texts[0], texts[num_processes:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxmap.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--processes", type=int, default=2)
+    parser.add_argument("--cpu-devices", type=int, default=None, help="virtual CPU devices per process")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before every process is killed")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    try:
+        status, out, errs = launch(command, args.processes, args.cpu_devices, args.timeout)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(out)
+    if status:
+        for i, err in enumerate(errs):
+            tail = "\n".join(err.splitlines()[-15:])
+            print(f"--- process {i} (stderr, last lines)\n{tail}", file=sys.stderr)
+        what = "timed out" if status == 124 else f"failed with status {status}"
+        print(f"error: the {args.processes}-process job {what}", file=sys.stderr)
+    else:
+        sys.stderr.write(errs[0])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
