@@ -16,6 +16,7 @@ from jaxmap import isq as isq_mod
 from jaxmap import materialize
 from jaxmap.config import ModelConfig, list_presets
 from jaxmap.device_map import DeviceMap
+from jaxmap.disk_tier import check_writable, default_offload_folder, open_disk_layers
 from jaxmap.dtypes import default_dtype, parse_dtype
 from jaxmap.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
 from jaxmap.errors import UserError
@@ -23,7 +24,6 @@ from jaxmap.hardware import Hardware
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.random_source import RandomSource
 from jaxmap.loading.safetensors_source import SafetensorsSource
-from jaxmap.offload import check_writable, default_offload_folder, open_disk_layers
 from jaxmap.placement import stage_placements
 from jaxmap.planner import plan as plan_device_map
 from jaxmap.progress import Progress

@@ -73,7 +73,7 @@ class Stage:
     # the current layer computes. Both run per layer: one program per layer bounds device memory to about two
     # layers, where an unrolled program may schedule every transfer early and keep all layers resident.
     memory_kind: str = "device"
-    disk: Any = None  # jaxmap.offload.DiskLayers for disk stages
+    disk: Any = None  # jaxmap.disk_tier.DiskLayers for disk stages
     layer_shardings: dict | None = None  # device shardings of one layer's parameters (streamed stages)
 
     @property
