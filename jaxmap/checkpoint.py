@@ -84,7 +84,7 @@ def _isq_module(isq: str | None):
 
 
 def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq: str | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, compress: bool = False) -> Path:
     """Write ``source`` (any :class:`~jaxmap.loading.source.WeightSource`) as a jaxmap orbax checkpoint at ``out``."""
     import jax
     import orbax.checkpoint as ocp
@@ -107,7 +107,8 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq
     device = jax.local_devices(backend="cpu")[0]
     tensors: dict[str, dict] = {}
     bar = Progress(sum(len(specs) for _, specs in items), "writing checkpoint", enabled=progress)
-    checkpointer = ocp.PyTreeCheckpointer()
+    # zstd (orbax's default) made SmolLM2's float32 weights 37% smaller and its restore about 2x slower
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
     t0 = time.perf_counter()
     try:
         (tmp / PARAMS).mkdir(parents=True)
@@ -127,7 +128,8 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq
         _write_json(tmp / METADATA, {
             "format": FORMAT, "version": VERSION, "model": config.name or "unnamed",
             "fingerprint": config_fingerprint(config), "dtype": np.dtype(dtype).name, "isq": isq,
-            "source": str(source.path), "items": [item for item, _ in items], "tensors": tensors,
+            "source": str(source.path), "compressed": compress, "items": [item for item, _ in items],
+            "tensors": tensors,
         })
         os.replace(tmp, out)
     except BaseException:

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the checkpoint folder to create (must not exist)")
     parser.add_argument("--dtype", default="float32", help="stored dtype: float32 (default), bfloat16 or float16")
     parser.add_argument("--isq", default=None, help="store quantized weights (needs jaxmap.quant)")
+    parser.add_argument("--compress", action="store_true",
+                        help="zstd-compress the arrays (smaller folder, slower restore)")
     parser.add_argument("--seed", type=int, default=0, help="seed of preset:NAME random weights")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     source = resolve_source(args.model, seed=args.seed)
     try:
-        out = convert(source, args.out, dtype, isq=args.isq, progress=not args.quiet)
+        out = convert(source, args.out, dtype, isq=args.isq, progress=not args.quiet,
+                      compress=args.compress)
     finally:
         source.close()
     if not args.quiet:

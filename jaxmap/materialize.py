@@ -54,14 +54,17 @@ def materialize_stage(source: WeightSource, specs: dict, dtype: np.dtype, place_
     weight instead and return it quantized and placed."""
 
     def load(spec: llama.ParamSpec) -> jax.Array:
+        sharding = place_for(spec)
+        if not sharding.addressable_devices:  # multi-process: every shard lives on another process, read nothing
+            return jax.make_array_from_single_device_arrays(spec.shape, sharding, [], dtype=dtype)
         if quantizer is not None:
-            placed = quantizer.load(spec, place_for(spec), dtype)
+            placed = quantizer.load(spec, sharding, dtype)
             if placed is not None:
                 if progress is not None:
                     progress.update(placed.nbytes)
                 return placed
         host = read_param(source, spec, dtype)
-        array = jax.device_put(host, place_for(spec))
+        array = jax.device_put(host, sharding)
         if progress is not None:
             progress.update(host.nbytes)
         return array
