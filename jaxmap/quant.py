@@ -314,6 +314,7 @@ def _quantize_k(w: np.ndarray, q: QType) -> QTensor:
         dmin = (mins.max(-1) / mmax).astype(np.float16)
         df, dminf = d.astype(np.float32)[..., None], dmin.astype(np.float32)[..., None]
         sc = np.clip(_round(scale / np.where(df == 0, 1, df)), 0, smax)
+        sc = np.where((sc == 0) & (scale > 0), 1, sc)  # never lose a whole sub-block to a zero scale
         mc = np.clip(_round(mins / np.where(dminf == 0, 1, dminf)), 0, mmax)
         a = (df * sc)[..., None]
         bias = (dminf * mc)[..., None]
@@ -332,6 +333,7 @@ def _quantize_k(w: np.ndarray, q: QType) -> QTensor:
     d = (np.abs(scale).max(-1) / smax).astype(np.float16)
     df = d.astype(np.float32)[..., None]
     sc = np.clip(_round(scale / np.where(df == 0, 1, df)), -sc_half, smax)
+    sc = np.where((sc == 0) & (scale != 0), np.sign(scale), sc)  # never lose a whole sub-block to a zero scale
     a = (df * sc)[..., None]
     codes = np.clip(_round(x / np.where(a == 0, 1, a)), -half, half - 1) + half
     codes = np.where(a == 0, half, codes)
