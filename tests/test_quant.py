@@ -97,7 +97,10 @@ def test_topology_isq_overrides_global():
     assert [getattr(p["wq"], "qtype", None) for p in layers] == ["Q4_0", "Q4_0", "Q8_0", None]
     assert model.device_map.stages[0].isq == ["Q4_0", "Q4_0", "Q8_0", "none"]
     assert "Q4_0" in model.device_map.render_table()
-    assert model.engine.stages[0].params["lm_head"].qtype == "Q8_0"
+    assert not hasattr(model.engine.stages[0].params["lm_head"], "qtype")  # --isq covers the layers only
+    topo["/lm_head/"] = {"isq": "Q8_0"}
+    model = jaxmap.load("preset:tiny", max_seq_len=32, devices="0", progress=False, isq="Q8_0", topology=topo)
+    assert model.engine.stages[0].params["lm_head"].qtype == "Q8_0"  # a regex entry quantizes the head
 
 
 @pytest.mark.parametrize("isq,tp", [("Q4_0", 4), ("Q4K", 2)])
