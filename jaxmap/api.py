@@ -320,6 +320,11 @@ def load(
                          isq=global_isq, max_memory=max_memory, auto=auto, allow_disk=allow_disk)
         if wish.topology is not None:
             isq_mod.check_types(None, [e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]])
+            if global_isq == isq_mod.NATIVE and any(e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]):
+                # The reference's rule: with a pre-quantized checkpoint only a topology's device part applies.
+                log.warning("topology isq entries ignored: %s is already quantized, so only their devices apply "
+                            "(pass --isq or --dtype to requantize or dequantize it)", source.path)
+                wish = dataclasses.replace(wish, topology=wish.topology.with_isq(isq_mod.NATIVE))
         device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish)
         quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq))
         if any(s.memory_kind == "disk" for s in device_map.stages) and not isinstance(source, SafetensorsSource):

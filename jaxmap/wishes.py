@@ -127,6 +127,10 @@ class Topology:
     entries: tuple[TopologyEntry, ...]
     source: str = "topology"
 
+    def with_isq(self, isq: str | None) -> Topology:
+        """The same devices with every entry's ``isq`` replaced (a pre-quantized checkpoint keeps its own types)."""
+        return dataclasses.replace(self, entries=tuple(dataclasses.replace(e, isq=isq) for e in self.entries))
+
     @property
     def ranges(self) -> list[TopologyEntry]:
         return [e for e in self.entries if e.pattern is None]

@@ -152,3 +152,12 @@ def test_tensor_nbytes_matches_storage():
     for name in ("Q4K", "Q8_0", "INT8", "Q6K"):
         assert quant.tensor_nbytes(name, w.shape) == quant.quantize(w, name).nbytes
     assert quant.tensor_nbytes(None, w.shape, 2) == w.size * 2
+
+
+def test_topology_isq_on_a_prequantized_gguf_only_moves_devices(default_gguf, caplog):
+    topo = {"0-10": {"isq": "Q8_0", "device": "cpu[1]"}}
+    with caplog.at_level("WARNING", logger="jaxmap.api"):
+        model = jaxmap.load(default_gguf, max_seq_len=32, progress=False, topology=topo)
+    assert any("topology isq entries ignored" in r.message for r in caplog.records)
+    assert model.device_map.stages[0].devices == ["cpu[1]"] and model.device_map.stages[0].end == 10
+    assert model.engine.stages[0].params["layers"][0]["wq"].qtype == "Q4_1"  # the file's own type
