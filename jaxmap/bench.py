@@ -149,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     global NEW_TOKENS
     parser = argparse.ArgumentParser(prog="python -m jaxmap.bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None, help="as for generate (default: SmolLM2-135M GGUF)")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype (default float32, what transformers runs; ISQ types via --layouts, "
+                             "e.g. f32:isq=none q8:isq=Q8_0 native:isq=native)")
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--workload", type=parse_workload, default=list(WORKLOAD),
