@@ -325,7 +325,8 @@ def load(
                 log.warning("topology isq entries ignored: %s is already quantized, so only their devices apply "
                             "(pass --isq or --dtype to requantize or dequantize it)", source.path)
                 wish = dataclasses.replace(wish, topology=wish.topology.with_isq(isq_mod.NATIVE))
-        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish)
+        stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
+        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish, stored)
         quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq))
         if any(s.memory_kind == "disk" for s in device_map.stages) and not isinstance(source, SafetensorsSource):
             check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
@@ -372,9 +373,9 @@ def load(
         source.close()
 
 
-def _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish) -> DeviceMap:
+def _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish, stored=None) -> DeviceMap:
     if plan is None:
-        return plan_device_map(config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size)
+        return plan_device_map(config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored)
     if isinstance(plan, DeviceMap):
         plan.check_model(config)
         return plan

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 
 from jaxmap.config import ModelConfig
 from jaxmap.device_map import DeviceMemory, Placement, Stage, format_bytes
@@ -136,10 +137,22 @@ def compute_budgets(hardware: Hardware, pool: list[Device], max_memory: dict[str
 
 # ---- bytes ----------------------------------------------------------------------------------------------------------
 
-def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq: str | None) -> int:
-    """One decoder layer's weight bytes on one device of a ``tp``-way stage (ISQ on its 2-D projections)."""
+def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq: str | None,
+                       stored: Mapping[str, int] | None = None) -> int:
+    """One decoder layer's weight bytes on one device of a ``tp``-way stage (ISQ on its 2-D projections).
+
+    ``stored`` maps tensor names to their bytes in the checkpoint: with ``isq="native"`` (a GGUF kept in its own
+    quantized types) those are the sizes, read from the file's tensor headers.
+    """
     itemsize = parse_dtype(dtype).itemsize
     units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
+    if isq is not None and isq.lower() == "native" and stored:
+        total = 0
+        for name, p in layer_param_specs(config, layer).items():
+            spec = logical_to_spec(p.axes, RULES, p.shape, {"tp": tp}, name=name, units=units)
+            shards = shard_fraction(spec, {"tp": tp})
+            total += (stored[p.hf_name] if p.hf_name in stored and len(p.shape) == 2 else p.size * itemsize) // shards
+        return total
     if isq is not None and isq.lower() not in ("none", "native"):
         from jaxmap.isq import param_bytes_per_device  # the quantizers' own layouts, fallbacks included
 
@@ -152,16 +165,20 @@ def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq
     return total
 
 
-def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shards: int) -> int:
+def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shards: int,
+                stored: Mapping[str, int] | None = None) -> int:
     specs = outer_param_specs(config)
     spec = {"embed": specs["embed_tokens"], "final_norm": specs["final_norm"],
             "lm_head": specs.get("lm_head", specs["embed_tokens"])}[key]
+    if isq is not None and isq.lower() == "native" and stored and spec.hf_name in stored and len(spec.shape) == 2:
+        return stored[spec.hf_name] // shards
     return tensor_bytes(spec.size // shards, parse_dtype(dtype).itemsize, isq if key == "lm_head" else None,
                         len(spec.shape) == 2)
 
 
 def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
-            max_seq_len: int, max_batch_size: int, dtype: str, budgets: Budgets | None) -> list[DeviceMemory]:
+            max_seq_len: int, max_batch_size: int, dtype: str, budgets: Budgets | None,
+            stored: Mapping[str, int] | None = None) -> list[DeviceMemory]:
     """Bytes per memory under a plan: one row per device that holds or runs anything, then host and disk rows."""
     rows: dict[str, DeviceMemory] = {}
 
@@ -173,7 +190,8 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
     for s in stages:
         itemsize = parse_dtype(s.dtype).itemsize
         kv = kv_cache_bytes(config, s.tp, itemsize, max_seq_len, max_batch_size)
-        widths = [layer_weight_bytes(config, i, s.tp, s.dtype, s.isq[i - s.start]) for i in range(s.start, s.end)]
+        widths = [layer_weight_bytes(config, i, s.tp, s.dtype, s.isq[i - s.start], stored)
+                  for i in range(s.start, s.end)]
         for d in s.devices:
             r = row(d)
             r.kv_cache_bytes += kv * len(widths)
@@ -189,7 +207,8 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
         if key == "lm_head" and config.tie_word_embeddings and place.devices == outer["embed"].devices:
             continue  # tied: the embedding table already there serves as the head
         stage_dtype = stages[place.stage].dtype if place.stage is not None else dtype
-        share = outer_bytes(config, key, stage_dtype, place.isq, len(place.devices) if place.vocab_parallel else 1)
+        share = outer_bytes(config, key, stage_dtype, _outer_isq(place.isq, stages, stored), len(place.devices)
+                            if place.vocab_parallel else 1, stored)
         for d in place.devices:
             row(d).weights_bytes += share
     order = {d.name: i for i, d in enumerate(hardware.devices)}
@@ -213,6 +232,13 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
     return out
 
 
+def _outer_isq(isq: str | None, stages: list[Stage], stored: Mapping[str, int] | None) -> str | None:
+    """An outer weight of a natively quantized checkpoint keeps its stored size unless a type was named for it."""
+    if isq is None and stored and any(t == "native" for s in stages for t in s.isq):
+        return "native"
+    return isq
+
+
 # ---- the automatic fill ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -225,18 +251,19 @@ class Fill:
 
 
 def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
-         max_seq_len: int, max_batch_size: int, allow_disk: bool) -> Fill:
+         max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None) -> Fill:
     """Layers on the pool's devices (one device per stage) while they fit, then host, then disk."""
     n_layers = config.num_hidden_layers
     itemsize = parse_dtype(dtype).itemsize
-    w = [layer_weight_bytes(config, i, 1, dtype, isq[i]) for i in range(n_layers)]
+    w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored) for i in range(n_layers)]
     kv = kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
     act = activation_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
     first, last = pool[0], pool[-1]
-    embed = outer_bytes(config, "embed", dtype, None, 1)
+    native = "native" if stored and any(t == "native" for t in isq) else None
+    embed = outer_bytes(config, "embed", dtype, native, 1, stored)
     head = outer_bytes(config, "final_norm", dtype, None, 1)
     if not (config.tie_word_embeddings and first is last):
-        head += outer_bytes(config, "lm_head", dtype, None, 1)
+        head += outer_bytes(config, "lm_head", dtype, native, 1, stored)
     free: dict[str, int] = {}
     for d in pool:
         usable = budgets.devices[d.name].usable

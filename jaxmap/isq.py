@@ -59,6 +59,11 @@ def _native_type(source, hf_name: str) -> str | None:
     return stored if stored in quant.GGUF_NATIVE else None
 
 
+def native_bytes(source) -> dict[str, int]:
+    """Bytes in the file of every tensor kept in its native quantized type (from the GGUF's tensor headers)."""
+    return {n: int(source.stored_nbytes(n)) for n in source.names() if _native_type(source, n)}
+
+
 def check_types(isq: str | None, topology_types: list[str | None]) -> None:
     for t in [isq, *topology_types]:
         if t is not None:

@@ -258,6 +258,7 @@ def plan(
     dtype: str = "float32",
     max_seq_len: int = 4096,
     max_batch_size: int = 1,
+    stored_bytes: dict[str, int] | None = None,
 ) -> DeviceMap:
     """Decide the device map. Raises :class:`UserError` for a wish the model or hardware cannot take."""
     wish = wish or Wish()
@@ -286,11 +287,12 @@ def plan(
     if wish.is_automatic and wish.auto and not placed_by_topology:
         trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
         memory = account(config, hardware, trial, _outer(trial, hardware, topology, config, []), max_seq_len,
-                         max_batch_size, dtype_name, budgets)
+                         max_batch_size, dtype_name, budgets, stored_bytes)
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
             isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
-            filled = fill(config, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size, wish.allow_disk)
+            filled = fill(config, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size, wish.allow_disk,
+                          stored_bytes)
             notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
                          f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
             base.layers, kinds = [(d,) for d in filled.devices], filled.kinds
@@ -303,7 +305,7 @@ def plan(
         notes.append("automatic memory fitting is off (--no-auto): the layout is kept even where it does not fit")
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
     outer = _outer(stages, hardware, topology, config, base.warnings)
-    memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets)
+    memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes)
     _check_fit(memory, budgets, wish, base.warnings)
     idle = [d.name for d in base.idle]
     return DeviceMap(

@@ -160,3 +160,10 @@ def test_chunked_prefill_attention_matches_one_block(monkeypatch):
     monkeypatch.setattr(memory, "PREFILL_QUERY_CHUNK", 4096)
     whole = jaxmap.load("preset:tiny", max_seq_len=1280, progress=False, devices="0").forward_logits(ids)[0]
     np.testing.assert_allclose(chunked, whole, atol=2e-5)
+
+
+def test_native_gguf_plan_counts_the_files_own_bytes(default_gguf):
+    model = jaxmap.load(default_gguf, max_seq_len=64, progress=False, devices="0")
+    (row,) = [r for r in model.device_map.memory if r.device == "cpu[0]"]
+    assert allocated(model)[("cpu[0]", "device")] == pytest.approx(row.weights_bytes, rel=0.10)
+    assert row.weights_bytes < 120 << 20  # Q4_1 layers + Q8_0 embeddings, not the 513 MiB float32 model
