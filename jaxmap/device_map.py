@@ -203,6 +203,8 @@ class DeviceMap:
     def to_device_layers(self) -> str | None:
         """The equivalent ``-n`` string: single-device stages on distinct ordinals, then the rest on the host CPU."""
         host = "cpu[0]"
+        if any(s.memory_kind != "device" for s in self.stages):
+            return None  # -n cannot say "streamed from host memory / disk"
         stages = list(self.stages)
         while stages and stages[-1].devices == [host]:
             stages.pop()
@@ -232,6 +234,9 @@ class DeviceMap:
                 if len(s.devices) > 1:
                     lines.append(f"# {seg.start}-{seg.end}: tensor parallel over {', '.join(s.devices)} "
                                  "(a topology names one device per layer)")
+                if s.memory_kind != "device":
+                    lines.append(f"# {seg.start}-{seg.end}: weights streamed from {s.memory_kind} (the automatic "
+                                 "fill decides this; a topology names devices only)")
                 lines.append(f"{seg.start}-{seg.end}:" + ("" if body else " {}"))
                 lines += body
         for key, place in (("/model\\.embed_tokens/", self.embed), ("/model\\.norm/", self.final_norm),

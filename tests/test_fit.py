@@ -154,3 +154,12 @@ def test_doctor_verdicts_and_xla_check():
     nope = judge(TINY, hw, make_wish(max_memory=tiny_caps(1, 0), allow_disk=False), "float32", 64, 1,
                  check_xla=False)
     assert nope.status == "does not fit" and "--no-disk" in nope.lines[0]
+
+
+def test_offload_plans_round_trip_and_have_no_n_string():
+    from jaxmap.device_map import DeviceMap
+
+    m = plan(L3_70B, Hardware.from_preset("1x24gb"), dtype="bf16")
+    again = DeviceMap.from_yaml(m.to_yaml(), L3_70B)
+    assert again.to_dict() == m.to_dict() and again.render_table() == m.render_table()
+    assert m.to_device_layers() is None and "streamed from disk" in m.to_topology()
