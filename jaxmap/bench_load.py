@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxmap.checkpoint import convert
 
         source = resolve_source(gguf)
-        convert(source, ckpt, progress=False)
+        convert(source, ckpt, "float32", progress=False)  # float32 (a GGUF would keep its types)
         source.close()
     cases = [("jaxmap-gguf", gguf), ("jaxmap-safetensors", str(hf)), ("orbax-safetensors", str(hf)),
              ("jaxmap-orbax-checkpoint", str(ckpt))]

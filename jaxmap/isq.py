@@ -7,7 +7,9 @@ Rules (the README's ISQ section says the same):
   layers, a ``/regex/`` entry's for the embeddings or head. Norms and biases stay float.
 - A GGUF loaded with neither ``isq`` nor ``dtype`` keeps its stored types ("native"): Q4_0, Q4_1, Q5_0, Q5_1,
   Q8_0, Q4_K and Q6_K blocks are repacked as integers, never through float32; other stored types are dequantized.
-  ``isq="none"`` (or an explicit ``dtype``) dequantizes everything to the compute dtype.
+  ``isq="none"`` (or an explicit ``dtype``) dequantizes everything to the compute dtype. A quantized jaxmap
+  checkpoint (``python -m jaxmap.convert --isq``) follows the same rules: its stored types are native, restored
+  as they are, straight into their shardings; another ``isq`` requantizes its dequantized weights (with a warning).
 - A type whose block does not divide a tensor's per-shard input dimension, or whose packed rows do not divide its
   per-shard output rows, falls back along :data:`jaxmap.quant.FALLBACK` (Q4K -> Q5_0 -> INT8, ...), with a warning.
 """
@@ -42,11 +44,17 @@ def is_gguf(source) -> bool:
     return hasattr(source, "raw") and hasattr(source, "stored_type")
 
 
+def is_prequantized(source) -> bool:
+    """A source whose tensors may be stored quantized: a GGUF file, or a jaxmap checkpoint (``stored_qtype``)."""
+    return is_gguf(source) or hasattr(source, "stored_qtype")
+
+
 def default_isq(source, isq: str | None, dtype: str | None) -> str | None:
-    """What an unset ``isq`` means: native types for a GGUF loaded without a dtype, else float."""
+    """What an unset ``isq`` means: native types for a GGUF (or quantized checkpoint) loaded without a dtype, else
+    float."""
     if isq is not None:
         return None if str(isq).strip().lower() in ("none", "off", "float") else parse(isq)
-    if dtype is None and is_gguf(source) and any(_native_type(source, n) for n in source.names()):
+    if dtype is None and is_prequantized(source) and any(native_qtype(source, n) for n in source.names()):
         return NATIVE
     return None
 
@@ -61,7 +69,35 @@ def _native_type(source, hf_name: str) -> str | None:
 
 def native_bytes(source) -> dict[str, int]:
     """Bytes in the file of every tensor kept in its native quantized type (from the GGUF's tensor headers)."""
+    if not is_gguf(source):
+        return {}  # other pre-quantized sources (jaxmap checkpoints) are planned at float size: conservative
     return {n: int(source.stored_nbytes(n)) for n in source.names() if _native_type(source, n)}
+
+
+def native_qtype(source, hf_name: str) -> str | None:
+    """The jaxmap type a tensor is stored in and can be loaded as without requantizing (None: stored as float, or in
+    a type with no native form, which is dequantized)."""
+    if hasattr(source, "stored_qtype"):
+        try:
+            return source.stored_qtype(hf_name)
+        except KeyError:
+            return None
+    if not is_gguf(source):
+        return None
+    native = _native_type(source, hf_name)
+    return quant.gguf_to_jaxmap_type(native) if native is not None else None
+
+
+def split_of(spec: ParamSpec, sharding) -> tuple[int, int, object, object, int, int]:
+    """``(out, in, out_axis, in_axis, in_shards, out_shards)`` of a 2-D weight placed with ``sharding`` (the
+    sharding of its float ``spec`` layout); a QTensor is ``[out, in]`` whatever the float layout."""
+    out, n = spec.hf_shape if spec.transpose else spec.shape
+    pspec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    out_axis, in_axis = (pspec[1], pspec[0]) if spec.transpose else (pspec[0], pspec[1])
+    mesh = sharding.mesh
+    in_shards = mesh.shape[in_axis] if in_axis else 1
+    out_shards = mesh.shape[out_axis] if out_axis else 1
+    return out, n, out_axis, in_axis, in_shards, out_shards
 
 
 def check_types(isq: str | None, topology_types: list[str | None]) -> None:
@@ -81,26 +117,36 @@ class Quantizer:
         self.bytes: dict[str, tuple[int, int, str]] = {}  # hf name -> (stored bytes, float32 bytes, type)
 
     def load(self, spec: ParamSpec, sharding, dtype: np.dtype):
+        qtype, keep = self.decide(spec, sharding)
+        if qtype is None:
+            return None
+        return self.place(spec, sharding, qtype, keep)
+
+    def decide(self, spec: ParamSpec, sharding) -> tuple[str | None, bool]:
+        """The type this weight gets placed with ``sharding`` (None: float), and whether the source's stored blocks
+        are kept as they are (a native type that fits the split); records fallbacks and requantizations."""
         want = self.type_for(spec)
         if want is None or len(spec.shape) != 2:
-            return None
-        out, n = spec.hf_shape if spec.transpose else spec.shape
-        pspec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-        out_axis, in_axis = (pspec[1], pspec[0]) if spec.transpose else (pspec[0], pspec[1])
-        mesh = sharding.mesh
-        in_shards = mesh.shape[in_axis] if in_axis else 1
-        out_shards = mesh.shape[out_axis] if out_axis else 1
-        native = _native_type(self.source, spec.hf_name) if is_gguf(self.source) else None
+            return None, False
+        out, n, _, _, in_shards, out_shards = split_of(spec, sharding)
+        native = native_qtype(self.source, spec.hf_name) if is_prequantized(self.source) else None
         if want == NATIVE:
             if native is None:
-                return None  # stored as float (or a type without a native form): dequantized as before
-            want = quant.gguf_to_jaxmap_type(native)
-        elif native is not None and quant.QTYPES[want].gguf != native:
-            self.requantized.add(native)
+                return None, False  # stored as float (or a type without a native form): dequantized as before
+            want = native
+        elif native is not None and want != native:
+            self.requantized.add(self.source.stored_type(spec.hf_name))
         qtype = self._fit(want, spec, out, n, in_shards, out_shards)
-        if native is not None and quant.QTYPES[qtype].gguf == native:
+        return qtype, native is not None and qtype == native
+
+    def place(self, spec: ParamSpec, sharding, qtype: str, keep: bool):
+        """Read (``keep``: the stored blocks, else the float weights, then quantized to ``qtype``) and place."""
+        out, n, out_axis, in_axis, in_shards, _ = split_of(spec, sharding)
+        if keep and is_gguf(self.source):
             raw, _ = self.source.raw(spec.hf_name)
-            qt = quant.from_gguf(raw, native, (out, n))
+            qt = quant.from_gguf(raw, quant.QTYPES[qtype].gguf, (out, n))
+        elif keep:  # a quantized jaxmap checkpoint, read on the host (loading restores it placed: read_placed)
+            qt = self.source.read_qtensor(spec.hf_name, in_shards)
         else:
             host = self.source.read(spec.hf_name, np.float32)
             if tuple(host.shape) != spec.hf_shape:
@@ -108,8 +154,14 @@ class Quantizer:
                                 f"config expects {spec.hf_shape}; the checkpoint does not match its config")
             qt = quant.quantize(host, qtype, in_shards)
             del host
-        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qtype)
-        return jax.device_put(qt, quant.shardings_for(qt, out_axis, in_axis, mesh))
+        self.record(spec, qt)
+        targets = quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
+        if sharding.memory_kind is not None:  # host-tier layers: every leaf in the same memory kind (pinned_host)
+            targets = jax.tree.map(lambda t: t.with_memory_kind(sharding.memory_kind), targets)
+        return jax.device_put(qt, targets)
+
+    def record(self, spec: ParamSpec, qt) -> None:
+        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype)
 
     def _fit(self, want: str, spec: ParamSpec, out: int, n: int, in_shards: int, out_shards: int) -> str:
         qtype = fitted_type(want, out, n, in_shards, out_shards)

@@ -74,11 +74,25 @@ def materialize_stage(source: WeightSource, specs: dict, dtype: np.dtype, place_
     def load_group(group: dict) -> dict:
         if placed is None:
             return {k: load(v) for k, v in group.items()}
-        out = placed({k: (v, place_for(v)) for k, v in group.items()}, dtype)
-        if progress is not None:
-            for v in group.values():
-                progress.update(v.size * np.dtype(dtype).itemsize)
-        return out
+        out, direct = {}, {}
+        for k, spec in group.items():
+            sharding = place_for(spec)
+            qtype, keep = quantizer.decide(spec, sharding) if quantizer is not None else (None, False)
+            if qtype is not None and not keep and sharding.addressable_devices:
+                out[k] = quantizer.place(spec, sharding, qtype, keep)  # quantized (or requantized) on the host
+                if progress is not None:
+                    progress.update(out[k].nbytes)
+            else:  # float, or the stored quantized blocks: restored straight into their shardings
+                direct[k] = (spec, sharding, qtype) if keep else (spec, sharding)
+        if direct:
+            restored = placed(direct, dtype)
+            for k, value in direct.items():
+                if len(value) > 2:
+                    quantizer.record(value[0], restored[k])
+                if progress is not None:
+                    progress.update(value[0].size * np.dtype(dtype).itemsize)
+            out.update(restored)
+        return {k: out[k] for k in group}
 
     params: dict = load_group({k: v for k, v in specs.items() if k != "layers"})
     params["layers"] = [load_group(layer) for layer in specs["layers"]]

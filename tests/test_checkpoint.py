@@ -106,12 +106,129 @@ def test_plan_for_another_model_is_refused(ckpt, tmp_path):
         jaxmap.load(str(ckpt), progress=False, max_seq_len=64, plan=plan)
 
 
-def test_convert_refuses_existing_out_and_isq(ckpt, tmp_path):
+def test_convert_refuses_existing_out_and_unknown_isq(ckpt, tmp_path):
     with pytest.raises(UserError, match="already exists"):
         convert(open_source(TINY), ckpt, progress=False)
-    with pytest.raises(UserError, match="not available in this build|not wired"):
-        convert(open_source(TINY), tmp_path / "q", isq="q4_0", progress=False)
+    with pytest.raises(UserError, match="unknown --isq type 'Q9'"):
+        convert(open_source(TINY), tmp_path / "q", isq="Q9", progress=False)
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.partial-*"))
+
+
+# ---- quantized checkpoints -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def q8(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ck") / "tiny-q8"
+    convert(open_source(TINY), out, isq="Q8_0", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("wish", [dict(devices="0"), dict(tp=4, pp=1), dict(pp=2, tp=1)],
+                         ids=["1-device", "tp4", "pp2"])
+def test_quantized_checkpoint_restores_its_types_in_any_layout(q8, wish):
+    model = jaxmap.load(str(q8), progress=False, max_seq_len=64, **wish)
+    same = jaxmap.load(TINY, progress=False, max_seq_len=64, isq="Q8_0", **wish)
+    for got, want in zip(model.forward_logits(PROMPTS), same.forward_logits(PROMPTS), strict=True):
+        np.testing.assert_array_equal(got, want)  # bit-identical to quantizing the safetensors in that layout
+    tp = wish.get("tp", 1)
+    for stage in model.engine.stages:
+        for layer in stage.params["layers"]:
+            assert {w.qtype for k, w in layer.items() if k.startswith("w")} == {"Q8_0"}
+        wo = stage.params["layers"][0]["wo"]  # row-parallel: packed values and scales split along the input
+        assert {s.data.shape for s in wo.q[0].addressable_shards} == {(128, 128 // tp)}
+        assert {s.data.shape for s in wo.d.addressable_shards} == {(128, 128 // 32 // tp)}
+    assert not hasattr(model.engine.stages[-1].params["lm_head"], "qtype")  # --isq covers the layers only
+
+
+def test_quantized_checkpoint_metadata_and_host_reads(q8):
+    meta = json.loads((q8 / METADATA).read_text())
+    assert meta["version"] == 2 and meta["isq"] == "Q8_0"
+    e = meta["tensors"]["model.layers.0.self_attn.o_proj.weight"]
+    assert e["isq"] == "Q8_0" and e["quant"]["static"] == {"qtype": "Q8_0", "shape": [128, 128], "sub": 32}
+    assert {k: v["key"] for k, v in e["quant"]["leaves"].items()} == {"q0": "wo__q0", "d": "wo__d"}
+    assert meta["tensors"]["model.norm.weight"]["isq"] is None
+    src, ref = OrbaxSource(q8), open_source(TINY)
+    name = "model.layers.2.mlp.down_proj.weight"
+    assert src.stored_type(name) == "Q8_0" and src.stored_nbytes(name) == 256 * 128 * 34 // 32
+    np.testing.assert_allclose(src.read(name), ref.read(name, np.float32), atol=2e-3)  # dequantized, HF layout
+
+
+def test_isq_on_a_quantized_checkpoint_follows_the_gguf_rules(q8, caplog):
+    def wq(**kw):
+        return jaxmap.load(str(q8), progress=False, max_seq_len=32, devices="0", **kw).engine.stages[0].params[
+            "layers"][0]["wq"]
+
+    assert wq(isq="none").dtype == np.float32 and not hasattr(wq(dtype="float32"), "qtype")  # dequantized
+    with caplog.at_level("WARNING"):
+        assert wq(isq="Q4_0").qtype == "Q4_0"
+        assert "already quantized (Q8_0)" in caplog.text  # requantized from the dequantized weights, with a warning
+        caplog.clear()
+        assert wq(topology={"0-1": {"isq": "Q4_0", "device": "cpu[1]"}}).qtype == "Q8_0"
+        assert "topology isq entries ignored" in caplog.text  # only the devices apply
+
+
+def test_per_channel_types_are_stored_unsplit_and_resplit_exactly():
+    from jaxmap import quant
+    from jaxmap.checkpoint import _resplit, qtensor_from, qtensor_leaves
+
+    w = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    for qtype in ("INT8", "F8E4M3"):
+        stored, layout = qtensor_leaves(quant.quantize(w, qtype, 1))
+        layout["leaves"] = {k: {"shape": list(v.shape)} for k, v in stored.items()}
+        layout["in_shards"] = 1
+        split, repeat = _resplit(layout, 4)
+        assert repeat and split["leaves"]["d"]["shape"] == [16, 4]
+        got = qtensor_from({**stored, "d": np.repeat(stored["d"], 4, axis=1)}, split)
+        want = quant.quantize(w, qtype, 4)
+        for a, b in zip(qtensor_leaves(got)[0].values(), qtensor_leaves(want)[0].values(), strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        assert (got.qtype, got.shape, got.sub) == (want.qtype, want.shape, want.sub)
+    assert _resplit({"static": {"qtype": "Q4_0"}}, 4)[1] is False  # block types do not depend on the split
+
+
+def test_interrupted_quantized_conversion_leaves_nothing(q8, tmp_path, monkeypatch):
+    from jaxmap import isq
+
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return place(self, *args)
+
+    place = isq.Quantizer.place
+    monkeypatch.setattr(isq.Quantizer, "place", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(open_source(TINY), tmp_path / "q", isq="Q8_0", progress=False)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q.partial-*"))
+    half = tmp_path / "half"  # a copy that lost its metadata (written last) is refused
+    shutil.copytree(q8, half)
+    (half / METADATA).unlink()
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        open_source(half)
+
+
+def test_gguf_is_converted_with_its_native_types(default_gguf, tmp_path):
+    out = convert(open_source(default_gguf), tmp_path / "native", progress=False)  # no --isq, no --dtype
+    meta = json.loads((out / METADATA).read_text())
+    assert meta["isq"] == "native"
+    assert {e["isq"] for n, e in meta["tensors"].items() if ".layers." in n and "norm" not in n} == {"Q4_1"}
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert size < 1.1 * default_gguf.stat().st_size  # about the GGUF's size (float32 would be about 5x)
+    model = jaxmap.load(str(out), progress=False, max_seq_len=32, devices="0")
+    assert model.engine.stages[0].params["layers"][0]["wq"].qtype == "Q4_1"
+    assert model.engine.stages[0].params["embed_tokens"].qtype == "Q8_0"  # tied table: the GGUF's own type
+    from jaxmap import quant
+    from jaxmap.checkpoint import qtensor_leaves
+
+    name = "model.layers.3.mlp.down_proj.weight"  # the stored blocks are the GGUF's, repacked (logits: README)
+    raw, _ = open_source(default_gguf).raw(name)
+    want = qtensor_leaves(quant.from_gguf(raw, "Q4_1", open_source(default_gguf).shape(name)))[0]
+    got = qtensor_leaves(OrbaxSource(out).read_qtensor(name))[0]
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_convert_cli_one_line_error(tmp_path):

@@ -167,3 +167,18 @@ def test_native_gguf_plan_counts_the_files_own_bytes(default_gguf):
     (row,) = [r for r in model.device_map.memory if r.device == "cpu[0]"]
     assert allocated(model)[("cpu[0]", "device")] == pytest.approx(row.weights_bytes, rel=0.10)
     assert row.weights_bytes < 120 << 20  # Q4_1 layers + Q8_0 embeddings, not the 513 MiB float32 model
+
+
+def test_quantized_layers_stream_from_host_memory_too():
+    config = ModelConfig.from_preset("tiny")
+    ref = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0", isq="Q8_0")
+    w, w8 = (layer_weight_bytes(config, 0, 1, "float32", t) for t in (None, "Q8_0"))
+    device = caps(config, 0, 0)["0"] - 2 * w + 2 * w8 + w8 // 2  # two Q8_0 streaming buffers, no resident layer
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq="Q8_0",
+                        max_memory={"0": device, "host": 1 << 30})
+    host = [s for s in model.engine.stages if s.memory_kind == "host"]
+    assert host and {leaf.sharding.memory_kind for s in host for leaf in jax.tree.leaves(s.params["layers"])} == {
+        "pinned_host"}
+    assert host[0].params["layers"][0]["wq"].qtype == "Q8_0"
+    want = ref.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)[0].token_ids
+    assert model.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)[0].token_ids == want
