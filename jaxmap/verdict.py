@@ -39,9 +39,9 @@ class Verdict:
 
 
 def judge(config: ModelConfig, hardware: Hardware, wish: Wish, dtype: str, max_seq_len: int,
-          max_batch_size: int, check_xla: bool = True) -> Verdict:
+          max_batch_size: int, check_xla: bool = True, stored: dict[str, int] | None = None) -> Verdict:
     try:
-        device_map = plan(config, hardware, wish, dtype, max_seq_len, max_batch_size)
+        device_map = plan(config, hardware, wish, dtype, max_seq_len, max_batch_size, stored)
     except UserError as exc:
         if "does not fit" not in str(exc):
             raise
@@ -59,7 +59,7 @@ def judge(config: ModelConfig, hardware: Hardware, wish: Wish, dtype: str, max_s
         lines.append("the layout was asked for by hand; let automatic mapping offload, or use fewer layers per device")
     elif streamed:
         status = "fits with offload"
-        w = layer_weight_bytes(config, 0, 1, device_map.dtype, None)
+        w = layer_weight_bytes(config, 0, 1, device_map.dtype, device_map.stages[-1].isq[-1], stored)
         rate = HOST_TO_DEVICE.get(hardware.default_platform, 20e9)
         host_s = counts.get("host", 0) * w / rate
         disk_s = counts.get("disk", 0) * w / DISK_READ

@@ -101,3 +101,12 @@ def test_config_from_gguf_header(tmp_path):
     config = config_from_model_arg(str(path))
     assert (config.num_hidden_layers, config.num_key_value_heads, config.vocab_size, config.head_dim) == (6, 2, 100, 16)
     assert config.tie_word_embeddings
+
+
+def test_gguf_is_planned_in_its_own_types_as_generate_loads_it(default_gguf):
+    native = json.loads(run("-m", str(default_gguf), "--mesh", "cpu-8", "--devices", "0", "--json").stdout)
+    floats = json.loads(run("-m", str(default_gguf), "--mesh", "cpu-8", "--devices", "0", "--dtype", "float32",
+                            "--json").stdout)
+    assert {layer["isq"] for layer in native["layers"]} == {"native"}
+    assert {layer["isq"] for layer in floats["layers"]} == {None}
+    assert native["memory"][0]["weights_bytes"] < floats["memory"][0]["weights_bytes"] / 4
