@@ -6,8 +6,9 @@ Hugging Face layout and the compute dtype, and read from there. The folder is wr
 renamed when complete, so an interrupted write never leaves a folder that looks usable; a complete one is reused
 (its name carries the source's identity, the dtype and the layer).
 
-After each layer is read, its file pages are dropped from the process (``madvise(MADV_DONTNEED)`` on the map) so
-the resident set stays about one layer wide; the kernel's page cache may keep them for the next pass.
+After each layer of an offload folder is used, its file pages are dropped from the process
+(``madvise(MADV_DONTNEED)`` on the map) so the resident set stays about one layer wide; the kernel's page cache may
+keep them for the next pass. A source's own safetensors are read through its memory map as they are.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -147,7 +147,3 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
         f.write(blob)
         for array in tensors.values():
             f.write(array.tobytes())
-
-
-def remove_offload(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)

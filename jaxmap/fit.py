@@ -33,7 +33,6 @@ from jaxmap.memory import (
     activation_bytes,
     headroom,
     kv_cache_bytes,
-    tensor_bytes,
 )
 from jaxmap.param_specs import layer_param_specs, outer_param_specs
 from jaxmap.sharding_rules import RULES, logical_to_spec, shard_fraction
@@ -146,23 +145,22 @@ def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq
     """
     itemsize = parse_dtype(dtype).itemsize
     units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
-    if isq is not None and isq.lower() == "native" and stored:
-        total = 0
-        for name, p in layer_param_specs(config, layer).items():
-            spec = logical_to_spec(p.axes, RULES, p.shape, {"tp": tp}, name=name, units=units)
-            shards = shard_fraction(spec, {"tp": tp})
-            total += (stored[p.hf_name] if p.hf_name in stored and len(p.shape) == 2 else p.size * itemsize) // shards
-        return total
-    if isq is not None and isq.lower() not in ("none", "native"):
-        from jaxmap.isq import param_bytes_per_device  # the quantizers' own layouts, fallbacks included
+    return sum(_param_bytes(p, tp, itemsize, isq, stored, units) for p in layer_param_specs(config, layer).values())
 
-        return sum(param_bytes_per_device(p, isq, itemsize, tp, units)
-                   for p in layer_param_specs(config, layer).values())
-    total = 0
-    for name, p in layer_param_specs(config, layer).items():
-        spec = logical_to_spec(p.axes, RULES, p.shape, {"tp": tp}, name=name, units=units)
-        total += tensor_bytes(p.size // shard_fraction(spec, {"tp": tp}), itemsize, isq, len(p.shape) == 2)
-    return total
+
+def _param_bytes(p, tp: int, itemsize: int, isq: str | None, stored: Mapping[str, int] | None, units) -> int:
+    """One parameter's bytes on one device: its size in the file (native), the quantizers' own layout (ISQ on a
+    2-D weight, fallbacks included), else its float size."""
+    spec = logical_to_spec(p.axes, RULES, p.shape, {"tp": tp}, name=p.hf_name, units=units)
+    shards = shard_fraction(spec, {"tp": tp})
+    kind = None if isq is None else isq.lower()
+    if kind == "native" and stored and p.hf_name in stored and len(p.shape) == 2:
+        return stored[p.hf_name] // shards
+    if kind not in (None, "none", "native") and len(p.shape) == 2:
+        from jaxmap.isq import param_bytes_per_device  # imports jax: only when a type is asked for
+
+        return param_bytes_per_device(p, isq, itemsize, tp, units)
+    return p.size * itemsize // shards
 
 
 def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shards: int,
@@ -170,10 +168,9 @@ def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shar
     specs = outer_param_specs(config)
     spec = {"embed": specs["embed_tokens"], "final_norm": specs["final_norm"],
             "lm_head": specs.get("lm_head", specs["embed_tokens"])}[key]
-    if isq is not None and isq.lower() == "native" and stored and spec.hf_name in stored and len(spec.shape) == 2:
-        return stored[spec.hf_name] // shards
-    return tensor_bytes(spec.size // shards, parse_dtype(dtype).itemsize, isq if key == "lm_head" else None,
-                        len(spec.shape) == 2)
+    units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
+    return _param_bytes(spec, shards, parse_dtype(dtype).itemsize, isq if key != "final_norm" else None, stored,
+                        units)
 
 
 def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],

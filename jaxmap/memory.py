@@ -23,12 +23,6 @@ HOST_HEADROOM = (0.05, 1 * GIB)
 # CUDA's pinned host memory is a pool capped at 64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise.
 CUDA_PINNED_POOL_DEFAULT_GB = 64
 
-# Bits per weight of each ISQ type for the planner (block scales and mins included); the quantizers own the layout.
-ISQ_BITS = {
-    "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q2K": 2.625, "Q3K": 3.4375, "Q4K": 4.5,
-    "Q5K": 5.5, "Q6K": 6.5625, "Q8K": 9.125, "INT8": 8.0, "INT4": 4.0, "F8E4M3": 8.0,
-}
-
 _DEVICE_NAME = re.compile(r"(cpu|cuda|rocm|metal|tpu)\[\d+\]")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10, "m": 1000**2, "mb": 1000**2,
@@ -100,13 +94,6 @@ def parse_max_memory(spec: str | dict | None) -> dict[str, int] | None:
         else:
             out[name] = parse_size(size, f"--max-memory {name}")
     return out
-
-
-def tensor_bytes(size: int, itemsize: int, isq: str | None, quantizable: bool) -> int:
-    """Bytes of one tensor of ``size`` elements: ISQ applies to 2-D projection weights only."""
-    if isq and quantizable:
-        return int(size * ISQ_BITS.get(isq.upper(), 8 * itemsize) / 8 + 0.5)
-    return size * itemsize
 
 
 def kv_cache_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int) -> int:
