@@ -110,30 +110,34 @@ def _check_divides(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: M
             raise UserError(f"{name}: dimension {dim} does not divide over {entry} ({size}) in {spec}")
 
 
-def _plain(params: Any) -> Any:
-    """nnx.State / nnx.Param leaves as plain arrays (other trees unchanged)."""
+def _nnx_state(params: Any) -> Any:
+    """The nnx.State of a module or state (None for other trees, or when flax is missing)."""
     try:
         from flax import nnx
     except ImportError:
-        return params
+        return None
     if isinstance(params, nnx.Module):
         params = nnx.state(params)
-    if isinstance(params, nnx.State):
-        return jax.tree.map(lambda v: v[...] if isinstance(v, nnx.Variable) else v, params,
+    return params if isinstance(params, nnx.State) else None
+
+
+def _plain(params: Any) -> Any:
+    """nnx.State / nnx.Param leaves as plain arrays (other trees unchanged)."""
+    state = _nnx_state(params)
+    if state is not None:
+        from flax import nnx
+
+        return jax.tree.map(lambda v: v[...] if isinstance(v, nnx.Variable) else v, state,
                             is_leaf=lambda v: isinstance(v, nnx.Variable))
     return params
 
 
 def _nnx_axes(params: Any) -> Any:
     """Logical axes from nnx variables' ``sharding_names`` (flax 0.12) / ``sharding`` metadata, or None."""
-    try:
-        from flax import nnx
-    except ImportError:
+    params = _nnx_state(params)
+    if params is None:
         return None
-    if isinstance(params, nnx.Module):
-        params = nnx.state(params)
-    if not isinstance(params, nnx.State):
-        return None
+    from flax import nnx
 
     def axes(v):
         meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
