@@ -71,8 +71,7 @@ def pool_for(hardware: Hardware, pool: list[Device], max_memory: dict[str, int] 
             continue
         name = key if "[" in key else f"{hardware.default_platform}[{key}]"
         if hardware.find(name) is None:
-            raise UserError(f"--max-memory names {name}, which {hardware.name or 'this hardware'} lacks; it has "
-                            f"{', '.join(hardware.names())}")
+            raise UserError(f"--max-memory names {hardware.lacks(name)}")
     return named or pool
 
 

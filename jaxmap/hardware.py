@@ -122,6 +122,13 @@ class Hardware:
     def names(self) -> list[str]:
         return [d.name for d in self.devices]
 
+    def lacks(self, name: str, devices: list[str] | None = None) -> str:
+        """The end of an error naming a device that is not here: what this hardware has instead."""
+        where = ("this machine" if not self.name or self.name.startswith("live:")
+                 else f"the hardware preset {self.name}")
+        have = ", ".join(devices if devices is not None else self.names())
+        return f"{name}, but {where} has only {have}"
+
     # ---- constructors --------------------------------------------------------------------------------------------
     @classmethod
     def from_jax(cls) -> Hardware:

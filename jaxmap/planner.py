@@ -136,8 +136,8 @@ def _pool(hardware: Hardware, wish: Wish) -> list[Device]:
     for ordinal in wish.devices:
         dev = hardware.find(f"{platform}[{ordinal}]")
         if dev is None:
-            raise UserError(f"--devices names {platform}[{ordinal}], which {hardware.name or 'this hardware'} lacks; "
-                            f"it has {', '.join(d.name for d in hardware.accelerators)}")
+            raise UserError(f"--devices names "
+                            f"{hardware.lacks(f'{platform}[{ordinal}]', [d.name for d in hardware.accelerators])}")
         pool.append(dev)
     return pool
 
@@ -214,8 +214,7 @@ def _manual(config: ModelConfig, hardware: Hardware, pairs: list[tuple[int | Non
         name = f"{platform}[{0 if ordinal is None else ordinal}]"
         dev = hardware.find(name)
         if dev is None:
-            raise UserError(f"-n {spec} names {name}, which {hardware.name or 'this hardware'} lacks; it has "
-                            f"{', '.join(d.name for d in hardware.accelerators)}")
+            raise UserError(f"-n {spec} names {hardware.lacks(name, [d.name for d in hardware.accelerators])}")
         per_layer += [(dev,)] * count
     host = hardware.host
     per_layer += [(host,)] * (layers - total)
@@ -239,8 +238,7 @@ def _apply_topology(base: _Base, topology: Topology, config: ModelConfig, hardwa
             continue
         dev = hardware.find(win.device)
         if dev is None:
-            raise UserError(f"{topology.source}: entry {win.where} names {win.device}, which "
-                            f"{hardware.name or 'this hardware'} lacks; it has {', '.join(hardware.names())}")
+            raise UserError(f"{topology.source}: entry {win.where} names {hardware.lacks(win.device)}")
         base.layers[layer] = (dev,)
         placed += 1
     base.warnings += [o.message() for o in topology.overrides()]
@@ -373,8 +371,8 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
         if entry is not None and entry.device is not None:
             dev = hardware.find(entry.device)
             if dev is None:
-                raise UserError(f"{topology.source}: entry {entry.where} names {entry.device}, which "  # type: ignore
-                                f"{hardware.name or 'this hardware'} lacks; it has {', '.join(hardware.names())}")
+                raise UserError(f"{topology.source}: entry {entry.where} "  # type: ignore[union-attr]
+                                f"names {hardware.lacks(entry.device)}")
             home = next((i for i, s in enumerate(stages) if s.devices == [dev.name]), None)
             out[key] = Placement([dev.name], home, False, isq)
             continue

@@ -131,7 +131,7 @@ def test_malformed_max_memory(spec, message):
 
 
 def test_max_memory_naming_a_missing_device():
-    with pytest.raises(UserError, match=r"names cpu\[9\], which cpu-8 lacks"):
+    with pytest.raises(UserError, match=r"names cpu\[9\], but the hardware preset cpu-8 has only"):
         plan(TINY, cpu_hw(), make_wish(max_memory="9:1GiB"))
 
 

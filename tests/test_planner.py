@@ -171,7 +171,7 @@ def test_n_on_cpu_only_hardware_remainder_on_cpu0():
 def test_n_errors():
     with pytest.raises(UserError, match="places 31 layers but smollm2-135m has 30"):
         plan(SMOL, Hardware.from_preset("2x24gb"), Wish(device_layers=parse_device_layers("0:16;1:15")))
-    with pytest.raises(UserError, match=r"names cuda\[3\], which 2x24gb lacks"):
+    with pytest.raises(UserError, match=r"cuda\[3\], but the hardware preset 2x24gb has only cuda\[0\], cuda\[1\]"):
         plan(SMOL, Hardware.from_preset("2x24gb"), Wish(device_layers=parse_device_layers("3:4")))
 
 
@@ -208,7 +208,7 @@ def test_topology_without_device_keeps_automatic_placement():
 def test_topology_errors_against_model_and_hardware():
     with pytest.raises(UserError, match="last layer is 29"):
         plan(SMOL, cpus(2), Wish(topology=Topology.from_yaml("25-31:\n  device: cpu[1]\n")))
-    with pytest.raises(UserError, match=r"names cuda\[0\], which cpu-2 lacks"):
+    with pytest.raises(UserError, match=r"names cuda\[0\], but the hardware preset cpu-2 has only"):
         plan(SMOL, cpus(2), Wish(topology=Topology.from_yaml("0-4:\n  device: cuda[0]\n")))
 
 
