@@ -336,16 +336,14 @@ def _pad_to(w: np.ndarray, n: int) -> np.ndarray:
 
 
 def _from_gguf_simple(w: np.ndarray, q: QType) -> QTensor:
-    """Q8_0 through gguf's reference quantizer (bit-exact with llama.cpp); Q4_0/Q5_0/Q4_1/Q5_1 with a scale search
-    (same blocks, lower error than the reference's plain max or min/max)."""
-    if q.bits == 8:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import quantize as gguf_quantize
-
-        raw = gguf_quantize(w, GGMLQuantizationType[q.gguf])
-        return from_gguf(raw, q.gguf, w.shape)
+    """GGUF's ``_0``/``_1`` blocks with a least-squares scale (and min) search per block: the same blocks as
+    llama.cpp's, lower error than its plain max (Q8_0, Q4_0, Q5_0) or min/max (Q4_1, Q5_1)."""
     out, n = w.shape
     x = w.reshape(out, n // q.block, q.block)
+    if q.bits == 8:
+        d, codes = _chunked(_search_q8_0, x)
+        return QTensor(pack_np(codes.reshape(out, n) + q.offset, q.widths), d, qtype=q.name, shape=(out, n),
+                       sub=q.sub)
     levels = 1 << q.bits
     if q.has_min:
         scale, mins = _chunked(lambda r: _search_affine(r, None, levels - 1, -1.0, 0.1, 20), x)
@@ -395,6 +393,51 @@ def _search_symmetric(x: np.ndarray, weights: np.ndarray | None, nmax: int, step
         best = np.where(better, score, best)
         scale = np.where(better, sumlx / suml2, scale)
     return scale
+
+
+# Q8_0's trial scales: the block's largest |x| over these (llama.cpp's 127 first; 128 only where that extreme is
+# negative, as code -128 exists). On standard normal 32-blocks they cut the RMS error by 12% (127..112 by 0.5: 13%).
+_Q8_0_DIVISORS = (128, 127, 126, 125, 124, 123, 122, 121, 120)
+
+
+def _search_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks ``x [..., 32]`` -> float16 scales ``[...]`` and codes in ``[-128, 127]``: llama.cpp's
+    ``amax / 127`` (bit-exact with gguf's reference quantizer) unless a trial scale leaves less squared error. Each
+    trial ``amax / t`` (:data:`_Q8_0_DIVISORS`) is rounded to float16 and the block rounded with it, then the
+    least-squares scale of those codes (rounded to float16) re-rounds the block once more; every candidate is
+    scored by its own float16 scale, so the result is never worse than the reference's."""
+    from gguf.quants import np_roundf
+
+    amax = np.abs(x).max(-1)
+    neg = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0] < 0
+    d0 = amax / np.float32(127)
+    inv = np.where(d0 == 0, np.float32(0), 1 / np.where(d0 == 0, np.float32(1), d0))
+    codes = np_roundf(x * inv[..., None])  # the reference, as gguf computes it
+    d = d0.astype(np.float16)
+
+    def error(scale, L):
+        return np.square(scale.astype(np.float32)[..., None] * L - x).sum(-1)
+
+    best = error(d, codes)
+
+    def consider(scale):  # a float16 scale: its codes, and keep it where it fits better
+        nonlocal best, d, codes
+        s = scale.astype(np.float32)
+        L = np.clip(np.rint(x / np.where(s == 0, 1, s)[..., None]), -128, 127)
+        err = error(scale, L)
+        better = (err < best) & (s > 0)
+        best, d = np.where(better, err, best), np.where(better, scale, d)
+        codes = np.where(better[..., None], L, codes)
+        return L
+
+    for t in _Q8_0_DIVISORS:
+        if t > 127 and not neg.any():
+            continue
+        trial = np.where(neg, amax / np.float32(t), amax / np.float32(min(t, 127)))
+        L = consider(trial.astype(np.float16))
+        ll = _dot(L, L)
+        consider(np.where(ll > 0, _dot(L, x) / np.where(ll > 0, ll, 1), 0).astype(np.float16))
+    return d, codes.astype(np.int32)
 
 
 def _search_affine(x: np.ndarray, weights: np.ndarray | None, nmax: int, rmin: float, rdelta: float, nstep: int):
