@@ -25,8 +25,9 @@ Quantizer would give it (:func:`jaxmap.quant.shardings_for` of the weight's spli
 The stored layout is the unsplit (tp=1) one. Block types (Q4_0 ... Q6K) do not depend on the split at all; the
 per-channel types (INT8, F8E4M3) differ only by their row scale repeated once per input shard, which restore
 repeats (exact). A split the stored type does not fit (its blocks do not divide a shard's inputs, or its packed
-rows a shard's outputs: Q4K on a 1536-wide input cut in 4) falls back along ``quant.FALLBACK`` as ``--isq`` does at
-load: that tensor is requantized from its dequantized weights, with the fallback warning.
+rows a shard's outputs: Q4K on a 1536-wide input cut in 4, or a K type's short last super-block, kept only on an
+unsplit input) falls back along ``quant.FALLBACK`` as ``--isq`` does at load: that tensor is requantized from its
+dequantized weights, with the fallback warning.
 
 The folder is written under a temporary name beside ``--out`` and renamed at the end, so an interrupted conversion
 never leaves something that looks like a checkpoint; a folder with orbax items but no ``jaxmap_checkpoint.json`` is

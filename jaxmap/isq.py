@@ -10,8 +10,10 @@ Rules (the README's ISQ section says the same):
   ``isq="none"`` (or an explicit ``dtype``) dequantizes everything to the compute dtype. A quantized jaxmap
   checkpoint (``python -m jaxmap.convert --isq``) follows the same rules: its stored types are native, restored
   as they are, straight into their shardings; another ``isq`` requantizes its dequantized weights (with a warning).
-- A type whose block does not divide a tensor's per-shard input dimension, or whose packed rows do not divide its
-  per-shard output rows, falls back along :data:`jaxmap.quant.FALLBACK` (Q4K -> Q5_0 -> INT8, ...), with a warning.
+- A type that does not fit a tensor's per-shard input dimension (:func:`jaxmap.quant.fits`: its block must divide
+  it, except that a K type keeps a short last super-block on an unsplit input that is a whole number of its
+  sub-blocks), or whose packed rows do not divide its per-shard output rows, falls back along
+  :data:`jaxmap.quant.FALLBACK` (Q4K -> Q5_0 -> INT8, ...), with a warning that says why.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class Quantizer:
     def __init__(self, source, type_for: Callable[[ParamSpec], str | None]):
         self.source = source
         self.type_for = type_for
-        self.fallbacks: dict[tuple[str, str, str], list[str]] = {}
+        self.fallbacks: dict[tuple[str, str, str, str], list[str]] = {}  # (kind, wanted, got, why) -> names
         self.requantized: set[str] = set()
         self.bytes: dict[str, tuple[int, int, str]] = {}  # hf name -> (stored bytes, float32 bytes, type)
 
@@ -167,15 +169,19 @@ class Quantizer:
         qtype = fitted_type(want, out, n, in_shards, out_shards)
         if qtype != want:
             short = _LAYER_RE.sub("", spec.hf_name)
-            self.fallbacks.setdefault((short, want, qtype), []).append(spec.hf_name)
+            if not quant.fits(want, n, in_shards):
+                why = quant.misfit_reason(want, n, in_shards)
+            else:
+                why = (f"its {quant.row_classes(want)} rows packed per byte do not divide the tensor's "
+                       f"{out // out_shards} output rows per device")
+            self.fallbacks.setdefault((short, want, qtype, why), []).append(spec.hf_name)
         return qtype
 
     def report(self, float_itemsize: int) -> None:
         """Warnings for fallbacks and requantized GGUF types; one INFO line per layer range with bytes saved."""
-        for (short, want, got), names in self.fallbacks.items():
-            shape = "blocks" if want in quant.QTYPES and quant.QTYPES[want].block else "packed rows"
-            log.warning("isq: %s does not fit %s (its %s do not divide the tensor's per-device part); %s used "
-                        "instead for %d tensor(s), e.g. %s", want, short, shape, got, len(names), names[0])
+        for (short, want, got, why), names in self.fallbacks.items():
+            log.warning("isq: %s does not fit %s (%s); %s used instead for %d tensor(s), e.g. %s", want, short, why,
+                        got, len(names), names[0])
         for native in sorted(self.requantized):
             log.warning("isq: the checkpoint is already quantized (%s); the requested type requantizes its "
                         "dequantized weights (precision lost in %s is not recovered)", native, native)
@@ -237,7 +243,7 @@ def type_function(device_map, config, global_isq: str | None) -> Callable[[Param
 
 def fitted_type(qtype: str, out: int, n: int, in_shards: int = 1, out_shards: int = 1) -> str:
     """The type a ``[out, in]`` weight split ``in_shards`` x ``out_shards`` ways really gets (after fallback)."""
-    while not (quant.fits(qtype, n // in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0):
+    while not (quant.fits(qtype, n, in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0):
         qtype = quant.FALLBACK.get(qtype, "INT8")
         if qtype == "INT8":
             break

@@ -1,9 +1,11 @@
 """``python -m jaxmap.quality``: what each ISQ type costs in accuracy and buys in memory and decode speed.
 
 For one model (default: SmolLM2-135M-Instruct) and each ``--isq`` type, against the float32 run of the same
-checkpoint (``isq="none"``; for the default GGUF that is its Q4_1 weights dequantized): mean absolute logit error and
-top-1 agreement over every position of a fixed public-domain text (the opening of *Pride and Prejudice*, 448
-tokens), the text's perplexity, resident weight bytes, and greedy decode tokens/s. Prints a Markdown table.
+checkpoint (``isq="none"``; for the default GGUF that is its Q4_1 weights dequantized): mean absolute logit error,
+mean KL divergence of the next-token distributions (reference || quantized; unlike the logit error it ignores a
+shift of all of a position's logits, which changes no prediction) and top-1 agreement over every position of a
+fixed public-domain text (the opening of *Pride and Prejudice*, 448 tokens), the text's perplexity, resident weight
+bytes, and greedy decode tokens/s. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -26,12 +28,22 @@ def _weight_bytes(model) -> int:
     return sum(int(a.size) * a.dtype.itemsize for s in model.engine.stages for a in jax.tree_util.tree_leaves(s.params))
 
 
-def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    z = logits[:-1].astype(np.float64)
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
     z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    logp = _log_softmax(logits[:-1])
     nll = -logp[np.arange(len(ids) - 1), ids[1:]]
     return float(np.exp(nll.mean()))
+
+
+def _kl(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(reference || quantized) of the next-token distributions, in nats."""
+    ref, got = _log_softmax(reference), _log_softmax(logits)
+    return float((np.exp(ref) * (ref - got)).sum(-1).mean())
 
 
 def measure(model_path, isq: str, ids: list[int], reference: np.ndarray | None, new_tokens: int, layer_mode: str):
@@ -45,6 +57,7 @@ def measure(model_path, isq: str, ids: list[int], reference: np.ndarray | None, 
            "load_s": load_s}
     if reference is not None:
         row["mae"] = float(np.abs(logits - reference).mean())
+        row["kl"] = _kl(reference, logits)
         row["top1"] = float((logits.argmax(-1) == reference.argmax(-1)).mean())
     model.generate([ids[:16]], max_new_tokens=4, stop_at_eos=False)  # compile the decode buckets
     result = model.generate([ids[:16]], max_new_tokens=new_tokens, stop_at_eos=False)[0]
@@ -69,14 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenizer.encode(TEXT.read_text())[: args.tokens]
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}; {len(ids)} tokens of {TEXT.name}; "
           f"device: {jax.devices()[0].device_kind}")
-    print("| isq | weights MiB | mean abs logit err | top-1 agree | perplexity | decode tok/s | load s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| isq | weights MiB | mean abs logit err | mean KL | top-1 agree | perplexity | decode tok/s | load s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     reference = None
     for isq in args.types.split(","):
         row, logits = measure(args.model, isq, ids, reference, args.new_tokens, args.layer_mode)
         if reference is None:
             reference = logits
-        print(f"| {isq} | {row['weights_mib']:.1f} | {row.get('mae', 0.0):.4f} | {100 * row.get('top1', 1.0):.1f}% | "
+        print(f"| {isq} | {row['weights_mib']:.1f} | {row.get('mae', 0.0):.4f} | {row.get('kl', 0.0):.5f} | "
+              f"{100 * row.get('top1', 1.0):.1f}% | "
               f"{row['ppl']:.3f} | {row['decode_tps']:.1f} | {row['load_s']:.1f} |", flush=True)
     return 0
 

@@ -12,7 +12,10 @@ width 8, 4, 2 or 1 (a 6-bit code is a 4-bit plane plus a 2-bit plane, 5 = 4 + 1,
 - K types (256-element super-blocks): one float16 ``d`` (and ``dmin``) per 256, integer scale codes (and min codes)
   per 16 or 32, packed in bit planes like the values: ``a = d * scale_code``, ``b = -dmin * min_code``. The bit
   counts are GGUF's, so bits per weight match GGUF exactly (Q8K leaves out GGUF's ``bsums``, used only by ggml's
-  kernels).
+  kernels). A row whose length is a multiple of the sub-block (``short_unit``) but not of 256 ends in a *short*
+  super-block: its own ``d`` (and ``dmin``) over its fewer sub-blocks. Scale codes are stored one per sub-block
+  (``[out, n_sub]``), so no padding is needed; only the unsplit (one input shard) layout may have one, as a split
+  input must give every shard the same layout (see :func:`fits`).
 - INT8 / F8E4M3: one float32 scale per output channel (stored once per input shard); INT4: symmetric 4-bit with a
   float16 scale per group of 128 inputs.
 
@@ -49,6 +52,7 @@ class QType:
     scale_offset: int = 0  # K types: subtracted from a scale code (signed scales)
     min_bits: int = 0  # K types: bits of a min code
     gguf: str | None = None  # the GGUF type this matches (loaded natively from GGUF)
+    short_unit: int = 0  # K types: a row length this divides may end in a short super-block (0: never)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -79,18 +83,19 @@ QTYPES: dict[str, QType] = {q.name: q for q in (
     QType("Q5_0", 5, 32, 32, "simple", offset=16, gguf="Q5_0"),
     QType("Q5_1", 5, 32, 32, "simple", has_min=True, gguf="Q5_1"),
     QType("Q8_0", 8, 32, 32, "simple", offset=128, gguf="Q8_0"),
-    QType("Q2K", 2, 16, 256, "k", has_min=True, scale_bits=4, min_bits=4, gguf="Q2_K"),
-    QType("Q3K", 3, 16, 256, "k", offset=4, scale_bits=6, scale_offset=32, gguf="Q3_K"),
-    QType("Q4K", 4, 32, 256, "k", has_min=True, scale_bits=6, min_bits=6, gguf="Q4_K"),
-    QType("Q5K", 5, 32, 256, "k", has_min=True, scale_bits=6, min_bits=6, gguf="Q5_K"),
-    QType("Q6K", 6, 16, 256, "k", offset=32, scale_bits=8, scale_offset=128, gguf="Q6_K"),
-    QType("Q8K", 8, 256, 256, "channel", offset=128, gguf="Q8_K"),  # float32 d per 256
+    QType("Q2K", 2, 16, 256, "k", has_min=True, scale_bits=4, min_bits=4, gguf="Q2_K", short_unit=16),
+    QType("Q3K", 3, 16, 256, "k", offset=4, scale_bits=6, scale_offset=32, gguf="Q3_K", short_unit=16),
+    QType("Q4K", 4, 32, 256, "k", has_min=True, scale_bits=6, min_bits=6, gguf="Q4_K", short_unit=32),
+    QType("Q5K", 5, 32, 256, "k", has_min=True, scale_bits=6, min_bits=6, gguf="Q5_K", short_unit=32),
+    QType("Q6K", 6, 16, 256, "k", offset=32, scale_bits=8, scale_offset=128, gguf="Q6_K", short_unit=16),
+    # float32 d per 256; a short last block is stored in groups of gcd(in, 256) (GGUF's bsums are per 16)
+    QType("Q8K", 8, 256, 256, "channel", offset=128, gguf="Q8_K", short_unit=16),
     QType("INT8", 8, 0, 0, "channel", offset=128),
     QType("INT4", 4, 128, 128, "int4", offset=8),
     QType("F8E4M3", 8, 0, 0, "fp8"),
 )}
-# Where a block does not divide a tensor's (per-shard) input dimension: llama.cpp's fallbacks for K types (Q2K and
-# Q3K go to Q4_0 as jaxmap has no IQ4_NL), then Q8_0, then per-channel INT8 (fits any shape).
+# Where a type does not fit a tensor's (per-shard) input dimension (see fits): llama.cpp's fallbacks for K types (Q2K
+# and Q3K go to Q4_0 as jaxmap has no IQ4_NL), then Q8_0, then per-channel INT8 (fits any shape).
 FALLBACK = {"Q2K": "Q4_0", "Q3K": "Q4_0", "Q4K": "Q5_0", "Q5K": "Q5_1", "Q6K": "Q8_0", "Q8K": "Q8_0",
             "Q4_0": "INT8", "Q4_1": "INT8", "Q5_0": "INT8", "Q5_1": "INT8", "Q8_0": "INT8", "INT4": "INT8"}
 _ALIASES = {"Q2_K": "Q2K", "Q3_K": "Q3K", "Q4_K": "Q4K", "Q5_K": "Q5K", "Q6_K": "Q6K", "Q8_K": "Q8K",
@@ -110,32 +115,61 @@ def parse_isq(name: str | None) -> str | None:
     return key
 
 
-def fits(qtype: str, in_per_shard: int) -> bool:
+def fits(qtype: str, n: int, in_shards: int = 1) -> bool:
+    """Whether ``qtype`` can store a row of ``n`` inputs split ``in_shards`` ways (row-parallel): its block divides
+    each shard's part, or (K types) the input is not split and the row is a whole number of sub-blocks
+    (``short_unit``): whole 256-element super-blocks then a short last one. A split input needs whole super-blocks,
+    so that every shard holds the same layout and the shard boundaries fall between super-blocks."""
     q = QTYPES[qtype]
-    return q.block == 0 or in_per_shard % q.block == 0
+    if q.block == 0:
+        return True
+    if n % in_shards:
+        return False
+    if (n // in_shards) % q.block == 0:
+        return True
+    return in_shards == 1 and q.short_unit > 0 and n % q.short_unit == 0
 
 
-def choose_type(qtype: str, in_per_shard: int) -> str:
-    """``qtype``, or the first of its fallbacks whose block divides the per-shard input dimension."""
-    while not fits(qtype, in_per_shard):
+def misfit_reason(qtype: str, n: int, in_shards: int = 1) -> str:
+    """Why :func:`fits` refuses (for the fallback warning)."""
+    q = QTYPES[qtype]
+    per = n // in_shards
+    if q.short_unit and n % q.short_unit == 0 and in_shards > 1:
+        return (f"its {q.block}-element super-blocks do not divide the {per} inputs each of {in_shards} devices "
+                f"holds, and a short last super-block is kept only on an unsplit input")
+    unit = f"{q.short_unit}-element sub-blocks" if q.short_unit else f"{q.block}-element blocks"
+    where = f"{per} inputs per device" if in_shards > 1 else f"{n} inputs"
+    return f"its {unit} do not divide the tensor's {where}"
+
+
+def choose_type(qtype: str, n: int, in_shards: int = 1) -> str:
+    """``qtype``, or the first of its fallbacks that :func:`fits` ``n`` inputs split ``in_shards`` ways."""
+    while not fits(qtype, n, in_shards):
         qtype = FALLBACK[qtype]
     return qtype
 
 
-def tensor_nbytes(qtype: str | None, shape: Sequence[int], itemsize: int = 4, in_shards: int = 1) -> int:
-    """Bytes a 2-D weight ``[out, in]`` (or ``[in, out]``: only the product and ``in`` matter via ``shape``'s
-    element count) takes as ``qtype`` (after fallback), or as float of ``itemsize`` bytes when ``qtype`` is None.
+def row_bits(qtype: str, n: int) -> int:
+    """Stored bits of one row of ``n`` inputs in a block type (values, per-sub-block codes, per-block floats),
+    counting a short last super-block's own ``d`` (and ``dmin``)."""
+    q = QTYPES[qtype]
+    blocks = -(-n // q.block)
+    floats = 32 if q.kind == "channel" else 16 + (16 if q.has_min else 0)
+    codes = (n // q.sub) * (q.scale_bits + q.min_bits) if q.kind == "k" else 0
+    return n * q.bits + codes + blocks * floats
 
-    ``shape`` is ``(out, in)``. For the planner: the per-device share is this divided by the shard count.
-    """
+
+def tensor_nbytes(qtype: str | None, shape: Sequence[int], itemsize: int = 4, in_shards: int = 1) -> int:
+    """Bytes a 2-D weight ``[out, in]`` takes as ``qtype`` (after fallback), or as float of ``itemsize`` bytes when
+    ``qtype`` is None. For the planner: the per-device share is this divided by the shard count."""
     n = math.prod(shape)
     if qtype is None:
         return n * itemsize
     out, inp = shape
-    q = QTYPES[choose_type(qtype, inp // in_shards)]
+    q = QTYPES[choose_type(qtype, inp, in_shards)]
     if q.kind in ("channel", "fp8") and q.block == 0:
         return n + out * in_shards * 4
-    return int(n * q.bits_per_weight) // 8
+    return out * row_bits(q.name, inp) // 8
 
 
 # ---- storage --------------------------------------------------------------------------------------------------------
@@ -143,11 +177,13 @@ def tensor_nbytes(qtype: str | None, shape: Sequence[int], itemsize: int = 4, in
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class QTensor:
-    """A quantized ``[out, in]`` weight. Arrays are ``[out, groups, ...]``; see the module docstring.
+    """A quantized ``[out, in]`` weight: every array has the rows (packed) on axis 0 and the input on axis 1; see the
+    module docstring.
 
-    ``q``: value-code planes ``[out, n_sub, sub * w / 8]`` (uint8; float8 for F8E4M3); ``d``: float scale per block
-    ``[out, n_block]``; ``m``: float16 min per block (Q4_1, Q5_1) ``[out, n_block]``; ``dmin``: K types' min scale
-    ``[out, n_block]``; ``sc`` / ``mc``: K types' scale / min code planes ``[out, n_block, bytes]``.
+    ``q``: value-code planes ``[out * w / 8, in]`` (uint8; float8 ``[out, in]`` for F8E4M3); ``d``: float scale per
+    block ``[out, n_block]`` (``n_block`` rounded up: a short last super-block has its own); ``m``: float16 min per
+    block (Q4_1, Q5_1) ``[out, n_block]``; ``dmin``: K types' min scale ``[out, n_block]``; ``sc`` / ``mc``: K
+    types' scale / min code planes ``[out * w / 8, n_sub]``, one code per sub-block of ``sub`` inputs.
     """
 
     q: tuple
@@ -257,6 +293,8 @@ def quantize(w: np.ndarray, qtype: str, in_shards: int = 1) -> QTensor:
     q = QTYPES[qtype]
     w = np.asarray(w, np.float32)
     out, n = w.shape
+    if not fits(qtype, n, in_shards):
+        raise ValueError(f"{qtype} does not fit a row of {n} inputs split {in_shards} ways (choose_type first)")
     if q.kind == "simple":
         return _from_gguf_simple(w, q)
     if q.kind == "k":
@@ -268,13 +306,13 @@ def quantize(w: np.ndarray, qtype: str, in_shards: int = 1) -> QTensor:
         codes = np.clip(_round(g * inv[..., None]), -8, 7) + 8
         return QTensor(pack_np(codes.reshape(out, n), q.widths), d, qtype=qtype, shape=(out, n), sub=q.sub)
     # per-channel (INT8, F8E4M3) or per-256 (Q8K) float32 scales
-    if q.block:
-        group = q.block
-        scale_groups = w.reshape(out, n // group, group)
+    if q.block:  # Q8K: a short last block (its own scale) where 256 does not divide the row
+        group = math.gcd(n, q.block)
+        blocks = -(-n // q.block)
+        top = np.abs(_pad_to(w, blocks * q.block).reshape(out, blocks, q.block)).max(-1)
     else:
         group = n // in_shards
-        scale_groups = w.reshape(out, 1, n)  # one scale over the whole row, stored once per shard
-    top = np.abs(scale_groups).max(-1)
+        top = np.abs(w).max(-1, keepdims=True)  # one scale over the whole row, stored once per shard
     if q.kind == "fp8":
         d = (top / 448.0).astype(np.float32)
     else:
@@ -282,6 +320,8 @@ def quantize(w: np.ndarray, qtype: str, in_shards: int = 1) -> QTensor:
     if not q.block:
         d = np.repeat(d, in_shards, axis=1)
     inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d))
+    if q.block:
+        inv = np.repeat(inv, q.block // group, axis=1)[:, :n // group]
     scaled = w.reshape(out, -1, group) * inv[..., None]
     if q.kind == "fp8":
         values = scaled.reshape(out, n).astype(jnp.float8_e4m3fn)
@@ -290,17 +330,20 @@ def quantize(w: np.ndarray, qtype: str, in_shards: int = 1) -> QTensor:
     return QTensor((codes.reshape(out, n).astype(np.uint8),), d, qtype=qtype, shape=(out, n), sub=group)
 
 
-def _from_gguf_simple(w: np.ndarray, q: QType) -> QTensor:
-    """Q8_0 through gguf's reference quantizer (bit-exact with llama.cpp); Q4_0/Q5_0/Q4_1/Q5_1 with a scale search
-    (same blocks, lower error than the reference's plain max or min/max)."""
-    if q.bits == 8:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import quantize as gguf_quantize
+def _pad_to(w: np.ndarray, n: int) -> np.ndarray:
+    """``w [out, in]`` with zero columns appended up to ``n`` (itself when ``in == n``)."""
+    return w if w.shape[1] == n else np.pad(w, ((0, 0), (0, n - w.shape[1])))
 
-        raw = gguf_quantize(w, GGMLQuantizationType[q.gguf])
-        return from_gguf(raw, q.gguf, w.shape)
+
+def _from_gguf_simple(w: np.ndarray, q: QType) -> QTensor:
+    """GGUF's ``_0``/``_1`` blocks with a least-squares scale (and min) search per block: the same blocks as
+    llama.cpp's, lower error than its plain max (Q8_0, Q4_0, Q5_0) or min/max (Q4_1, Q5_1)."""
     out, n = w.shape
     x = w.reshape(out, n // q.block, q.block)
+    if q.bits == 8:
+        d, codes = _chunked(_search_q8_0, x)
+        return QTensor(pack_np(codes.reshape(out, n) + q.offset, q.widths), d, qtype=q.name, shape=(out, n),
+                       sub=q.sub)
     levels = 1 << q.bits
     if q.has_min:
         scale, mins = _chunked(lambda r: _search_affine(r, None, levels - 1, -1.0, 0.1, 20), x)
@@ -350,6 +393,51 @@ def _search_symmetric(x: np.ndarray, weights: np.ndarray | None, nmax: int, step
         best = np.where(better, score, best)
         scale = np.where(better, sumlx / suml2, scale)
     return scale
+
+
+# Q8_0's trial scales: the block's largest |x| over these (llama.cpp's 127 first; 128 only where that extreme is
+# negative, as code -128 exists). On standard normal 32-blocks they cut the RMS error by 12% (127..112 by 0.5: 13%).
+_Q8_0_DIVISORS = (128, 127, 126, 125, 124, 123, 122, 121, 120)
+
+
+def _search_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks ``x [..., 32]`` -> float16 scales ``[...]`` and codes in ``[-128, 127]``: llama.cpp's
+    ``amax / 127`` (bit-exact with gguf's reference quantizer) unless a trial scale leaves less squared error. Each
+    trial ``amax / t`` (:data:`_Q8_0_DIVISORS`) is rounded to float16 and the block rounded with it, then the
+    least-squares scale of those codes (rounded to float16) re-rounds the block once more; every candidate is
+    scored by its own float16 scale, so the result is never worse than the reference's."""
+    from gguf.quants import np_roundf
+
+    amax = np.abs(x).max(-1)
+    neg = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0] < 0
+    d0 = amax / np.float32(127)
+    inv = np.where(d0 == 0, np.float32(0), 1 / np.where(d0 == 0, np.float32(1), d0))
+    codes = np_roundf(x * inv[..., None])  # the reference, as gguf computes it
+    d = d0.astype(np.float16)
+
+    def error(scale, L):
+        return np.square(scale.astype(np.float32)[..., None] * L - x).sum(-1)
+
+    best = error(d, codes)
+
+    def consider(scale):  # a float16 scale: its codes, and keep it where it fits better
+        nonlocal best, d, codes
+        s = scale.astype(np.float32)
+        L = np.clip(np.rint(x / np.where(s == 0, 1, s)[..., None]), -128, 127)
+        err = error(scale, L)
+        better = (err < best) & (s > 0)
+        best, d = np.where(better, err, best), np.where(better, scale, d)
+        codes = np.where(better[..., None], L, codes)
+        return L
+
+    for t in _Q8_0_DIVISORS:
+        if t > 127 and not neg.any():
+            continue
+        trial = np.where(neg, amax / np.float32(t), amax / np.float32(min(t, 127)))
+        L = consider(trial.astype(np.float16))
+        ll = _dot(L, L)
+        consider(np.where(ll > 0, _dot(L, x) / np.where(ll > 0, ll, 1), 0).astype(np.float16))
+    return d, codes.astype(np.int32)
 
 
 def _search_affine(x: np.ndarray, weights: np.ndarray | None, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -412,15 +500,17 @@ def _quantize_k(w: np.ndarray, q: QType) -> QTensor:
     sub-block scales (and mins) quantized against the super-block's ``d`` (``dmin``), then each sub-block picks the
     neighbouring scale/min codes (+-1) whose re-rounded values fit it best (llama.cpp rounds them once)."""
     out, n = w.shape
-    x = w.reshape(out, n // q.block, q.block // q.sub, q.sub)
+    blocks, n_sub = -(-n // q.block), n // q.sub
+    # A short last super-block is searched padded with zero sub-blocks: they get scale and min 0, so the super-block's
+    # d/dmin (maxima over its sub-blocks) and every real sub-block's codes are those of the short block alone.
+    x = _pad_to(w, blocks * q.block).reshape(out, blocks, q.block // q.sub, q.sub)
     codes, d, dmin, sc, mc = _chunked(_k_rows, x, q)
+    codes = codes.reshape(out, -1)[:, :n]
+    sc, mc = sc.reshape(out, -1)[:, :n_sub], mc.reshape(out, -1)[:, :n_sub]
     if q.has_min:
-        return QTensor(pack_np(codes.reshape(out, n), q.widths), d, dmin=dmin,
-                       sc=pack_np(sc.reshape(out, -1), _planes(q.scale_bits)),
-                       mc=pack_np(mc.reshape(out, -1), _planes(q.min_bits)),
-                       qtype=q.name, shape=(out, n), sub=q.sub)
-    return QTensor(pack_np(codes.reshape(out, n), q.widths), d,
-                   sc=pack_np((sc + q.scale_offset).reshape(out, -1), _planes(q.scale_bits)), qtype=q.name,
+        return QTensor(pack_np(codes, q.widths), d, dmin=dmin, sc=pack_np(sc, _planes(q.scale_bits)),
+                       mc=pack_np(mc, _planes(q.min_bits)), qtype=q.name, shape=(out, n), sub=q.sub)
+    return QTensor(pack_np(codes, q.widths), d, sc=pack_np(sc + q.scale_offset, _planes(q.scale_bits)), qtype=q.name,
                    shape=(out, n), sub=q.sub)
 
 
@@ -530,6 +620,17 @@ def gguf_to_jaxmap_type(gguf_type: str) -> str | None:
 
 # ---- dequantization and matmul (jnp, inside jit) --------------------------------------------------------------------
 
+def _per_sub(d: jax.Array, codes: jax.Array | None, per: int, n_sub: int) -> jax.Array:
+    """Per-sub-block factors ``[..., n_sub]`` from per-block ``d [..., n_block]`` (``per`` sub-blocks per block, the
+    last block possibly short), times the sub-blocks' integer ``codes`` (K types' scale or min codes) if given."""
+    if d.shape[-1] * per == n_sub:  # whole blocks
+        if codes is None:
+            return d if per == 1 else jnp.repeat(d, per, axis=-1)
+        return (d[..., None] * codes.reshape(*d.shape, per)).reshape(codes.shape)
+    a = jnp.repeat(d, per, axis=-1)[..., :n_sub]
+    return a if codes is None else a * codes
+
+
 def _class_weight(w: QTensor, classes: int, r: int, dtype) -> jax.Array:
     """The float rows ``o % classes == r`` of the weight, ``[out / classes, in]``: codes, offset, scale, min."""
     q = QTYPES[w.qtype]
@@ -543,14 +644,14 @@ def _class_weight(w: QTensor, classes: int, r: int, dtype) -> jax.Array:
     n_sub = n // w.sub
     if q.kind == "k":
         sc = (_class_codes(w.sc, _planes(q.scale_bits), classes, r) - q.scale_offset).astype(dtype)
-        a = (d[..., None] * sc.reshape(rows, d.shape[-1], -1)).reshape(rows, n_sub)
+        a = _per_sub(d, sc, q.block // w.sub, n_sub)
         b = None
         if w.dmin is not None:
             mc = _class_codes(w.mc, _planes(q.min_bits), classes, r).astype(dtype)
             dmin = _class_rows(w.dmin, classes, r).astype(dtype)
-            b = -(dmin[..., None] * mc.reshape(rows, d.shape[-1], -1)).reshape(rows, n_sub)
+            b = -_per_sub(dmin, mc, q.block // w.sub, n_sub)
     else:
-        a = d
+        a = _per_sub(d, None, max(1, q.block // w.sub), n_sub)
         b = None if w.m is None else _class_rows(w.m, classes, r).astype(dtype)
     v = v.reshape(rows, n_sub, w.sub) * a[..., None]
     if b is not None:
@@ -615,14 +716,14 @@ def take_rows(w, ids: jax.Array, dtype) -> jax.Array:
     n_sub = n // w.sub
     if q.kind == "k":
         sc = (codes(w.sc, _planes(q.scale_bits)) - q.scale_offset).astype(dtype)
-        a = (d[..., None] * sc.reshape(*lead, d.shape[-1], -1)).reshape(*lead, n_sub)
+        a = _per_sub(d, sc, q.block // w.sub, n_sub)
         b = None
         if w.dmin is not None:
             mc = codes(w.mc, _planes(q.min_bits)).astype(dtype)
             dmin = jnp.take(w.dmin, ids, axis=0).astype(dtype)
-            b = -(dmin[..., None] * mc.reshape(*lead, d.shape[-1], -1)).reshape(*lead, n_sub)
+            b = -_per_sub(dmin, mc, q.block // w.sub, n_sub)
     else:
-        a = d
+        a = _per_sub(d, None, max(1, q.block // w.sub), n_sub)
         b = None if w.m is None else jnp.take(w.m, ids, axis=0).astype(dtype)
     v = v.reshape(*lead, n_sub, w.sub) * a[..., None]
     if b is not None:

@@ -167,6 +167,22 @@ def test_isq_on_a_quantized_checkpoint_follows_the_gguf_rules(q8, caplog):
         assert "topology isq entries ignored" in caplog.text  # only the devices apply
 
 
+def test_short_super_blocks_are_kept_on_unsplit_inputs_only(tmp_path, caplog):
+    """tiny's 128 inputs: Q4K stores one short super-block per row. Restored at tp=2, the column-parallel wq keeps it
+    (identical to --isq Q4K in that layout); the row-parallel wo (64 inputs per device) is requantized (fallback)."""
+    from jaxmap import quant
+
+    out = tmp_path / "q4k"
+    convert(open_source(TINY), out, isq="Q4K", progress=False)
+    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+        model = jaxmap.load(str(out), progress=False, max_seq_len=64, tp=2)
+    same = jaxmap.load(TINY, progress=False, max_seq_len=64, isq="Q4K", tp=2)
+    got, want = (m.engine.stages[0].params["layers"][0] for m in (model, same))
+    assert got["wq"].qtype == "Q4K" and got["wq"].d.shape == (128, 1) and got["wo"].qtype == "Q5_0"
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(got["wq"])), np.asarray(quant.dequantize(want["wq"])))
+    assert "Q4K does not fit self_attn.o_proj" in caplog.text
+
+
 def test_per_channel_types_are_stored_unsplit_and_resplit_exactly():
     from jaxmap import quant
     from jaxmap.checkpoint import _resplit, qtensor_from, qtensor_leaves

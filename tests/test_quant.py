@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 import jaxmap
 from jaxmap import quant
 from jaxmap.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Mean absolute error relative to the mean |w| of a standard normal 64x512 matrix (measured, with headroom).
 ROUND_TRIP = {"Q4_0": 0.095, "Q4_1": 0.08, "Q5_0": 0.047, "Q5_1": 0.04, "Q8_0": 0.007, "Q2K": 0.32, "Q3K": 0.165,
@@ -20,20 +24,45 @@ def _dev(qt):
     return jax.tree_util.tree_map(jnp.asarray, qt)
 
 
-@pytest.mark.parametrize("name", list(quant.QTYPES))
-def test_round_trip_and_matmul(name):
+K_TYPES = [name for name, q in quant.QTYPES.items() if q.short_unit]
+
+
+# 576 inputs (SmolLM2's hidden size): K types end each row in a short super-block of 64 (two 256s, then 64)
+@pytest.mark.parametrize("name,n", [(name, 512) for name in quant.QTYPES] + [(name, 576) for name in K_TYPES])
+def test_round_trip_and_matmul(name, n):
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 512)).astype(np.float32)
+    w = rng.standard_normal((64, n)).astype(np.float32)
     qt = quant.quantize(w, name)
+    assert qt.nbytes == quant.tensor_nbytes(name, w.shape)
     assert qt.nbytes * 8 / w.size == pytest.approx(quant.QTYPES[name].bits_per_weight, abs=0.07)
     back = np.asarray(quant.dequantize(_dev(qt)))
     assert np.abs(back - w).mean() / np.abs(w).mean() < ROUND_TRIP[name]
     for rows in (1, 9):  # decode and prefill forms
-        x = rng.standard_normal((1, rows, 512)).astype(np.float32)
+        x = rng.standard_normal((1, rows, n)).astype(np.float32)
         y = np.asarray(jax.jit(quant.dense)(jnp.asarray(x), _dev(qt)))
         np.testing.assert_allclose(y, x @ back.T, rtol=1e-4, atol=2e-4)
     ids = np.array([[0, 5, 63, 17]])
     np.testing.assert_array_equal(np.asarray(quant.take_rows(_dev(qt), jnp.asarray(ids), jnp.float32)), back[ids])
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_short_super_block_is_its_own_block(name):
+    """A row of 576 = 256 + 256 + 64: the last 64 inputs are a super-block of their own (own d/dmin, fewer scale
+    codes, nothing padded in storage): the tensor equals its first 512 and last 64 columns quantized apart."""
+    w = np.random.default_rng(4).standard_normal((32, 576)).astype(np.float32)
+    qt = quant.quantize(w, name)
+    assert qt.d.shape == (32, 3) and all(p.shape[1] == 576 // qt.sub for p in qt.sc)
+    parts = [np.asarray(quant.dequantize(_dev(quant.quantize(w[:, cols], name))))
+             for cols in (slice(0, 512), slice(512, 576))]
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(_dev(qt))), np.concatenate(parts, axis=1))
+
+
+def test_fits_short_super_blocks_only_on_an_unsplit_input():
+    assert quant.fits("Q4K", 576) and quant.fits("Q6K", 80) and quant.fits("Q4K", 1536, in_shards=2)
+    assert not quant.fits("Q4K", 80)  # not a whole number of 32-element sub-blocks
+    assert not quant.fits("Q4K", 576, in_shards=2)  # 288 per shard: a split input needs whole super-blocks
+    assert quant.choose_type("Q4K", 576, 2) == "Q5_0" and quant.choose_type("Q4K", 80) == "INT8"
+    assert "only on an unsplit input" in quant.misfit_reason("Q4K", 576, 2)
 
 
 @pytest.mark.parametrize("gguf_type", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
@@ -81,13 +110,25 @@ def test_cli_bad_isq_exit_2(capsys):
     assert len(err) == 1 and "unknown --isq type 'Q9'" in err[0] and "Q8_0" in err[0]
 
 
-def test_fallback_when_block_does_not_fit(caplog):
-    """tiny has hidden 128: K super-blocks (256) never fit, so Q4K falls back to Q5_0 with a warning."""
+def test_fallback_when_block_does_not_fit(caplog, tmp_path):
+    """hidden 80 is a whole number of 16-element sub-blocks but not of 32: Q6K keeps its type there (a short
+    super-block), Q4K falls back to Q5_0, which does not fit either, so INT8; the 160 down inputs keep Q4K."""
+    odd = tmp_path / "odd.yaml"
+    odd.write_text((ROOT / "models" / "tiny.yaml").read_text().replace("hidden_size: 128", "hidden_size: 80")
+                   .replace("intermediate_size: 256", "intermediate_size: 160")
+                   .replace("num_attention_heads: 8", "num_attention_heads: 5")
+                   .replace("num_key_value_heads: 4", "num_key_value_heads: 1"))
     with caplog.at_level("WARNING", logger="jaxmap.isq"):
-        model = jaxmap.load("preset:tiny", max_seq_len=32, devices="0", progress=False, isq="Q4K")
+        model = jaxmap.load(f"preset:{odd}", max_seq_len=32, devices="0", progress=False, isq="Q4K")
     layer = model.engine.stages[0].params["layers"][0]
-    assert layer["wq"].qtype == "Q5_0" and layer["w_down"].qtype == "Q4K"  # down: 256 inputs
-    assert any("Q4K does not fit" in r.message and "Q5_0" in r.message for r in caplog.records)
+    assert layer["wq"].qtype == "INT8" and layer["w_down"].qtype == "Q4K"
+    assert any("Q4K does not fit" in r.message and "INT8" in r.message and "sub-blocks" in r.message
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+        model = jaxmap.load(f"preset:{odd}", max_seq_len=32, devices="0", progress=False, isq="Q6K")
+    assert {w.qtype for w in model.engine.stages[0].params["layers"][0].values() if quant.is_quantized(w)} == {"Q6K"}
+    assert not [r for r in caplog.records if "does not fit" in r.message]
 
 
 def test_topology_isq_overrides_global():
@@ -104,10 +145,11 @@ def test_topology_isq_overrides_global():
 
 
 @pytest.mark.parametrize("isq,tp", [("Q4_0", 4), ("Q4K", 2)])
-def test_tensor_parallel_isq_matches_one_device(isq, tp):
+def test_tensor_parallel_isq_matches_one_device(isq, tp, caplog):
     prompt = [[3, 17, 29, 101, 7]]
     one = jaxmap.load("preset:tiny", max_seq_len=64, devices="0", progress=False, isq=isq)
-    many = jaxmap.load("preset:tiny", max_seq_len=64, tp=tp, progress=False, isq=isq)
+    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+        many = jaxmap.load("preset:tiny", max_seq_len=64, tp=tp, progress=False, isq=isq)
     wq = many.engine.stages[0].params["layers"][0]["wq"]
     assert len(wq.q[0].sharding.device_set) == tp and wq.d.sharding.spec == wq.q[0].sharding.spec
     a = one.generate(prompt, max_new_tokens=12, stop_at_eos=False)[0].token_ids
@@ -117,10 +159,33 @@ def test_tensor_parallel_isq_matches_one_device(isq, tp):
              for m in (one, many) for layer in m.engine.stages[0].params["layers"]]
     if types[:len(types) // 2] == types[len(types) // 2:]:  # same types (no shard-dependent fallback): same logits
         np.testing.assert_allclose(one.forward_logits(prompt)[0], many.forward_logits(prompt)[0], atol=2e-4, rtol=0)
+    if isq == "Q4K":  # hidden 128: one short super-block per row, kept on the column-parallel (unsplit input) wq
+        assert wq.qtype == "Q4K" and wq.d.shape == (128, 1)
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(wq)),
+                                      np.asarray(quant.dequantize(one.engine.stages[0].params["layers"][0]["wq"])))
+        wo = many.engine.stages[0].params["layers"][0]["wo"]  # row-parallel: 64 inputs per device, no short block
+        assert wo.qtype == "Q5_0"
+        assert any("Q4K does not fit self_attn.o_proj" in r.message and "unsplit" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("isq,tp", [("Q4K", 1), ("Q4K", 2), ("Q6K", 4), ("Q8_0", 2)])
+def test_planned_isq_bytes_equal_allocated(isq, tp):
+    """The planner's bytes for a layer (short super-blocks and fallbacks included) are what one device holds."""
+    from jaxmap.config import ModelConfig
+    from jaxmap.fit import layer_weight_bytes
+
+    model = jaxmap.load("preset:tiny", max_seq_len=32, progress=False, isq=isq, tp=tp,
+                        **({"devices": "0"} if tp == 1 else {}))
+    layer = model.engine.stages[0].params["layers"][0]
+    device = next(iter(layer["wq"].q[0].sharding.device_set))
+    held = sum(s.data.nbytes for leaf in jax.tree.leaves(layer) for s in leaf.addressable_shards
+               if s.device == device)
+    assert held == layer_weight_bytes(ModelConfig.from_preset("tiny"), 0, tp, "float32", isq)
 
 
 def test_gguf_native_q8_0_equals_requantized(default_gguf):
-    """The GGUF's Q8_0 embedding repacked natively equals requantizing its dequantized floats to Q8_0."""
+    """The GGUF's Q8_0 embedding repacked natively equals requantizing its dequantized floats to Q8_0: the scale
+    search starts from llama.cpp's amax / 127, which reproduces such blocks exactly (no other scale can do better)."""
     from jaxmap.loading import open_source
 
     with open_source(default_gguf) as src:
@@ -152,6 +217,29 @@ def test_tensor_nbytes_matches_storage():
     for name in ("Q4K", "Q8_0", "INT8", "Q6K"):
         assert quant.tensor_nbytes(name, w.shape) == quant.quantize(w, name).nbytes
     assert quant.tensor_nbytes(None, w.shape, 2) == w.size * 2
+    assert quant.tensor_nbytes("INT8", w.shape, in_shards=4) == quant.quantize(w, "INT8", in_shards=4).nbytes
+    for name in K_TYPES:  # short last super-blocks (576 = 2 x 256 + 64; 80 < 256), and a fallback (Q4K on 80: INT8)
+        for n in (576, 80):
+            got = quant.choose_type(name, n)
+            assert quant.tensor_nbytes(name, (64, n)) == quant.quantize(np.zeros((64, n), np.float32), got).nbytes
+
+
+def test_q8_0_scale_search_never_worse_than_llama_cpp():
+    """Q8_0's searched scale: per block never more squared error than gguf's reference (llama.cpp's amax / 127),
+    clearly less overall on Gaussian weights, and the stored format unchanged (int8 codes, one float16 per 32)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(5).standard_normal((256, 1024)).astype(np.float32)
+    w[:, ::64] *= -3  # some blocks whose extreme is negative (code -128 usable)
+    ref = dequantize(quantize(w, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0).reshape(w.shape)
+    qt = quant.quantize(w, "Q8_0")
+    assert qt.d.dtype == np.float16 and qt.d.shape == (256, 32) and qt.q[0].dtype == np.uint8
+    back = np.asarray(quant.dequantize(_dev(qt)))
+    err, ref_err = (((x - w) ** 2).reshape(256, 32, 32).sum(-1) for x in (back, ref))
+    assert (err <= ref_err).all()
+    assert np.sqrt(err.sum() / ref_err.sum()) < 0.92  # measured 0.88
+    assert (qt.q[0] == 0).any()  # code -128
 
 
 def test_topology_isq_on_a_prequantized_gguf_only_moves_devices(default_gguf, caplog):
