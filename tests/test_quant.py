@@ -144,8 +144,68 @@ def test_topology_isq_overrides_global():
     assert model.engine.stages[0].params["lm_head"].qtype == "Q8_0"  # a regex entry quantizes the head
 
 
-@pytest.mark.parametrize("isq,tp", [("Q4_0", 4), ("Q4K", 2)])
-def test_tensor_parallel_isq_matches_one_device(isq, tp, caplog):
+@pytest.mark.parametrize("name", ["Q4_1", "Q5_0", "Q4K", "Q6K", "INT8", "F8E4M3"])
+def test_products_in_row_class_chunks(name, monkeypatch):
+    """A weight over CHUNK_BYTES as float is dequantized and multiplied one row class at a time (both orientations)."""
+    monkeypatch.setattr(quant, "CHUNK_BYTES", 64 * 512)
+    rng = np.random.default_rng(1)
+    qt = _dev(quant.quantize(rng.standard_normal((64, 512)).astype(np.float32), name))
+    assert quant._chunk_classes(qt, 4) >= 4
+    back = np.asarray(quant.dequantize(qt))
+    for rows in (3, quant.SMALL_ROWS + 1):
+        x = rng.standard_normal((1, rows, 512)).astype(np.float32)
+        y = np.asarray(jax.jit(quant.dense)(jnp.asarray(x), qt))
+        np.testing.assert_allclose(y, x @ back.T, rtol=1e-4, atol=2e-4)
+
+
+def _fusion_operands(hlo: str, contains: str) -> list[int]:
+    """Operand counts of the top-level fusions whose computation contains ``contains``."""
+    import re
+
+    bodies = dict(re.findall(r"\n(%[\w.-]+) .*?\{\n(.*?)\n\}", hlo, re.S))
+    counts = []
+    for line in hlo.split("ENTRY", 1)[1].splitlines():
+        called = re.search(r" fusion\((.*?)\), kind=.*calls=(%[\w.-]+)", line)
+        if called and contains in bodies.get(called.group(2), ""):
+            counts.append(len(re.findall(r"%[\w.-]+", called.group(1))))
+    return counts
+
+
+def test_decode_product_reads_a_materialised_activation():
+    """At one row the dequantization is fused into the matrix-vector product, and the activation's producers (here
+    a norm-like multiply and the previous product's row interleave) are not: each product fusion reads only the
+    weight's arrays and one activation."""
+    rng = np.random.default_rng(2)
+    w1, w2 = (_dev(quant.quantize(rng.standard_normal((256, 256)).astype(np.float32), "Q4_1")) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal(256).astype(np.float32))
+
+    def f(x, g, w1, w2):
+        return quant.dense(quant.dense(x * g, w1) * g, w2)
+
+    hlo = jax.jit(f).lower(jnp.ones((1, 1, 256)), g, w1, w2).compile().as_text()
+    counts = _fusion_operands(hlo, " dot(")
+    assert counts and max(counts) <= len(jax.tree_util.tree_leaves(w1)) + 1, counts
+
+
+def test_batched_dequantization_waits_for_its_activation():
+    """With several rows the float weights are temporaries; each is made after its activation exists, so they are
+    not all alive at once (XLA would otherwise hoist every dequantization to the start of the program)."""
+    rng = np.random.default_rng(3)
+    ws = [_dev(quant.quantize(rng.standard_normal((256, 256)).astype(np.float32), "Q4_1")) for _ in range(6)]
+
+    def f(x, ws):
+        for w in ws:
+            x = jnp.tanh(quant.dense(x, w))
+        return x
+
+    compiled = jax.jit(f).lower(jnp.ones((8, 256)), ws).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 3 * 256 * 256 * 4
+
+
+@pytest.mark.parametrize("isq,tp,chunk", [("Q4_0", 4, None), ("Q4K", 2, None), ("Q4_0", 4, 16384)])
+def test_tensor_parallel_isq_matches_one_device(isq, tp, chunk, monkeypatch, caplog):
+    if chunk:  # row-class chunks (a loop) over column- and row-parallel weights
+        monkeypatch.setattr(quant, "CHUNK_BYTES", chunk)
     prompt = [[3, 17, 29, 101, 7]]
     one = jaxmap.load("preset:tiny", max_seq_len=64, devices="0", progress=False, isq=isq)
     with caplog.at_level("WARNING", logger="jaxmap.isq"):
