@@ -276,6 +276,10 @@ class Engine:
 
     def compiled_text(self, stage_index: int, batch: int = 1, n_tokens: int = 1, attend_len: int | None = None) -> str:
         """The optimised HLO of one stage's step program (for tests and for reading what XLA made of a layout)."""
+        return self.compiled(stage_index, batch, n_tokens, attend_len).as_text()
+
+    def compiled(self, stage_index: int, batch: int = 1, n_tokens: int = 1, attend_len: int | None = None):
+        """One stage's compiled step program (``jax.stages.Compiled``: its HLO, XLA's memory analysis)."""
         stage = self.stages[stage_index]
         attend_len = attend_len or min(MIN_ATTEND_BUCKET, self.max_seq_len)
         shape = StepShape(batch, n_tokens, attend_len, False, SamplerShape())
@@ -291,7 +295,7 @@ class Engine:
             args += [None, None, None, None]
         if stage.mode != "unrolled":
             raise ValueError("compiled_text reads unrolled stages; per-layer stages compile one program per part")
-        return self._program(stage_index, shape, "stage").lower(*args).compile().as_text()
+        return self._program(stage_index, shape, "stage").lower(*args).compile()
 
     # ---- steps ------------------------------------------------------------------------------------------------------
     def step(self, caches, inputs: jax.Array, start: int, pad: jax.Array, last_index: int, seen, values, key,

@@ -148,3 +148,15 @@ def test_buckets():
     assert attend_bucket(5000, 4096) == 4096
     assert [prefill_bucket(n, 4096) for n in (1, 9, 16, 17, 200, 257, 600)] == [8, 16, 16, 32, 256, 512, 768]
     assert prefill_bucket(100, 50) == 50
+
+
+def test_decode_reads_cache_buckets_one_layer_at_a_time():
+    """Each layer's decode attention reads its cache bucket when that layer runs: a read that depends on nothing
+    would be scheduled at the start of the step, every layer's bucket copied out and alive at once (at batch 8 this
+    spilled SmolLM2's buckets out of the CPU caches and made decode attention 4x slower)."""
+    model = jaxmap.load("preset:tiny", max_seq_len=512, devices="0", progress=False)
+    cfg, batch, bucket = model.config, 8, 256
+    one_layer = 2 * batch * cfg.num_key_value_heads * bucket * cfg.head_dim * 4  # its keys and values, float32
+    assert cfg.num_hidden_layers >= 4
+    temp = model.engine.compiled(0, batch=batch, n_tokens=1, attend_len=bucket).memory_analysis().temp_size_in_bytes
+    assert temp < 2 * one_layer, (temp, one_layer)
