@@ -18,8 +18,9 @@ so every row's codes stay contiguous along the contraction. A weight is ``a * (c
 
 :func:`dense` hides the matmul: plain arrays take ``x @ w``, quantized ones are dequantized inside the jitted
 program (:func:`qdot`). At one activation row (decode at batch 1) XLA:CPU fuses the unpacking into a matrix-vector
-product per row class (rows sharing a byte), one pass over the packed bytes, with the activation computed once
-beforehand (:func:`_materialized`; fused in, its producers were recomputed for every output row). With more rows the
+product per row class (even and odd rows: the two nibbles of a 4-bit byte), each reading the packed rows in order,
+with the activation computed once beforehand (:func:`_materialized`; fused in, its producers were recomputed for every
+output row). With more rows the
 weight is dequantized to float after its activation exists (:func:`_ones_after`) and multiplied, as the left operand
 up to :data:`SMALL_ROWS` rows; a weight over :data:`CHUNK_BYTES` as float one row class at a time.
 
@@ -668,9 +669,9 @@ def qdot(x: jax.Array, w: QTensor) -> jax.Array:
     """``x [..., in] @ W.T`` for a quantized ``W [out, in]``, in ``x``'s dtype. The form depends on the (static)
     number of activation rows:
 
-    - one (decode at batch 1): one matrix-vector product per row class of the value planes (rows sharing a packed
-      byte), over a weight XLA dequantizes inside the product's loop; outputs interleaved into row order. ``x`` is
-      materialised first (:func:`_materialized`), as are a K type's sub-block scales.
+    - one (decode at batch 1): one matrix-vector product per row class (:func:`_value_classes`), over a weight XLA
+      dequantizes inside the product's loop; outputs interleaved into row order. ``x`` is materialised first
+      (:func:`_materialized`), as are a K type's sub-block scales.
     - more: the weight is dequantized to float, after ``x`` exists (:func:`_ones_after`), and multiplied; a weight
       over :data:`CHUNK_BYTES` as float one row class at a time in a loop, so the float temporary stays that size.
       Up to :data:`SMALL_ROWS` rows (batched decode) the weight is the left operand, ``(W @ x.T).T``: the layout the
