@@ -294,7 +294,7 @@ class Engine:
         else:
             args += [None, None, None, None]
         if stage.mode != "unrolled":
-            raise ValueError("compiled_text reads unrolled stages; per-layer stages compile one program per part")
+            raise ValueError("compiled reads unrolled stages; per-layer stages compile one program per part")
         return self._program(stage_index, shape, "stage").lower(*args).compile()
 
     # ---- steps ------------------------------------------------------------------------------------------------------

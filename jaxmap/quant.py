@@ -30,7 +30,8 @@ up to :data:`SMALL_ROWS` rows; a weight over :data:`CHUNK_BYTES` as float one ro
 Measured on one core (``taskset -c 1``; jit(qdot) against float32 ``x @ w``, same process, best of 7, weights in
 cache; SmolLM2-135M's Q4_1 shapes): 1536x576 at 1 row 83 us (float32 56), at 8 rows 225 (178; before these forms
 355); the 49152x576 LM head at 1 row 2.5 ms (4.3), at 8 rows 15 ms (14; before 70). At batch 1 the weights come from
-memory, not cache, in a real decode: there the 4-bit decode step is about 1.8x float32's speed (README).
+memory, not cache, in a real decode: there SmolLM2's Q4_1 decode runs about 1.5x float32's speed on two
+cores (README) and 2x on one.
 """
 
 from __future__ import annotations
