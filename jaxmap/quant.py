@@ -23,9 +23,9 @@ so every row's codes stay contiguous along the contraction. A weight is ``a * (c
 program (:func:`qdot`). At one activation row (decode at batch 1) XLA:CPU fuses the unpacking into a matrix-vector
 product per row class (even and odd rows: the two nibbles of a 4-bit byte), each reading the packed rows in order,
 with the activation computed once beforehand (:func:`_materialized`; fused in, its producers were recomputed for every
-output row). With more rows the
-weight is dequantized to float after its activation exists (:func:`_ones_after`) and multiplied, as the left operand
-up to :data:`SMALL_ROWS` rows; a weight over :data:`CHUNK_BYTES` as float one row class at a time.
+output row). With more rows the weight is dequantized to float after its activation exists (:func:`_ones_after`) and
+multiplied, as the left operand up to :data:`SMALL_ROWS` rows; a weight over :data:`CHUNK_BYTES` as float one row
+class at a time.
 
 Measured on one core (``taskset -c 1``; jit(qdot) against float32 ``x @ w``, same process, best of 7, weights in
 cache; SmolLM2-135M's Q4_1 shapes): 1536x576 at 1 row 83 us (float32 56), at 8 rows 225 (178; before these forms
