@@ -21,6 +21,7 @@ from jaxmap.dtypes import default_dtype, parse_dtype
 from jaxmap.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
 from jaxmap.errors import UserError
 from jaxmap.hardware import Hardware
+from jaxmap.imatrix import Imatrix
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.random_source import RandomSource
 from jaxmap.loading.safetensors_source import SafetensorsSource
@@ -290,6 +291,7 @@ def load(
     allow_disk: bool = True,
     offload_folder: str | Path | None = None,
     isq: str | None = None,
+    imatrix: str | Path | dict | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
@@ -301,7 +303,10 @@ def load(
     ``allow_disk=False``); ``auto=False`` keeps the layout even where it does not fit.
     ``isq=``: in-situ quantization type (``Q4K``, ``Q8_0``, ``INT8``...; see :mod:`jaxmap.isq`); ``"none"``
     dequantizes a GGUF, which otherwise (with no ``dtype`` either) keeps its stored quantized types.
+    ``imatrix=``: an importance matrix (a file from ``python -m jaxmap.imatrix``, or a dict of vectors) that weights
+    each quantized block's fit by how much activation its inputs carry (:mod:`jaxmap.imatrix`).
     """
+    importance = None if imatrix is None else Imatrix.load(imatrix)
     source = resolve_source(model, seed=seed)
     try:
         config = source.config
@@ -327,7 +332,7 @@ def load(
                 wish = dataclasses.replace(wish, topology=wish.topology.with_isq(isq_mod.NATIVE))
         stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
         device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish, stored)
-        quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq))
+        quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq), importance)
         if any(s.memory_kind == "disk" for s in device_map.stages) and not isinstance(source, SafetensorsSource):
             check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
         if save_plan is not None:

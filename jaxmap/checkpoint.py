@@ -160,13 +160,14 @@ def _resplit(layout: dict, in_shards: int) -> tuple[dict, bool]:
 
 
 def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, isq: str | None = None,
-            progress: bool = True, compress: bool = False) -> Path:
+            progress: bool = True, compress: bool = False, imatrix=None) -> Path:
     """Write ``source`` (any :class:`~jaxmap.loading.source.WeightSource`) as a jaxmap orbax checkpoint at ``out``.
 
     ``isq``: store decoder-layer weights quantized (a type, ``native`` or ``none``); unset, a GGUF (or quantized
     checkpoint) converted with no ``dtype`` keeps its stored types, as loading it does (:func:`jaxmap.isq.default_isq`),
     and an explicit ``dtype`` dequantizes. ``dtype`` is also the dtype of everything stored as float (default
     float32). Weights are read and quantized on the host one tensor at a time, written one layer at a time.
+    ``imatrix``: an importance matrix (path or :class:`jaxmap.imatrix.Imatrix`) weighting the quantized fit.
     """
     import jax
     import orbax.checkpoint as ocp
@@ -191,7 +192,10 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, i
     items = _item_items(config)
     device = jax.local_devices(backend="cpu")[0]
     unsplit = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())  # the stored layout: tp=1
-    quantizer = isq_mod.Quantizer(source, _flat_type_function(config, global_isq))
+    from jaxmap.imatrix import Imatrix
+
+    quantizer = isq_mod.Quantizer(source, _flat_type_function(config, global_isq),
+                                  None if imatrix is None else Imatrix.load(imatrix))
     tensors: dict[str, dict] = {}
     bar = Progress(sum(len(specs) for _, specs in items), "writing checkpoint", enabled=progress)
     # zstd (orbax's default) made SmolLM2's float32 weights 37% smaller and its restore about 2x slower

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isq", default=None,
                         help="store the decoder layers quantized: Q8_0, Q4_0, Q4K, INT8... (see generate --isq), "
                              "native (a GGUF's own types: the default for a GGUF without --dtype) or none")
+    parser.add_argument("--imatrix", default=None,
+                        help="importance matrix (python -m jaxmap.imatrix) weighting each quantized block's fit")
     parser.add_argument("--compress", action="store_true",
                         help="zstd-compress the arrays (smaller folder, slower restore)")
     parser.add_argument("--seed", type=int, default=0, help="seed of preset:NAME random weights")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.model, seed=args.seed)
     try:
         out = convert(source, args.out, dtype, isq=args.isq, progress=not args.quiet,
-                      compress=args.compress)
+                      compress=args.compress, imatrix=args.imatrix)
     finally:
         source.close()
     if not args.quiet:

@@ -240,12 +240,7 @@ class Engine:
             specs, targets = stage.disk.specs[stage.start], stage.layer_shardings
 
             def raw_layer(raw, x, k_cache, v_cache, start, cos, sin, mask):
-                p = {}
-                for name, spec in specs.items():
-                    w = raw[name].astype(dtype).reshape(spec.hf_shape)
-                    w = (w.T if spec.transpose else w).reshape(spec.shape)
-                    p[name] = jax.lax.with_sharding_constraint(w, targets[name])
-                return layer(p, x, k_cache, v_cache, start, cos, sin, mask)
+                return layer(weights_from_raw(raw, specs, targets, dtype), x, k_cache, v_cache, start, cos, sin, mask)
 
             return jax.jit(raw_layer, donate_argnames=("k_cache", "v_cache"))
         if part == "leave":
@@ -379,6 +374,17 @@ class Engine:
         x.block_until_ready()
         disk.release(stage.end - 1)
         return x, new
+
+
+def weights_from_raw(raw: dict, specs: dict, targets: dict, dtype) -> dict:
+    """A disk-tier layer's parameters as the model takes them, from the tensors as stored (inside a jit: Hugging
+    Face ``[out, in]`` layout and stored dtype in, jaxmap's layout and compute dtype out, placed on ``targets``)."""
+    p = {}
+    for name, spec in specs.items():
+        w = raw[name].astype(dtype).reshape(spec.hf_shape)
+        w = (w.T if spec.transpose else w).reshape(spec.shape)
+        p[name] = jax.lax.with_sharding_constraint(w, targets[name])
+    return p
 
 
 def _outer(params: dict) -> dict:

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=args.max_batch_size, max_memory=args.max_memory,
-                 auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq)
+                 auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
+                 imatrix=args.imatrix)
     if model.tokenizer is None:
         raise UserError(f"{model.source_path} has no tokenizer, so text prompts cannot be encoded")
 

@@ -111,9 +111,13 @@ def check_types(isq: str | None, topology_types: list[str | None]) -> None:
 class Quantizer:
     """Loads one 2-D weight as a placed :class:`~jaxmap.quant.QTensor` (or None: keep it float)."""
 
-    def __init__(self, source, type_for: Callable[[ParamSpec], str | None]):
+    def __init__(self, source, type_for: Callable[[ParamSpec], str | None], imatrix=None):
         self.source = source
         self.type_for = type_for
+        self.imatrix = imatrix  # jaxmap.imatrix.Imatrix or None: weights each requantized block's fit
+        self.weighted: list[str] = []  # weights quantized with their importance
+        self.unweighted: list[str] = []  # weights quantized from float without one (not in the imatrix, or a type
+        # that takes none)
         self.fallbacks: dict[tuple[str, str, str, str], list[str]] = {}  # (kind, wanted, got, why) -> names
         self.requantized: set[str] = set()
         self.bytes: dict[str, tuple[int, int, str]] = {}  # hf name -> (stored bytes, float32 bytes, type)
@@ -154,7 +158,10 @@ class Quantizer:
             if tuple(host.shape) != spec.hf_shape:
                 raise UserError(f"{self.source.path}: tensor {spec.hf_name!r} has shape {tuple(host.shape)}, the "
                                 f"config expects {spec.hf_shape}; the checkpoint does not match its config")
-            qt = quant.quantize(host, qtype, in_shards)
+            importance = self.imatrix.for_weight(spec.hf_name, n) if self.imatrix is not None else None
+            weighted = importance is not None and qtype in quant.IMPORTANCE_TYPES
+            (self.weighted if weighted else self.unweighted).append(spec.hf_name)
+            qt = quant.quantize(host, qtype, in_shards, importance=importance if weighted else None)
             del host
         self.record(spec, qt)
         targets = quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
@@ -182,6 +189,16 @@ class Quantizer:
         for (short, want, got, why), names in self.fallbacks.items():
             log.warning("isq: %s does not fit %s (%s); %s used instead for %d tensor(s), e.g. %s", want, short, why,
                         got, len(names), names[0])
+        if self.imatrix is not None:
+            if not self.weighted:
+                log.warning("imatrix %s not used: no weight of this load is quantized from float with a type it "
+                            "weights (%s); pass --isq TYPE", self.imatrix.path, ", ".join(quant.IMPORTANCE_TYPES))
+            else:
+                log.info("isq: imatrix %s (%d calibration tokens) weighted %d of %d quantized weights%s",
+                         self.imatrix.path, self.imatrix.tokens, len(self.weighted),
+                         len(self.weighted) + len(self.unweighted),
+                         f"; not {self.unweighted[0]} and {len(self.unweighted) - 1} more (no entry, or a "
+                         f"type it does not weight)" if self.unweighted else "")
         for native in sorted(self.requantized):
             log.warning("isq: the checkpoint is already quantized (%s); the requested type requantizes its "
                         "dequantized weights (precision lost in %s is not recovered)", native, native)

@@ -19,8 +19,13 @@ from jaxmap.param_specs import LOGICAL_AXES, ParamSpec, layer_param_specs, outer
 from jaxmap.quant import dense, dense_rows, take_rows
 from jaxmap.rope import apply_rope
 
-__all__ = ["LOGICAL_AXES", "ParamSpec", "layer_param_specs", "outer_param_specs", "decoder_layer", "embed",
-           "lm_head", "rms_norm"]
+__all__ = ["LOGICAL_AXES", "PROJECTION_INPUTS", "ParamSpec", "layer_param_specs", "outer_param_specs",
+           "decoder_layer", "embed", "lm_head", "rms_norm"]
+
+# Which activation each projection multiplies: the names :func:`decoder_layer` records in ``taps``, and so what an
+# importance matrix (:mod:`jaxmap.imatrix`) measures for each weight.
+PROJECTION_INPUTS = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
+                     "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "mlp_act"}
 
 # ---- the computation ------------------------------------------------------------------------------------------------
 
@@ -56,13 +61,15 @@ def decoder_layer(
     mask: jnp.ndarray,
     attend_len: int,
     config: ModelConfig,
+    taps: dict | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder layer over ``T`` new tokens written at cache slot ``start``.
 
     x: [B, T, D]; caches: [B, kv_heads, S, head_dim]; cos/sin: [B, T, head_dim]; mask: [B, T, attend_len] (True
     where a query may see a key). Decode (T == 1) reads only the first ``attend_len`` cache slots (a static length
     bucket), which is most of the decode step's saving on short sequences. Prefill (T > 1) starts from an empty
-    cache at slot 0 with ``attend_len == T``.
+    cache at slot 0 with ``attend_len == T``. ``taps``: a dict that receives each projection's input activation,
+    keyed as in :data:`PROJECTION_INPUTS` (for importance matrices; None in serving).
     """
     b, t, _ = x.shape
     g, k_dim = config.num_key_value_heads, config.head_dim
@@ -70,6 +77,8 @@ def decoder_layer(
     eps = config.rms_norm_eps
 
     h = rms_norm(x, p["attn_norm"], eps)
+    taps = {} if taps is None else taps
+    taps["attn_in"] = h
     q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
@@ -129,8 +138,11 @@ def decoder_layer(
     k, v = k + after_reads, v + after_reads
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
+    taps["attn_out"] = attn
     x = x + dense(attn, p["wo"])
 
     h = rms_norm(x, p["mlp_norm"], eps)
-    x = x + dense(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), p["w_down"])
+    act = jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"])
+    taps["mlp_in"], taps["mlp_act"] = h, act
+    x = x + dense(act, p["w_down"])
     return x, k_cache, v_cache

@@ -69,6 +69,8 @@ def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--device-layers", help='layers per ordinal: "16" or "0:16;1:14"; the rest on the CPU')
     p.add_argument("--topology", help="topology YAML file (per-layer device and isq)")
     p.add_argument("--isq", help="global in-situ quantization type for layers a topology does not cover")
+    p.add_argument("--imatrix", default=None,
+                   help="importance matrix (python -m jaxmap.imatrix) weighting each quantized block's fit")
     p.add_argument("--max-batch-size", type=int, default=1, help="batch size the KV cache is planned for")
     p.add_argument("--save-plan", help="write the plan as YAML (load it later with --plan)")
     p.add_argument("--plan", help="use a saved plan (checked against the model)")

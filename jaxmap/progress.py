@@ -10,9 +10,11 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Counts items and bytes; ``update`` after each item, ``close`` at the end."""
+    """Counts items and bytes (``unit`` names the items where no bytes are counted); ``update`` after each item,
+    ``close`` at the end."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
+    def __init__(self, total: int, label: str, enabled: bool = True, unit: str | None = None):
+        self.unit = unit
         self.total = max(total, 1)
         self.label = label
         self.done = 0
@@ -31,10 +33,11 @@ class Progress:
         if self._tty:
             width = 30
             bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.bytes / 2**20:,.0f} MiB")
+            tail = self.unit or f"{self.bytes / 2**20:,.0f} MiB"
+            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {tail}")
             sys.stderr.flush()
         elif frac >= self._next_log:
-            log.info("%s: %d/%d (%.0f MiB)", self.label, self.done, self.total, self.bytes / 2**20)
+            log.info("%s: %d/%d %s", self.label, self.done, self.total, self.unit or f"({self.bytes / 2**20:.0f} MiB)")
             self._next_log += 0.25
 
     def close(self) -> None:
@@ -42,5 +45,5 @@ class Progress:
             sys.stderr.write("\n")
             sys.stderr.flush()
         if self.enabled:
-            log.info("%s: %d items, %.1f MiB in %.2fs", self.label, self.done, self.bytes / 2**20,
-                     time.perf_counter() - self._t0)
+            what = f"{self.done} {self.unit}" if self.unit else f"{self.done} items, {self.bytes / 2**20:.1f} MiB"
+            log.info("%s: %s in %.2fs", self.label, what, time.perf_counter() - self._t0)

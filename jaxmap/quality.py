@@ -46,11 +46,13 @@ def _kl(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(ref) * (ref - got)).sum(-1).mean())
 
 
-def measure(model_path, isq: str, ids: list[int], reference: np.ndarray | None, new_tokens: int, layer_mode: str):
+def measure(model_path, isq: str, ids: list[int], reference: np.ndarray | None, new_tokens: int, layer_mode: str,
+            imatrix=None):
     import jaxmap
 
     t0 = time.perf_counter()
-    model = jaxmap.load(model_path, isq=isq, max_seq_len=512, devices="0", progress=False, layer_mode=layer_mode)
+    model = jaxmap.load(model_path, isq=isq, max_seq_len=512, devices="0", progress=False, layer_mode=layer_mode,
+                        imatrix=imatrix if isq not in ("none", "native") else None)
     load_s = time.perf_counter() - t0
     (logits,) = model.forward_logits([ids])
     row = {"isq": isq, "weights_mib": _weight_bytes(model) / 2**20, "ppl": _perplexity(logits, ids),
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=448, help="text tokens scored (at least 256)")
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens timed for decode speed")
     parser.add_argument("--layer-mode", default="auto")
+    parser.add_argument("--imatrix", default=None,
+                        help="quantize with this importance matrix (a file, or 'calibration': collect one from the "
+                             "float model over jaxmap's shipped calibration text, which is not the scored text)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from jaxmap.api import resolve_source
@@ -82,17 +87,31 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenizer.encode(TEXT.read_text())[: args.tokens]
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}; {len(ids)} tokens of {TEXT.name}; "
           f"device: {jax.devices()[0].device_kind}")
+    imatrix = _imatrix(args.model, args.imatrix)
+    if imatrix is not None:
+        print(f"imatrix: {args.imatrix} ({imatrix.tokens} calibration tokens) for every quantized row")
     print("| isq | weights MiB | mean abs logit err | mean KL | top-1 agree | perplexity | decode tok/s | load s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     reference = None
     for isq in args.types.split(","):
-        row, logits = measure(args.model, isq, ids, reference, args.new_tokens, args.layer_mode)
+        row, logits = measure(args.model, isq, ids, reference, args.new_tokens, args.layer_mode, imatrix)
         if reference is None:
             reference = logits
         print(f"| {isq} | {row['weights_mib']:.1f} | {row.get('mae', 0.0):.4f} | {row.get('kl', 0.0):.5f} | "
               f"{100 * row.get('top1', 1.0):.1f}% | "
               f"{row['ppl']:.3f} | {row['decode_tps']:.1f} | {row['load_s']:.1f} |", flush=True)
     return 0
+
+
+def _imatrix(model_path, spec: str | None):
+    """The ``--imatrix`` argument: None, a file, or ``calibration`` (collected here from the float model)."""
+    import jaxmap
+    from jaxmap.imatrix import Imatrix, calibration_ids, collect
+
+    if spec is None or spec != "calibration":
+        return None if spec is None else Imatrix.load(spec)
+    model = jaxmap.load(model_path, isq="none", max_seq_len=512, devices="0", progress=False)
+    return collect(model, calibration_ids(model.tokenizer, None, None), progress=False)
 
 
 if __name__ == "__main__":

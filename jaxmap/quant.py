@@ -306,20 +306,50 @@ def _round(x: np.ndarray) -> np.ndarray:
     return np.floor(x + 0.5)
 
 
-def quantize(w: np.ndarray, qtype: str, in_shards: int = 1) -> QTensor:
-    """Quantize a float ``[out, in]`` matrix (host numpy) into ``qtype`` (already chosen to fit ``in_shards``)."""
+# Types whose fit an importance vector weights (``quantize(..., importance=)``); the per-channel and per-256 types
+# (INT8, Q8K, F8E4M3) take their row's or block's largest value as the scale whatever the importance.
+IMPORTANCE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "INT4")
+
+
+def importance_weights(importance: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A weight per input column from an importance vector ``[in]`` (mean squared activation of that input): floored
+    at 1% of its mean, so a column the calibration text never exercised is still fitted, not ignored."""
+    if importance is None:
+        return None
+    imp = np.asarray(importance, np.float32).reshape(-1)
+    if imp.shape != (n,):
+        raise ValueError(f"importance has {imp.size} entries for a weight with {n} inputs")
+    mean = float(imp.mean()) if imp.size else 0.0
+    if not np.isfinite(mean) or mean <= 0:
+        return None
+    return np.maximum(imp, np.float32(0.01 * mean)) / np.float32(mean)
+
+
+def quantize(w: np.ndarray, qtype: str, in_shards: int = 1, importance: np.ndarray | None = None) -> QTensor:
+    """Quantize a float ``[out, in]`` matrix (host numpy) into ``qtype`` (already chosen to fit ``in_shards``).
+
+    ``importance`` (``[in]``, from an importance matrix: :mod:`jaxmap.imatrix`): each block's scales (and mins) are
+    fitted to minimise the error weighted by it, so inputs that carry more activation energy are represented more
+    precisely (llama.cpp's imatrix quantization; here also for Q8_0 and INT4, see :data:`IMPORTANCE_TYPES`)."""
     q = QTYPES[qtype]
     w = np.asarray(w, np.float32)
     out, n = w.shape
     if not fits(qtype, n, in_shards):
         raise ValueError(f"{qtype} does not fit a row of {n} inputs split {in_shards} ways (choose_type first)")
+    weights = importance_weights(importance, n) if qtype in IMPORTANCE_TYPES else None
     if q.kind == "simple":
-        return _from_gguf_simple(w, q)
+        return _from_gguf_simple(w, q, weights)
     if q.kind == "k":
-        return _quantize_k(w, q)
+        return _quantize_k(w, q, weights)
     if q.kind == "int4":
         g = w.reshape(out, n // q.block, q.block)
-        d = (np.abs(g).max(-1) / 7).astype(np.float16)
+        if weights is not None:
+            # codes -8..7 as Q4_0's: a signed scale puts the block's extreme on -8
+            (scale,) = _chunked(lambda r, wt: (_search_symmetric(r, wt, 8),), g,
+                                weights.reshape(1, n // q.block, q.block))
+            d = scale.astype(np.float16)
+        else:
+            d = (np.abs(g).max(-1) / 7).astype(np.float16)
         inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d.astype(np.float32)))
         codes = np.clip(_round(g * inv[..., None]), -8, 7) + 8
         return QTensor(pack_np(codes.reshape(out, n), q.widths), d, qtype=qtype, shape=(out, n), sub=q.sub)
@@ -353,23 +383,25 @@ def _pad_to(w: np.ndarray, n: int) -> np.ndarray:
     return w if w.shape[1] == n else np.pad(w, ((0, 0), (0, n - w.shape[1])))
 
 
-def _from_gguf_simple(w: np.ndarray, q: QType) -> QTensor:
+def _from_gguf_simple(w: np.ndarray, q: QType, weights: np.ndarray | None = None) -> QTensor:
     """GGUF's ``_0``/``_1`` blocks with a least-squares scale (and min) search per block: the same blocks as
-    llama.cpp's, lower error than its plain max (Q8_0, Q4_0, Q5_0) or min/max (Q4_1, Q5_1)."""
+    llama.cpp's, lower error than its plain max (Q8_0, Q4_0, Q5_0) or min/max (Q4_1, Q5_1). ``weights`` ``[in]``:
+    the error each search minimises is weighted per input column (an importance matrix)."""
     out, n = w.shape
     x = w.reshape(out, n // q.block, q.block)
+    wb = None if weights is None else weights.reshape(1, n // q.block, q.block)
     if q.bits == 8:
-        d, codes = _chunked(_search_q8_0, x)
+        d, codes = _chunked(_search_q8_0, x, wb)
         return QTensor(pack_np(codes.reshape(out, n) + q.offset, q.widths), d, qtype=q.name, shape=(out, n),
                        sub=q.sub)
     levels = 1 << q.bits
     if q.has_min:
-        scale, mins = _chunked(lambda r: _search_affine(r, None, levels - 1, -1.0, 0.1, 20), x)
+        scale, mins = _chunked(lambda r: _search_affine(r, wb, levels - 1, -1.0, 0.1, 20), x)
         d, m = scale.astype(np.float16), (-mins).astype(np.float16)
         a, b = d.astype(np.float32)[..., None], m.astype(np.float32)[..., None]
         codes = np.where(a == 0, 0, np.clip(_round((x - b) / np.where(a == 0, 1, a)), 0, levels - 1))
     else:
-        (scale,) = _chunked(lambda r: (_search_symmetric(r, None, q.offset),), x)
+        (scale,) = _chunked(lambda r: (_search_symmetric(r, wb, q.offset),), x)
         d, m = scale.astype(np.float16), None
         a = d.astype(np.float32)[..., None]
         codes = np.clip(_round(x / np.where(a == 0, 1, a)), -q.offset, q.offset - 1) + q.offset
@@ -418,12 +450,20 @@ def _search_symmetric(x: np.ndarray, weights: np.ndarray | None, nmax: int, step
 _Q8_0_DIVISORS = (128, 127, 126, 125, 124, 123, 122, 121, 120)
 
 
-def _search_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+# With an importance matrix, more trial divisors (every integer 128..112): the weighted optimum lies further from
+# amax / 127 than the plain one. Measured on SmolLM2 (Q8_0, imatrix from a license text, scored on the quality
+# text): mean KL 0.00037 with the trials above, 0.00028 with these (unweighted: 0.00067).
+_Q8_0_WEIGHTED_DIVISORS = tuple(range(128, 111, -1))
+
+
+def _search_q8_0(x: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Q8_0 blocks ``x [..., 32]`` -> float16 scales ``[...]`` and codes in ``[-128, 127]``: llama.cpp's
     ``amax / 127`` (bit-exact with gguf's reference quantizer) unless a trial scale leaves less squared error. Each
     trial ``amax / t`` (:data:`_Q8_0_DIVISORS`) is rounded to float16 and the block rounded with it, then the
     least-squares scale of those codes (rounded to float16) re-rounds the block once more; every candidate is
-    scored by its own float16 scale, so the result is never worse than the reference's."""
+    scored by its own float16 scale, so the result is never worse than the reference's. ``weights`` (broadcast
+    against ``x``): the squared error and the least-squares refit are weighted by it, over
+    :data:`_Q8_0_WEIGHTED_DIVISORS`."""
     from gguf.quants import np_roundf
 
     amax = np.abs(x).max(-1)
@@ -433,8 +473,10 @@ def _search_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np_roundf(x * inv[..., None])  # the reference, as gguf computes it
     d = d0.astype(np.float16)
 
+    wts = np.ones((1,) * x.ndim, np.float32) if weights is None else weights
+
     def error(scale, L):
-        return np.square(scale.astype(np.float32)[..., None] * L - x).sum(-1)
+        return (wts * np.square(scale.astype(np.float32)[..., None] * L - x)).sum(-1)
 
     best = error(d, codes)
 
@@ -448,13 +490,14 @@ def _search_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         codes = np.where(better[..., None], L, codes)
         return L
 
-    for t in _Q8_0_DIVISORS:
+    for t in _Q8_0_DIVISORS if weights is None else _Q8_0_WEIGHTED_DIVISORS:
         if t > 127 and not neg.any():
             continue
         trial = np.where(neg, amax / np.float32(t), amax / np.float32(min(t, 127)))
         L = consider(trial.astype(np.float16))
-        ll = _dot(L, L)
-        consider(np.where(ll > 0, _dot(L, x) / np.where(ll > 0, ll, 1), 0).astype(np.float16))
+        wl = L if weights is None else wts * L
+        ll = _dot(wl, L)
+        consider(np.where(ll > 0, _dot(wl, x) / np.where(ll > 0, ll, 1), 0).astype(np.float16))
     return d, codes.astype(np.int32)
 
 
@@ -513,7 +556,7 @@ def _best_k_codes(x, weights, a_cands, b_cands, levels, lo):
     return idx
 
 
-def _quantize_k(w: np.ndarray, q: QType) -> QTensor:
+def _quantize_k(w: np.ndarray, q: QType, weights: np.ndarray | None = None) -> QTensor:
     """K types: a scale search per sub-block (llama.cpp's ``make_qkx2_quants`` / ``make_qx_quants``), the
     sub-block scales (and mins) quantized against the super-block's ``d`` (``dmin``), then each sub-block picks the
     neighbouring scale/min codes (+-1) whose re-rounded values fit it best (llama.cpp rounds them once)."""
@@ -522,7 +565,9 @@ def _quantize_k(w: np.ndarray, q: QType) -> QTensor:
     # A short last super-block is searched padded with zero sub-blocks: they get scale and min 0, so the super-block's
     # d/dmin (maxima over its sub-blocks) and every real sub-block's codes are those of the short block alone.
     x = _pad_to(w, blocks * q.block).reshape(out, blocks, q.block // q.sub, q.sub)
-    codes, d, dmin, sc, mc = _chunked(_k_rows, x, q)
+    importance = None if weights is None else np.pad(weights, (0, blocks * q.block - n), constant_values=1).reshape(
+        1, blocks, q.block // q.sub, q.sub)
+    codes, d, dmin, sc, mc = _chunked(_k_rows, x, q, importance)
     codes = codes.reshape(out, -1)[:, :n]
     sc, mc = sc.reshape(out, -1)[:, :n_sub], mc.reshape(out, -1)[:, :n_sub]
     if q.has_min:
@@ -532,8 +577,10 @@ def _quantize_k(w: np.ndarray, q: QType) -> QTensor:
                    shape=(out, n), sub=q.sub)
 
 
-def _k_rows(x: np.ndarray, q: QType):
-    """:func:`_quantize_k` for rows ``x [rows, n_block, subs, sub]``: value codes, ``d``, ``dmin``, scale/min codes."""
+def _k_rows(x: np.ndarray, q: QType, importance: np.ndarray | None = None):
+    """:func:`_quantize_k` for rows ``x [rows, n_block, subs, sub]``: value codes, ``d``, ``dmin``, scale/min codes.
+    ``importance`` (broadcast against ``x``) multiplies the per-value error weights below, as llama.cpp's imatrix
+    quantization does."""
     levels = 1 << q.bits
     # Symmetric types (Q6K, Q3K) fit plain squared error: llama.cpp's x^2 weights (rmse_type 1) measured worse here
     # (Q6K on SmolLM2: mean abs logit error 0.30, rms + |x| weights 0.25, unweighted 0.22, like the old min/max).
@@ -543,6 +590,8 @@ def _k_rows(x: np.ndarray, q: QType):
         weights = np.abs(x)
     else:
         weights = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)
+    if importance is not None:
+        weights = weights * importance
     if q.has_min:
         rmin, nstep = (-1.0, 20) if q.bits == 4 else (-0.5, 15)
         scale, mins = _search_affine(x, weights, levels - 1, rmin, 0.1, nstep)
