@@ -14,6 +14,9 @@ Rules (the README's ISQ section says the same):
   it, except that a K type keeps a short last super-block on an unsplit input that is a whole number of its
   sub-blocks), or whose packed rows do not divide its per-shard output rows, falls back along
   :data:`jaxmap.quant.FALLBACK` (Q4K -> Q5_0 -> INT8, ...), with a warning that says why.
+- ``imatrix=`` / ``--imatrix FILE`` (:mod:`jaxmap.imatrix`): every weight quantized from float with a type in
+  :data:`jaxmap.quant.IMPORTANCE_TYPES` has its block fits weighted by its inputs' importance; weights kept in their
+  native type are not requantized, so it does not touch them (a warning says when it weighted nothing).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ checkpoint (``isq="none"``; for the default GGUF that is its Q4_1 weights dequan
 mean KL divergence of the next-token distributions (reference || quantized; unlike the logit error it ignores a
 shift of all of a position's logits, which changes no prediction) and top-1 agreement over every position of a
 fixed public-domain text (the opening of *Pride and Prejudice*, 448 tokens), the text's perplexity, resident weight
-bytes, and greedy decode tokens/s. Prints a Markdown table.
+bytes, and greedy decode tokens/s. Prints a Markdown table. ``--imatrix FILE`` (or ``calibration``: collected from
+the float model over jaxmap's shipped calibration text) quantizes every row with an importance matrix.
 """
 
 from __future__ import annotations

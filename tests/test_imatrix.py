@@ -205,3 +205,19 @@ def test_smollm2_q8_0_with_the_shipped_calibration_text_halves_kl(default_gguf):
         kl[name] = _kl(ref, logits)
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.96
     assert kl["weighted"] < 0.6 * kl["plain"], kl
+
+
+def test_convert_with_an_imatrix_stores_what_loading_with_it_quantizes(tmp_path):
+    from jaxmap.checkpoint import convert
+    from jaxmap.loading import open_source
+
+    model = jaxmap.load(TINY_LLAMA, max_seq_len=64, progress=False, devices="0", isq="none")
+    imatrix = collect(model, IDS[:24], progress=False)
+    out = tmp_path / "ckpt"
+    convert(open_source(TINY_LLAMA), out, isq="Q4K", progress=False, imatrix=imatrix)
+    stored = jaxmap.load(str(out), max_seq_len=64, progress=False, devices="0")
+    loaded = jaxmap.load(TINY_LLAMA, max_seq_len=64, progress=False, devices="0", isq="Q4K", imatrix=imatrix)
+    for a, b in zip(stored.engine.stages[0].params["layers"], loaded.engine.stages[0].params["layers"], strict=True):
+        for key in llama.PROJECTION_INPUTS:
+            assert a[key].qtype == b[key].qtype
+            np.testing.assert_array_equal(np.asarray(quant.dequantize(a[key])), np.asarray(quant.dequantize(b[key])))
