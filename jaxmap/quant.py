@@ -36,8 +36,11 @@ cores (README) and 2x on one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -409,13 +412,39 @@ def _from_gguf_simple(w: np.ndarray, q: QType, weights: np.ndarray | None = None
     return QTensor(pack_np(codes.reshape(out, n), q.widths), d, m=m, qtype=q.name, shape=(out, n), sub=q.sub)
 
 
-def _chunked(fn, x: np.ndarray, *args, elements: int = 1 << 16):
+def host_threads() -> int:
+    """Threads for host-side quantization: the cores this process may run on (``JAXMAP_QUANT_THREADS`` overrides)."""
+    env = os.environ.get("JAXMAP_QUANT_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxmap-quant")
+
+
+def _chunked(fn, x: np.ndarray, *args, elements: int | None = None):
     """``fn(x, *args)`` (a tuple of arrays over ``x``'s leading axis) over slices of that axis of about ``elements``
-    elements (whole multiples of 8 rows, so row-packed planes are unaffected), keeping temporaries cache-sized."""
+    elements (whole multiples of 8 rows, so row-packed planes are unaffected), keeping temporaries cache-sized. The
+    slices run on :func:`host_threads` threads (numpy releases the GIL in its array loops). Measured on 2 cores, a
+    4096x4096 matrix: Q8_0 1.4 s on one thread with 64K-element slices, 0.9-1.0 s on two with 256K (two threads on
+    64K slices: no faster, the interpreter's share between numpy calls serialises them); Q4K 1.8 -> 1.0-1.4 s."""
+    threads = host_threads()
+    elements = elements or (1 << 18 if threads > 1 else 1 << 16)
     step = max(8, elements // max(1, x[0].size) // 8 * 8)
     if x.shape[0] <= step:
         return fn(x, *args)
-    parts = [fn(x[i:i + step], *args) for i in range(0, x.shape[0], step)]
+    starts = range(0, x.shape[0], step)
+    threads = min(threads, len(starts))
+    if threads > 1:
+        parts = list(_pool(threads).map(lambda i: fn(x[i:i + step], *args), starts))
+    else:
+        parts = [fn(x[i:i + step], *args) for i in starts]
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
 
