@@ -16,7 +16,7 @@ from jaxmap import isq as isq_mod
 from jaxmap import materialize
 from jaxmap.config import ModelConfig, list_presets
 from jaxmap.device_map import DeviceMap
-from jaxmap.disk_tier import check_writable, default_offload_folder, open_disk_layers
+from jaxmap.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
 from jaxmap.dtypes import default_dtype, parse_dtype
 from jaxmap.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
 from jaxmap.errors import UserError
@@ -28,6 +28,7 @@ from jaxmap.loading.safetensors_source import SafetensorsSource
 from jaxmap.placement import stage_placements
 from jaxmap.planner import plan as plan_device_map
 from jaxmap.progress import Progress
+from jaxmap.quant import is_quantized
 from jaxmap.sampling import SamplingParams, mark_seen
 from jaxmap.tokenizer import Tokenizer
 from jaxmap.wishes import make_wish
@@ -333,7 +334,9 @@ def load(
         stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
         device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish, stored)
         quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq), importance)
-        if any(s.memory_kind == "disk" for s in device_map.stages) and not isinstance(source, SafetensorsSource):
+        disk_isq = any(t not in (None, "none") for s in device_map.stages if s.memory_kind == "disk" for t in s.isq)
+        if any(s.memory_kind == "disk" for s in device_map.stages) and (
+                disk_isq or not isinstance(source, SafetensorsSource)):
             check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
         if save_plan is not None:
             _write_text(Path(save_plan), device_map.to_yaml())
@@ -357,8 +360,11 @@ def load(
             params = materialize.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
             streamed = kind in ("host", "disk") and placement.end > placement.start
             layer_shardings = _device_shardings(params, placement, config) if streamed else None
-            disk = (open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
-                                     offload_folder) if kind == "disk" and streamed else None)
+            disk = None
+            if kind == "disk" and streamed:
+                disk = open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
+                                        offload_folder, _disk_quantization(quantizer, placement, config, importance))
+                layer_shardings = _disk_shardings(disk, placement, config, layer_shardings)
             mode = "per_layer" if streamed else choose_layer_mode(placement.end - placement.start, layer_mode)
             stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
                                 placement.cache_sharding(config), placement.is_first, placement.is_last,
@@ -397,6 +403,31 @@ def _device_shardings(params: dict, placement, config: ModelConfig) -> dict:
         return jax.tree.map(lambda a: a.sharding.with_memory_kind("device"), params["layers"][0])
     specs = materialize.stage_param_specs(config, placement.start, placement.start + 1, False, False)["layers"][0]
     return {k: placement.param_sharding(v, config) for k, v in specs.items()}
+
+
+def _disk_quantization(quantizer, placement, config: ModelConfig, importance) -> DiskQuantization:
+    """How the disk tier stores this stage's weights: each one's ISQ type under the stage's device sharding, and
+    the host QTensor the quantizer makes of it (recorded in the ISQ report like any other)."""
+
+    def decide(spec):
+        return quantizer.decide(spec, placement.param_sharding(spec, config))
+
+    def quantize(spec):
+        qtype, keep = decide(spec)
+        return quantizer.host(spec, placement.param_sharding(spec, config), qtype, keep)
+
+    key = "" if importance is None else importance.digest()
+    return DiskQuantization(lambda spec: decide(spec)[0], quantize, key)
+
+
+def _disk_shardings(disk, placement, config: ModelConfig, shardings: dict) -> dict:
+    """The device shardings of one disk-tier layer: quantized weights' leaves as the stored QTensors need them."""
+    out = dict(shardings)
+    for name, value in disk.read(placement.start).items():
+        if is_quantized(value):
+            spec = disk.specs[placement.start][name]
+            out[name] = isq_mod.Quantizer.targets(spec, placement.param_sharding(spec, config), value)
+    return out
 
 
 def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtype:

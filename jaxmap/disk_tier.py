@@ -6,6 +6,11 @@ Hugging Face layout and the compute dtype, and read from there. The folder is wr
 renamed when complete, so an interrupted write never leaves a folder that looks usable; a complete one is reused
 (its name carries the source's identity, the dtype and the layer).
 
+With ISQ (or a GGUF kept in its quantized types), the quantized weights of disk-tier layers are what the offload
+folder stores: each weight as its QTensor leaves (``NAME:q0``, ``NAME:d``...; the layout in the file's
+``__metadata__``), so a step reads and moves the quantized bytes, as the planner counted them, and the layer computes
+on them as a resident one does; norms stay float. The folder's name then also carries every weight's type.
+
 After each layer of an offload folder is used, its file pages are dropped from the process
 (``madvise(MADV_DONTNEED)`` on the map) so the resident set stays about one layer wide; the kernel's page cache may
 keep them for the next pass. A source's own safetensors are read through its memory map as they are.
@@ -13,13 +18,16 @@ keep them for the next pass. A source's own safetensors are read through its mem
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import mmap
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,30 +57,41 @@ def check_writable(folder: Path) -> None:
 
 
 class DiskLayers:
-    """Per-layer host views of the weights of the disk-tier layers ``[start, end)``, in Hugging Face layout."""
+    """Per-layer host views of the weights of the disk-tier layers ``[start, end)``: float tensors in Hugging Face
+    layout, quantized ones as :class:`~jaxmap.quant.QTensor` with numpy leaves."""
 
     def __init__(self, files: dict[int, tuple[SafetensorsSource | None, Path | None]], specs: dict[int, dict]):
         self._files = files
         self.specs = specs  # layer -> {short name: ParamSpec}
-        self._maps: dict[Path, tuple[mmap.mmap, np.ndarray, dict]] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, np.ndarray, dict, dict]] = {}
 
-    def read(self, layer: int) -> dict[str, np.ndarray]:
-        """Zero-copy views of one layer's tensors (stored dtype, Hugging Face shape)."""
+    def read(self, layer: int) -> dict:
+        """Zero-copy views of one layer's tensors (stored dtype, Hugging Face shape; quantized: QTensor leaves)."""
+        from jaxmap.checkpoint import qtensor_from
+
         source, path = self._files[layer]
         specs = self.specs[layer]
         if source is not None:
             return {k: source.view(s.hf_name) for k, s in specs.items()}
         assert path is not None
         if path not in self._maps:
-            entries, _ = parse_header(path)
+            entries, metadata = parse_header(path)
             with open(path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[path] = (mm, np.frombuffer(mm, dtype=np.uint8), entries)
-        _, buf, entries = self._maps[path]
+            self._maps[path] = (mm, np.frombuffer(mm, dtype=np.uint8), entries, metadata)
+        _, buf, entries, metadata = self._maps[path]
+
+        def view(name):
+            e = entries[name]
+            return buf[e.start:e.start + e.nbytes].view(SAFETENSORS_DTYPES[e.dtype_name]).reshape(e.shape)
+
         out = {}
         for k, s in specs.items():
-            e = entries[s.hf_name]
-            out[k] = buf[e.start:e.start + e.nbytes].view(SAFETENSORS_DTYPES[e.dtype_name]).reshape(e.shape)
+            if s.hf_name in metadata:  # stored quantized: its leaves and layout
+                layout = json.loads(metadata[s.hf_name])
+                out[k] = qtensor_from({leaf: view(f"{s.hf_name}:{leaf}") for leaf in layout["leaves"]}, layout)
+            else:
+                out[k] = view(s.hf_name)
         return out
 
     def release(self, layer: int) -> None:
@@ -88,41 +107,70 @@ class DiskLayers:
         return sum(int(v.nbytes) for layer in self._files for v in self.read(layer).values())
 
 
-def open_disk_layers(source, config: ModelConfig, layers: range, dtype: np.dtype, folder: Path | None) -> DiskLayers:
-    """Disk-tier access for ``layers``: the source's own safetensors when it has them, else an offload folder."""
+@dataclasses.dataclass(frozen=True)
+class DiskQuantization:
+    """What the disk tier stores quantized: ``qtype(spec)`` is a weight's type (None: float) and ``quantize(spec)``
+    its host QTensor; ``key`` names whatever else changes the stored bytes (an importance matrix)."""
+
+    qtype: Callable[[ParamSpec], str | None]
+    quantize: Callable[[ParamSpec], Any]
+    key: str = ""
+
+
+def open_disk_layers(source, config: ModelConfig, layers: range, dtype: np.dtype, folder: Path | None,
+                     quantization: DiskQuantization | None = None) -> DiskLayers:
+    """Disk-tier access for ``layers``: the source's own safetensors when it has them and nothing is quantized, else
+    an offload folder (quantized weights stored quantized)."""
     specs = {i: layer_param_specs(config, i) for i in layers}
-    if isinstance(source, SafetensorsSource):
+    types = {s.hf_name: t for i in layers for s in specs[i].values()
+             if quantization is not None and (t := quantization.qtype(s)) is not None}
+    if isinstance(source, SafetensorsSource) and not types:
         return DiskLayers({i: (source, None) for i in layers}, specs)
     folder = Path(folder) if folder is not None else default_offload_folder()
     check_writable(folder)
-    root = folder / _identity(source, config, dtype)
+    variant = {"types": types, "key": quantization.key} if types else None
+    root = folder / _identity(source, config, dtype, variant)
     files = {}
     for i in layers:
         path = root / f"layer-{i:04d}.safetensors"
         if not path.is_file():
-            _write_layer(source, specs[i], dtype, path)
+            _write_layer(source, specs[i], dtype, path, types, quantization)
         files[i] = (None, path)
-    log.info("disk tier: %d layer(s) read from %s", len(files), root)
+    log.info("disk tier: %d layer(s) read from %s%s", len(files), root,
+             f" ({len(types)} weights stored quantized)" if types else "")
     return DiskLayers(files, specs)
 
 
-def _identity(source, config: ModelConfig, dtype: np.dtype) -> str:
+def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None = None) -> str:
     path = Path(str(source.path))
     stat = path.stat() if path.exists() else None
-    key = json.dumps({"path": str(path.resolve()) if stat else str(source.path), "size": stat.st_size if stat else 0,
-                      "mtime": stat.st_mtime_ns if stat else 0, "config": config.to_hf_dict(),
-                      "dtype": np.dtype(dtype).name}, sort_keys=True, default=str)
-    return f"{(config.name or 'model').replace('/', '_')}-{np.dtype(dtype).name}-" \
-           f"{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    key = {"path": str(path.resolve()) if stat else str(source.path), "size": stat.st_size if stat else 0,
+           "mtime": stat.st_mtime_ns if stat else 0, "config": config.to_hf_dict(), "dtype": np.dtype(dtype).name}
+    if variant is not None:
+        key["quantized"] = variant
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{(config.name or 'model').replace('/', '_')}-{np.dtype(dtype).name}-{'q-' if variant else ''}{digest}"
 
 
-def _write_layer(source, specs: dict[str, ParamSpec], dtype: np.dtype, path: Path) -> None:
+def _write_layer(source, specs: dict[str, ParamSpec], dtype: np.dtype, path: Path, types: dict | None = None,
+                 quantization: DiskQuantization | None = None) -> None:
     """One layer as a safetensors file, written under a temporary name and renamed when complete."""
+    from jaxmap.checkpoint import qtensor_leaves
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tensors = {s.hf_name: np.ascontiguousarray(source.read(s.hf_name, dtype)) for s in specs.values()}
-        write_safetensors(tensors, tmp)
+        tensors, metadata = {}, {}
+        for s in specs.values():
+            if types and s.hf_name in types:
+                assert quantization is not None
+                leaves, layout = qtensor_leaves(quantization.quantize(s))
+                layout["leaves"] = sorted(leaves)
+                metadata[s.hf_name] = json.dumps(layout)
+                tensors.update({f"{s.hf_name}:{k}": np.ascontiguousarray(v) for k, v in leaves.items()})
+            else:
+                tensors[s.hf_name] = np.ascontiguousarray(source.read(s.hf_name, dtype))
+        write_safetensors(tensors, tmp, metadata)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -132,10 +180,11 @@ def _write_layer(source, specs: dict[str, ParamSpec], dtype: np.dtype, path: Pat
         raise
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    """The safetensors format (a little-endian u64 header length, a JSON header, the raw bytes), bfloat16 included."""
+def write_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The safetensors format (a little-endian u64 header length, a JSON header, the raw bytes), bfloat16 included;
+    ``metadata``: string pairs for the header's ``__metadata__``."""
     names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
     for name, array in tensors.items():
         header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}

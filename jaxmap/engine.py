@@ -34,6 +34,7 @@ import numpy as np
 from jaxmap import llama
 from jaxmap.config import ModelConfig
 from jaxmap.multihost import put, to_local
+from jaxmap.quant import is_quantized
 from jaxmap.rope import inverse_frequencies, rope_cos_sin
 from jaxmap.sampling import SamplerShape, mark_seen, sample
 
@@ -378,9 +379,13 @@ class Engine:
 
 def weights_from_raw(raw: dict, specs: dict, targets: dict, dtype) -> dict:
     """A disk-tier layer's parameters as the model takes them, from the tensors as stored (inside a jit: Hugging
-    Face ``[out, in]`` layout and stored dtype in, jaxmap's layout and compute dtype out, placed on ``targets``)."""
+    Face ``[out, in]`` layout and stored dtype in, jaxmap's layout and compute dtype out, placed on ``targets``;
+    quantized weights arrive as QTensors and stay so)."""
     p = {}
     for name, spec in specs.items():
+        if is_quantized(raw[name]):  # stored quantized (ISQ on the disk tier): used as it is
+            p[name] = jax.tree.map(jax.lax.with_sharding_constraint, raw[name], targets[name])
+            continue
         w = raw[name].astype(dtype).reshape(spec.hf_shape)
         w = (w.T if spec.transpose else w).reshape(spec.shape)
         p[name] = jax.lax.with_sharding_constraint(w, targets[name])

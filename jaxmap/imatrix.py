@@ -54,6 +54,16 @@ class Imatrix:
                             f"jaxmap.imatrix")
         return v
 
+    def digest(self) -> str:
+        """A short hash of the values: names what an offload folder quantized with this matrix holds."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.values):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.values[name], np.float32).tobytes())
+        return h.hexdigest()[:16]
+
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file renamed into place): a failed write leaves nothing behind."""
         path = Path(path)

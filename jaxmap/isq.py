@@ -150,7 +150,22 @@ class Quantizer:
 
     def place(self, spec: ParamSpec, sharding, qtype: str, keep: bool):
         """Read (``keep``: the stored blocks, else the float weights, then quantized to ``qtype``) and place."""
-        out, n, out_axis, in_axis, in_shards, _ = split_of(spec, sharding)
+        qt = self.host(spec, sharding, qtype, keep)
+        targets = self.targets(spec, sharding, qt)
+        if sharding.memory_kind is not None:  # host-tier layers: every leaf in the same memory kind (pinned_host)
+            targets = jax.tree.map(lambda t: t.with_memory_kind(sharding.memory_kind), targets)
+        return jax.device_put(qt, targets)
+
+    @staticmethod
+    def targets(spec: ParamSpec, sharding, qt):
+        """The shardings of ``qt``'s leaves for a weight whose float layout is placed with ``sharding``."""
+        _, _, out_axis, in_axis, _, _ = split_of(spec, sharding)
+        return quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
+
+    def host(self, spec: ParamSpec, sharding, qtype: str, keep: bool):
+        """The weight as a host QTensor (numpy leaves) of ``qtype`` laid out for ``sharding``'s split: what
+        :meth:`place` places, and what the disk tier stores."""
+        out, n, _, _, in_shards, _ = split_of(spec, sharding)
         if keep and is_gguf(self.source):
             raw, _ = self.source.raw(spec.hf_name)
             qt = quant.from_gguf(raw, quant.QTYPES[qtype].gguf, (out, n))
@@ -167,10 +182,7 @@ class Quantizer:
             qt = quant.quantize(host, qtype, in_shards, importance=importance if weighted else None)
             del host
         self.record(spec, qt)
-        targets = quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
-        if sharding.memory_kind is not None:  # host-tier layers: every leaf in the same memory kind (pinned_host)
-            targets = jax.tree.map(lambda t: t.with_memory_kind(sharding.memory_kind), targets)
-        return jax.device_put(qt, targets)
+        return qt
 
     def record(self, spec: ParamSpec, qt) -> None:
         self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype)
@@ -184,7 +196,9 @@ class Quantizer:
             else:
                 why = (f"its {quant.row_classes(want)} rows packed per byte do not divide the tensor's "
                        f"{out // out_shards} output rows per device")
-            self.fallbacks.setdefault((short, want, qtype, why), []).append(spec.hf_name)
+            names = self.fallbacks.setdefault((short, want, qtype, why), [])
+            if spec.hf_name not in names:  # the disk tier decides a weight's type before quantizing it
+                names.append(spec.hf_name)
         return qtype
 
     def report(self, float_itemsize: int) -> None:

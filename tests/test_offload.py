@@ -22,14 +22,18 @@ DATA = Path(__file__).parent / "data"
 PROMPT = [[1, 5, 9, 2, 7, 3, 11]]
 
 
-def caps(config: ModelConfig, resident: int, host_layers: int, seq: int = 64) -> dict[str, int]:
-    """--max-memory that leaves room for ``resident`` layers on cpu[0] and ``host_layers`` in host memory."""
-    w, kv = layer_weight_bytes(config, 0, 1, "float32", None), kv_cache_bytes(config, 1, 4, seq, 1)
-    outer = sum(outer_bytes(config, k, "float32", None, 1) for k in ("embed", "final_norm"))
+def caps(config: ModelConfig, resident: int, host_layers: int, seq: int = 64,
+         isq: str | None = None, tp: int = 1) -> dict[str, int]:
+    """--max-memory that leaves room for ``resident`` layers on cpu[0] (each of ``tp`` devices) and ``host_layers``
+    in host memory."""
+    w, kv = layer_weight_bytes(config, 0, tp, "float32", isq), kv_cache_bytes(config, tp, 4, seq, 1)
+    outer = sum(outer_bytes(config, k, "float32", None, tp) for k in ("embed", "final_norm"))
     if not config.tie_word_embeddings:
-        outer += outer_bytes(config, "lm_head", "float32", None, 1)
-    device = activation_bytes(config, 1, 4, seq, 1) + outer + 2 * w + kv * config.num_hidden_layers + resident * w
-    return {"0": device + 100, "host": max(host_layers * w + 100, 1)}
+        outer += outer_bytes(config, "lm_head", "float32", None, tp)
+    device = activation_bytes(config, tp, 4, seq, 1) + outer + 2 * w + kv * config.num_hidden_layers + resident * w
+    out = {str(i): device + 100 for i in range(tp)}
+    out["host"] = max(host_layers * w * tp + 100, 1)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +186,42 @@ def test_quantized_layers_stream_from_host_memory_too():
     assert host[0].params["layers"][0]["wq"].qtype == "Q8_0"
     want = ref.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)[0].token_ids
     assert model.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)[0].token_ids == want
+
+
+@pytest.mark.parametrize("isq", ["Q8_0", "Q4K"])
+def test_quantized_layers_are_stored_quantized_on_the_disk_tier(isq, tmp_path):
+    """ISQ on disk-tier layers: the offload folder holds each weight's QTensor leaves (the quantized bytes the
+    planner counted, not float), a step streams them, and the logits equal the all-resident quantized model's."""
+    config = ModelConfig.from_preset("tiny")
+    ref = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0", isq=isq)
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq=isq, offload_folder=tmp_path,
+                        max_memory=caps(config, 1, 1, isq=isq))
+    assert [(s.start, s.end, s.memory_kind) for s in model.device_map.stages] == [
+        (0, 1, "device"), (1, 2, "host"), (2, 4, "disk")]
+    disk = model.engine.stages[-1].disk
+    layer = disk.read(2)
+    assert layer["wq"].qtype == isq and layer["attn_norm"].dtype == np.float32
+    plan = {r.device: r for r in model.device_map.memory}
+    assert plan["offload"].weights_bytes == disk.stored_bytes()
+    assert disk.stored_bytes() < 0.4 * 2 * layer_weight_bytes(config, 2, 1, "float32", None)
+    np.testing.assert_allclose(model.forward_logits(PROMPT)[0], ref.forward_logits(PROMPT)[0], atol=1e-5)
+    want = ref.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)[0].token_ids
+    assert model.generate(PROMPT, max_new_tokens=8, stop_at_eos=False)[0].token_ids == want
+    again = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq=isq, offload_folder=tmp_path,
+                        max_memory=caps(config, 1, 1, isq=isq))  # the complete folder is reused, not rewritten
+    assert again.engine.stages[-1].disk.read(2)["wq"].qtype == isq
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_native_gguf_layers_on_disk_keep_their_types(default_gguf, tmp_path):
+    """A GGUF kept in its quantized types streams its disk-tier layers in those types (repacked once into the
+    offload folder), with the logits of the all-resident native load."""
+    ref = jaxmap.load(default_gguf, max_seq_len=64, progress=False, devices="0")
+    model = jaxmap.load(default_gguf, max_seq_len=64, progress=False, offload_folder=tmp_path,
+                        max_memory={"0": "45MiB", "host": 1})
+    assert [s.memory_kind for s in model.device_map.stages] == ["device", "disk"], model.device_map.render_table()
+    disk = model.engine.stages[-1].disk
+    assert disk.read(min(disk.specs))["w_up"].qtype == "Q4_1"
+    assert {r.device: r for r in model.device_map.memory}["offload"].weights_bytes == disk.stored_bytes()
+    ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    np.testing.assert_allclose(model.forward_logits(ids)[0], ref.forward_logits(ids)[0], atol=1e-4)
