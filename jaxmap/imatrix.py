@@ -242,8 +242,10 @@ def calibration_ids(tokenizer, text_path: str | Path | None, max_tokens: int | N
     path = Path(text_path) if text_path is not None else CALIBRATION_TEXT
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read calibration text {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read calibration text {path}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read calibration text {path}: {exc.strerror or exc}") from None
     if tokenizer is None:
         raise UserError("the model has no tokenizer, so a calibration text cannot be encoded")
     ids = tokenizer.encode(text)
