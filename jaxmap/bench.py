@@ -1,8 +1,10 @@
 """``python -m jaxmap.bench``: a fixed generation workload, measured for jaxmap and (optionally) transformers.
 
-Each implementation runs in its own subprocess so that peak RSS is its own. Every row is run twice: the first run
-compiles (its compile time is reported), the second is timed. Speed claims are ratios against the reference measured
-in the same run on the same machine, never absolute numbers from elsewhere.
+Each implementation runs in its own subprocess so that peak RSS is its own. Every row is run once to compile (its
+compile time is reported), then ``--repeats`` times (default 3) timed; the table gives each figure's median over
+those runs (on a shared 2-core machine single runs of the same program varied by up to 2x at batch 8). Speed claims
+are ratios against the reference measured in the same run on the same machine, never absolute numbers from
+elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 
 WORKLOAD = ((16, 1), (128, 1), (16, 8), (128, 8))  # (prompt tokens, batch)
 NEW_TOKENS = 128
+REPEATS = 3
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange grain, "
         "salt and cloth. Over the centuries the town grew into a busy port with a cathedral, a university and a "
         "famous market that drew merchants from every corner of the continent. ")
@@ -31,6 +34,12 @@ def prompt_ids(tokenizer, n_tokens: int, batch: int) -> list[list[int]]:
         ids = tokenizer(" ".join(words[i:]))[:n_tokens]
         rows.append(ids)
     return rows
+
+
+def _median(values) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def peak_rss_mib() -> float:
@@ -54,10 +63,12 @@ def _worker_jaxmap(args) -> list[dict]:
     for n_prompt, batch in args.workload:
         ids = prompt_ids(lambda s: model.tokenizer.encode(s, add_special_tokens=False), n_prompt, batch)
         first = model.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)[0].stats
-        timed = model.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)[0].stats
-        rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": timed.ttft_s * 1000,
+        timed = [model.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)[0].stats
+                 for _ in range(REPEATS)]
+        rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": _median(t.ttft_s * 1000 for t in timed),
                      "first_ttft_ms": first.ttft_s * 1000, "compile_s": first.compile_s,
-                     "prefill_tps": timed.prefill_tokens_per_s, "decode_tps": timed.decode_tokens_per_s,
+                     "prefill_tps": _median(t.prefill_tokens_per_s for t in timed),
+                     "decode_tps": _median(t.decode_tokens_per_s for t in timed),
                      "load_s": load_s, "peak_rss_mib": peak_rss_mib()})
     return rows
 
@@ -81,27 +92,32 @@ def _worker_transformers(args) -> list[dict]:
     for n_prompt, batch in args.workload:
         ids = torch.tensor(prompt_ids(lambda s: tok(s, add_special_tokens=False)["input_ids"], n_prompt, batch))
         mask = torch.ones_like(ids)
+        runs = []
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm
-            t0 = time.perf_counter()
-            model(ids, attention_mask=mask)
-            prefill = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            ttft = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False)
-            total = time.perf_counter() - t0
-        rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": ttft * 1000, "first_ttft_ms": None,
-                     "compile_s": 0.0, "prefill_tps": n_prompt * batch / prefill,
-                     "decode_tps": batch * (NEW_TOKENS - 1) / max(total - ttft, 1e-9), "load_s": load_s,
-                     "peak_rss_mib": peak_rss_mib()})
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                model(ids, attention_mask=mask)
+                prefill = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                ttft = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+                total = time.perf_counter() - t0
+                runs.append((prefill, ttft, total))
+        rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": _median(r[1] * 1000 for r in runs),
+                     "first_ttft_ms": None, "compile_s": 0.0,
+                     "prefill_tps": _median(n_prompt * batch / r[0] for r in runs),
+                     "decode_tps": _median(batch * (NEW_TOKENS - 1) / max(r[2] - r[1], 1e-9) for r in runs),
+                     "load_s": load_s, "peak_rss_mib": peak_rss_mib()})
     return rows
 
 
 def run_worker(impl: str, args, wish: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "jaxmap.bench", "--worker", impl, "--new-tokens", str(NEW_TOKENS),
+           "--repeats", str(REPEATS),
            "--workload", ",".join(f"{p}x{b}" for p, b in args.workload), "--max-seq-len", str(args.max_seq_len)]
     if wish:
         cmd += ["--wish", wish]
@@ -146,7 +162,7 @@ def parse_workload(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global NEW_TOKENS
+    global NEW_TOKENS, REPEATS
     parser = argparse.ArgumentParser(prog="python -m jaxmap.bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None, help="as for generate (default: SmolLM2-135M GGUF)")
     parser.add_argument("--dtype", default="float32",
@@ -156,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--workload", type=parse_workload, default=list(WORKLOAD),
                         help="comma-separated PROMPTxBATCH items (default: 16x1,128x1,16x8,128x8)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per row; medians are reported")
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also run Hugging Face transformers (needs torch and transformers) on the same weights")
     parser.add_argument("--no-compile-cache", action="store_true", help="compile from scratch (cold start)")
@@ -167,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     NEW_TOKENS = args.new_tokens
+    if args.repeats < 1 or NEW_TOKENS < 2:
+        parser.error("--repeats must be at least 1 and --new-tokens at least 2")
+    REPEATS = args.repeats
     if args.worker:
         import logging
 
@@ -184,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare_transformers:
         results["transformers"] = run_worker("transformers", args)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}, {NEW_TOKENS} new tokens, "
-          f"dtype {args.dtype or 'default'}, {os.cpu_count()} CPUs")
+          f"dtype {args.dtype or 'default'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
     print_table(results)
     return 0
 
