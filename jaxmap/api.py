@@ -28,7 +28,6 @@ from jaxmap.loading.safetensors_source import SafetensorsSource
 from jaxmap.placement import stage_placements
 from jaxmap.planner import plan as plan_device_map
 from jaxmap.progress import Progress
-from jaxmap.quant import is_quantized
 from jaxmap.sampling import SamplingParams, mark_seen
 from jaxmap.tokenizer import Tokenizer
 from jaxmap.wishes import make_wish
@@ -364,7 +363,6 @@ def load(
             if kind == "disk" and streamed:
                 disk = open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
                                         offload_folder, _disk_quantization(quantizer, placement, config, importance))
-                layer_shardings = _disk_shardings(disk, placement, config, layer_shardings)
             mode = "per_layer" if streamed else choose_layer_mode(placement.end - placement.start, layer_mode)
             stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
                                 placement.cache_sharding(config), placement.is_first, placement.is_last,
@@ -407,7 +405,8 @@ def _device_shardings(params: dict, placement, config: ModelConfig) -> dict:
 
 def _disk_quantization(quantizer, placement, config: ModelConfig, importance) -> DiskQuantization:
     """How the disk tier stores this stage's weights: each one's ISQ type under the stage's device sharding, and
-    the host QTensor the quantizer makes of it (recorded in the ISQ report like any other)."""
+    the host QTensor the quantizer makes of it (recorded in the ISQ report like any other; a reused folder's
+    tensors are recorded as they are read back)."""
 
     def decide(spec):
         return quantizer.decide(spec, placement.param_sharding(spec, config))
@@ -416,18 +415,12 @@ def _disk_quantization(quantizer, placement, config: ModelConfig, importance) ->
         qtype, keep = decide(spec)
         return quantizer.host(spec, placement.param_sharding(spec, config), qtype, keep)
 
+    def describe(spec):  # what the stored bytes depend on: the type and the input split (per-shard scales)
+        qtype = decide(spec)[0]
+        return None if qtype is None else f"{qtype}/{isq_mod.split_of(spec, placement.param_sharding(spec, config))[4]}"
+
     key = "" if importance is None else importance.digest()
-    return DiskQuantization(lambda spec: decide(spec)[0], quantize, key)
-
-
-def _disk_shardings(disk, placement, config: ModelConfig, shardings: dict) -> dict:
-    """The device shardings of one disk-tier layer: quantized weights' leaves as the stored QTensors need them."""
-    out = dict(shardings)
-    for name, value in disk.read(placement.start).items():
-        if is_quantized(value):
-            spec = disk.specs[placement.start][name]
-            out[name] = isq_mod.Quantizer.targets(spec, placement.param_sharding(spec, config), value)
-    return out
+    return DiskQuantization(lambda spec: decide(spec)[0], quantize, key, describe, quantizer.stored)
 
 
 def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtype:

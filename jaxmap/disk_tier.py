@@ -115,6 +115,8 @@ class DiskQuantization:
     qtype: Callable[[ParamSpec], str | None]
     quantize: Callable[[ParamSpec], Any]
     key: str = ""
+    describe: Callable[[ParamSpec], str | None] | None = None  # the type and whatever else shapes its bytes
+    reused: Callable[[ParamSpec, Any], None] | None = None  # told of each quantized tensor of a reused folder
 
 
 def open_disk_layers(source, config: ModelConfig, layers: range, dtype: np.dtype, folder: Path | None,
@@ -128,17 +130,30 @@ def open_disk_layers(source, config: ModelConfig, layers: range, dtype: np.dtype
         return DiskLayers({i: (source, None) for i in layers}, specs)
     folder = Path(folder) if folder is not None else default_offload_folder()
     check_writable(folder)
-    variant = {"types": types, "key": quantization.key} if types else None
+    variant = None
+    if types:
+        assert quantization is not None
+        describe = quantization.describe or quantization.qtype
+        variant = {"types": {name: describe(s) for i in layers for s in specs[i].values()
+                             if (name := s.hf_name) in types}, "key": quantization.key}
     root = folder / _identity(source, config, dtype, variant)
-    files = {}
+    files, reused = {}, []
     for i in layers:
         path = root / f"layer-{i:04d}.safetensors"
         if not path.is_file():
             _write_layer(source, specs[i], dtype, path, types, quantization)
+        else:
+            reused.append(i)
         files[i] = (None, path)
     log.info("disk tier: %d layer(s) read from %s%s", len(files), root,
              f" ({len(types)} weights stored quantized)" if types else "")
-    return DiskLayers(files, specs)
+    disk = DiskLayers(files, specs)
+    if types and quantization is not None and quantization.reused is not None:
+        for i in reused:
+            for k, value in disk.read(i).items():
+                if specs[i][k].hf_name in types:
+                    quantization.reused(specs[i][k], value)
+    return disk
 
 
 def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None = None) -> str:
@@ -146,6 +161,9 @@ def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None
     stat = path.stat() if path.exists() else None
     key = {"path": str(path.resolve()) if stat else str(source.path), "size": stat.st_size if stat else 0,
            "mtime": stat.st_mtime_ns if stat else 0, "config": config.to_hf_dict(), "dtype": np.dtype(dtype).name}
+    if stat and path.is_dir():  # a folder's own stat does not change when a weight file is rewritten in place
+        key["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
+                              if f.is_file() and f.suffix in (".safetensors", ".json"))
     if variant is not None:
         key["quantized"] = variant
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

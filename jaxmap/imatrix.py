@@ -87,16 +87,20 @@ class Imatrix:
         if not path.is_file():
             raise UserError(f"cannot read imatrix {path}: no such file (write one with python -m jaxmap.imatrix)")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+                raise ValueError("a single array, not an archive of named vectors")
+            with data:
                 raw = {k: data[k] for k in data.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise UserError(f"cannot read imatrix {path}: not an .npz importance matrix ({exc})") from None
         tokens = raw.pop(TOKENS_KEY, None)
         bad = [k for k, v in raw.items() if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating)
                or not np.isfinite(v).all() or (v < 0).any()]
-        if tokens is None or bad or not raw:
+        counted = tokens is not None and tokens.ndim == 0 and np.issubdtype(tokens.dtype, np.integer)
+        if not counted or bad or not raw:
             what = f"entry {bad[0]!r} is not a vector of non-negative numbers" if bad else (
-                "it has no entries" if raw else "it lacks the token count")
+                "it has no entries" if not raw else "it lacks a token count (an integer)")
             raise UserError(f"cannot read imatrix {path}: {what}; write one with python -m jaxmap.imatrix")
         return cls({k: v.astype(np.float32) for k, v in raw.items()}, int(tokens), str(path))
 
@@ -177,7 +181,10 @@ def collect(model, ids: Sequence[int], chunk: int = DEFAULT_CHUNK, progress: boo
     if not ids:
         raise UserError("no calibration tokens: the text is empty")
     for stage in engine.stages:
-        for lp in stage.params.get("layers", []):
+        layers = list(stage.params.get("layers", []))
+        if stage.disk is not None:
+            layers.append(stage.disk.read(stage.start))
+        for lp in layers:
             if any(quant.is_quantized(w) for w in lp.values()):
                 raise UserError("collect an importance matrix from float weights: load the model with isq='none' "
                                 "(--isq none), not quantized")
@@ -276,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args) -> int:
     from jaxmap.api import load
     from jaxmap.compile_cache import enable_compile_cache
-    from jaxmap.multihost import start_from_args
+    from jaxmap.multihost import is_primary, start_from_args
 
     if args.chunk < 1:
         raise UserError(f"--chunk must be at least 1, got {args.chunk}")
@@ -299,7 +306,8 @@ def _run(args) -> int:
                  offload_folder=args.offload_folder, isq="none")
     ids = calibration_ids(model.tokenizer, args.text, args.max_tokens)
     result = collect(model, ids, args.chunk, progress=not args.quiet)
-    result.save(output)
+    if is_primary():  # every process measured the same; one writes
+        result.save(output)
     log.info("imatrix: %d weights measured over %d tokens, written to %s", len(result.values), result.tokens, output)
     return 0
 

@@ -184,6 +184,14 @@ class Quantizer:
         self.record(spec, qt)
         return qt
 
+    def stored(self, spec: ParamSpec, qt) -> None:
+        """A tensor quantized earlier (a reused disk-tier folder, whose name carries the imatrix): report it as if
+        quantized now."""
+        if self.imatrix is not None:
+            weighted = spec.hf_name in self.imatrix.values and qt.qtype in quant.IMPORTANCE_TYPES
+            (self.weighted if weighted else self.unweighted).append(spec.hf_name)
+        self.record(spec, qt)
+
     def record(self, spec: ParamSpec, qt) -> None:
         self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype)
 

@@ -416,7 +416,9 @@ def host_threads() -> int:
     """Threads for host-side quantization: the cores this process may run on (``JAXMAP_QUANT_THREADS`` overrides)."""
     env = os.environ.get("JAXMAP_QUANT_THREADS")
     if env:
-        return max(1, int(env))
+        if not env.strip().isdigit() or int(env) < 1:
+            raise UserError(f"JAXMAP_QUANT_THREADS must be a positive integer, got {env!r}")
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
@@ -440,7 +442,6 @@ def _chunked(fn, x: np.ndarray, *args, elements: int | None = None):
     if x.shape[0] <= step:
         return fn(x, *args)
     starts = range(0, x.shape[0], step)
-    threads = min(threads, len(starts))
     if threads > 1:
         parts = list(_pool(threads).map(lambda i: fn(x[i:i + step], *args), starts))
     else:

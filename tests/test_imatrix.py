@@ -143,6 +143,12 @@ def test_imatrix_files_round_trip_and_bad_ones_fail_clearly(tiny_imatrix, tmp_pa
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not an .npz importance matrix"):
         Imatrix.load(tmp_path / "junk.npz")
+    np.save(tmp_path / "bare.npy", np.ones(3))
+    with pytest.raises(UserError, match="not an .npz importance matrix"):
+        Imatrix.load(tmp_path / "bare.npy")
+    np.savez(tmp_path / "tokens.npz", __tokens__=np.ones(2), w=np.ones(2, np.float32))
+    with pytest.raises(UserError, match="lacks a token count"):
+        Imatrix.load(tmp_path / "tokens.npz")
     np.savez(tmp_path / "neg.npz", __tokens__=np.int64(3), w=np.array([1.0, -2.0], np.float32))
     with pytest.raises(UserError, match="'w' is not a vector of non-negative numbers"):
         Imatrix.load(tmp_path / "neg.npz")
@@ -221,3 +227,26 @@ def test_convert_with_an_imatrix_stores_what_loading_with_it_quantizes(tmp_path)
         for key in llama.PROJECTION_INPUTS:
             assert a[key].qtype == b[key].qtype
             np.testing.assert_array_equal(np.asarray(quant.dequantize(a[key])), np.asarray(quant.dequantize(b[key])))
+
+
+def test_reused_disk_folder_still_reports_the_imatrix(tiny_imatrix, tmp_path, caplog):
+    """Every quantized layer on the disk tier, loaded twice: the second load reuses the folder and still reports
+    what the imatrix weighted (no false "not used" warning)."""
+    from tests.test_offload import caps
+
+    kw = dict(max_seq_len=64, progress=False, isq="Q8_0", imatrix=tiny_imatrix, offload_folder=tmp_path,
+              max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0, isq="Q8_0"))
+    jaxmap.load("preset:tiny", **kw)
+    with caplog.at_level("INFO", logger="jaxmap"):
+        model = jaxmap.load("preset:tiny", **kw)
+    assert {s.memory_kind for s in model.device_map.stages} == {"disk"}
+    assert "not used" not in caplog.text and "weighted 28 of 28 quantized weights" in caplog.text
+
+
+def test_collect_refuses_quantized_disk_layers(tmp_path):
+    from tests.test_offload import caps
+
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq="Q8_0", offload_folder=tmp_path,
+                        max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0, isq="Q8_0"))
+    with pytest.raises(UserError, match="float weights"):
+        collect(model, IDS, progress=False)

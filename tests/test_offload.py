@@ -225,3 +225,41 @@ def test_native_gguf_layers_on_disk_keep_their_types(default_gguf, tmp_path):
     assert {r.device: r for r in model.device_map.memory}["offload"].weights_bytes == disk.stored_bytes()
     ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
     np.testing.assert_allclose(model.forward_logits(ids)[0], ref.forward_logits(ids)[0], atol=1e-4)
+
+
+def test_disk_layers_of_different_types_in_one_stage(tmp_path):
+    """A topology gives the disk-tier layers different types: each streamed layer is placed as its own type needs
+    (one program per stage, retraced per type), and the logits equal the all-resident model's with the same types."""
+    config = ModelConfig.from_preset("tiny")
+    topology = {"2-3": {"isq": "Q4K"}, "3-4": {"isq": "Q6K"}}
+    ref = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0", isq="Q8_0", topology=topology)
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq="Q8_0", topology=topology,
+                        offload_folder=tmp_path, max_memory=caps(config, 0, 0, isq="Q8_0"))
+    disk = [s for s in model.engine.stages if s.memory_kind == "disk"][0].disk
+    types = {i: getattr(disk.read(i)["wq"], "qtype", None) for i in disk.specs}
+    assert types == {0: "Q8_0", 1: "Q8_0", 2: "Q4K", 3: "Q6K"}, types
+    np.testing.assert_allclose(model.forward_logits(PROMPT)[0], ref.forward_logits(PROMPT)[0], atol=1e-5)
+
+
+def test_rewritten_safetensors_get_a_new_offload_folder(tmp_path):
+    """Quantized layers of a Hugging Face folder go through the offload folder, whose name follows the weight
+    files: rewriting model weights in place (as save_pretrained does) does not reuse the old quantized copy."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(DATA / "tiny-llama", folder)
+    config = ModelConfig.from_json_file(folder / "config.json")
+    offload = tmp_path / "offload"
+
+    def load():
+        return jaxmap.load(folder, max_seq_len=64, progress=False, isq="Q8_0", offload_folder=offload,
+                           max_memory=caps(config, 0, 0, isq="Q8_0"))
+
+    load()
+    assert len(list(offload.iterdir())) == 1
+    shard = sorted(folder.glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data)  # same bytes, new modification time: a rewrite
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    load()
+    assert len(list(offload.iterdir())) == 2
