@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxmap import llama
 from jaxmap.config import ModelConfig
-from jaxmap.isq import Quantizer
+from jaxmap.isq import leaf_shardings
 from jaxmap.multihost import put, to_local
 from jaxmap.quant import is_quantized
 from jaxmap.rope import inverse_frequencies, rope_cos_sin
@@ -386,7 +386,7 @@ def weights_from_raw(raw: dict, specs: dict, targets: dict, dtype) -> dict:
     for name, spec in specs.items():
         if is_quantized(raw[name]):  # stored quantized (ISQ on the disk tier): used as it is, its leaves placed
             # as the weight's split needs; from the layer's own QTensor, since layers of one stage may differ in type
-            leaf_targets = Quantizer.targets(spec, targets[name], raw[name])
+            leaf_targets = leaf_shardings(spec, targets[name], raw[name])
             p[name] = jax.tree.map(jax.lax.with_sharding_constraint, raw[name], leaf_targets)
             continue
         w = raw[name].astype(dtype).reshape(spec.hf_shape)

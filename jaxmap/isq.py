@@ -105,6 +105,12 @@ def split_of(spec: ParamSpec, sharding) -> tuple[int, int, object, object, int, 
     return out, n, out_axis, in_axis, in_shards, out_shards
 
 
+def leaf_shardings(spec: ParamSpec, sharding, qt):
+    """The shardings of ``qt``'s leaves for a weight whose float layout is placed with ``sharding``."""
+    _, _, out_axis, in_axis, _, _ = split_of(spec, sharding)
+    return quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
+
+
 def check_types(isq: str | None, topology_types: list[str | None]) -> None:
     for t in [isq, *topology_types]:
         if t is not None:
@@ -151,16 +157,10 @@ class Quantizer:
     def place(self, spec: ParamSpec, sharding, qtype: str, keep: bool):
         """Read (``keep``: the stored blocks, else the float weights, then quantized to ``qtype``) and place."""
         qt = self.host(spec, sharding, qtype, keep)
-        targets = self.targets(spec, sharding, qt)
+        targets = leaf_shardings(spec, sharding, qt)
         if sharding.memory_kind is not None:  # host-tier layers: every leaf in the same memory kind (pinned_host)
             targets = jax.tree.map(lambda t: t.with_memory_kind(sharding.memory_kind), targets)
         return jax.device_put(qt, targets)
-
-    @staticmethod
-    def targets(spec: ParamSpec, sharding, qt):
-        """The shardings of ``qt``'s leaves for a weight whose float layout is placed with ``sharding``."""
-        _, _, out_axis, in_axis, _, _ = split_of(spec, sharding)
-        return quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
 
     def host(self, spec: ParamSpec, sharding, qtype: str, keep: bool):
         """The weight as a host QTensor (numpy leaves) of ``qtype`` laid out for ``sharding``'s split: what

@@ -109,8 +109,10 @@ def _imatrix(model_path, spec: str | None):
     import jaxmap
     from jaxmap.imatrix import Imatrix, calibration_ids, collect
 
-    if spec is None or spec != "calibration":
-        return None if spec is None else Imatrix.load(spec)
+    if spec is None:
+        return None
+    if spec != "calibration":
+        return Imatrix.load(spec)
     model = jaxmap.load(model_path, isq="none", max_seq_len=512, devices="0", progress=False)
     return collect(model, calibration_ids(model.tokenizer, None, None), progress=False)
 
