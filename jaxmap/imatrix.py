@@ -10,7 +10,8 @@ Workflow: ``python -m jaxmap.imatrix -m MODEL -o model.imatrix.npz`` runs the mo
 ``-n``, ``--topology``, host and disk tiers) over a calibration text (default: the one shipped in
 ``jaxmap/data/calibration.txt``; pass ``--text`` for your own domain), and ``--isq TYPE --imatrix model.imatrix.npz``
 (``jaxmap.load(..., isq=, imatrix=)``) uses it. The file is a plain ``.npz``: one float32 vector per Hugging Face
-weight name, plus the token count.
+weight name, plus the token count llama.cpp's imatrix files (GGUF or legacy ``.dat``) load too:
+:mod:`jaxmap.imatrix_llamacpp`.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Imatrix:
 
     @classmethod
     def load(cls, source: str | Path | Imatrix | dict) -> Imatrix:
-        """An importance matrix from a file written by :meth:`save`, or from a dict of vectors."""
+        """An importance matrix from a file written by :meth:`save`, a llama.cpp imatrix (GGUF or legacy ``.dat``,
+        see :mod:`jaxmap.imatrix_llamacpp`), or a dict of vectors."""
         if isinstance(source, Imatrix):
             return source
         if isinstance(source, dict):
@@ -86,6 +88,12 @@ class Imatrix:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"cannot read imatrix {path}: no such file (write one with python -m jaxmap.imatrix)")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04" and magic[:1] != b"\x93":  # not an .npz (zip) nor a bare .npy: llama.cpp's?
+            from jaxmap import imatrix_llamacpp
+
+            return imatrix_llamacpp.read(path)
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
@@ -244,20 +252,22 @@ def collect(model, ids: Sequence[int], chunk: int = DEFAULT_CHUNK, progress: boo
     return Imatrix(values, n)
 
 
-def calibration_ids(tokenizer, text_path: str | Path | None, max_tokens: int | None) -> list[int]:
-    """Token ids of a calibration text file (default: the shipped one), at most ``max_tokens`` of them."""
+def calibration_ids(tokenizer, text_path: str | Path | None, max_tokens: int | None,
+                    what: str = "calibration text") -> list[int]:
+    """Token ids of a calibration text file (default: the shipped one), at most ``max_tokens`` of them; ``what``
+    names the text in error messages."""
     path = Path(text_path) if text_path is not None else CALIBRATION_TEXT
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"cannot read calibration text {path}: it is not UTF-8 text") from None
+        raise UserError(f"cannot read {what} {path}: it is not UTF-8 text") from None
     except OSError as exc:
-        raise UserError(f"cannot read calibration text {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if tokenizer is None:
-        raise UserError("the model has no tokenizer, so a calibration text cannot be encoded")
+        raise UserError(f"the model has no tokenizer, so the {what} cannot be encoded")
     ids = tokenizer.encode(text)
     if not ids:
-        raise UserError(f"calibration text {path} is empty")
+        raise UserError(f"{what} {path} is empty")
     return ids[:max_tokens] if max_tokens else ids
 
 

@@ -141,7 +141,7 @@ def test_imatrix_files_round_trip_and_bad_ones_fail_clearly(tiny_imatrix, tmp_pa
     with pytest.raises(UserError, match="no such file"):
         Imatrix.load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(UserError, match="not an .npz importance matrix"):
+    with pytest.raises(UserError, match="not an importance matrix"):
         Imatrix.load(tmp_path / "junk.npz")
     np.save(tmp_path / "bare.npy", np.ones(3))
     with pytest.raises(UserError, match="not an .npz importance matrix"):
@@ -190,7 +190,7 @@ def test_generate_with_a_corrupt_imatrix_is_one_line(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_text("nope")
     r = _cli("jaxmap.generate", "-m", "preset:tiny", "--isq", "Q8_0", "--imatrix", str(bad), "-p", "hi")
-    assert r.returncode == 2 and "not an .npz importance matrix" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "not an importance matrix" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_smollm2_q8_0_with_the_shipped_calibration_text_halves_kl(default_gguf):
@@ -250,3 +250,137 @@ def test_collect_refuses_quantized_disk_layers(tmp_path):
                         max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0, isq="Q8_0"))
     with pytest.raises(UserError, match="float weights"):
         collect(model, IDS, progress=False)
+
+
+# --- llama.cpp's imatrix files --------------------------------------------------------------------------------------
+
+def _gguf_name(hf: str) -> str:
+    """Hugging Face -> GGUF tensor name (the inverse of the GGUF loader's table), to write llama.cpp-style files."""
+    import re
+
+    from jaxmap.loading.gguf_source import _BLOCK_NAMES, _TOP_NAMES
+
+    m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", hf)
+    if m:
+        return f"blk.{m[1]}.{ {v: k for k, v in _BLOCK_NAMES.items()}[m[2]] }.weight"
+    return {v: k for k, v in _TOP_NAMES.items()}[hf.rsplit(".", 1)[0]] + ".weight"
+
+
+def write_legacy(path, values: dict, ncall: int = 4, trailer: bool = True) -> None:
+    """llama-imatrix's legacy .dat layout: int32 count; per entry int32 len, name, int32 ncall, int32 nval,
+    float32 mean * ncall; then int32 chunks, int32 len, dataset name."""
+    import struct
+
+    out = [struct.pack("<i", len(values))]
+    for name, v in values.items():
+        raw = name.encode()
+        out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, v.size),
+                (v * ncall).astype("<f4").tobytes()]
+    if trailer:
+        out += [struct.pack("<ii", 12, 9), b"calib.txt"]
+    Path(path).write_bytes(b"".join(out))
+
+
+def write_gguf_imatrix(path, values: dict, count: float = 8.0, chunk_size: int = 512) -> None:
+    """llama-imatrix's GGUF layout: NAME.in_sum2 [n_mat, n_in] and NAME.counts [n_mat, 1], float32."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch="imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["calib.txt"])
+    w.add_uint32("imatrix.chunk_count", 10)
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    for name, v in values.items():
+        sums = np.asarray(v, np.float32)
+        sums = sums.reshape(1, -1) if sums.ndim == 1 else sums
+        counts = np.full((sums.shape[0], 1), count, np.float32)
+        if name.endswith("zero-count"):
+            counts[:] = 0
+            name = name.removesuffix("zero-count")
+        w.add_tensor(name + ".in_sum2", sums * counts.clip(min=1) if count else sums)
+        w.add_tensor(name + ".counts", counts)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _same_values(got: Imatrix, want: Imatrix) -> None:
+    assert got.values.keys() == want.values.keys()
+    for k, v in want.values.items():
+        np.testing.assert_array_equal(got.values[k], v)
+
+
+def test_reads_llama_cpp_legacy_imatrix(tmp_path, tiny, tiny_imatrix):
+    """A .dat written as llama-imatrix writes it reads back to the same per-input means under Hugging Face names,
+    and quantizes exactly as jaxmap's own file does (same logits)."""
+    path = tmp_path / "imatrix.dat"
+    write_legacy(path, {_gguf_name(k): v for k, v in tiny_imatrix.values.items()})
+    got = Imatrix.load(path)
+    _same_values(got, tiny_imatrix)
+    write_legacy(path, {_gguf_name(k): v for k, v in tiny_imatrix.values.items()}, trailer=False)
+    _same_values(Imatrix.load(path), tiny_imatrix)  # the trailer is optional
+    ours = jaxmap.load("preset:tiny", isq="Q4K", imatrix=tiny_imatrix, max_seq_len=64, progress=False, devices="0")
+    theirs = jaxmap.load("preset:tiny", isq="Q4K", imatrix=str(path), max_seq_len=64, progress=False, devices="0")
+    np.testing.assert_array_equal(ours.forward_logits([IDS[:12]])[0], theirs.forward_logits([IDS[:12]])[0])
+
+
+def test_reads_llama_cpp_gguf_imatrix(tmp_path, tiny_imatrix, caplog):
+    """The GGUF layout: sums over counts; a zero count reads as importance 1 (as llama-quantize does); expert stacks
+    (n_mat > 1) and names jaxmap has no weight for are skipped with a log line; tokens = chunks x chunk size."""
+    values = {_gguf_name(k): v for k, v in tiny_imatrix.values.items()}
+    zero = _gguf_name("model.layers.1.mlp.down_proj.weight")
+    values[zero + "zero-count"] = values.pop(zero)
+    values["blk.0.ffn_gate_exps.weight"] = np.ones((4, 128), np.float32)  # an expert stack
+    values["blk.0.ssm_in.weight"] = np.ones(128, np.float32)  # another architecture's tensor
+    path = tmp_path / "imatrix.gguf"
+    write_gguf_imatrix(path, values)
+    with caplog.at_level("INFO", logger="jaxmap.imatrix_llamacpp"):
+        got = Imatrix.load(path)
+    assert "skipped 2 llama.cpp entries" in caplog.text
+    assert got.tokens == 10 * 512
+    np.testing.assert_array_equal(got.values["model.layers.1.mlp.down_proj.weight"], np.ones(256, np.float32))
+    got.values["model.layers.1.mlp.down_proj.weight"] = tiny_imatrix.values["model.layers.1.mlp.down_proj.weight"]
+    _same_values(got, tiny_imatrix)
+
+
+def test_damaged_llama_cpp_imatrix_files_are_one_line_errors(tmp_path, tiny_imatrix):
+    values = {_gguf_name(k): v for k, v in tiny_imatrix.values.items()}
+    legacy = tmp_path / "imatrix.dat"
+    write_legacy(legacy, values)
+    cut = tmp_path / "cut.dat"
+    cut.write_bytes(legacy.read_bytes()[:1000])
+    with pytest.raises(UserError, match="ends mid-entry"):
+        Imatrix.load(cut)
+    foreign = tmp_path / "foreign.dat"
+    write_legacy(foreign, {"encoder.block.0.weight": np.ones(8, np.float32)})
+    with pytest.raises(UserError, match="none of its 1 entries names a weight jaxmap knows"):
+        Imatrix.load(foreign)
+    negative = tmp_path / "negative.dat"
+    write_legacy(negative, {"blk.0.attn_q.weight": -np.ones(128, np.float32)})
+    with pytest.raises(UserError, match="negative or non-finite"):
+        Imatrix.load(negative)
+    from gguf import GGUFWriter
+
+    unpaired = tmp_path / "unpaired.gguf"
+    w = GGUFWriter(str(unpaired), arch="imatrix")
+    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, 128), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="sums without counts"):
+        Imatrix.load(unpaired)
+    model_gguf = tmp_path / "model.gguf"  # a model, not an imatrix
+    w = GGUFWriter(str(model_gguf), arch="llama")
+    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="without .in_sum2/.counts tensors"):
+        Imatrix.load(model_gguf)
+    short = tmp_path / "wrong-model.dat"  # right names, another model's widths
+    write_legacy(short, {"blk.0.attn_q.weight": np.ones(64, np.float32)})
+    with pytest.raises(UserError, match="collected for another model"):
+        jaxmap.load("preset:tiny", isq="Q4K", imatrix=str(short), max_seq_len=64, progress=False, devices="0")
