@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-WORKLOAD = ((16, 1), (128, 1), (16, 8), (128, 8))  # (prompt tokens, batch)
+from jaxmap.errors import UserError
+from jaxmap.generate import guarded
+
+WORKLOAD = "16x1,128x1,16x8,128x8"  # PROMPT tokens x batch
 NEW_TOKENS = 128
 REPEATS = 3
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange grain, "
@@ -32,6 +36,9 @@ def prompt_ids(tokenizer, n_tokens: int, batch: int) -> list[list[int]]:
     rows = []
     for i in range(batch):
         ids = tokenizer(" ".join(words[i:]))[:n_tokens]
+        if len(ids) < n_tokens:  # a shorter row would make the table claim a prompt length it did not run
+            raise UserError(f"the bench's text gives only {len(ids)} tokens for prompt {i + 1} of {batch}, not "
+                            f"{n_tokens}; use a shorter PROMPT or a smaller BATCH in --workload")
         rows.append(ids)
     return rows
 
@@ -52,13 +59,13 @@ def _worker_jaxmap(args) -> list[dict]:
 
     if not args.no_compile_cache:
         enable_compile_cache()
-    wish = dict(item.split("=", 1) for item in args.wish.split(",")) if args.wish else {}
-    for key in ("tp", "pp"):
-        if key in wish:
-            wish[key] = int(wish[key])
     t0 = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=False, **wish)
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=False, **parse_wish(args.wish))
     load_s = time.perf_counter() - t0
+    if model.tokenizer is None:
+        how = ("presets have random weights and no tokenizer" if model.source_path.startswith("preset:")
+               else "add its tokenizer.json")
+        raise UserError(f"{model.source_path} has no tokenizer, so the bench cannot encode its prompts ({how})")
     rows = []
     for n_prompt, batch in args.workload:
         ids = prompt_ids(lambda s: model.tokenizer.encode(s, add_special_tokens=False), n_prompt, batch)
@@ -115,7 +122,7 @@ def _worker_transformers(args) -> list[dict]:
     return rows
 
 
-def run_worker(impl: str, args, wish: str = "") -> list[dict]:
+def run_worker(impl: str, args, wish: str = "", label: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "jaxmap.bench", "--worker", impl, "--new-tokens", str(NEW_TOKENS),
            "--repeats", str(REPEATS),
            "--workload", ",".join(f"{p}x{b}" for p, b in args.workload), "--max-seq-len", str(args.max_seq_len)]
@@ -133,9 +140,18 @@ def run_worker(impl: str, args, wish: str = "") -> list[dict]:
                             f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        sys.stderr.write(out.stderr)
-        raise SystemExit(f"error: the {impl} benchmark failed (exit {out.returncode})")
+        raise worker_failure(out, label or impl)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def worker_failure(out: subprocess.CompletedProcess, label: str) -> Exception:
+    """A worker's one-line user error stays one line (status 2); a crash keeps its traceback (status 1)."""
+    lines = out.stderr.strip().splitlines()
+    if out.returncode == UserError.exit_code and lines and lines[-1].startswith("error: "):
+        message = lines[-1].removeprefix("error: ")
+        return UserError(message if label == "jaxmap" else f"{label}: {message}")
+    sys.stderr.write(out.stderr)
+    return SystemExit(f"error: the {label} benchmark failed (exit {out.returncode})")
 
 
 def print_table(results: dict[str, list[dict]]) -> None:
@@ -157,12 +173,99 @@ def print_table(results: dict[str, list[dict]]) -> None:
                   f"TTFT {b['ttft_ms'] / a['ttft_ms']:.2f}x")
 
 
+WISH_INTS = ("tp", "pp")
+WISH_TEXTS = ("devices", "device_layers", "topology", "max_memory", "isq", "imatrix", "layer_mode", "offload_folder")
+WISH_COMMAS = ("devices", "max_memory")  # values such as devices=0,2 hold the separator
+MAKE_WISH_KEYS = ("tp", "pp", "devices", "device_layers", "topology", "max_memory")
+
+
 def parse_workload(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    """``16x1,128x8`` -> ``[(16, 1), (128, 8)]``: prompt tokens and batch, both positive."""
+    rows = []
+    for item in text.split(","):
+        parts = [p.strip() for p in item.split("x")]
+        if len(parts) != 2 or not all(re.fullmatch(r"\d+", p) and int(p) > 0 for p in parts):
+            raise UserError(f"--workload item {item.strip()!r} is not PROMPTxBATCH with two positive whole numbers; "
+                            f"write e.g. --workload 16x1,128x8")
+        rows.append((int(parts[0]), int(parts[1])))
+    return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_wish(text: str) -> dict:
+    """A layout's ``KEY=VALUE,...`` as load() keywords: only placement keys (the bench sets the model, dtype and
+    sequence length itself), tp and pp as positive whole numbers."""
+    wish: dict = {}
+    key = None
+    for piece in text.split(",") if text.strip() else []:
+        name, sep, value = piece.partition("=")
+        if not sep and key in WISH_COMMAS:
+            wish[key] += "," + piece.strip()
+            continue
+        key = name.strip()
+        if not sep:
+            raise UserError(f"{piece.strip()!r} is not KEY=VALUE; write e.g. tp=2,pp=1")
+        if key not in WISH_INTS + WISH_TEXTS:
+            raise UserError(f"unknown key {key!r}; use {', '.join(WISH_INTS + WISH_TEXTS)}")
+        if key in wish:
+            raise UserError(f"{key} is given twice")
+        wish[key] = value.strip()
+    for key, value in wish.items():
+        if not value:
+            raise UserError(f"{key}= has no value")
+        if key in WISH_INTS:
+            if not re.fullmatch(r"\d+", value) or int(value) < 1:
+                raise UserError(f"{key} must be a positive whole number, got {value!r}")
+            wish[key] = int(value)
+    return wish
+
+
+def parse_layouts(items: Sequence[str]) -> dict[str, str]:
+    """``--layouts NAME:WISH ...`` -> {name: wish}, every wish checked before any worker spends minutes loading."""
+    from jaxmap.wishes import make_wish
+
+    layouts: dict[str, str] = {}
+    for item in items:
+        name, _, wish = item.partition(":")
+        name = name.strip()
+        if not name or "=" in name:
+            raise UserError(f"--layouts {item!r} is not NAME:WISH; write e.g. f32:isq=none tp2:tp=2,pp=1")
+        if name in layouts:
+            raise UserError(f"--layouts names {name!r} twice; give each layout its own name")
+        try:
+            keywords = parse_wish(wish)
+            make_wish(**{k: v for k, v in keywords.items() if k in MAKE_WISH_KEYS})
+        except UserError as exc:
+            raise UserError(f"--layouts {name}: {exc}") from None
+        layouts[name] = wish
+    return layouts
+
+
+def check_model(model: str | None, compare_transformers: bool) -> None:
+    """``-m`` must resolve before any worker starts; transformers also needs real weights on disk."""
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(model)
+    try:
+        if compare_transformers and str(source.path).startswith("preset:"):
+            raise UserError(f"--compare-transformers needs weights on disk; {source.path} is a random-weight preset")
+    finally:
+        source.close()
+
+
+def configure(args) -> None:
+    """Check the numeric flags and set the run's constants; the parent and each worker both call it."""
     global NEW_TOKENS, REPEATS
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.new_tokens < 2:
+        raise UserError(f"--new-tokens must be at least 2 (one for TTFT, the rest for decode), got {args.new_tokens}")
+    if args.max_seq_len < 1:
+        raise UserError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
+    NEW_TOKENS, REPEATS = args.new_tokens, args.repeats
+    args.workload = parse_workload(args.workload)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxmap.bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None, help="as for generate (default: SmolLM2-135M GGUF)")
     parser.add_argument("--dtype", default="float32",
@@ -170,35 +273,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "e.g. f32:isq=none q8:isq=Q8_0 native:isq=native)")
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
-    parser.add_argument("--workload", type=parse_workload, default=list(WORKLOAD),
-                        help="comma-separated PROMPTxBATCH items (default: 16x1,128x1,16x8,128x8)")
+    parser.add_argument("--workload", default=WORKLOAD,
+                        help=f"comma-separated PROMPTxBATCH items (default: {WORKLOAD})")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per row; medians are reported")
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also run Hugging Face transformers (needs torch and transformers) on the same weights")
     parser.add_argument("--no-compile-cache", action="store_true", help="compile from scratch (cold start)")
     parser.add_argument("--layouts", nargs="+", default=None, metavar="NAME:WISH",
-                        help="jaxmap layouts to compare in one run, e.g. 1dev:devices=0 tp3:tp=3,pp=1 pp2:pp=2,tp=1")
-    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="jaxmap layouts to compare in one run, e.g. 1dev:devices=0 tp3:tp=3,pp=1 pp2:pp=2,tp=1; "
+                             f"keys: {', '.join(WISH_INTS + WISH_TEXTS)}")
+    parser.add_argument("--cpu-devices", type=int, default=None,
                         help="give each run N virtual CPU devices (XLA_FLAGS), to measure mapping overhead on CPU")
     parser.add_argument("--worker", choices=("jaxmap", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    NEW_TOKENS = args.new_tokens
-    if args.repeats < 1 or NEW_TOKENS < 2:
-        parser.error("--repeats must be at least 1 and --new-tokens at least 2")
-    REPEATS = args.repeats
-    if args.worker:
-        import logging
+    return parser
 
-        logging.basicConfig(level=logging.WARNING)
-        rows = _worker_jaxmap(args) if args.worker == "jaxmap" else _worker_transformers(args)
-        print(json.dumps(rows))
-        return 0
-    if args.layouts:
-        results = {}
-        for item in args.layouts:
-            name, _, wish = item.partition(":")
-            results[name] = run_worker("jaxmap", args, wish)
+
+def run_worker_here(args) -> int:
+    """The worker process's body: one implementation, its rows as JSON on the last line of standard output."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    configure(args)
+    rows = _worker_jaxmap(args) if args.worker == "jaxmap" else _worker_transformers(args)
+    print(json.dumps(rows))
+    return 0
+
+
+def run(args) -> int:
+    """Check every flag, then run each implementation (and layout) in its own worker and print the table."""
+    from jaxmap.dtypes import parse_dtype
+
+    configure(args)
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise UserError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+    parse_dtype(args.dtype)
+    layouts = parse_layouts(args.layouts) if args.layouts else None
+    check_model(args.model, args.compare_transformers)
+    if layouts:
+        results = {name: run_worker("jaxmap", args, wish, f"layout {name}") for name, wish in layouts.items()}
     else:
         results = {"jaxmap": run_worker("jaxmap", args)}
     if args.compare_transformers:
@@ -207,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"dtype {args.dtype or 'default'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
     print_table(results)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(run_worker_here if args.worker else run, args)
 
 
 if __name__ == "__main__":

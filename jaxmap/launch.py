@@ -10,6 +10,7 @@ end together: when one fails, or the time limit passes, the others are killed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 
 from jaxmap.errors import UserError
+from jaxmap.generate import guarded
 
 
 def free_port() -> int:
@@ -39,48 +41,79 @@ def child_env(process_id: int, num_processes: int, port: int, cpu_devices: int |
     return env
 
 
+def check_job(command: Sequence[str], num_processes: int, cpu_devices: int | None, timeout_s: float) -> None:
+    """Refuse a job that could only fail, before any process starts."""
+    if not command:
+        raise UserError("give the command to run after --, e.g. python -m jaxmap.launch -n 2 -- python -m "
+                        "jaxmap.generate ...")
+    if num_processes < 1:
+        raise UserError(f"-n must be at least 1, got {num_processes}")
+    if cpu_devices is not None and cpu_devices < 1:
+        raise UserError(f"--cpu-devices must be at least 1, got {cpu_devices}")
+    if not timeout_s > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, got {timeout_s:g}")
+
+
+def start(command: Sequence[str], stdout, stderr, cwd: str | None, env: dict[str, str]) -> subprocess.Popen:
+    """One process of the job; a program that cannot be run is the user's error, not a traceback."""
+    if cwd is not None and not os.path.isdir(cwd):
+        raise UserError(f"cannot run {command[0]} in {cwd}: no such folder")
+    try:
+        return subprocess.Popen(list(command), stdout=stdout, stderr=stderr, cwd=cwd, env=env)
+    except FileNotFoundError:
+        raise UserError(f"cannot run {command[0]}: no such program") from None
+    except PermissionError:
+        raise UserError(f"cannot run {command[0]}: permission denied (not an executable program)") from None
+    except OSError as exc:
+        raise UserError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+
+
 def launch(command: Sequence[str], num_processes: int = 2, cpu_devices: int | None = None, timeout_s: float = 300,
            cwd: str | None = None, env: dict | None = None) -> tuple[int, str, list[str]]:
     """Run ``command`` as ``num_processes`` processes; returns (exit status, process 0's stdout, every stderr).
 
-    The status is 0 when all succeeded, else the first failure's (124 on the time limit).
+    The status is 0 when all succeeded, else the first failure's as a shell reports it (128 + N for a process killed
+    by signal N; 124 on the time limit).
     """
-    if num_processes < 1:
-        raise UserError(f"-n must be at least 1, got {num_processes}")
+    check_job(command, num_processes, cpu_devices, timeout_s)
     port = free_port()
-    procs: list[subprocess.Popen] = []
-    outs = [tempfile.TemporaryFile() for _ in range(num_processes)]
-    errs = [tempfile.TemporaryFile() for _ in range(num_processes)]
-    status = 0
-    try:
-        for i in range(num_processes):
-            procs.append(subprocess.Popen(list(command), stdout=outs[i], stderr=errs[i], cwd=cwd,
-                                          env=child_env(i, num_processes, port, cpu_devices, env)))
-        deadline = time.monotonic() + timeout_s
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                status = failed[0]
-                break
-            if all(c == 0 for c in codes):
-                break
-            if time.monotonic() > deadline:
-                status = 124
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:  # only the processes this call started
-            if p.poll() is None:
-                p.kill()
-        for p in procs:
-            p.wait()
-    texts = []
-    for f in outs + errs:
-        f.seek(0)
-        texts.append(f.read().decode(errors="replace"))
-        f.close()
+    with contextlib.ExitStack() as files:
+        outs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(num_processes)]
+        errs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(num_processes)]
+        procs: list[subprocess.Popen] = []
+        try:
+            for i in range(num_processes):
+                procs.append(start(command, outs[i], errs[i], cwd,
+                                   child_env(i, num_processes, port, cpu_devices, env)))
+            status = wait_for(procs, timeout_s)
+        finally:
+            for p in procs:  # only the processes this call started
+                if p.poll() is None:
+                    p.kill()
+            for p in procs:
+                p.wait()
+        texts = [read_back(f) for f in outs + errs]
     return status, texts[0], texts[num_processes:]
+
+
+def wait_for(procs: list[subprocess.Popen], timeout_s: float) -> int:
+    """0 once all succeed; else the first failure's status as a shell reports it, or 124 past the time limit."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            return failed[0] if failed[0] > 0 else 128 - failed[0]  # Popen's -N: killed by signal N
+        if all(c == 0 for c in codes):
+            return 0
+        if time.monotonic() > deadline:
+            return 124
+        time.sleep(0.1)
+
+
+def read_back(f) -> str:
+    f.seek(0)
+    return f.read().decode(errors="replace")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,15 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu-devices", type=int, default=None, help="virtual CPU devices per process")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before every process is killed")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
-    args = parser.parse_args(argv)
+    return guarded(run, parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job; pass process 0's output through, and every process's last lines when one fails."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("give the command to run after --")
-    try:
-        status, out, errs = launch(command, args.processes, args.cpu_devices, args.timeout)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    status, out, errs = launch(command, args.processes, args.cpu_devices, args.timeout)
     sys.stdout.write(out)
     if status:
         for i, err in enumerate(errs):

@@ -1,5 +1,6 @@
 """The benchmark's command line runs end to end on a tiny model: every figure it prints is there (no timings are
-checked; the benchmark measures, tests check behaviour)."""
+checked; the benchmark measures, tests check behaviour). Bad input is one ``error:`` line and status 2, whether the
+parent refuses it before any worker starts or a worker finds it while loading."""
 
 from __future__ import annotations
 
@@ -7,7 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from jaxmap.bench import parse_wish, parse_workload, worker_failure
+from jaxmap.errors import UserError
+
 TINY_LLAMA = str(Path(__file__).parent / "data" / "tiny-llama")
+
+
+def run_bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxmap.bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, fragment: str) -> None:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not r.stdout
 
 
 def test_bench_prints_every_figure_for_each_layout():
@@ -26,6 +44,60 @@ def test_bench_prints_every_figure_for_each_layout():
 
 
 def test_bench_refuses_zero_repeats():
-    r = subprocess.run([sys.executable, "-m", "jaxmap.bench", "--repeats", "0"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "--repeats must be at least 1" in r.stderr
+    r = run_bench("--repeats", "0")
+    assert_one_error_line(r, "--repeats must be at least 1, got 0")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["-m", "/nonexistent"], "no such file or folder: /nonexistent"),
+    (["--dtype", "float64"], "unknown dtype 'float64'"),
+    (["--max-seq-len", "0"], "--max-seq-len must be at least 1"),
+    (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+    (["--workload", "0x1"], "'0x1' is not PROMPTxBATCH"),
+    (["--workload", "16x0"], "'16x0' is not PROMPTxBATCH"),
+    (["--workload", "16x1x2"], "'16x1x2' is not PROMPTxBATCH"),
+    (["--workload", "abc"], "'abc' is not PROMPTxBATCH"),
+    (["--workload", "16x1,"], "'' is not PROMPTxBATCH"),
+    (["--layouts", "x:tp=abc"], "--layouts x: tp must be a positive whole number, got 'abc'"),
+    (["--layouts", "x:tp=0"], "--layouts x: tp must be a positive whole number"),
+    (["--layouts", "x:foo=1"], "--layouts x: unknown key 'foo'"),
+    (["--layouts", "x:dtype=bfloat16"], "--layouts x: unknown key 'dtype'"),
+    (["--layouts", "x:tp"], "--layouts x: 'tp' is not KEY=VALUE"),
+    (["--layouts", "x:tp=1,tp=2"], "--layouts x: tp is given twice"),
+    (["--layouts", "x:isq="], "--layouts x: isq= has no value"),
+    (["--layouts", "x:devices=a"], "--layouts x: --devices expects comma-separated ordinals"),
+    (["--layouts", "tp=2"], "'tp=2' is not NAME:WISH"),
+    (["--layouts", "x:tp=1", "x:pp=1"], "names 'x' twice"),
+    (["--cpu-devices", "-3"], "--cpu-devices must be at least 1, got -3"),
+    (["--cpu-devices", "0"], "--cpu-devices must be at least 1, got 0"),
+    (["-m", "preset:tiny", "--compare-transformers"], "--compare-transformers needs weights on disk"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flags_are_refused_before_any_worker(args, fragment):
+    r = run_bench("-m", TINY_LLAMA, *args)
+    assert_one_error_line(r, fragment)
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["-m", "preset:tiny"], "preset:tiny has no tokenizer"),
+    (["-m", TINY_LLAMA, "--workload", "1000x1"], "the prompt is 1000 tokens, longer than --max-seq-len 512"),
+    (["-m", TINY_LLAMA, "--layouts", "f32:isq=none", "big:tp=64"], "layout big: "),
+], ids=["no-tokenizer", "prompt-past-context", "layout-needs-more-devices"])
+def test_a_workers_user_error_is_one_line(args, fragment):
+    r = run_bench("--workload", "4x1", "--new-tokens", "2", "--repeats", "1", *args, timeout=300)
+    assert_one_error_line(r, fragment)
+
+
+def test_layout_wishes_become_load_keywords():
+    assert parse_wish("tp=2,pp=1,devices=0,2,isq=Q8_0") == {"tp": 2, "pp": 1, "devices": "0,2", "isq": "Q8_0"}
+    assert parse_wish("max_memory=0:1GiB,host:2GiB") == {"max_memory": "0:1GiB,host:2GiB"}
+    assert parse_wish("") == {}
+    assert parse_workload("16x1, 128x8") == [(16, 1), (128, 8)]
+
+
+def test_a_worker_crash_keeps_its_traceback(capsys):
+    crash = subprocess.CompletedProcess([], 1, "", "Traceback (most recent call last):\nKeyError: 'x'\n")
+    failure = worker_failure(crash, "layout a")
+    assert isinstance(failure, SystemExit) and "the layout a benchmark failed (exit 1)" in str(failure.code)
+    assert "KeyError" in capsys.readouterr().err
+    refused = worker_failure(subprocess.CompletedProcess([], 2, "", "WARNING x\nerror: bad isq\n"), "layout a")
+    assert isinstance(refused, UserError) and str(refused) == "layout a: bad isq"
