@@ -5,7 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["load", "Model", "SamplingParams", "UserError", "ModelConfig", "shard", "plan_for", "offload", "fetch",
-           "MemoryPlan"]
+           "MemoryPlan", "shardings_for"]
 
 
 def __getattr__(name: str):
@@ -26,6 +26,10 @@ def __getattr__(name: str):
         from jaxmap import library
 
         return getattr(library, name)
+    if name == "library":  # `jaxmap.library.memory_kinds` before any other library name was touched
+        import importlib
+
+        return importlib.import_module("jaxmap.library")
     if name == "ModelConfig":
         from jaxmap.config import ModelConfig
 
