@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -113,18 +114,26 @@ class Model:
 
         ``on_token(row, token_id)`` is called for every generated token as soon as it reaches the host.
         """
-        sampling = sampling or SamplingParams(**sampling_kwargs)
+        if sampling is not None and sampling_kwargs:
+            raise UserError(f"pass either sampling= or sampling keywords ({', '.join(sampling_kwargs)}), not both")
+        try:
+            sampling = sampling or SamplingParams(**sampling_kwargs)
+        except TypeError as exc:
+            raise UserError(f"generate(): {exc}; sampling keywords are {SAMPLING_KEYWORDS}") from None
+        _check_count("max_new_tokens", max_new_tokens)
         if isinstance(prompts, str):
             prompts = [prompts]
         texts: list[str | None] = []
         batch_ids: list[list[int]] = []
-        for p in prompts:
+        for p in _prompt_list(prompts):
             if isinstance(p, str):
                 texts.append(p)
                 batch_ids.append(self.encode(p, chat=chat))
             else:
                 texts.append(None)
-                batch_ids.append([int(t) for t in p])
+                batch_ids.append(_token_ids(p))
+        if chat and any(t is None for t in texts):
+            log.warning("chat=True formats text prompts only; token-id prompts are used as given")
         rows, stats = self._generate_ids(batch_ids, max_new_tokens, sampling, stop_at_eos, on_token)
         results = []
         for text, ids, (tokens, reason) in zip(texts, batch_ids, rows, strict=True):
@@ -162,8 +171,7 @@ class Model:
         return longest
 
     def _generate_ids(self, batch_ids, max_new_tokens, sampling: SamplingParams, stop_at_eos, on_token):
-        if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        _check_count("max_new_tokens", max_new_tokens)
         longest = self._check_prompts(batch_ids)
         engine, batch = self.engine, len(batch_ids)
         shape = sampling.shape
@@ -242,7 +250,9 @@ class Model:
 
     def forward_logits(self, batch_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Float32 logits at every prompt position, one [len, vocab] array per prompt (for checks and scoring)."""
-        batch_ids = [[int(t) for t in ids] for ids in batch_ids]
+        if any(isinstance(p, str) for p in _prompt_list(batch_ids)):
+            raise UserError("forward_logits takes token ids: encode text first (model.encode(text))")
+        batch_ids = [_token_ids(ids) for ids in _prompt_list(batch_ids)]
         self._check_prompts(batch_ids)
         n_slots = prefill_bucket(max(len(ids) for ids in batch_ids), self.max_seq_len)
         tokens, pads, longest = self._pack(batch_ids, n_slots)
@@ -252,6 +262,36 @@ class Model:
                                            SamplingParams().values(), jax.random.key(0), shape)
         logits = np.asarray(logits)
         return [logits[row, pads[row]:longest] for row in range(len(batch_ids))]
+
+
+SAMPLING_KEYWORDS = "temperature, top_k, top_p, repetition_penalty, seed"
+
+
+def _check_count(name: str, value) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}")
+
+
+def _prompt_list(prompts) -> list:
+    """The batch as a list of prompts; a flat list of ids (one prompt, unwrapped) is refused rather than guessed."""
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, (Sequence, np.ndarray)):
+        raise UserError(f"prompts must be a string, a list of strings or a list of token-id lists; got "
+                        f"{type(prompts).__name__}")
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, (numbers.Integral, np.integer)) for p in prompts):
+        raise UserError("prompts is one list of token ids: wrap it in a list for a batch of one ([[1, 2, 3]])")
+    return prompts
+
+
+def _token_ids(prompt) -> list[int]:
+    """One prompt's token ids as Python ints; floats (a float array passed by mistake) are refused, not truncated."""
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (Sequence, np.ndarray)):
+        raise UserError(f"a prompt must be a string or a list of token ids; got {type(prompt).__name__}")
+    ids = list(prompt)
+    bad = [t for t in ids if not isinstance(t, (numbers.Integral, np.integer)) or isinstance(t, bool)]
+    if bad:
+        raise UserError(f"token ids must be whole numbers; got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(t) for t in ids]
 
 
 def resolve_source(model: str | Path | None, seed: int = 0):
@@ -284,7 +324,7 @@ def load(
     pp: int | None = None,
     devices: str | Sequence[int] | None = None,
     plan: str | Path | DeviceMap | None = None,
-    max_batch_size: int = 1,
+    max_batch_size: int | None = None,
     save_plan: str | Path | None = None,
     max_memory: str | dict | None = None,
     auto: bool = True,
@@ -306,13 +346,28 @@ def load(
     ``imatrix=``: an importance matrix (a file from ``python -m jaxmap.imatrix``, or a dict of vectors) that weights
     each quantized block's fit by how much activation its inputs carry (:mod:`jaxmap.imatrix`).
     """
+    if layer_mode not in LAYER_MODES:
+        raise UserError(f"layer_mode must be one of {', '.join(LAYER_MODES)}, got {layer_mode!r}")
+    if plan is not None:
+        _check_plan_alone(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
+                          max_memory=max_memory, isq=isq, dtype=dtype, auto=auto, allow_disk=allow_disk)
     importance = None if imatrix is None else Imatrix.load(imatrix)
     source = resolve_source(model, seed=seed)
     try:
         config = source.config
-        seq = default_max_seq_len(config) if max_seq_len is None else int(max_seq_len)
+        if importance is not None:
+            importance.check_model(config)
+        saved = _read_plan(plan, config) if plan is not None else None
+        if saved is not None:
+            dtype = saved.dtype
+            max_seq_len, max_batch_size = _plan_sizes(saved, max_seq_len, max_batch_size)
+        max_batch_size = 1 if max_batch_size is None else _whole(max_batch_size, "max_batch_size")
+        seq = default_max_seq_len(config) if max_seq_len is None else _whole(max_seq_len, "max_seq_len")
         if seq < 1:
             raise UserError(f"--max-seq-len must be at least 1, got {seq}")
+        if seq > config.max_position_embeddings:
+            log.warning("--max-seq-len %d is longer than the model's context (%d positions): positions past it are "
+                        "ones the model was not trained on", seq, config.max_position_embeddings)
         if config.sliding_window and seq > config.sliding_window:
             raise UserError(
                 f"{config.architecture} uses a sliding attention window of {config.sliding_window} tokens, which "
@@ -331,7 +386,8 @@ def load(
                             "(pass --isq or --dtype to requantize or dequantize it)", source.path)
                 wish = dataclasses.replace(wish, topology=wish.topology.with_isq(isq_mod.NATIVE))
         stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
-        device_map = _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish, stored)
+        device_map = saved if saved is not None else plan_device_map(
+            config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored)
         quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq), importance)
         disk_isq = any(t not in (None, "none") for s in device_map.stages if s.memory_kind == "disk" for t in s.isq)
         if any(s.memory_kind == "disk" for s in device_map.stages) and (
@@ -382,16 +438,48 @@ def load(
         source.close()
 
 
-def _device_map(config, hardware, np_dtype, seq, max_batch_size, plan, wish, stored=None) -> DeviceMap:
-    if plan is None:
-        return plan_device_map(config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored)
+LAYER_MODES = ("auto", "unrolled", "per_layer")
+_PLAN_FIXES = {"tp": "--tp", "pp": "--pp", "devices": "--devices", "device_layers": "-n", "topology": "--topology",
+               "max_memory": "--max-memory", "isq": "--isq", "dtype": "--dtype"}
+
+
+def _check_plan_alone(auto: bool, allow_disk: bool, **wishes) -> None:
+    """A saved plan fixes placement, dtype and ISQ types: a flag that would change them is refused, not dropped."""
+    given = [_PLAN_FIXES[k] for k, v in wishes.items() if v is not None]
+    given += [flag for flag, on in (("--no-auto", not auto), ("--no-disk", not allow_disk)) if on]
+    if given:
+        raise UserError(f"a saved plan (--plan) fixes the placement, dtype and ISQ types, so {', '.join(given)} "
+                        f"would be ignored; drop {'it' if len(given) == 1 else 'them'}, or make a new plan with "
+                        f"{'it' if len(given) == 1 else 'them'} (--save-plan)")
+
+
+def _read_plan(plan, config: ModelConfig) -> DeviceMap:
     if isinstance(plan, DeviceMap):
         plan.check_model(config)
         return plan
+    if not isinstance(plan, (str, Path)):
+        raise UserError(f"plan= takes a path to a saved plan (.yaml) or a DeviceMap, got {type(plan).__name__}")
     path = Path(plan)
     if not path.is_file():
         raise UserError(f"cannot read plan {path}: no such file")
     return DeviceMap.from_yaml(path, config)
+
+
+def _plan_sizes(saved: DeviceMap, max_seq_len, max_batch_size) -> tuple[int, int]:
+    """The plan's KV sizes unless asked otherwise; larger ones than it budgeted for run, with a warning."""
+    seq = saved.max_seq_len if max_seq_len is None else _whole(max_seq_len, "max_seq_len")
+    batch = saved.max_batch_size if max_batch_size is None else _whole(max_batch_size, "max_batch_size")
+    if seq > saved.max_seq_len or batch > saved.max_batch_size:
+        log.warning("the saved plan budgeted memory for max_seq_len %d x max_batch_size %d; this run asks %d x %d, "
+                    "which may not fit: make a new plan for it (--save-plan)", saved.max_seq_len,
+                    saved.max_batch_size, seq, batch)
+    return seq, batch
+
+
+def _whole(value, name: str) -> int:
+    if not isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, bool):
+        raise UserError(f"{name} (--{name.replace('_', '-')}) must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _device_shardings(params: dict, placement, config: ModelConfig) -> dict:

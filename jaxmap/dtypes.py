@@ -19,7 +19,13 @@ ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "floa
            "half": "float16"}
 
 
-def parse_dtype(name: str) -> np.dtype:
+def parse_dtype(name) -> np.dtype:
+    """A name (``"bf16"``), or a dtype object as JAX code passes one (``jnp.bfloat16``, ``np.float16``)."""
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")

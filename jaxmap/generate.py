@@ -44,8 +44,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not verbose:  # jax's own INFO lines are noise for users
-        logging.getLogger("jax").setLevel(logging.WARNING)
+    if not verbose:  # jax's and orbax's (absl) own INFO lines are noise for users
+        for name in ("jax", "absl", "orbax"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,21 +82,19 @@ def run(args: argparse.Namespace) -> int:
     from jaxmap.compile_cache import enable_compile_cache
     from jaxmap.sampling import SamplingParams
 
-    prompts = args.prompt
-    if prompts is None:
-        if sys.stdin is None or sys.stdin.isatty():
-            raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
-        prompts = [sys.stdin.read()]
+    prompts = read_prompts(args.prompt)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_tokenizer(args.model, args.chat)
     enable_compile_cache()
+    batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
     model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
-                 save_plan=args.save_plan, max_batch_size=args.max_batch_size, max_memory=args.max_memory,
+                 save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
                  auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
                  imatrix=args.imatrix)
-    if model.tokenizer is None:
-        raise UserError(f"{model.source_path} has no tokenizer, so text prompts cannot be encoded")
 
     stream = not args.json and len(prompts) == 1
     decoder = model.tokenizer.stream_decoder() if stream else None
@@ -118,6 +117,43 @@ def run(args: argparse.Namespace) -> int:
     if not args.json and not args.quiet:
         print(format_stats(results[0].stats if len(results) == 1 else _batch_stats(results)), file=sys.stderr)
     return 0
+
+
+def read_prompts(given: list[str] | None) -> list[str]:
+    """``-p`` prompts, or standard input as one prompt (one trailing newline dropped: ``echo text |`` means
+    ``-p text``); empty or non-UTF-8 prompts are refused before any model is loaded."""
+    from jaxmap.tokenizer import check_utf8
+
+    if given is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
+        text = sys.stdin.read()
+        given = [text[:-1] if text.endswith("\n") else text]
+        if not given[0]:
+            raise UserError("standard input is empty: pipe a prompt, or pass --prompt TEXT")
+    for i, prompt in enumerate(given):
+        if not prompt:
+            raise UserError(f"prompt {i + 1} of {len(given)} is empty" if len(given) > 1 else "the prompt is empty")
+        check_utf8(prompt)
+    return given
+
+
+def check_tokenizer(model, chat: bool) -> None:
+    """Text prompts need a tokenizer, and --chat its template: known from the source's small files, so say so
+    before the weights load rather than after."""
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(model)
+    try:
+        tokenizer = source.tokenizer()
+        if tokenizer is None:
+            how = ("presets have random weights and no tokenizer" if str(source.path).startswith("preset:")
+                   else "add its tokenizer.json")
+            raise UserError(f"{source.path} has no tokenizer, so text prompts cannot be encoded ({how})")
+        if chat and not tokenizer.chat_template:
+            raise UserError(f"{source.path} has no chat template: drop --chat")
+    finally:
+        source.close()
 
 
 def _batch_stats(results):

@@ -55,6 +55,21 @@ class Imatrix:
                             f"jaxmap.imatrix")
         return v
 
+    def check_model(self, config) -> None:
+        """Refuse an imatrix that names none of this model's projections (another model's, or another naming), before
+        any weight is read; note entries for weights the model lacks (a deeper model's file, say)."""
+        ours = {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in _PROJECTIONS}
+        ours |= {"lm_head.weight", "model.embed_tokens.weight"}
+        theirs = set(self.values)
+        if not theirs & ours:
+            raise UserError(f"imatrix {self.path} has no entry for any weight of this model (it names e.g. "
+                            f"{min(theirs)}; the model's are like model.layers.0.self_attn.q_proj.weight): it was "
+                            f"collected for another model; collect one with python -m jaxmap.imatrix")
+        extra = sorted(theirs - ours)
+        if extra:
+            log.warning("imatrix %s: %d entries name weights this model lacks (e.g. %s): collected for another "
+                        "model?", self.path, len(extra), extra[0])
+
     def digest(self) -> str:
         """A short hash of the values: names what an offload folder quantized with this matrix holds."""
         import hashlib
@@ -84,7 +99,11 @@ class Imatrix:
         if isinstance(source, Imatrix):
             return source
         if isinstance(source, dict):
-            return cls({k: np.asarray(v, np.float32).reshape(-1) for k, v in source.items()}, 0)
+            bad = [k for k, v in source.items() if not _importance_vector(np.asarray(v))]
+            if bad or not source:
+                raise UserError(f"imatrix dict: entry {bad[0]!r} is not a vector of finite non-negative numbers"
+                                if bad else "imatrix dict is empty")
+            return cls({k: np.asarray(v, np.float32) for k, v in source.items()}, 0)
         path = Path(source)
         if not path.is_file():
             raise UserError(f"cannot read imatrix {path}: no such file (write one with python -m jaxmap.imatrix)")
@@ -103,14 +122,22 @@ class Imatrix:
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise UserError(f"cannot read imatrix {path}: not an .npz importance matrix ({exc})") from None
         tokens = raw.pop(TOKENS_KEY, None)
-        bad = [k for k, v in raw.items() if v.ndim != 1 or not np.issubdtype(v.dtype, np.floating)
-               or not np.isfinite(v).all() or (v < 0).any()]
+        bad = [k for k, v in raw.items() if not _importance_vector(v)]
         counted = tokens is not None and tokens.ndim == 0 and np.issubdtype(tokens.dtype, np.integer)
         if not counted or bad or not raw:
             what = f"entry {bad[0]!r} is not a vector of non-negative numbers" if bad else (
                 "it has no entries" if not raw else "it lacks a token count (an integer)")
             raise UserError(f"cannot read imatrix {path}: {what}; write one with python -m jaxmap.imatrix")
         return cls({k: v.astype(np.float32) for k, v in raw.items()}, int(tokens), str(path))
+
+
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+
+
+def _importance_vector(v: np.ndarray) -> bool:
+    return (v.ndim == 1 and v.size > 0 and np.issubdtype(v.dtype, np.number) and not np.issubdtype(v.dtype, np.bool_)
+            and bool(np.isfinite(v).all()) and not (v < 0).any())
 
 
 def _tapped_layer(config, p, x, cos, sin, mask):
@@ -257,12 +284,7 @@ def calibration_ids(tokenizer, text_path: str | Path | None, max_tokens: int | N
     """Token ids of a calibration text file (default: the shipped one), at most ``max_tokens`` of them; ``what``
     names the text in error messages."""
     path = Path(text_path) if text_path is not None else CALIBRATION_TEXT
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"cannot read {what} {path}: it is not UTF-8 text") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    text = _read_text(path, what)
     if tokenizer is None:
         raise UserError(f"the model has no tokenizer, so the {what} cannot be encoded")
     ids = tokenizer.encode(text)
@@ -271,12 +293,25 @@ def calibration_ids(tokenizer, text_path: str | Path | None, max_tokens: int | N
     return ids[:max_tokens] if max_tokens else ids
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read {what} {path}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise UserError(f"{what} {path} is empty")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxmap.generate import add_model_arguments, guarded, setup_logging
     from jaxmap.multihost import add_distributed_arguments
     from jaxmap.plan import add_mapping_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.imatrix", description=__doc__.splitlines()[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog="python -m jaxmap.imatrix", description=summary)
     add_model_arguments(parser)
     add_mapping_arguments(parser)
     add_distributed_arguments(parser)
@@ -306,6 +341,11 @@ def _run(args) -> int:
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UserError(f"cannot write {output}: folder {output.parent} does not exist")
+    if output.is_dir():
+        raise UserError(f"cannot write {output}: it is a folder; give a file name such as "
+                        f"{output / 'model.imatrix.npz'}")
+    if args.text is not None:
+        _read_text(Path(args.text), "calibration text")  # a bad text is reported before the model loads
     if start_from_args(args):
         args.quiet = True
     enable_compile_cache()

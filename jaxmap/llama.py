@@ -126,10 +126,13 @@ def decoder_layer(
         else:
             # Long prompts: query blocks one after another (a loop XLA cannot run side by side), so the scores
             # held at once are [b, heads, chunk, t] rather than [b, heads, t, t] (8.6 GB for Llama-3-70B at 8192).
-            n = t // chunk
-            qs = q.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
-            ms = mask[:, :, :t].reshape(b, n, chunk, t).swapaxes(0, 1)
-            attn = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, t, g, rep, k_dim)
+            n = -(-t // chunk)
+            pad = n * chunk - t  # a ragged last block: padded queries, masked out, their rows dropped after
+            qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+            qs = qs.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
+            ms = jnp.pad(mask[:, :, :t], ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, t).swapaxes(0, 1)
+            attn = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, n * chunk, g, rep, k_dim)
+            attn = attn[:, :t]
     attn = attn.reshape(b, t, g * rep * k_dim)
     # Make the in-place cache write depend on the reads above (``0 * attn`` is not folded away for floats), so
     # XLA orders the write after them instead of copying every donated cache buffer on every step; an

@@ -34,13 +34,9 @@ PREFILL_QUERY_CHUNK = 512
 
 
 def prefill_query_chunk(t: int) -> int:
-    """Queries per attention block in a prefill of ``t`` tokens: all of them up to 1024, else 512 (or 256) at a time.
-
-    Prefill lengths above 256 are multiples of 256 (``engine.prefill_bucket``), so one of these always divides.
-    """
-    if t <= 2 * PREFILL_QUERY_CHUNK:
-        return t
-    return PREFILL_QUERY_CHUNK if t % PREFILL_QUERY_CHUNK == 0 else (256 if t % 256 == 0 else t)
+    """Queries per attention block in a prefill of ``t`` tokens: all of them up to 1024, else 512 at a time (the
+    last block padded when 512 does not divide ``t``, e.g. a ``--max-seq-len`` that is not a multiple of 256)."""
+    return t if t <= 2 * PREFILL_QUERY_CHUNK else PREFILL_QUERY_CHUNK
 
 
 def headroom(capacity: int, host: bool = False) -> int:

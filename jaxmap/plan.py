@@ -58,6 +58,9 @@ def model_facts(arg: str | None, native: bool = False) -> tuple[ModelConfig, dic
             return source.config, stored
         finally:
             source.close()
+    if not arg.startswith("preset:") and not path.exists() and ("/" in arg or path.suffix in (".gguf", ".json")):
+        raise UserError(f"no such file or folder: {arg} (a model is a Hugging Face folder, a .gguf file, or a "
+                        f"preset name)")
     return ModelConfig.from_preset(arg.removeprefix("preset:")), None
 
 
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_mapping_arguments(p)
     p.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16, float16; default float32, and a "
                                                  "GGUF keeps its quantized types as generate does)")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="sequence length the KV cache is planned for")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="sequence length the KV cache is planned for (default: min(model context, 4096), as generate)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--svg", help="write an SVG picture of the layers coloured by device")
     return p
@@ -105,8 +109,8 @@ def make_plan(args: argparse.Namespace) -> DeviceMap:
                      topology=Path(args.topology) if args.topology else None,
                      isq=args.isq or ("native" if stored else None), max_memory=args.max_memory, auto=args.auto,
                      allow_disk=args.allow_disk)
-    return plan(config, hardware, wish, args.dtype or "float32", args.max_seq_len, args.max_batch_size,
-                stored_bytes=stored)
+    seq = args.max_seq_len if args.max_seq_len is not None else min(config.max_position_embeddings, 4096)
+    return plan(config, hardware, wish, args.dtype or "float32", seq, args.max_batch_size, stored_bytes=stored)
 
 
 def _missing(path: str) -> Path:

@@ -261,8 +261,9 @@ def plan(
     """Decide the device map. Raises :class:`UserError` for a wish the model or hardware cannot take."""
     wish = wish or Wish()
     dtype_name = parse_dtype(dtype).name
-    if max_seq_len <= 0 or max_batch_size <= 0:
-        raise UserError("--max-seq-len and --max-batch-size must be positive")
+    for flag, value in (("--max-seq-len", max_seq_len), ("--max-batch-size", max_batch_size)):
+        if value <= 0:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     pool = pool_for(hardware, _pool(hardware, wish), wish.max_memory)
     budgets = compute_budgets(hardware, pool, wish.max_memory)
     base = (_manual(config, hardware, wish.device_layers) if wish.device_layers is not None
@@ -272,6 +273,9 @@ def plan(
     placed_by_topology = 0
     if topology is not None:
         placed_by_topology = _apply_topology(base, topology, config, hardware)
+        if placed_by_topology == config.num_hidden_layers and (wish.tp or wish.pp):
+            raise UserError("the topology places every layer on its own devices, so --tp/--pp have nothing to "
+                            "place; drop them, or drop the topology's device entries")
         if placed_by_topology:
             strategy = "manual"
             what = "the topology" if topology.source == "topology" else f"topology {topology.source}"
@@ -331,8 +335,8 @@ def _check_fit(memory: list[DeviceMemory], budgets: Budgets, wish: Wish, warning
         if wish.is_automatic and wish.auto and budgets.explicit and m.kind == "device":
             raise UserError(f"the model does not fit: {line}; raise --max-memory, lower --max-seq-len or "
                             "--max-batch-size, or quantize with --isq")
-        hint = ("lower --max-seq-len, or let automatic mapping offload (drop -n/--tp/--pp/--topology devices/"
-                "--no-auto)" if m.kind == "device" else "raise --max-memory host:SIZE or allow the disk tier")
+        hint = ("lower --max-seq-len, or let automatic mapping offload (drop -n/--tp/--pp/--devices/topology "
+                "devices/--no-auto)" if m.kind == "device" else "raise --max-memory host:SIZE or allow the disk tier")
         warnings.append(f"{line}; {hint}")
 
 
@@ -357,6 +361,17 @@ def _stages(per_layer: list[tuple[Device, ...]], kinds: list[str], config: Model
         if s.dtype != dtype:
             warnings.append(f"layers {s.start}-{s.end - 1} on {s.devices[0]} run in float32 (CPUs lack fast {dtype})")
     return stages
+
+
+def _layer_weight_names(config: ModelConfig) -> list[str]:
+    """Every decoder layer's weight names (what a topology regex may match besides the outer weights)."""
+    parts = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+             "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.weight"]
+    for p in ("q", "k", "v"):
+        parts.append(f"self_attn.{p}_proj.weight")
+        if config.attention_bias:
+            parts.append(f"self_attn.{p}_proj.bias")
+    return [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in parts]
 
 
 def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, config: ModelConfig,
@@ -385,6 +400,9 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
         layer_names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj.weight", "mlp.down_proj.weight",
                                                           "input_layernorm.weight")]
         for e in topology.patterns:
+            if not any(re.search(e.pattern, n) for n in [*_OUTER_NAMES.values(), *_layer_weight_names(config)]):
+                warnings.append(f"topology: regex {e.where} matches no weight of this model, so it does nothing "
+                                f"(names look like {', '.join(_OUTER_NAMES.values())})")
             if e.device and any(re.search(e.pattern, n) for n in layer_names):
                 warnings.append(f"topology: regex {e.where} matches decoder-layer weights; a regex device applies "
                                 "only to embeddings, final norm and LM head (place layers with ranges)")

@@ -7,11 +7,22 @@ picks the compiled program; the *values* (temperature, top-p, penalty) are trace
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 from jaxmap.errors import UserError
+
+
+def _real(x) -> bool:
+    """A finite real number (NaN and infinities compare False everywhere and would slip through range checks)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +36,17 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if not _real(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature (--temperature) must be a finite number >= 0, got {self.temperature!r}")
+        if not _integer(self.top_k) or self.top_k < 0:
+            raise UserError(f"top_k (--top-k) must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p (--top-p) must be in (0, 1], got {self.top_p!r}")
+        if not _real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty (--repetition-penalty) must be a finite number > 0, got "
+                            f"{self.repetition_penalty!r}")
+        if not _integer(self.seed) or not -(2**63) <= self.seed < 2**63:
+            raise UserError(f"seed (--seed) must be a whole number between -2**63 and 2**63 - 1, got {self.seed!r}")
 
     @property
     def shape(self) -> SamplerShape:
@@ -46,7 +60,7 @@ class SamplingParams:
 
     def values(self) -> jnp.ndarray:
         """Traced values: [temperature, top_p, repetition_penalty]."""
-        return jnp.asarray([max(self.temperature, 1e-6), self.top_p, self.repetition_penalty], jnp.float32)
+        return jnp.asarray([max(float(self.temperature), 1e-6), self.top_p, self.repetition_penalty], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +88,7 @@ def sample(logits: jnp.ndarray, seen: jnp.ndarray, values: jnp.ndarray, key: jax
     if shape.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if shape.top_k:
+    if shape.top_k and shape.top_k < logits.shape[-1]:  # k >= the vocabulary keeps every token: no top-k
         top_logits, top_ids = jax.lax.top_k(logits, shape.top_k)
     else:
         top_ids = jnp.argsort(-logits, axis=-1)

@@ -105,6 +105,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` the BOS goes in front when the model wants one."""
+        check_utf8(text)
         ids = list(self.inner.encode(text, add_special_tokens=add_special_tokens).ids)
         if add_special_tokens and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
@@ -124,7 +125,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
         """Render ``messages`` with the model's jinja chat template, the way Hugging Face's transformers does."""
         if not self.chat_template:
-            raise UserError("this model has no chat template; pass a plain prompt (no chat formatting) instead")
+            raise UserError("this model has no chat template: drop --chat (chat=False) and pass a plain prompt")
         template = _compile_template(self.chat_template)
         eos = self._token_text(self.eos_token_ids[0]) if self.eos_token_ids else ""
         try:
@@ -132,6 +133,9 @@ class Tokenizer:
                                    bos_token=self._token_text(self.bos_token_id), eos_token=eos, **extra)
         except _TemplateError as exc:
             raise UserError(f"the chat template refused the messages: {exc}") from None
+        except Exception as exc:  # the template is the model's code: any failure inside it is the model's, not ours
+            raise UserError(f"the model's chat template failed while rendering ({type(exc).__name__}: {exc}); fix "
+                            f"chat_template in tokenizer_config.json, or drop --chat") from None
 
 
 class StreamDecoder:
@@ -171,6 +175,20 @@ class StreamDecoder:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------------
+def check_utf8(text: str) -> None:
+    """Refuse text that cannot be UTF-8: bytes that were not UTF-8 reach Python (argv, stdin) as lone surrogates,
+    which the tokenizer library rejects with an opaque TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        what = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
+        raise UserError(f"the prompt is not valid UTF-8 text ({what} at character {exc.start}); pass UTF-8 "
+                        f"text") from None
+    except AttributeError:
+        raise UserError(f"a prompt must be text, got {type(text).__name__}") from None
+
+
 class _TemplateError(Exception):
     """Raised by a template's ``raise_exception(...)``."""
 

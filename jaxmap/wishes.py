@@ -220,7 +220,9 @@ def _read(source: str | Path) -> tuple[str, str]:
     if looks_like_path:
         path = Path(source)
         try:
-            return path.read_text(), str(path)
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise UserError(f"cannot read topology {path}: it is not UTF-8 text") from None
         except OSError as exc:
             raise UserError(f"cannot read topology {path}: {exc.strerror}") from None
     return str(source), "topology"

@@ -129,3 +129,53 @@ def test_example_layouts_runs(default_gguf):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert "4xa100" in out.stdout and "cpu[1]" in out.stdout and "Paris" in out.stdout
+
+
+def raw_cli(*args: str, stdin: bytes, module: str = "jaxmap.generate"):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, cwd=ROOT, input=stdin, env=env,
+                          timeout=240)
+
+
+@pytest.mark.parametrize("args, stdin, fragment", [
+    (["-m", str(TINY)], b"\xff\xfehi", "not valid UTF-8 text (byte 0xff"),
+    (["-m", str(TINY)], b"", "standard input is empty"),
+    (["-m", str(TINY), "-p", "a", "-p", ""], b"", "prompt 2 of 2 is empty"),
+    (["-m", "preset:tiny", "-p", "hi"], b"", "presets have random weights and no tokenizer"),
+    (["-m", str(TINY), "-p", "hi", "--max-new-tokens", "0"], b"", "--max-new-tokens must be at least 1"),
+    (["-m", str(TINY), "-p", "hi", "--temperature", "nan"], b"", "finite number"),
+    (["-m", str(TINY), "-p", "hi", "--seed", "99999999999999999999"], b"", "seed"),
+])
+def test_prompt_and_flag_errors_come_before_loading(args, stdin, fragment):
+    """Errors knowable from the flags and the prompt are reported before any weight is read (no device map)."""
+    out = raw_cli(*args, stdin=stdin)
+    err = out.stderr.decode()
+    assert out.returncode == 2 and fragment in err and "Traceback" not in err, err
+    assert "device map" not in err and "loading weights" not in err
+
+
+def test_stdin_prompt_drops_one_trailing_newline():
+    piped = raw_cli("-m", str(TINY), "--json", "-q", "--max-new-tokens", "2", "--ignore-eos", stdin=b"hello there\n")
+    given = cli("-m", str(TINY), "--json", "-q", "--max-new-tokens", "2", "--ignore-eos", "-p", "hello there")
+    assert piped.returncode == 0 and given.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["prompt_ids"] == json.loads(given.stdout)["prompt_ids"]
+
+
+def test_non_utf8_topology_and_missing_plan_model(tmp_path):
+    topo = tmp_path / "t.yml"
+    topo.write_bytes(b"\xff\xfe0-2:\n  device: cpu\n")
+    assert_user_error(cli("-m", str(TINY), "--topology", str(topo), "-p", "x"), "not UTF-8")
+    assert_user_error(cli("-m", "/no/such/model.gguf", module="jaxmap.plan"), "no such file or folder")
+    assert_user_error(cli("-m", "./nope.gguf", "--no-xla-check", module="jaxmap.doctor"), "no such file or folder")
+
+
+def test_plan_defaults_to_the_models_context():
+    out = cli("-m", str(TINY), module="jaxmap.plan")
+    assert out.returncode == 0, out.stderr
+    assert "max_seq_len 512" in out.stdout  # tiny-llama's context, as generate would use
+
+
+def test_imatrix_output_folder_is_refused_before_the_run(tmp_path):
+    out = cli("-m", str(TINY), "-o", str(tmp_path), module="jaxmap.imatrix")
+    assert_user_error(out, "it is a folder")
+    assert "device map" not in out.stderr

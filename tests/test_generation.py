@@ -160,3 +160,89 @@ def test_decode_reads_cache_buckets_one_layer_at_a_time():
     assert cfg.num_hidden_layers >= 4
     temp = model.engine.compiled(0, batch=batch, n_tokens=1, attend_len=bucket).memory_analysis().temp_size_in_bytes
     assert temp < 2 * one_layer, (temp, one_layer)
+
+
+def test_ragged_prefill_blocks_match_one_block(monkeypatch):
+    """A prefill whose length 512 does not divide (max_seq_len 1100, not a multiple of 256) runs in 512-query blocks
+    with the last one padded, not as one [t, t] block: same logits, and the planner's activation estimate stays
+    that of a blocked prefill."""
+    from jaxmap import memory
+    from jaxmap.config import ModelConfig
+
+    ids = [list(np.random.default_rng(1).integers(0, 512, 1100))]
+    blocked = jaxmap.load("preset:tiny", max_seq_len=1100, progress=False, devices="0").forward_logits(ids)[0]
+    config = ModelConfig.from_preset("tiny")
+    ragged, even = (memory.activation_bytes(config, 1, 4, s, 1) for s in (100_000, 100_096))
+    assert ragged <= even
+    monkeypatch.setattr(memory, "PREFILL_QUERY_CHUNK", 4096)
+    whole = jaxmap.load("preset:tiny", max_seq_len=1100, progress=False, devices="0").forward_logits(ids)[0]
+    np.testing.assert_allclose(blocked, whole, atol=2e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"temprature": 1.0}, "sampling keywords are"),
+    ({"sampling": jaxmap.SamplingParams(temperature=0.5), "temperature": 0.0}, "not both"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens"),
+])
+def test_bad_sampling_arguments_are_user_errors(tiny, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        tiny.generate([[1, 2, 3]], **kwargs)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([1, 2, 3], "wrap it in a list"),
+    (np.array([1, 2, 3]), "wrap it in a list"),
+    ([[1.7, 2.2]], "whole numbers"),
+    (None, "prompts must be"),
+    (b"abc", "prompts must be"),
+])
+def test_malformed_prompts_are_user_errors(tiny, prompts, message):
+    with pytest.raises(UserError, match=message):
+        tiny.generate(prompts, max_new_tokens=2)
+
+
+def test_forward_logits_refuses_text(tiny):
+    with pytest.raises(UserError, match="encode text first"):
+        tiny.forward_logits(["hello"])
+    with pytest.raises(UserError, match="wrap it in a list"):
+        tiny.forward_logits([1, 2, 3])
+
+
+def test_top_k_beyond_the_vocabulary_means_no_top_k(tiny):
+    """k >= vocabulary size keeps every token: the same draw as top-k off, not an error from inside the step."""
+    big = tiny.generate([[1, 2, 3]], max_new_tokens=6, temperature=1.0, top_k=10_000, seed=4, stop_at_eos=False)
+    off = tiny.generate([[1, 2, 3]], max_new_tokens=6, temperature=1.0, top_k=0, seed=4, stop_at_eos=False)
+    assert big[0].token_ids == off[0].token_ids
+
+
+def test_load_refuses_unknown_layer_mode_and_takes_dtype_objects():
+    import jax.numpy as jnp
+
+    with pytest.raises(UserError, match="layer_mode must be one of"):
+        jaxmap.load("preset:tiny", layer_mode="per-layer", progress=False)
+    assert jaxmap.load("preset:tiny", dtype=jnp.bfloat16, max_seq_len=32, progress=False, devices="0").dtype == \
+        jnp.bfloat16
+
+
+def test_a_saved_plan_is_not_silently_overridden(tmp_path):
+    """A plan fixes placement, dtype and ISQ: a conflicting wish is refused, and the plan's own KV sizes apply."""
+    path = tmp_path / "plan.yaml"
+    jaxmap.load("preset:tiny", max_seq_len=64, pp=2, save_plan=str(path), progress=False)
+    model = jaxmap.load("preset:tiny", plan=str(path), progress=False)
+    assert model.max_seq_len == 64 and model.dtype == np.float32
+    for kwargs in ({"dtype": "bfloat16"}, {"isq": "Q8_0"}, {"tp": 2}, {"max_memory": "0:1GiB"}, {"auto": False}):
+        with pytest.raises(UserError, match="a saved plan"):
+            jaxmap.load("preset:tiny", plan=str(path), progress=False, **kwargs)
+    with pytest.raises(UserError, match="takes a path"):
+        jaxmap.load("preset:tiny", plan={"stages": []}, progress=False)
+
+
+def test_topology_placing_every_layer_refuses_tp():
+    with pytest.raises(UserError, match="nothing to place"):
+        jaxmap.load("preset:tiny", tp=2, topology={"0-4": {"device": "cpu[5]"}}, progress=False)

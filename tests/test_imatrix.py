@@ -189,7 +189,7 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_generate_with_a_corrupt_imatrix_is_one_line(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_text("nope")
-    r = _cli("jaxmap.generate", "-m", "preset:tiny", "--isq", "Q8_0", "--imatrix", str(bad), "-p", "hi")
+    r = _cli("jaxmap.generate", "-m", TINY_LLAMA, "--isq", "Q8_0", "--imatrix", str(bad), "-p", "hi")
     assert r.returncode == 2 and "not an importance matrix" in r.stderr and "Traceback" not in r.stderr
 
 
