@@ -394,7 +394,7 @@ def load(
                 disk_isq or not isinstance(source, SafetensorsSource)):
             check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
         if save_plan is not None:
-            _write_text(Path(save_plan), device_map.to_yaml())
+            _check_plan_path(Path(save_plan))  # written once the load succeeds: a failed run leaves no plan behind
         for warning in device_map.warnings:
             log.warning("%s", warning)
         log.info("device map for %s:\n%s", source.path, device_map.render_table())
@@ -431,6 +431,8 @@ def load(
         tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
                  len(stages), jnp.dtype(np_dtype).name, seq)
+        if save_plan is not None:
+            _write_text(Path(save_plan), device_map.to_yaml())
         out = Model(config, engine, tokenizer, str(source.path))
         out.device_map = device_map
         return out
@@ -517,6 +519,14 @@ def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtyp
         if s.start <= placement.start < s.end:
             return parse_dtype(s.dtype)
     return default
+
+
+def _check_plan_path(path: Path) -> None:
+    """Refuse a --save-plan path that cannot be written before any weight is read."""
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name such as {path / 'plan.yaml'}")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
 def _write_text(path: Path, text: str) -> None:

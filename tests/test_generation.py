@@ -246,3 +246,22 @@ def test_a_saved_plan_is_not_silently_overridden(tmp_path):
 def test_topology_placing_every_layer_refuses_tp():
     with pytest.raises(UserError, match="nothing to place"):
         jaxmap.load("preset:tiny", tp=2, topology={"0-4": {"device": "cpu[5]"}}, progress=False)
+
+
+def test_save_plan_is_written_only_when_the_load_succeeds(tmp_path, monkeypatch):
+    from jaxmap import materialize
+
+    path = tmp_path / "plan.yaml"
+    with pytest.raises(UserError, match="it is a folder"):
+        jaxmap.load("preset:tiny", max_seq_len=32, progress=False, devices="0", save_plan=tmp_path)
+
+    def broken(*args, **kwargs):
+        raise UserError("a weight could not be read")
+
+    monkeypatch.setattr(materialize, "materialize_stage", broken)
+    with pytest.raises(UserError, match="could not be read"):
+        jaxmap.load("preset:tiny", max_seq_len=32, progress=False, devices="0", save_plan=path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    jaxmap.load("preset:tiny", max_seq_len=32, progress=False, devices="0", save_plan=path)
+    assert path.is_file()
