@@ -164,10 +164,10 @@ class Model:
                 raise UserError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         longest = max(len(ids) for ids in batch_ids)
         if longest > self.max_seq_len:
-            raise UserError(
-                f"the prompt is {longest} tokens, longer than --max-seq-len {self.max_seq_len}; "
-                f"shorten it or raise --max-seq-len (the model allows up to {self.config.max_position_embeddings})"
-            )
+            context = self.config.max_position_embeddings
+            how = (f"shorten it (the model's context is {context} tokens)" if self.max_seq_len >= context else
+                   f"shorten it or raise --max-seq-len (the model allows up to {context})")
+            raise UserError(f"the prompt is {longest} tokens, longer than --max-seq-len {self.max_seq_len}; {how}")
         return longest
 
     def _generate_ids(self, batch_ids, max_new_tokens, sampling: SamplingParams, stop_at_eos, on_token):

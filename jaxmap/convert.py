@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from jaxmap.errors import UserError
 from jaxmap.generate import guarded, setup_logging
 
 
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxmap.dtypes import parse_dtype
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    _check_out(args.out)
     source = resolve_source(args.model, seed=args.seed)
     try:
         out = convert(source, args.out, dtype, isq=args.isq, progress=not args.quiet,
@@ -55,6 +58,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(out)
     return 0
+
+
+def _check_out(out: str) -> None:
+    """What --out names must be a new folder inside an existing one; said before the source is opened."""
+    if not out.strip():
+        raise UserError("--out is empty: name the checkpoint folder to create")
+    parent = Path(out).expanduser().absolute().parent
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"cannot write {out}: {folder} is a file, not a folder")
+            break
 
 
 def main(argv: Sequence[str] | None = None) -> int:

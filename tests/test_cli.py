@@ -179,3 +179,11 @@ def test_imatrix_output_folder_is_refused_before_the_run(tmp_path):
     out = cli("-m", str(TINY), "-o", str(tmp_path), module="jaxmap.imatrix")
     assert_user_error(out, "it is a folder")
     assert "device map" not in out.stderr
+
+
+def test_convert_out_mistakes_are_named_before_reading(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_user_error(cli("-m", "preset:tiny", "--out", str(afile / "sub"), module="jaxmap.convert"),
+                      "is a file, not a folder")
+    assert_user_error(cli("-m", "preset:tiny", "--out", "", module="jaxmap.convert"), "--out is empty")
