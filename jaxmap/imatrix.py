@@ -354,7 +354,7 @@ def _run(args) -> int:
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  max_memory=args.max_memory, auto=args.auto, allow_disk=args.allow_disk,
-                 offload_folder=args.offload_folder, isq="none")
+                 offload_folder=args.offload_folder, isq=None if args.plan else "none")
     ids = calibration_ids(model.tokenizer, args.text, args.max_tokens)
     if len(ids) < MIN_CALIBRATION_TOKENS:
         log.warning("imatrix: only %d calibration tokens; a few thousand give a steadier measure (the shipped "
