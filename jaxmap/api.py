@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -355,6 +356,7 @@ def load(
     source = resolve_source(model, seed=seed)
     try:
         config = source.config
+        _warn_unused_layers(source, config)
         if importance is not None:
             importance.check_model(config)
         saved = _read_plan(plan, config) if plan is not None else None
@@ -519,6 +521,16 @@ def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtyp
         if s.start <= placement.start < s.end:
             return parse_dtype(s.dtype)
     return default
+
+
+def _warn_unused_layers(source, config: ModelConfig) -> None:
+    """A config that says fewer layers than the checkpoint holds runs a truncated model: legal, but say so."""
+    names = source.names() if hasattr(source, "names") else []
+    layers = {int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    extra = sorted(i for i in layers if i >= config.num_hidden_layers)
+    if extra:
+        log.warning("%s holds %d layers' tensors beyond the config's num_hidden_layers=%d (layers %d-%d): they are "
+                    "not used", source.path, len(extra), config.num_hidden_layers, extra[0], extra[-1])
 
 
 def _check_plan_path(path: Path) -> None:

@@ -490,8 +490,10 @@ class OrbaxSource:
         try:
             return self._checkpointer.restore(self.path / PARAMS / item, args=ocp.args.PyTreeRestore(
                 item=abstract, restore_args=restore_args, partial_restore=True))
-        except (FileNotFoundError, ValueError) as exc:
-            raise UserError(f"{self.path}: cannot restore {PARAMS}/{item}: {str(exc).splitlines()[0][:200]}") from None
+        except Exception as exc:  # tensorstore raises plain Exceptions for damaged files: the file's fault here
+            cause = exc.__cause__ or exc
+            raise UserError(f"{self.path} is truncated or corrupt ({PARAMS}/{item}: "
+                            f"{str(cause).splitlines()[0][:200]}); convert it again") from None
 
     def tokenizer(self):
         from jaxmap.tokenizer import Tokenizer

@@ -24,6 +24,8 @@ _HF_ARCH_TO_TYPE = {
     "Qwen2ForCausalLM": "qwen2",
 }
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "models"
+_INTEGER_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +58,14 @@ class ModelConfig:
                 " (Llama 2/3, Mistral, Qwen2, SmolLM2)"
             )
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "num_key_value_heads", "head_dim"):
+                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"model config: {field} must be a positive integer, got {value!r}")
+        for field in ("rms_norm_eps", "rope_theta"):  # zero or negative: NaN logits, silently
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise UserError(f"model config: {field} must be a positive number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -105,9 +111,16 @@ class ModelConfig:
                 " (Llama 2/3, Mistral, Qwen2, SmolLM2)"
             )
         try:
+            for key, value in raw.items():
+                if isinstance(value, bool) and key in _INTEGER_KEYS:
+                    raise UserError(f"model config: {key} must be a positive integer, got {value!r}")
             heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
-            head_dim = raw.get("head_dim") or hidden // heads
+            head_dim = raw.get("head_dim")
+            if not head_dim and heads > 0 and hidden % heads:
+                raise UserError(f"model config: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                                f"set head_dim in config.json")
+            head_dim = head_dim or (hidden // heads if heads > 0 else 0)
             eos = raw.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
             sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
@@ -140,7 +153,9 @@ class ModelConfig:
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not valid JSON: it is not UTF-8 text") from None
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror}") from None
         except json.JSONDecodeError as exc:

@@ -140,7 +140,10 @@ def open_disk_layers(source, config: ModelConfig, layers: range, dtype: np.dtype
     files, reused = {}, []
     for i in layers:
         path = root / f"layer-{i:04d}.safetensors"
-        if not path.is_file():
+        damage = _damage(path, specs[i]) if path.is_file() else None
+        if damage:  # jaxmap's own cache: rebuild the layer rather than fail every run from now on
+            log.warning("disk tier: %s is damaged (%s); writing it again", path, damage)
+        if not path.is_file() or damage:
             _write_layer(source, specs[i], dtype, path, types, quantization)
         else:
             reused.append(i)
@@ -154,6 +157,16 @@ def open_disk_layers(source, config: ModelConfig, layers: range, dtype: np.dtype
                 if specs[i][k].hf_name in types:
                     quantization.reused(specs[i][k], value)
     return disk
+
+
+def _damage(path: Path, specs: dict[str, ParamSpec]) -> str | None:
+    """Why a reused layer file cannot be used (truncated, corrupt, or missing a weight), or None when it is whole."""
+    try:
+        entries, metadata = parse_header(path)
+    except UserError as exc:
+        return str(exc).removeprefix(f"{path} ")
+    missing = [s.hf_name for s in specs.values() if s.hf_name not in entries and s.hf_name not in metadata]
+    return f"it lacks {missing[0]}" if missing else None
 
 
 def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None = None) -> str:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from jaxmap.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
 # general.architecture -> config.json model_type. Mistral GGUFs say "llama".
 _ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 # GGUF's per-block tensor names -> Hugging Face's (after "model.layers.{i}.").
@@ -429,11 +430,17 @@ def _open_reader(path: Path) -> Any:
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
-            magic = fh.read(4)
+            magic, version = fh.read(4), fh.read(4)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if magic != GGUF_MAGIC:
         raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    if len(version) < 4:
+        raise UserError(f"{path} is truncated or corrupt: it ends inside its header ({size} bytes)")
+    number = int.from_bytes(version, "little")
+    if number not in GGUF_VERSIONS:
+        raise UserError(f"{path} is GGUF version {number}, which jaxmap does not read (versions "
+                        f"{', '.join(map(str, GGUF_VERSIONS))}; convert it again with a current llama.cpp)")
     try:
         from gguf import GGUFReader
     except ImportError:  # pragma: no cover - gguf is a dependency
@@ -441,7 +448,8 @@ def _open_reader(path: Path) -> Any:
     try:
         reader = GGUFReader(str(path), "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
-        raise UserError(f"{path} is truncated or corrupt: {exc}") from None
+        raise UserError(f"{path} is truncated or corrupt: its metadata or tensor index runs past the end of its "
+                        f"{size} bytes (an incomplete download?) [{type(exc).__name__}: {exc}]") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     for t in reader.tensors:

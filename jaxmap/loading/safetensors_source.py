@@ -125,6 +125,10 @@ class SafetensorsSource:
         for file in self._weight_files():
             entries, metadata = parse_header(file)
             self.metadata.update(metadata)
+            twice = sorted(set(entries) & set(self._entries))
+            if twice:  # without an index nothing says which copy is meant: refuse rather than keep the last
+                raise UserError(f"{folder}: tensor {twice[0]!r} appears in both {self._entries[twice[0]].file.name} "
+                                f"and {file.name}; remove the stray file, or add model.safetensors.index.json")
             self._entries.update(entries)
         self._check_index()
         self._maps: dict[Path, np.memmap] = {}
@@ -134,11 +138,19 @@ class SafetensorsSource:
         index_file = self.folder / "model.safetensors.index.json"
         if index_file.is_file():
             try:
-                index = json.loads(index_file.read_text())
+                index = json.loads(index_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UserError(f"{index_file} is not valid JSON ({exc})") from None
+            try:
                 weight_map = index["weight_map"]
                 files = sorted({str(v) for v in weight_map.values()})
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (KeyError, TypeError, AttributeError):
                 raise UserError(f"{index_file} is not a valid safetensors index (no weight_map)") from None
+            inside = self.folder.resolve()
+            outside = [f for f in files if inside not in (self.folder / f).resolve().parents]
+            if outside:
+                raise UserError(f"{index_file} refers to {outside[0]}, outside the model folder; an index names "
+                                f"files in its own folder")
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
                 raise UserError(f"{index_file} refers to {missing[0]}, which is not in {self.folder}")
@@ -183,6 +195,9 @@ class SafetensorsSource:
     def view(self, name: str) -> np.ndarray:
         """A read-only, zero-copy view of the tensor in its stored dtype (backed by the memory map)."""
         entry = self._entry(name)
+        if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub":
+            raise UserError(f"{entry.file}: tensor {name!r} is stored as {entry.dtype_name}; jaxmap reads "
+                            f"floating-point weights (F32, F16, BF16, F8), not integer-quantized checkpoints")
         mm = self._maps.get(entry.file)
         if mm is None:
             try:
