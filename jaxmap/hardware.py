@@ -181,6 +181,9 @@ class Hardware:
                    str(raw.get("name") or default_name))
 
 
+MAX_PRESET_DEVICES = 65536  # a device group larger than any machine: a typo, refused before a long loop
+
+
 def _device_group(group: Any, counts: dict[str, int], source: str) -> list[Device]:
     if not isinstance(group, dict):
         raise UserError(f"{source}: each device group must be a mapping, got {group!r}")
@@ -191,8 +194,8 @@ def _device_group(group: Any, counts: dict[str, int], source: str) -> list[Devic
     if platform not in PLATFORMS:
         raise UserError(f"{source}: platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
     count = group.get("count", 1)
-    if not isinstance(count, int) or count <= 0:
-        raise UserError(f"{source}: count must be a positive integer, got {count!r}")
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= MAX_PRESET_DEVICES:
+        raise UserError(f"{source}: count must be a whole number from 1 to {MAX_PRESET_DEVICES}, got {count!r}")
     coords = group.get("coords")
     if coords is not None and (not isinstance(coords, list) or len(coords) != count):
         raise UserError(f"{source}: coords must list one coordinate per device ({count})")
