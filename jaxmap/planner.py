@@ -222,9 +222,10 @@ def _manual(config: ModelConfig, hardware: Hardware, pairs: list[tuple[int | Non
     idle = [d for d in hardware.accelerators if d.name not in used]
     if total == 0:
         return _Base(per_layer, "cpu", f"-n {spec}: every layer on the CPU ({host.name})", idle, [])
-    rest = f"; the remaining {layers - total} layers on the CPU ({host.name})" if total < layers else ""
+    left = layers - total
+    rest = f"; the remaining {left} layer{'s' if left != 1 else ''} on the CPU ({host.name})" if left > 0 else ""
     placed = ", ".join(f"{n} on {platform}[{0 if o is None else o}]" for o, n in pairs)
-    idle_note = f"; not named by -n: {', '.join(d.name for d in idle)}" if idle else ""
+    idle_note = f"; idle (no layers from -n): {', '.join(d.name for d in idle)}" if idle else ""
     return _Base(per_layer, "manual", f"-n {spec}: {placed}{rest}{idle_note}", idle, [])
 
 
