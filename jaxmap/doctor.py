@@ -148,8 +148,17 @@ def render(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxmap.errors import UserError
     from jaxmap.multihost import start_from_args
 
+    if args.model is None:
+        given = [flag for flag, value in (("--dtype", args.dtype), ("--max-seq-len", args.max_seq_len),
+                                          ("--max-memory", args.max_memory), ("--isq", args.isq),
+                                          ("--max-batch-size", args.max_batch_size != 1 or None),
+                                          ("--no-disk", not args.allow_disk or None)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} describe{'s' if len(given) == 1 else ''} a model's fit: add "
+                            f"--model (-m alone for the default model), or drop {'it' if len(given) == 1 else 'them'}")
     start_from_args(args)  # with --coordinator (or a cluster's environment) the report covers every process
     report = collect()
     verdict = _verdict(args) if args.model is not None else None

@@ -187,3 +187,8 @@ def test_convert_out_mistakes_are_named_before_reading(tmp_path):
     assert_user_error(cli("-m", "preset:tiny", "--out", str(afile / "sub"), module="jaxmap.convert"),
                       "is a file, not a folder")
     assert_user_error(cli("-m", "preset:tiny", "--out", "", module="jaxmap.convert"), "--out is empty")
+
+
+def test_doctor_model_flags_without_a_model_are_refused():
+    out = cli("--no-xla-check", "--dtype", "bfloat16", "--max-memory", "0:1GiB", module="jaxmap.doctor")
+    assert_user_error(out, "--dtype, --max-memory describe a model's fit: add --model")
