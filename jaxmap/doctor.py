@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jaxmap.errors import ArgumentParser
 from jaxmap.generate import guarded
 from jaxmap.hardware import jax_platform_name
 
@@ -195,7 +196,7 @@ def _verdict(args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.doctor", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--model", "-m", nargs="?", const="default", default=None,
                         help="also judge whether this model (preset, folder, .gguf; bare --model: the default) "

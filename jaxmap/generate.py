@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 
 log = logging.getLogger("jaxmap")
 
@@ -50,7 +50,7 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.generate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.generate", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     from jaxmap.plan import add_mapping_arguments
 

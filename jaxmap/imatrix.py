@@ -16,7 +16,6 @@ weight name, plus the token count llama.cpp's imatrix files (GGUF or legacy ``.d
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxmap.plan import add_mapping_arguments
 
     summary = " ".join(__doc__.split("\n\n")[0].split())
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.imatrix", description=summary)
+    parser = ArgumentParser(prog="python -m jaxmap.imatrix", description=summary)
     add_model_arguments(parser)
     add_mapping_arguments(parser)
     add_distributed_arguments(parser)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.generate import guarded
 
 
@@ -117,7 +117,7 @@ def read_back(f) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.launch", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.launch", description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--processes", type=int, default=2)
     parser.add_argument("--cpu-devices", type=int, default=None, help="virtual CPU devices per process")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before every process is killed")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jaxmap.config import ModelConfig
 from jaxmap.device_map import DeviceMap
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.hardware import Hardware
 from jaxmap.planner import plan
 from jaxmap.wishes import make_wish
@@ -87,7 +87,7 @@ def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxmap.plan", description="Print the device map jaxmap would use.")
+    p = ArgumentParser(prog="python -m jaxmap.plan", description="Print the device map jaxmap would use.")
     p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
     p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
     add_mapping_arguments(p)

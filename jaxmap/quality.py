@@ -16,7 +16,6 @@ quantizes every row with an importance matrix.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmap.errors import UserError
+from jaxmap.errors import ArgumentParser, UserError
 
 TEXT = Path(__file__).resolve().parent / "data" / "pride_and_prejudice_ch1.txt"
 DEFAULT_TYPES = ("none", "native", "Q8_0", "Q6K", "Q5K", "Q4K", "Q4_0", "Q4_1", "Q3K", "Q2K", "INT8", "INT4",
@@ -181,7 +180,7 @@ def _text_ids(tokenizer, path: str | None) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     from jaxmap.generate import guarded
 
-    parser = argparse.ArgumentParser(prog="python -m jaxmap.quality", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jaxmap.quality", description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES),
                         help="comma-separated --isq values; the first is the reference (default starts with none)")

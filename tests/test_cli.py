@@ -192,3 +192,12 @@ def test_convert_out_mistakes_are_named_before_reading(tmp_path):
 def test_doctor_model_flags_without_a_model_are_refused():
     out = cli("--no-xla-check", "--dtype", "bfloat16", "--max-memory", "0:1GiB", module="jaxmap.doctor")
     assert_user_error(out, "--dtype, --max-memory describe a model's fit: add --model")
+
+
+@pytest.mark.parametrize("module", ["jaxmap.generate", "jaxmap.plan", "jaxmap.quality", "jaxmap.convert",
+                                    "jaxmap.imatrix", "jaxmap.doctor", "jaxmap.bench"])
+def test_malformed_flags_are_one_error_line(module):
+    out = cli("--no-such-flag", module=module)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(("error: unrecognized arguments", "error: the following arguments are required"))
+    assert len(out.stderr.strip().splitlines()) == 1 and "usage:" not in out.stderr
