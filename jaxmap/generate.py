@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_type_flags(args.dtype, args.isq)
     check_tokenizer(args.model, args.chat)
     enable_compile_cache()
     batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
@@ -136,6 +137,17 @@ def read_prompts(given: list[str] | None) -> list[str]:
             raise UserError(f"prompt {i + 1} of {len(given)} is empty" if len(given) > 1 else "the prompt is empty")
         check_utf8(prompt)
     return given
+
+
+def check_type_flags(dtype: str | None, isq: str | None) -> None:
+    """An unknown --dtype or --isq is said before anything is opened."""
+    from jaxmap.dtypes import parse_dtype
+    from jaxmap.quant import parse_isq
+
+    if dtype is not None:
+        parse_dtype(dtype)
+    if isq is not None and isq.strip().lower() != "native":
+        parse_isq(isq)
 
 
 def check_tokenizer(model, chat: bool) -> None:

@@ -43,6 +43,7 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+_MODEL_WEIGHTS = ("model.", "lm_head.")  # a llama's weights: floats (an integer one is a quantized format jaxmap lacks)
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation refuses headers above 100 MB too
 
 
@@ -195,7 +196,7 @@ class SafetensorsSource:
     def view(self, name: str) -> np.ndarray:
         """A read-only, zero-copy view of the tensor in its stored dtype (backed by the memory map)."""
         entry = self._entry(name)
-        if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub":
+        if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub" and name.startswith(_MODEL_WEIGHTS):
             raise UserError(f"{entry.file}: tensor {name!r} is stored as {entry.dtype_name}; jaxmap reads "
                             f"floating-point weights (F32, F16, BF16, F8), not integer-quantized checkpoints")
         mm = self._maps.get(entry.file)
