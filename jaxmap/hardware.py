@@ -195,7 +195,7 @@ def _device_group(group: Any, counts: dict[str, int], source: str) -> list[Devic
         raise UserError(f"{source}: platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
     count = group.get("count", 1)
     if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= MAX_PRESET_DEVICES:
-        raise UserError(f"{source}: count must be a whole number from 1 to {MAX_PRESET_DEVICES}, got {count!r}")
+        raise UserError(f"{source}: count must be a positive whole number, at most {MAX_PRESET_DEVICES}, got {count!r}")
     coords = group.get("coords")
     if coords is not None and (not isinstance(coords, list) or len(coords) != count):
         raise UserError(f"{source}: coords must list one coordinate per device ({count})")

@@ -133,6 +133,7 @@ def test_every_mesh_preset_loads():
     ({"devices": []}, "non-empty"),
     ({"devices": [{"platform": "gpu"}]}, "platform must be"),
     ({"devices": [{"platform": "cuda", "count": 0}]}, "positive"),
+    ({"devices": [{"platform": "cuda", "count": 100_000_000}]}, "at most 65536"),
     ({"devices": [{"platform": "cuda", "memory_gib": -1}]}, "positive"),
     ({"devices": [{"platform": "cuda", "colour": 1}]}, "unknown"),
     ({"devices": [{"platform": "tpu", "count": 2, "coords": [[0, 0]]}]}, "one coordinate per device"),
