@@ -36,11 +36,15 @@ refused as incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +77,75 @@ def is_checkpoint_dir(path: Path) -> bool:
 def looks_incomplete(path: Path) -> bool:
     """A folder that was being written as a checkpoint and never finished."""
     return ((path / PARAMS).is_dir() or ".partial-" in path.name) and not is_checkpoint_dir(path)
+
+
+@contextlib.contextmanager
+def quiet_orbax_logs() -> Iterator[None]:
+    """orbax reports every save and restore through absl at INFO (760 lines for one conversion of SmolLM2): keep
+    them out of jaxmap's INFO output, unless jaxmap's own logger is at DEBUG."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _from_orbax(exc: BaseException | None, obj: object = None) -> bool:
+    """Whether an exception (or the coroutine that raised it) comes from orbax's reads, or is their event loop
+    closing under them."""
+    code = getattr(obj, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+            return True
+        tb = exc.__traceback__
+        while tb is not None:
+            if any(part in tb.tb_frame.f_code.co_filename for part in ("orbax", "tensorstore")):
+                return True
+            tb = tb.tb_next
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class _OrbaxLeftovers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's reads of a damaged item."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not _from_orbax(exc):
+            return True
+        log.debug("after a failed checkpoint read: %s", " ".join(str(exc).split())[:200])
+        return False
+
+
+def _mute_orbax_leftovers() -> None:
+    """When one read of a damaged item fails, orbax's other reads of it fail in its background threads, while the
+    error is raised and after, and print their tracebacks (unraisable exceptions, asyncio's unretrieved task
+    errors) around jaxmap's one-line error. Installed before the first read, this sends those to the debug log;
+    anything not from orbax still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if not getattr(previous, "jaxmap_orbax", False):
+        def hook(unraisable: Any) -> None:
+            if _from_orbax(unraisable.exc_value, unraisable.object):
+                log.debug("after a failed checkpoint read: %s", " ".join(str(unraisable.exc_value).split())[:200])
+            else:
+                previous(unraisable)
+
+        hook.jaxmap_orbax = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrbaxLeftovers())
 
 
 def _item_items(config: ModelConfig) -> list[tuple[str, dict[str, llama.ParamSpec]]]:
@@ -199,7 +272,8 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, i
     tensors: dict[str, dict] = {}
     bar = Progress(sum(len(specs) for _, specs in items), "writing checkpoint", enabled=progress)
     # zstd (orbax's default) made SmolLM2's float32 weights 37% smaller and its restore about 2x slower
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
+    with quiet_orbax_logs():
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
     t0 = time.perf_counter()
     try:
         (tmp / PARAMS).mkdir(parents=True)
@@ -227,7 +301,8 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, i
                     bar.update(host.nbytes)
                     del host
                 tensors[spec.hf_name] = entry
-            checkpointer.save(tmp / PARAMS / item, tree)
+            with quiet_orbax_logs():
+                checkpointer.save(tmp / PARAMS / item, tree)
             del tree
         quantized = any(e["isq"] for e in tensors.values())
         _write_json(tmp / "config.json", config.to_hf_dict())
@@ -274,30 +349,55 @@ def _write_tokenizer(source: Any, folder: Path) -> None:
                                                     "eos_token_id": list(tok.eos_token_ids)})
 
 
+_ENTRY_KEYS = ("item", "key", "shape", "transposed", "dtype", "isq")
+_ITEM_NAME = re.compile(rf"{OUTER}|layer_\d{{5}}")  # what convert writes: never a path out of params/
+
+
+def _read_metadata(path: Path) -> dict:
+    """``jaxmap_checkpoint.json``, checked as far as loading relies on it: a damaged one is one line, not a
+    KeyError from deep inside a restore."""
+    file = path / METADATA
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is not valid JSON (not UTF-8 text); convert the checkpoint again") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON (line {exc.lineno}: {exc.msg}); convert the checkpoint "
+                        "again") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("tensors"), dict):
+        raise UserError(f"{path} is not a jaxmap checkpoint ({METADATA} has no format {FORMAT!r})")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{file} is damaged (version {version!r} is not a number); convert the checkpoint again")
+    if version > VERSION:
+        raise UserError(f"{path} was written by a newer jaxmap (checkpoint version {version}, this jaxmap reads up "
+                        f"to {VERSION})")
+    items = meta.get("items")
+    if not isinstance(items, list) or not all(isinstance(i, str) and _ITEM_NAME.fullmatch(i) for i in items):
+        raise UserError(f"{file} is damaged (its items are not {OUTER} and layer_NNNNN); convert the checkpoint "
+                        "again")
+    for name, entry in meta["tensors"].items():
+        if not isinstance(entry, dict) or any(k not in entry for k in _ENTRY_KEYS) or entry["item"] not in items:
+            raise UserError(f"{file} is damaged (the entry for {name!r} is incomplete); convert the checkpoint "
+                            "again")
+    return meta
+
+
 class OrbaxSource:
     """A jaxmap orbax checkpoint as a :class:`~jaxmap.loading.source.WeightSource`, plus :meth:`read_placed`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            meta = json.loads((self.path / METADATA).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{self.path / METADATA} is unreadable: {exc}") from None
-        if meta.get("format") != FORMAT or not isinstance(meta.get("tensors"), dict):
-            raise UserError(f"{self.path} is not a jaxmap checkpoint ({METADATA} has no format {FORMAT!r})")
-        if int(meta.get("version", 0)) > VERSION:
-            raise UserError(f"{self.path} was written by a newer jaxmap (checkpoint version {meta['version']}, this "
-                            f"jaxmap reads up to {VERSION})")
+        meta = _read_metadata(self.path)
         self.meta = meta
         missing = [i for i in meta["items"] if not (self.path / PARAMS / i / "_CHECKPOINT_METADATA").exists()]
         if missing:
             raise UserError(f"{self.path} is an incomplete checkpoint: item {PARAMS}/{missing[0]} is missing "
                             f"({len(missing)} of {len(meta['items'])}); convert it again")
-        try:
-            raw = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{self.path}/config.json is unreadable: {exc}") from None
-        self.config = ModelConfig.from_hf_dict(raw, name=str(meta.get("model") or self.path.name))
+        config = ModelConfig.from_json_file(self.path / "config.json")
+        self.config = config.with_changes(name=str(meta.get("model") or self.path.name))
         if config_fingerprint(self.config) != meta.get("fingerprint"):
             raise UserError(f"{self.path}: config.json does not match the arrays (fingerprint "
                             f"{config_fingerprint(self.config)} != {meta.get('fingerprint')}); convert it again")
@@ -483,17 +583,19 @@ class OrbaxSource:
         import jax
         import orbax.checkpoint as ocp
 
-        if self._checkpointer is None:
-            self._checkpointer = ocp.PyTreeCheckpointer()
         keys = self._keys(item)
         abstract = {k: jax.ShapeDtypeStruct(*keys[k]) for k in restore_args}
-        try:
-            return self._checkpointer.restore(self.path / PARAMS / item, args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=restore_args, partial_restore=True))
-        except Exception as exc:  # tensorstore raises plain Exceptions for damaged files: the file's fault here
-            cause = exc.__cause__ or exc
-            raise UserError(f"{self.path} is truncated or corrupt ({PARAMS}/{item}: "
-                            f"{str(cause).splitlines()[0][:200]}); convert it again") from None
+        with quiet_orbax_logs():
+            if self._checkpointer is None:
+                _mute_orbax_leftovers()
+                self._checkpointer = ocp.PyTreeCheckpointer()
+            try:
+                return self._checkpointer.restore(self.path / PARAMS / item, args=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=restore_args, partial_restore=True))
+            except Exception as exc:  # tensorstore raises plain Exceptions for damaged files: the file's fault
+                cause = exc.__cause__ or exc
+                raise UserError(f"{self.path} is truncated or corrupt ({PARAMS}/{item}: "
+                                f"{str(cause).splitlines()[0][:200]}); convert it again") from None
 
     def tokenizer(self):
         from jaxmap.tokenizer import Tokenizer
@@ -505,6 +607,7 @@ class OrbaxSource:
 
     def close(self) -> None:
         if self._checkpointer is not None:
-            self._checkpointer.close()
+            with quiet_orbax_logs():
+                self._checkpointer.close()
             self._checkpointer = None
 

@@ -64,8 +64,9 @@ class ModelConfig:
                 raise UserError(f"model config: {field} must be a positive integer, got {value!r}")
         for field in ("rms_norm_eps", "rope_theta"):  # zero or negative: NaN logits, silently
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            if not _is_positive_number(value):
                 raise UserError(f"model config: {field} must be a positive number, got {value!r}")
+        _check_rope_scaling(self.rope_scaling)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -111,9 +112,14 @@ class ModelConfig:
                 " (Llama 2/3, Mistral, Qwen2, SmolLM2)"
             )
         try:
-            for key, value in raw.items():
-                if isinstance(value, bool) and key in _INTEGER_KEYS:
+            for key, value in raw.items():  # int() would take True as 1 and 64.5 as 64
+                if key in _INTEGER_KEYS and (isinstance(value, bool) or isinstance(value, float)
+                                             and not value.is_integer()):
                     raise UserError(f"model config: {key} must be a positive integer, got {value!r}")
+            scaling = raw.get("rope_scaling")
+            if scaling and not isinstance(scaling, Mapping):
+                raise UserError(f"model config: rope_scaling must be an object (rope_type, factor, ...) or null, "
+                                f"got {scaling!r}")
             heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             head_dim = raw.get("head_dim")
@@ -209,6 +215,33 @@ class ModelConfig:
         if self.architecture == "mistral":
             out["sliding_window"] = self.sliding_window
         return out
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def _check_rope_scaling(scaling: Mapping[str, Any] | None) -> None:
+    """The values :mod:`jaxmap.rope` divides by: a missing or zero ``factor``, or ``low_freq_factor`` equal to
+    ``high_freq_factor``, would give a KeyError or NaN frequencies. Other rope types are refused by rope itself."""
+    if not scaling:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("linear", "llama3"):
+        return
+    defaults = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    keys = ("factor", *defaults) if kind == "llama3" else ("factor",)
+    for key in keys:
+        value = scaling.get(key, defaults.get(key))
+        if not _is_positive_number(value):
+            raise UserError(f"model config: rope_scaling.{key} must be a positive number for {kind} scaling, "
+                            f"got {value!r}")
+    if kind == "llama3":
+        low = scaling.get("low_freq_factor", defaults["low_freq_factor"])
+        high = scaling.get("high_freq_factor", defaults["high_freq_factor"])
+        if low >= high:
+            raise UserError(f"model config: rope_scaling.low_freq_factor ({low}) must be below high_freq_factor "
+                            f"({high})")
 
 
 def list_presets() -> list[str]:

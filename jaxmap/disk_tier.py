@@ -165,8 +165,19 @@ def _damage(path: Path, specs: dict[str, ParamSpec]) -> str | None:
         entries, metadata = parse_header(path)
     except UserError as exc:
         return str(exc).removeprefix(f"{path} ")
-    missing = [s.hf_name for s in specs.values() if s.hf_name not in entries and s.hf_name not in metadata]
-    return f"it lacks {missing[0]}" if missing else None
+    for s in specs.values():
+        if s.hf_name in metadata:  # stored quantized: every leaf its layout names must be there
+            try:
+                leaves = [f"{s.hf_name}:{leaf}" for leaf in json.loads(metadata[s.hf_name])["leaves"]]
+            except (ValueError, KeyError, TypeError):
+                return f"the layout of {s.hf_name} is unreadable"
+            if any(leaf not in entries for leaf in leaves):
+                return f"it lacks a leaf of {s.hf_name}"
+        elif s.hf_name not in entries:
+            return f"it lacks {s.hf_name}"
+        elif entries[s.hf_name].shape != s.hf_shape:
+            return f"{s.hf_name} has shape {entries[s.hf_name].shape}, not {s.hf_shape}"
+    return None
 
 
 def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None = None) -> str:

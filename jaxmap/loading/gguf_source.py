@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.loading import gguf_layout
 from jaxmap.loading.safetensors_source import as_numpy_dtype
 
 if TYPE_CHECKING:
@@ -111,7 +112,10 @@ def llama3_rope_scaling(config: ModelConfig, factors: np.ndarray) -> dict[str, A
     for length, low, high in candidates:
         scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
                    "high_freq_factor": float(high), "original_max_position_embeddings": int(length)}
-        scaled = inverse_frequencies(config.with_changes(rope_scaling=scaling)).astype(np.float64)
+        try:
+            scaled = inverse_frequencies(config.with_changes(rope_scaling=scaling)).astype(np.float64)
+        except UserError:  # a fitted candidate out of range (a zero original length): try the next one
+            continue
         if np.allclose(base / scaled, factors, rtol=1e-3, atol=1e-4):
             return scaling
     return None
@@ -437,10 +441,11 @@ def _open_reader(path: Path) -> Any:
         raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
     if len(version) < 4:
         raise UserError(f"{path} is truncated or corrupt: it ends inside its header ({size} bytes)")
-    number = int.from_bytes(version, "little")
-    if number not in GGUF_VERSIONS:
+    number, _ = gguf_layout.version_of(version)
+    versions = readable_versions()
+    if number not in versions:
         raise UserError(f"{path} is GGUF version {number}, which jaxmap does not read (versions "
-                        f"{', '.join(map(str, GGUF_VERSIONS))}; convert it again with a current llama.cpp)")
+                        f"{', '.join(map(str, versions))}; convert it again with a current llama.cpp)")
     try:
         from gguf import GGUFReader
     except ImportError:  # pragma: no cover - gguf is a dependency
@@ -448,14 +453,28 @@ def _open_reader(path: Path) -> Any:
     try:
         reader = GGUFReader(str(path), "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
-        raise UserError(f"{path} is truncated or corrupt: its metadata or tensor index runs past the end of its "
-                        f"{size} bytes (an incomplete download?) [{type(exc).__name__}: {exc}]") from None
+        raise UserError(f"{path} is truncated or corrupt: {_reader_failure(path, exc)}") from None
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        expected = math.prod(int(d) for d in t.shape)
-        if end > size or expected <= 0:
-            raise UserError(f"{path} is truncated or corrupt: tensor {t.name} ends at byte {end} but the file has "
-                            f"{size} bytes (an incomplete download?)")
+        problem = gguf_layout.extent_problem(t.name, t.tensor_type.name, int(t.data_offset), int(t.n_bytes), size)
+        if problem or math.prod(int(d) for d in t.shape) <= 0:
+            raise UserError(f"{path} is truncated or corrupt: {problem or f'tensor {t.name} has no elements'}")
     return reader
+
+
+def readable_versions() -> tuple[int, ...]:
+    """GGUF versions jaxmap reads: those the installed gguf package's reader accepts (2 and 3 for gguf 0.19)."""
+    try:
+        from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+    except ImportError:  # pragma: no cover - older or newer gguf without the constant
+        return GGUF_VERSIONS
+    return tuple(sorted(int(v) for v in READER_SUPPORTED_VERSIONS))
+
+
+def _reader_failure(path: Path, exc: Exception) -> str:
+    """What gguf's reader tripped over, from jaxmap's own walk of the layout; the reader's words as a last resort."""
+    found = gguf_layout.diagnose(path)
+    if found:
+        return found
+    return f"gguf cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"

@@ -140,15 +140,19 @@ class SafetensorsSource:
         if index_file.is_file():
             try:
                 index = json.loads(index_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise UserError(f"{index_file} is not valid JSON ({exc})") from None
+            except UnicodeDecodeError:
+                raise UserError(f"{index_file} is not valid JSON (not UTF-8 text)") from None
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{index_file} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+            except OSError as exc:
+                raise UserError(f"cannot read {index_file}: {exc.strerror or exc}") from None
             try:
                 weight_map = index["weight_map"]
                 files = sorted({str(v) for v in weight_map.values()})
             except (KeyError, TypeError, AttributeError):
                 raise UserError(f"{index_file} is not a valid safetensors index (no weight_map)") from None
-            inside = self.folder.resolve()
-            outside = [f for f in files if inside not in (self.folder / f).resolve().parents]
+            # by name, not by resolved path: a Hugging Face cache snapshot's files are symlinks into ../blobs
+            outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
             if outside:
                 raise UserError(f"{index_file} refers to {outside[0]}, outside the model folder; an index names "
                                 f"files in its own folder")
