@@ -269,7 +269,8 @@ SAMPLING_KEYWORDS = "temperature, top_k, top_p, repetition_penalty, seed"
 
 
 def _check_count(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    """A count such as ``max_new_tokens``: a whole number of at least 1 (named as keyword and as flag)."""
+    if _whole(value, name) < 1:
         raise UserError(f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}")
 
 

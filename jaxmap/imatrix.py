@@ -10,7 +10,7 @@ Workflow: ``python -m jaxmap.imatrix -m MODEL -o model.imatrix.npz`` runs the mo
 ``-n``, ``--topology``, host and disk tiers) over a calibration text (default: the one shipped in
 ``jaxmap/data/calibration.txt``; pass ``--text`` for your own domain), and ``--isq TYPE --imatrix model.imatrix.npz``
 (``jaxmap.load(..., isq=, imatrix=)``) uses it. The file is a plain ``.npz``: one float32 vector per Hugging Face
-weight name, plus the token count llama.cpp's imatrix files (GGUF or legacy ``.dat``) load too:
+weight name, plus the token count. llama.cpp's imatrix files (GGUF or legacy ``.dat``) load too:
 :mod:`jaxmap.imatrix_llamacpp`.
 """
 
@@ -58,7 +58,11 @@ class Imatrix:
     def check_model(self, config) -> None:
         """Refuse an imatrix that names none of this model's projections (another model's, or another naming), before
         any weight is read; note entries for weights the model lacks (a deeper model's file, say)."""
-        ours = {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in _PROJECTIONS}
+        from jaxmap.llama import PROJECTION_INPUTS
+        from jaxmap.param_specs import layer_param_specs
+
+        ours = {s.hf_name for i in range(config.num_hidden_layers)
+                for k, s in layer_param_specs(config, i).items() if k in PROJECTION_INPUTS}
         ours |= {"lm_head.weight", "model.embed_tokens.weight"}
         theirs = set(self.values)
         if not theirs & ours:
@@ -129,10 +133,6 @@ class Imatrix:
                 "it has no entries" if not raw else "it lacks a token count (an integer)")
             raise UserError(f"cannot read imatrix {path}: {what}; write one with python -m jaxmap.imatrix")
         return cls({k: v.astype(np.float32) for k, v in raw.items()}, int(tokens), str(path))
-
-
-_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj")
 
 
 def _importance_vector(v: np.ndarray) -> bool:

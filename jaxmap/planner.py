@@ -24,6 +24,7 @@ from jaxmap.dtypes import parse_dtype
 from jaxmap.errors import UserError
 from jaxmap.fit import Budgets, account, compute_budgets, fill, pool_for
 from jaxmap.hardware import Device, Hardware
+from jaxmap.param_specs import layer_param_specs
 from jaxmap.wishes import Topology, Wish, format_device_layers
 
 _OUTER_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
@@ -366,13 +367,7 @@ def _stages(per_layer: list[tuple[Device, ...]], kinds: list[str], config: Model
 
 def _layer_weight_names(config: ModelConfig) -> list[str]:
     """Every decoder layer's weight names (what a topology regex may match besides the outer weights)."""
-    parts = ["input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-             "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.weight"]
-    for p in ("q", "k", "v"):
-        parts.append(f"self_attn.{p}_proj.weight")
-        if config.attention_bias:
-            parts.append(f"self_attn.{p}_proj.bias")
-    return [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in parts]
+    return [s.hf_name for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
 
 
 def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, config: ModelConfig,
