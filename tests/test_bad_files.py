@@ -102,15 +102,9 @@ def test_index_naming_a_file_outside_the_folder_or_not_json(tmp_path):
 
 
 def test_gguf_of_an_unsupported_version(tmp_path):
-    from gguf import GGUFWriter
+    from gguf_files import write_gguf
 
-    path = tmp_path / "v9.gguf"
-    w = GGUFWriter(str(path), arch="llama")
-    w.add_tensor("token_embd.weight", np.ones((8, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf(tmp_path / "v9.gguf", {"token_embd.weight": np.ones((8, 4), np.float32)})
     raw = bytearray(path.read_bytes())
     raw[4:8] = (9).to_bytes(4, "little")
     path.write_bytes(bytes(raw))
@@ -191,23 +185,16 @@ def test_a_hugging_face_cache_snapshot_of_symlinks_is_not_outside_its_folder(tmp
         assert "model.norm.weight" in source.names()
 
 
-def write_gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
-    from gguf import GGUFWriter
-
-    w = GGUFWriter(str(path), arch="llama")
-    w.add_block_count(1)
-    for name, array in tensors.items():
-        w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def one_block(writer) -> None:
+    """A llama GGUF's block count, which the loader reads first."""
+    writer.add_block_count(1)
 
 
 def test_truncated_gguf_names_the_tensor_and_its_bytes(tmp_path):
-    path = write_gguf(tmp_path / "cut.gguf", {"token_embd.weight": np.ones((64, 16), np.float32),
-                                              "output_norm.weight": np.ones(16, np.float32)})
+    from gguf_files import write_gguf
+
+    tensors = {"token_embd.weight": np.ones((64, 16), np.float32), "output_norm.weight": np.ones(16, np.float32)}
+    path = write_gguf(tmp_path / "cut.gguf", tensors, metadata=one_block)
     raw = path.read_bytes()
     path.write_bytes(raw[:len(raw) - 16 * 4 - 16 * 4 * 10])  # the last 10 rows of token_embd and output_norm gone
     size = path.stat().st_size
@@ -220,7 +207,9 @@ def test_truncated_gguf_names_the_tensor_and_its_bytes(tmp_path):
 
 
 def test_gguf_cut_inside_its_metadata_says_so(tmp_path):
-    path = write_gguf(tmp_path / "head.gguf", {"token_embd.weight": np.ones((8, 4), np.float32)})
+    from gguf_files import write_gguf
+
+    path = write_gguf(tmp_path / "head.gguf", {"token_embd.weight": np.ones((8, 4), np.float32)}, metadata=one_block)
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(UserError, match=r"is truncated or corrupt: it ends inside its metadata, at entry \d+ of the "
                                         r"\d+ its header lists \(the file has 40 bytes\)"):

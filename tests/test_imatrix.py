@@ -283,13 +283,15 @@ def write_legacy(path, values: dict, ncall: int = 4, trailer: bool = True) -> No
 
 def write_gguf_imatrix(path, values: dict, count: float = 8.0, chunk_size: int = 512) -> None:
     """llama-imatrix's GGUF layout: NAME.in_sum2 [n_mat, n_in] and NAME.counts [n_mat, 1], float32."""
-    from gguf import GGUFWriter
+    from gguf_files import write_gguf
 
-    w = GGUFWriter(str(path), arch="imatrix")
-    w.add_type("imatrix")
-    w.add_array("imatrix.datasets", ["calib.txt"])
-    w.add_uint32("imatrix.chunk_count", 10)
-    w.add_uint32("imatrix.chunk_size", chunk_size)
+    def metadata(w) -> None:
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", ["calib.txt"])
+        w.add_uint32("imatrix.chunk_count", 10)
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+
+    tensors = {}
     for name, v in values.items():
         sums = np.asarray(v, np.float32)
         sums = sums.reshape(1, -1) if sums.ndim == 1 else sums
@@ -297,12 +299,9 @@ def write_gguf_imatrix(path, values: dict, count: float = 8.0, chunk_size: int =
         if name.endswith("zero-count"):
             counts[:] = 0
             name = name.removesuffix("zero-count")
-        w.add_tensor(name + ".in_sum2", sums * counts.clip(min=1) if count else sums)
-        w.add_tensor(name + ".counts", counts)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[name + ".in_sum2"] = sums * counts.clip(min=1) if count else sums
+        tensors[name + ".counts"] = counts
+    write_gguf(path, tensors, arch="imatrix", metadata=metadata)
 
 
 def _same_values(got: Imatrix, want: Imatrix) -> None:
@@ -360,24 +359,13 @@ def test_damaged_llama_cpp_imatrix_files_are_one_line_errors(tmp_path, tiny_imat
     write_legacy(negative, {"blk.0.attn_q.weight": -np.ones(128, np.float32)})
     with pytest.raises(UserError, match="negative or non-finite"):
         Imatrix.load(negative)
-    from gguf import GGUFWriter
+    from gguf_files import write_gguf
 
-    unpaired = tmp_path / "unpaired.gguf"
-    w = GGUFWriter(str(unpaired), arch="imatrix")
-    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, 128), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    unpaired = write_gguf(tmp_path / "unpaired.gguf", {"blk.0.attn_q.weight.in_sum2": np.ones((1, 128), np.float32)},
+                          arch="imatrix")
     with pytest.raises(UserError, match="sums without counts"):
         Imatrix.load(unpaired)
-    model_gguf = tmp_path / "model.gguf"  # a model, not an imatrix
-    w = GGUFWriter(str(model_gguf), arch="llama")
-    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    model_gguf = write_gguf(tmp_path / "model.gguf", {"blk.0.attn_q.weight": np.ones((4, 32), np.float32)})
     with pytest.raises(UserError, match="without .in_sum2/.counts tensors"):
         Imatrix.load(model_gguf)
     short = tmp_path / "wrong-model.dat"  # right names, another model's widths
