@@ -51,10 +51,6 @@ def _nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
     return -logp[np.arange(len(ids) - 1), ids[1:]]
 
 
-def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    return float(np.exp(_nll(logits, ids).mean()))
-
-
 def _kl_rows(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(reference || quantized) of each position's next-token distribution, in nats."""
     ref, got = _log_softmax(reference), _log_softmax(logits)
