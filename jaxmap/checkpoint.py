@@ -98,6 +98,9 @@ def quiet_orbax_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
+_TENSORSTORE_STATUS = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT): ")
+
+
 def _from_orbax(exc: BaseException | None, obj: object = None) -> bool:
     """Whether an exception (or the coroutine that raised it) comes from orbax's reads, or is their event loop
     closing under them."""
@@ -108,6 +111,8 @@ def _from_orbax(exc: BaseException | None, obj: object = None) -> bool:
     while exc is not None and seen < 8:
         if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
             return True
+        if exc.__traceback__ is None and _TENSORSTORE_STATUS.match(str(exc)):
+            return True  # set on a future by tensorstore's C++ side: no Python frames to recognise it by
         tb = exc.__traceback__
         while tb is not None:
             if any(part in tb.tb_frame.f_code.co_filename for part in ("orbax", "tensorstore")):
