@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import jaxmap
 from jaxmap.config import ModelConfig
-from jaxmap.hardware import Hardware
-from jaxmap.planner import plan
-from jaxmap.wishes import make_wish
+from jaxmap.config.hardware import Hardware
+from jaxmap.planning.planner import plan
+from jaxmap.planning.wishes import make_wish
 
 
 def main() -> None:

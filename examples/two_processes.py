@@ -18,7 +18,7 @@ MODEL = os.environ.get("JAXMAP_EXAMPLE_MODEL", TINY)  # any -m: a Hugging Face f
 
 
 def worker() -> None:
-    from jaxmap import multihost
+    from jaxmap.engine import multihost
 
     multihost.initialize(multihost.resolve())  # reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     import jaxmap
@@ -30,7 +30,7 @@ def worker() -> None:
 
 
 def main(env: dict | None = None) -> int:
-    from jaxmap.launch import launch
+    from jaxmap.cli.launch import launch
 
     status, out, errs = launch([sys.executable, __file__], num_processes=2, cpu_devices=4, timeout_s=300, env=env)
     rows = [line for line in out.splitlines() if line.startswith("{")]

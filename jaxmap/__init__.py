@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "SamplingParams":
-        from jaxmap.sampling import SamplingParams
+        from jaxmap.engine.sampling import SamplingParams
 
         return SamplingParams
     if name == "UserError":

@@ -14,25 +14,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmap import isq as isq_mod
-from jaxmap import materialize
 from jaxmap.config import ModelConfig, list_presets
-from jaxmap.device_map import DeviceMap
-from jaxmap.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
-from jaxmap.dtypes import default_dtype, parse_dtype
-from jaxmap.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
+from jaxmap.config.dtypes import default_dtype, parse_dtype
+from jaxmap.config.hardware import Hardware
+from jaxmap.engine.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
+from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
-from jaxmap.hardware import Hardware
-from jaxmap.imatrix import Imatrix
 from jaxmap.loading import default_model_path, open_source
+from jaxmap.loading.imatrix_file import Imatrix
 from jaxmap.loading.random_source import RandomSource
 from jaxmap.loading.safetensors_source import SafetensorsSource
-from jaxmap.placement import stage_placements
-from jaxmap.planner import plan as plan_device_map
+from jaxmap.loading.tokenizer import Tokenizer
+from jaxmap.materialize import isq as isq_mod
+from jaxmap.materialize import params as materialize
+from jaxmap.materialize.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
+from jaxmap.materialize.placement import stage_placements
+from jaxmap.planning.device_map import DeviceMap
+from jaxmap.planning.planner import plan as plan_device_map
+from jaxmap.planning.wishes import make_wish
 from jaxmap.progress import Progress
-from jaxmap.sampling import SamplingParams, mark_seen
-from jaxmap.tokenizer import Tokenizer
-from jaxmap.wishes import make_wish
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def load(
     Memory: ``max_memory="0:20GiB,host:64GiB"`` (or a dict of sizes) caps what the plan may use; layers that do not
     fit the accelerators are streamed from host memory, then from disk (``offload_folder``, unless
     ``allow_disk=False``); ``auto=False`` keeps the layout even where it does not fit.
-    ``isq=``: in-situ quantization type (``Q4K``, ``Q8_0``, ``INT8``...; see :mod:`jaxmap.isq`); ``"none"``
+    ``isq=``: in-situ quantization type (``Q4K``, ``Q8_0``, ``INT8``...; see :mod:`jaxmap.materialize.isq`); ``"none"``
     dequantizes a GGUF, which otherwise (with no ``dtype`` either) keeps its stored quantized types.
     ``imatrix=``: an importance matrix (a file from ``python -m jaxmap.imatrix``, or a dict of vectors) that weights
     each quantized block's fit by how much activation its inputs carry (:mod:`jaxmap.imatrix`).

@@ -32,8 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmap.engine.multihost import put
 from jaxmap.errors import UserError
-from jaxmap.multihost import put
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ def _refuse_duplicate_paths(paths: list[str]) -> None:
 
 def _plan_devices(hardware: Any, devices: Sequence[Any] | None) -> tuple[list[str], dict[str, int | None]]:
     """Device names as the engine writes them (``cpu[2]`` for jax's third CPU device) and their known capacity."""
-    from jaxmap.hardware import Hardware, jax_platform_name, live_jax_devices
+    from jaxmap.config.hardware import Hardware, jax_platform_name, live_jax_devices
 
     if devices is None:
         hw = hardware or Hardware.from_jax()
@@ -514,7 +514,7 @@ def plan_for(param_shapes: Any, hardware: Any = None, *, capacity_bytes: float |
     it whole). The subtrees are placed in order: each goes to the current device if it has room (its capacity minus
     ``reserve_fraction`` for activations), else to the next device with room, and the cursor never goes back, so each
     device holds consecutive subtrees as pipeline stages need; a subtree that fits on no remaining device goes to
-    ``host`` and later subtrees still go to the devices. ``hardware`` is a :class:`jaxmap.hardware.Hardware`
+    ``host`` and later subtrees still go to the devices. ``hardware`` is a :class:`jaxmap.config.hardware.Hardware`
     (default: the live devices) or ``devices`` a list of jax devices (named as the engine names them, ``cpu[2]``);
     ``capacity_bytes`` overrides the capacity of every device (a positive number) or of named ones (a dict), which is
     how a plan for a smaller device is tried on CPU.

@@ -16,9 +16,9 @@ import pytest
 
 import jaxmap
 from jaxmap.config import ModelConfig
-from jaxmap.disk_tier import write_safetensors
 from jaxmap.errors import UserError
 from jaxmap.loading.safetensors_source import SafetensorsSource
+from jaxmap.materialize.disk_tier import write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny-llama"
@@ -113,8 +113,8 @@ def test_gguf_of_an_unsupported_version(tmp_path):
 
 
 def test_truncated_orbax_checkpoint_is_one_line(tmp_path):
-    from jaxmap.checkpoint import convert
     from jaxmap.loading import open_source
+    from jaxmap.materialize.checkpoint_writer import convert
 
     source = open_source(TINY)
     try:
@@ -138,7 +138,7 @@ def test_a_damaged_offload_layer_is_written_again(tmp_path, caplog):
     want = first.forward_logits([[1, 5, 9, 2]])[0]
     (layer,) = [p for p in tmp_path.rglob("layer-0003.safetensors")]
     layer.write_bytes(layer.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger="jaxmap.disk_tier"):
+    with caplog.at_level(logging.WARNING, logger="jaxmap.materialize.disk_tier"):
         again = jaxmap.load("preset:tiny", **kwargs)
     assert "is damaged" in caplog.text and "writing it again" in caplog.text
     np.testing.assert_array_equal(again.forward_logits([[1, 5, 9, 2]])[0], want)
@@ -226,8 +226,8 @@ def test_the_gguf_versions_are_those_of_the_installed_reader():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from jaxmap.checkpoint import convert
     from jaxmap.loading import open_source
+    from jaxmap.materialize.checkpoint_writer import convert
 
     source = open_source(TINY)
     try:
@@ -263,7 +263,7 @@ def set_meta(**changes):
 ], ids=["config-not-utf8", "config-list", "meta-list", "meta-not-json", "version-str", "no-items", "item-path",
         "entry"])
 def test_damaged_checkpoint_metadata_is_one_line(tiny_ckpt, tmp_path, damage, message):
-    from jaxmap.checkpoint import OrbaxSource
+    from jaxmap.loading.orbax_checkpoint import OrbaxSource
 
     with pytest.raises(UserError, match=message):
         OrbaxSource(damaged_copy(tiny_ckpt, tmp_path, damage))
@@ -296,8 +296,8 @@ def test_a_damaged_checkpoint_leaves_no_orbax_tracebacks_behind(tiny_ckpt, tmp_p
 def test_orbax_info_lines_stay_out_of_jaxmap_logs(tmp_path, caplog):
     """orbax logs every save and restore through absl at INFO (760 lines for one conversion of SmolLM2); they are
     kept for jaxmap's DEBUG."""
-    from jaxmap.checkpoint import convert
     from jaxmap.loading import open_source
+    from jaxmap.materialize.checkpoint_writer import convert
 
     absl = logging.getLogger("absl")
 
@@ -331,7 +331,7 @@ def test_an_offload_layer_of_the_wrong_shape_is_written_again(tmp_path, caplog):
     name = "model.layers.3.input_layernorm.weight"
     write_safetensors({**{n: np.zeros(e.shape, np.float32) for n, e in entries.items()},
                        name: np.zeros(3, np.float32)}, layer)
-    with caplog.at_level(logging.WARNING, logger="jaxmap.disk_tier"):
+    with caplog.at_level(logging.WARNING, logger="jaxmap.materialize.disk_tier"):
         again = jaxmap.load("preset:tiny", **kwargs)
     assert f"{name} has shape (3,), not" in caplog.text
     np.testing.assert_array_equal(again.forward_logits([[1, 5, 9, 2]])[0], want)

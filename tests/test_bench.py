@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxmap.bench import parse_wish, parse_workload, worker_failure
+from jaxmap.cli.bench import parse_wish, parse_workload, worker_failure
 from jaxmap.errors import UserError
 
 TINY_LLAMA = str(Path(__file__).parent / "data" / "tiny-llama")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import jaxmap
-from jaxmap.checkpoint import METADATA, OrbaxSource, _write_tokenizer, convert
 from jaxmap.errors import UserError
 from jaxmap.loading import default_model_path, open_source
+from jaxmap.loading.orbax_checkpoint import METADATA, OrbaxSource
+from jaxmap.materialize.checkpoint_writer import _write_tokenizer, convert
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny-llama"
@@ -74,7 +75,7 @@ def test_gguf_tokenizer_is_written_with_its_chat_template(tmp_path):
         pytest.skip("default model not installed")
     _write_tokenizer(gguf, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(gguf.config.to_hf_dict()))
-    from jaxmap.tokenizer import Tokenizer
+    from jaxmap.loading.tokenizer import Tokenizer
 
     ref = gguf.tokenizer()
     tok = Tokenizer.from_file(tmp_path / "tokenizer.json", config_eos=gguf.config.eos_token_ids)
@@ -174,7 +175,7 @@ def test_short_super_blocks_are_kept_on_unsplit_inputs_only(tmp_path, caplog):
 
     out = tmp_path / "q4k"
     convert(open_source(TINY), out, isq="Q4K", progress=False)
-    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+    with caplog.at_level("WARNING", logger="jaxmap.materialize.isq"):
         model = jaxmap.load(str(out), progress=False, max_seq_len=64, tp=2)
     same = jaxmap.load(TINY, progress=False, max_seq_len=64, isq="Q4K", tp=2)
     got, want = (m.engine.stages[0].params["layers"][0] for m in (model, same))
@@ -185,7 +186,7 @@ def test_short_super_blocks_are_kept_on_unsplit_inputs_only(tmp_path, caplog):
 
 def test_per_channel_types_are_stored_unsplit_and_resplit_exactly():
     from jaxmap import quant
-    from jaxmap.checkpoint import _resplit, qtensor_from, qtensor_leaves
+    from jaxmap.loading.orbax_checkpoint import _resplit, qtensor_from, qtensor_leaves
 
     w = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
     for qtype in ("INT8", "F8E4M3"):
@@ -203,7 +204,7 @@ def test_per_channel_types_are_stored_unsplit_and_resplit_exactly():
 
 
 def test_interrupted_quantized_conversion_leaves_nothing(q8, tmp_path, monkeypatch):
-    from jaxmap import isq
+    from jaxmap.materialize import isq
 
     calls = []
 
@@ -236,7 +237,7 @@ def test_gguf_is_converted_with_its_native_types(default_gguf, tmp_path):
     assert model.engine.stages[0].params["layers"][0]["wq"].qtype == "Q4_1"
     assert model.engine.stages[0].params["embed_tokens"].qtype == "Q8_0"  # tied table: the GGUF's own type
     from jaxmap import quant
-    from jaxmap.checkpoint import qtensor_leaves
+    from jaxmap.loading.orbax_checkpoint import qtensor_leaves
 
     name = "model.layers.3.mlp.down_proj.weight"  # the stored blocks are the GGUF's, repacked (logits: README)
     raw, _ = open_source(default_gguf).raw(name)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from jaxmap.config import ModelConfig
-from jaxmap.device_map import DeviceMap, Stage
+from jaxmap.config.hardware import Hardware, list_mesh_presets
 from jaxmap.errors import UserError
-from jaxmap.hardware import Hardware, list_mesh_presets
-from jaxmap.planner import plan
-from jaxmap.wishes import Topology, Wish, parse_device_layers
+from jaxmap.planning.device_map import DeviceMap, Stage
+from jaxmap.planning.planner import plan
+from jaxmap.planning.wishes import Topology, Wish, parse_device_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = ModelConfig.from_preset("smollm2-135m")

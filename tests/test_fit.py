@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from jaxmap.config import ModelConfig
+from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.fit import layer_weight_bytes, outer_bytes
-from jaxmap.hardware import Device, Hardware
-from jaxmap.memory import GIB, activation_bytes, kv_cache_bytes, parse_max_memory, parse_size
-from jaxmap.planner import plan
-from jaxmap.wishes import make_wish
+from jaxmap.planning.fit import layer_weight_bytes, outer_bytes
+from jaxmap.planning.memory import GIB, activation_bytes, kv_cache_bytes, parse_max_memory, parse_size
+from jaxmap.planning.planner import plan
+from jaxmap.planning.wishes import make_wish
 
 L3_8B, L3_70B = ModelConfig.from_preset("llama-3-8b"), ModelConfig.from_preset("llama-3-70b")
 TINY = ModelConfig.from_preset("tiny")
@@ -142,7 +142,7 @@ def test_sizes_follow_accelerates_units():
 
 
 def test_doctor_verdicts_and_xla_check():
-    from jaxmap.verdict import judge
+    from jaxmap.cli.verdict import judge
 
     hw = Hardware((Device("cpu", 0, 0),), 16 * GIB, name="one-cpu")
     fits = judge(TINY, hw, make_wish(), "float32", 256, 1)
@@ -157,7 +157,7 @@ def test_doctor_verdicts_and_xla_check():
 
 
 def test_offload_plans_round_trip_and_have_no_n_string():
-    from jaxmap.device_map import DeviceMap
+    from jaxmap.planning.device_map import DeviceMap
 
     m = plan(L3_70B, Hardware.from_preset("1x24gb"), dtype="bf16")
     again = DeviceMap.from_yaml(m.to_yaml(), L3_70B)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxmap
-from jaxmap.engine import attend_bucket, prefill_bucket
+from jaxmap.engine.engine import attend_bucket, prefill_bucket
 from jaxmap.errors import UserError
 
 
@@ -166,8 +166,8 @@ def test_ragged_prefill_blocks_match_one_block(monkeypatch):
     """A prefill whose length 512 does not divide (max_seq_len 1100, not a multiple of 256) runs in 512-query blocks
     with the last one padded, not as one [t, t] block: same logits, and the planner's activation estimate stays
     that of a blocked prefill."""
-    from jaxmap import memory
     from jaxmap.config import ModelConfig
+    from jaxmap.planning import memory
 
     ids = [list(np.random.default_rng(1).integers(0, 512, 1100))]
     blocked = jaxmap.load("preset:tiny", max_seq_len=1100, progress=False, devices="0").forward_logits(ids)[0]
@@ -249,7 +249,7 @@ def test_topology_placing_every_layer_refuses_tp():
 
 
 def test_save_plan_is_written_only_when_the_load_succeeds(tmp_path, monkeypatch):
-    from jaxmap import materialize
+    from jaxmap.materialize import params as materialize
 
     path = tmp_path / "plan.yaml"
     with pytest.raises(UserError, match="it is a folder"):

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 import jaxmap
-from jaxmap import llama, quant
+from jaxmap import quant
+from jaxmap.calibrate.imatrix import CALIBRATION_TEXT, collect
 from jaxmap.config import ModelConfig
+from jaxmap.engine import layers as llama
 from jaxmap.errors import UserError
-from jaxmap.imatrix import CALIBRATION_TEXT, Imatrix, collect
+from jaxmap.loading.imatrix_file import Imatrix
 
 TINY_LLAMA = str(Path(__file__).parent / "data" / "tiny-llama")  # a Hugging Face folder with a tokenizer
 
@@ -196,8 +198,9 @@ def test_generate_with_a_corrupt_imatrix_is_one_line(tmp_path):
 def test_smollm2_q8_0_with_the_shipped_calibration_text_halves_kl(default_gguf):
     """On the real model: an imatrix from jaxmap's calibration text (not the scored text) makes Q8_0's next-token
     distributions closer to float32's on the quality text (measured: mean KL 0.00067 -> 0.00025)."""
-    from jaxmap.imatrix import calibration_ids
-    from jaxmap.quality import TEXT, _kl
+    from jaxmap.calibrate.imatrix import calibration_ids
+    from jaxmap.calibrate.quality import _kl
+    from jaxmap.cli.quality import TEXT
 
     ref_model = jaxmap.load(None, isq="none", max_seq_len=512, devices="0", progress=False)
     ids = ref_model.tokenizer.encode(TEXT.read_text())[:256]
@@ -214,8 +217,8 @@ def test_smollm2_q8_0_with_the_shipped_calibration_text_halves_kl(default_gguf):
 
 
 def test_convert_with_an_imatrix_stores_what_loading_with_it_quantizes(tmp_path):
-    from jaxmap.checkpoint import convert
     from jaxmap.loading import open_source
+    from jaxmap.materialize.checkpoint_writer import convert
 
     model = jaxmap.load(TINY_LLAMA, max_seq_len=64, progress=False, devices="0", isq="none")
     imatrix = collect(model, IDS[:24], progress=False)
@@ -334,7 +337,7 @@ def test_reads_llama_cpp_gguf_imatrix(tmp_path, tiny_imatrix, caplog):
     values["blk.0.ssm_in.weight"] = np.ones(128, np.float32)  # another architecture's tensor
     path = tmp_path / "imatrix.gguf"
     write_gguf_imatrix(path, values)
-    with caplog.at_level("INFO", logger="jaxmap.imatrix_llamacpp"):
+    with caplog.at_level("INFO", logger="jaxmap.loading.imatrix_llamacpp"):
         got = Imatrix.load(path)
     assert "skipped 2 llama.cpp entries" in caplog.text
     assert got.tokens == 10 * 512

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import jaxmap.launch
+import jaxmap.cli.launch
+from jaxmap.cli.launch import launch
 from jaxmap.errors import UserError
-from jaxmap.launch import launch
 
 
 def run_launch(*args: str) -> subprocess.CompletedProcess:

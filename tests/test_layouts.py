@@ -145,7 +145,7 @@ def test_device_names_do_not_collide_across_platforms(monkeypatch):
 
     import jax
 
-    from jaxmap import placement
+    from jaxmap.materialize import placement
 
     gpu = [types.SimpleNamespace(platform="gpu", id=i) for i in range(2)]
     cpu = [types.SimpleNamespace(platform="cpu", id=0)]

@@ -270,7 +270,7 @@ def test_regex_rules_accept_tuples_and_refuse_non_array_leaves():
 CHILD = """
 import sys
 import numpy as np
-from jaxmap import multihost
+from jaxmap.engine import multihost
 multihost.initialize(multihost.resolve())
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
@@ -290,7 +290,7 @@ sys.exit(1)
 
 def test_shard_refuses_process_local_arrays_for_a_two_process_mesh():
     """Without the check process 1 hung and process 0 got a gloo DEADLINE_EXCEEDED; now both refuse at once."""
-    from jaxmap.launch import launch
+    from jaxmap.cli.launch import launch
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))

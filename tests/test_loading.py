@@ -300,7 +300,7 @@ def test_gguf_matches_hf_layout(tmp_path: Path, arch: str) -> None:
 
 def test_gguf_lm_head_and_llama3_rope(tmp_path: Path) -> None:
     from jaxmap.config import ModelConfig
-    from jaxmap.rope import inverse_frequencies
+    from jaxmap.families.rope import inverse_frequencies
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -324,8 +324,8 @@ def test_gguf_lm_head_and_llama3_rope(tmp_path: Path) -> None:
                                                        (5000, 1.0, 3.0, 4.0), (4096, 2.0, 8.0, 16.0)])
 def test_llama3_scaling_recovered_from_factor_table(length: int, low: float, high: float, factor: float) -> None:
     from jaxmap.config import ModelConfig
+    from jaxmap.families.rope import inverse_frequencies
     from jaxmap.loading.gguf_source import llama3_rope_scaling
-    from jaxmap.rope import inverse_frequencies
 
     cfg = ModelConfig(architecture="llama", vocab_size=8, hidden_size=4096, intermediate_size=8,
                       num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

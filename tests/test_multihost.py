@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import jaxmap
-from jaxmap import multihost
+from jaxmap.cli.launch import free_port, launch
+from jaxmap.engine import multihost
 from jaxmap.errors import UserError
-from jaxmap.launch import free_port, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "data" / "tiny-llama")
@@ -87,8 +87,8 @@ def test_two_process_example_restores_a_checkpoint(tmp_path, reference, capsys):
     """examples/two_processes.py with an orbax checkpoint: each process restores only its own stage's arrays."""
     import importlib.util
 
-    from jaxmap.checkpoint import convert
     from jaxmap.loading import open_source
+    from jaxmap.materialize.checkpoint_writer import convert
 
     ckpt = convert(open_source(TINY), tmp_path / "ck", progress=False)
     spec = importlib.util.spec_from_file_location("two_processes", ROOT / "examples" / "two_processes.py")

@@ -15,8 +15,8 @@ import pytest
 import jaxmap
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.fit import layer_weight_bytes, outer_bytes
-from jaxmap.memory import activation_bytes, kv_cache_bytes
+from jaxmap.planning.fit import layer_weight_bytes, outer_bytes
+from jaxmap.planning.memory import activation_bytes, kv_cache_bytes
 
 DATA = Path(__file__).parent / "data"
 PROMPT = [[1, 5, 9, 2, 7, 3, 11]]
@@ -156,7 +156,7 @@ def test_cli_memory_errors_are_one_line(flags, message, tmp_path):
 
 
 def test_chunked_prefill_attention_matches_one_block(monkeypatch):
-    from jaxmap import memory
+    from jaxmap.planning import memory
 
     ids = [list(np.random.default_rng(0).integers(0, 512, 1100))]
     model = jaxmap.load("preset:tiny", max_seq_len=1280, progress=False, devices="0")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxmap.plan import config_from_model_arg
+from jaxmap.cli.common import config_from_model_arg
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from jaxmap.config import ModelConfig
+from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.hardware import Device, Hardware
-from jaxmap.planner import group_devices, plan, split_layers, valid_tp_sizes, wire_order
-from jaxmap.sharding_rules import RULES, ShardingError, logical_to_spec
-from jaxmap.wishes import Topology, Wish, parse_device_layers
+from jaxmap.planning.planner import group_devices, plan, split_layers, valid_tp_sizes, wire_order
+from jaxmap.planning.rules import RULES, ShardingError, logical_to_spec
+from jaxmap.planning.wishes import Topology, Wish, parse_device_layers
 
 SMOL = ModelConfig.from_preset("smollm2-135m")
 

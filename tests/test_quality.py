@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmap.quality import Scores, near_ties, wilson, windows
+from jaxmap.calibrate.quality import Scores, near_ties, wilson, windows
 
 TINY_LLAMA = str(Path(__file__).parent / "data" / "tiny-llama")
 

@@ -103,7 +103,7 @@ def test_unknown_type_lists_known():
 
 
 def test_cli_bad_isq_exit_2(capsys):
-    from jaxmap.generate import main
+    from jaxmap.cli.generate import main
 
     assert main(["-m", "preset:tiny", "--isq", "Q9", "-p", "hi", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -118,14 +118,14 @@ def test_fallback_when_block_does_not_fit(caplog, tmp_path):
                    .replace("intermediate_size: 256", "intermediate_size: 160")
                    .replace("num_attention_heads: 8", "num_attention_heads: 5")
                    .replace("num_key_value_heads: 4", "num_key_value_heads: 1"))
-    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+    with caplog.at_level("WARNING", logger="jaxmap.materialize.isq"):
         model = jaxmap.load(f"preset:{odd}", max_seq_len=32, devices="0", progress=False, isq="Q4K")
     layer = model.engine.stages[0].params["layers"][0]
     assert layer["wq"].qtype == "INT8" and layer["w_down"].qtype == "Q4K"
     assert any("Q4K does not fit" in r.message and "INT8" in r.message and "sub-blocks" in r.message
                for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+    with caplog.at_level("WARNING", logger="jaxmap.materialize.isq"):
         model = jaxmap.load(f"preset:{odd}", max_seq_len=32, devices="0", progress=False, isq="Q6K")
     assert {w.qtype for w in model.engine.stages[0].params["layers"][0].values() if quant.is_quantized(w)} == {"Q6K"}
     assert not [r for r in caplog.records if "does not fit" in r.message]
@@ -208,7 +208,7 @@ def test_tensor_parallel_isq_matches_one_device(isq, tp, chunk, monkeypatch, cap
         monkeypatch.setattr(quant, "CHUNK_BYTES", chunk)
     prompt = [[3, 17, 29, 101, 7]]
     one = jaxmap.load("preset:tiny", max_seq_len=64, devices="0", progress=False, isq=isq)
-    with caplog.at_level("WARNING", logger="jaxmap.isq"):
+    with caplog.at_level("WARNING", logger="jaxmap.materialize.isq"):
         many = jaxmap.load("preset:tiny", max_seq_len=64, tp=tp, progress=False, isq=isq)
     wq = many.engine.stages[0].params["layers"][0]["wq"]
     assert len(wq.q[0].sharding.device_set) == tp and wq.d.sharding.spec == wq.q[0].sharding.spec
@@ -232,7 +232,7 @@ def test_tensor_parallel_isq_matches_one_device(isq, tp, chunk, monkeypatch, cap
 def test_planned_isq_bytes_equal_allocated(isq, tp):
     """The planner's bytes for a layer (short super-blocks and fallbacks included) are what one device holds."""
     from jaxmap.config import ModelConfig
-    from jaxmap.fit import layer_weight_bytes
+    from jaxmap.planning.fit import layer_weight_bytes
 
     model = jaxmap.load("preset:tiny", max_seq_len=32, progress=False, isq=isq, tp=tp,
                         **({"devices": "0"} if tp == 1 else {}))

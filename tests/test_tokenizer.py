@@ -13,7 +13,7 @@ from tokenizers import pre_tokenizers
 
 from jaxmap.errors import UserError
 from jaxmap.loading import GGUFSource, default_model_path, open_source
-from jaxmap.tokenizer import Tokenizer
+from jaxmap.loading.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data"
 TEXTS = [

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxmap.config import ModelConfig
+from jaxmap.config.hardware import Hardware
 from jaxmap.errors import UserError
-from jaxmap.hardware import Hardware
-from jaxmap.planner import plan
-from jaxmap.wishes import Topology, Wish, format_device_layers, parse_device_layers, parse_devices
+from jaxmap.planning.planner import plan
+from jaxmap.planning.wishes import Topology, Wish, format_device_layers, parse_device_layers, parse_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = (ROOT / "topologies" / "reference-isq.yml").read_text()

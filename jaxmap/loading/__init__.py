@@ -31,7 +31,7 @@ def open_source(path: str | Path) -> WeightSource:
     if path.is_dir():
         if not os.access(path, os.R_OK | os.X_OK):
             raise UserError(f"cannot read the folder {path}: permission denied")
-        from jaxmap import checkpoint
+        from jaxmap.loading import orbax_checkpoint as checkpoint
 
         if checkpoint.is_checkpoint_dir(path):
             return checkpoint.OrbaxSource(path)

@@ -25,7 +25,7 @@ from jaxmap.loading.safetensors_source import as_numpy_dtype
 if TYPE_CHECKING:
     from gguf import ReaderTensor
 
-    from jaxmap.tokenizer import Tokenizer
+    from jaxmap.loading.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
@@ -91,7 +91,7 @@ def llama3_rope_scaling(config: ModelConfig, factors: np.ndarray) -> dict[str, A
     constant gives the same table, so ``low_freq_factor = 1`` is taken and the rest follows. With fewer than two
     blended frequencies the values Llama 3.x ships are tried instead. Any answer is checked against the table.
     """
-    from jaxmap.rope import inverse_frequencies
+    from jaxmap.families.rope import inverse_frequencies
 
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if factors.shape != (config.head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
@@ -318,7 +318,7 @@ class GGUFSource:
         return np.array(data, order="C", copy=True), t.tensor_type.name
 
     def tokenizer(self) -> Tokenizer | None:
-        from jaxmap.tokenizer import Tokenizer
+        from jaxmap.loading.tokenizer import Tokenizer
 
         model = self._get("tokenizer.ggml.model")
         if model is None:

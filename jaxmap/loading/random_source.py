@@ -10,8 +10,8 @@ import zlib
 
 import numpy as np
 
-from jaxmap import llama
 from jaxmap.config import ModelConfig
+from jaxmap.families import specs as llama
 
 
 class RandomSource:

@@ -23,7 +23,7 @@ from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 
 if TYPE_CHECKING:
-    from jaxmap.tokenizer import Tokenizer
+    from jaxmap.loading.tokenizer import Tokenizer
 
 # safetensors dtype names -> numpy dtypes (little-endian, as the format mandates).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -218,7 +218,7 @@ class SafetensorsSource:
         return np.array(self.view(name), dtype=as_numpy_dtype(dtype), order="C", copy=True)
 
     def tokenizer(self) -> Tokenizer | None:
-        from jaxmap.tokenizer import Tokenizer
+        from jaxmap.loading.tokenizer import Tokenizer
 
         file = self.folder / "tokenizer.json"
         if not file.is_file():

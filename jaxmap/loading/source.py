@@ -22,7 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from jaxmap.config import ModelConfig
-    from jaxmap.tokenizer import Tokenizer
+    from jaxmap.loading.tokenizer import Tokenizer
 
 
 class WeightSource(Protocol):

@@ -44,7 +44,7 @@ def _hf(name: str) -> str | None:
 
 def _finish(path: Path, means: dict[str, np.ndarray], tokens: int, fmt: str):
     """Map names, skip what jaxmap has no weight for, and build the Imatrix."""
-    from jaxmap.imatrix import Imatrix
+    from jaxmap.loading.imatrix_file import Imatrix
 
     values, skipped = {}, []
     for name, v in means.items():

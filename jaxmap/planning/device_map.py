@@ -8,27 +8,17 @@ each stage's mesh with ``jax.make_mesh`` / ``mesh_utils.create_device_mesh`` ove
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jaxmap.config import ModelConfig
+from jaxmap.config import ModelConfig, config_fingerprint
 from jaxmap.errors import UserError
 
 STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu", "offload")
 MEMORY_KINDS = ("device", "host", "disk")
 GIB = 1 << 30
-
-
-def config_fingerprint(config: ModelConfig) -> str:
-    """A short hash of what shapes the weights (the name is left out: a renamed copy is the same model)."""
-    keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
-    blob = json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,11 +39,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +48,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxmap import param_specs as llama
-from jaxmap.config import ModelConfig
-from jaxmap.device_map import config_fingerprint
+from jaxmap.config import ModelConfig, config_fingerprint
 from jaxmap.errors import UserError
-from jaxmap.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -153,25 +147,6 @@ def _mute_orbax_leftovers() -> None:
         asyncio_log.addFilter(_OrbaxLeftovers())
 
 
-def _item_items(config: ModelConfig) -> list[tuple[str, dict[str, llama.ParamSpec]]]:
-    items = [(OUTER, llama.outer_param_specs(config))]
-    items += [(layer_item(i), llama.layer_param_specs(config, i)) for i in range(config.num_hidden_layers)]
-    return items
-
-
-def _flat_type_function(config: ModelConfig, global_isq: str | None):
-    """The types a conversion stores: the rules of :func:`jaxmap.isq.type_function` for a plan with no topology
-    (the global type on decoder layers; the LM head and embeddings keep precision unless native)."""
-    from types import SimpleNamespace
-
-    from jaxmap import isq as isq_mod
-
-    n = config.num_hidden_layers
-    flat = SimpleNamespace(stages=[SimpleNamespace(start=0, end=n, isq=[global_isq] * n)],
-                           lm_head=SimpleNamespace(isq=None), embed=SimpleNamespace(isq=None))
-    return isq_mod.type_function(flat, config, global_isq)
-
-
 # ---- QTensor <-> named leaves --------------------------------------------------------------------------------------
 
 def _qfields():
@@ -235,123 +210,6 @@ def _resplit(layout: dict, in_shards: int) -> tuple[dict, bool]:
     static = {**static, "sub": n // in_shards}
     leaves = {**layout["leaves"], "d": {**layout["leaves"]["d"], "shape": [out, in_shards]}}
     return {**layout, "static": static, "leaves": leaves, "in_shards": in_shards}, True
-
-
-def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, isq: str | None = None,
-            progress: bool = True, compress: bool = False, imatrix=None) -> Path:
-    """Write ``source`` (any :class:`~jaxmap.loading.source.WeightSource`) as a jaxmap orbax checkpoint at ``out``.
-
-    ``isq``: store decoder-layer weights quantized (a type, ``native`` or ``none``); unset, a GGUF (or quantized
-    checkpoint) converted with no ``dtype`` keeps its stored types, as loading it does (:func:`jaxmap.isq.default_isq`),
-    and an explicit ``dtype`` dequantizes. ``dtype`` is also the dtype of everything stored as float (default
-    float32). Weights are read and quantized on the host one tensor at a time, written one layer at a time.
-    ``imatrix``: an importance matrix (path or :class:`jaxmap.imatrix.Imatrix`) weighting the quantized fit.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from jaxmap import isq as isq_mod
-    from jaxmap.materialize import read_param
-
-    global_isq = isq_mod.default_isq(source, isq, None if dtype is None else str(dtype))
-    dtype = "float32" if dtype is None else dtype
-    dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
-    out = Path(out).expanduser().absolute()
-    if out.exists():
-        raise UserError(f"{out} already exists; remove it or choose another --out")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: the folder {out.parent} does not exist")
-    if jax.process_count() > 1:
-        raise UserError("convert runs as a single process; start it without --coordinator")
-    config: ModelConfig = source.config
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    items = _item_items(config)
-    device = jax.local_devices(backend="cpu")[0]
-    unsplit = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())  # the stored layout: tp=1
-    from jaxmap.imatrix import Imatrix
-
-    quantizer = isq_mod.Quantizer(source, _flat_type_function(config, global_isq),
-                                  None if imatrix is None else Imatrix.load(imatrix))
-    tensors: dict[str, dict] = {}
-    bar = Progress(sum(len(specs) for _, specs in items), "writing checkpoint", enabled=progress)
-    # zstd (orbax's default) made SmolLM2's float32 weights 37% smaller and its restore about 2x slower
-    with quiet_orbax_logs():
-        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
-    t0 = time.perf_counter()
-    try:
-        (tmp / PARAMS).mkdir(parents=True)
-        for item, specs in items:
-            tree = {}
-            for key, spec in specs.items():
-                entry = {"item": item, "key": key, "shape": list(spec.shape), "axes": list(spec.axes),
-                         "transposed": spec.transpose, "dtype": np.dtype(dtype).name, "isq": None}
-                qtype, keep = quantizer.decide(spec, unsplit)
-                if qtype is not None:
-                    qt = quantizer.place(spec, unsplit, qtype, keep)
-                    leaves, layout = qtensor_leaves(qt)
-                    layout["in_shards"] = 1
-                    layout["leaves"] = {}
-                    for leaf, array in leaves.items():
-                        tree[f"{key}__{leaf}"] = array
-                        layout["leaves"][leaf] = {"key": f"{key}__{leaf}", "shape": list(array.shape),
-                                                  "dtype": np.dtype(array.dtype).name}
-                    entry.update(isq=qt.qtype, quant=layout)
-                    bar.update(qt.nbytes)
-                    del qt, leaves
-                else:
-                    host = read_param(source, spec, np.dtype(np.float32)).astype(dtype, copy=False)
-                    tree[key] = jax.device_put(host, device)
-                    bar.update(host.nbytes)
-                    del host
-                tensors[spec.hf_name] = entry
-            with quiet_orbax_logs():
-                checkpointer.save(tmp / PARAMS / item, tree)
-            del tree
-        quantized = any(e["isq"] for e in tensors.values())
-        _write_json(tmp / "config.json", config.to_hf_dict())
-        _write_tokenizer(source, tmp)
-        _write_json(tmp / METADATA, {
-            "format": FORMAT, "version": VERSION if quantized else 1, "model": config.name or "unnamed",
-            "fingerprint": config_fingerprint(config), "dtype": np.dtype(dtype).name,
-            "isq": global_isq if quantized else None,
-            "source": str(source.path), "compressed": compress, "items": [item for item, _ in items],
-            "tensors": tensors,
-        })
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
-    quantizer.report(np.dtype(dtype).itemsize)
-    types = sorted({e["isq"] for e in tensors.values() if e["isq"]})
-    log.info("wrote %s (%d tensors, %s%s) in %.1f s", out, len(tensors), np.dtype(dtype).name,
-             f", quantized: {'+'.join(types)}" if types else "", time.perf_counter() - t0)
-    return out
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _write_tokenizer(source: Any, folder: Path) -> None:
-    tok = source.tokenizer()
-    if tok is None:
-        return
-    (folder / "tokenizer.json").write_text(tok.inner.to_str(), encoding="utf-8")
-    name = tok.id_to_token
-    cfg: dict[str, Any] = {"add_bos_token": bool(tok.add_bos), "chat_template": tok.chat_template}
-    if tok.bos_token_id is not None:
-        cfg["bos_token"] = name(tok.bos_token_id)
-    if tok.eos_token_ids:
-        cfg["eos_token"] = name(tok.eos_token_ids[0])
-    if tok.pad_token_id is not None:
-        cfg["pad_token"] = name(tok.pad_token_id)
-    _write_json(folder / "tokenizer_config.json", cfg)
-    _write_json(folder / "generation_config.json", {"bos_token_id": tok.bos_token_id,
-                                                    "eos_token_id": list(tok.eos_token_ids)})
 
 
 _ENTRY_KEYS = ("item", "key", "shape", "transposed", "dtype", "isq")
@@ -428,12 +286,12 @@ class OrbaxSource:
         return e["isq"] or {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(e["dtype"], e["dtype"])
 
     def stored_qtype(self, name: str) -> str | None:
-        """The quantized type a tensor is stored in (None: float); :mod:`jaxmap.isq` keeps it as native."""
+        """The quantized type a tensor is stored in (None: float); :mod:`jaxmap.materialize.isq` keeps it as native."""
         return self._entry(name)["isq"]
 
     def stored_nbytes(self, name: str) -> int:
         e = self._entry(name)
-        from jaxmap.dtypes import parse_dtype
+        from jaxmap.config.dtypes import parse_dtype
 
         if e["isq"]:
             return sum(int(np.prod(v["shape"])) * _leaf_dtype(v["dtype"]).itemsize
@@ -487,7 +345,6 @@ class OrbaxSource:
         import jax
         import orbax.checkpoint as ocp
 
-        from jaxmap import isq as isq_mod
         from jaxmap import quant
 
         by_item: dict[str, dict[str, tuple]] = {}
@@ -521,7 +378,7 @@ class OrbaxSource:
             quantized: dict[str, tuple] = {}
             for name, (spec, sharding, e) in wanted.items():
                 if e["isq"]:
-                    _, _, out_axis, in_axis, in_shards, _ = isq_mod.split_of(spec, sharding)
+                    _, _, out_axis, in_axis, in_shards, _ = quant.split_of(spec, sharding)
                     layout, repeat = _resplit(e["quant"], in_shards)
                     abstract = qtensor_from({leaf: jax.ShapeDtypeStruct(tuple(v["shape"]), _leaf_dtype(v["dtype"]))
                                              for leaf, v in layout["leaves"].items()}, layout)
@@ -603,7 +460,7 @@ class OrbaxSource:
                                 f"{str(cause).splitlines()[0][:200]}); convert it again") from None
 
     def tokenizer(self):
-        from jaxmap.tokenizer import Tokenizer
+        from jaxmap.loading.tokenizer import Tokenizer
 
         path = self.path / "tokenizer.json"
         if not path.is_file():

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from itertools import groupby
 
 from jaxmap.config import ModelConfig
-from jaxmap.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
-from jaxmap.dtypes import parse_dtype
+from jaxmap.config.dtypes import parse_dtype
+from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.fit import Budgets, account, compute_budgets, fill, pool_for
-from jaxmap.hardware import Device, Hardware
-from jaxmap.param_specs import layer_param_specs
-from jaxmap.wishes import Topology, Wish, format_device_layers
+from jaxmap.families.specs import layer_param_specs
+from jaxmap.planning.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
+from jaxmap.planning.fit import Budgets, account, compute_budgets, fill, pool_for
+from jaxmap.planning.wishes import Topology, Wish, format_device_layers
 
 _OUTER_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from jaxmap.errors import UserError
-from jaxmap.memory import parse_max_memory
+from jaxmap.planning.memory import parse_max_memory
 
 DEVICE_PATTERN = re.compile(r"^(cpu|(cpu|cuda|rocm|metal|tpu)\[(\d+)\])$")
 _RANGE_KEY = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -292,7 +292,7 @@ class Wish:
     device_layers: list[tuple[int | None, int]] | None = None
     topology: Topology | None = None
     isq: str | None = None
-    max_memory: dict[str, int] | None = None  # --max-memory, parsed (jaxmap.memory.parse_max_memory)
+    max_memory: dict[str, int] | None = None  # --max-memory, parsed (jaxmap.planning.memory.parse_max_memory)
     auto: bool = True  # False: --no-auto, keep the layout even where it does not fit
     allow_disk: bool = True  # False: --no-disk
 

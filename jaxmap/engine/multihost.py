@@ -50,19 +50,6 @@ class DistributedArgs:
         return self.coordinator is not None or self.num_processes is not None or self.auto
 
 
-def add_distributed_arguments(parser) -> None:
-    group = parser.add_argument_group("multi-host (jax.distributed)")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help=f"address of process 0's coordinator (env {ENV['coordinator']}); not needed under "
-                            "SLURM, Open MPI, Kubernetes JobSet or Cloud TPU, which jax detects")
-    group.add_argument("--num-processes", type=int, default=None,
-                       help=f"processes in the job (env {ENV['num_processes']})")
-    group.add_argument("--process-id", type=int, default=None, help=f"this process, 0..N-1 (env {ENV['process_id']})")
-    group.add_argument("--distributed-timeout", type=int, default=None, metavar="S",
-                       help=f"seconds to wait for every process to join (default {DEFAULT_TIMEOUT_S}; env "
-                            f"{ENV['timeout']})")
-
-
 def resolve(coordinator=None, num_processes=None, process_id=None, timeout_s=None,
             environ: dict | None = None) -> DistributedArgs:
     """Flags first, then the environment; checks what can be checked before jax starts."""
@@ -113,7 +100,7 @@ def initialize(args: DistributedArgs) -> bool:
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     if _backends_started():
-        raise UserError("jax.distributed must start before jax is used; call jaxmap.multihost.initialize first")
+        raise UserError("jax.distributed must start before jax is used; call jaxmap.engine.multihost.initialize first")
     _configure_cpu_collectives()
     # jax's client aborts the whole process (a C++ fatal error, not an exception) when the coordinator does not
     # answer in time; a watchdog that fires a little earlier turns that into the usual one-line error and status 2.

@@ -8,6 +8,7 @@ with a message that names what is.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ _HF_ARCH_TO_TYPE = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "models"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "models"
 _INTEGER_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings")
 
@@ -222,7 +223,7 @@ def _is_positive_number(value: Any) -> bool:
 
 
 def _check_rope_scaling(scaling: Mapping[str, Any] | None) -> None:
-    """The values :mod:`jaxmap.rope` divides by: a missing or zero ``factor``, or ``low_freq_factor`` equal to
+    """The values :mod:`jaxmap.engine.rope` divides by: a missing or zero ``factor``, or ``low_freq_factor`` equal to
     ``high_freq_factor``, would give a KeyError or NaN frequencies. Other rope types are refused by rope itself."""
     if not scaling:
         return
@@ -246,3 +247,11 @@ def _check_rope_scaling(scaling: Mapping[str, Any] | None) -> None:
 
 def list_presets() -> list[str]:
     return [p.stem for p in PRESETS_DIR.glob("*.yaml")] if PRESETS_DIR.is_dir() else []
+
+
+def config_fingerprint(config: ModelConfig) -> str:
+    """A short hash of what shapes the weights (the name is left out: a renamed copy is the same model)."""
+    keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+    blob = json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -16,11 +16,11 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxmap.config import ModelConfig
-from jaxmap.device_map import DeviceMap
+from jaxmap.config.hardware import Hardware, live_jax_devices
 from jaxmap.errors import UserError
-from jaxmap.hardware import Hardware, live_jax_devices
-from jaxmap.param_specs import ParamSpec
-from jaxmap.sharding_rules import RULES, logical_to_spec
+from jaxmap.families.specs import ParamSpec
+from jaxmap.planning.device_map import DeviceMap
+from jaxmap.planning.rules import RULES, logical_to_spec
 
 TP = "tp"
 

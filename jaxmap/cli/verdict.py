@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 
 from jaxmap.config import ModelConfig
-from jaxmap.device_map import DeviceMap, format_bytes
-from jaxmap.dtypes import parse_dtype
+from jaxmap.config.dtypes import parse_dtype
+from jaxmap.config.hardware import Hardware
 from jaxmap.errors import UserError
-from jaxmap.fit import layer_weight_bytes
-from jaxmap.hardware import Hardware
-from jaxmap.memory import activation_bytes
-from jaxmap.planner import plan
-from jaxmap.wishes import Wish
+from jaxmap.planning.device_map import DeviceMap, format_bytes
+from jaxmap.planning.fit import layer_weight_bytes
+from jaxmap.planning.memory import activation_bytes
+from jaxmap.planning.planner import plan
+from jaxmap.planning.wishes import Wish
 
 # Rough transfer rates for the expected cost of offload (bytes/s): PCIe 4.0 x16 for pinned host -> GPU, a fast NVMe
 # for disk, and host memory bandwidth where the "device" is the CPU itself.
@@ -88,10 +88,10 @@ def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, 
     import jax
     import jax.numpy as jnp
 
-    from jaxmap import llama
-    from jaxmap.engine import _attention_context
-    from jaxmap.param_specs import layer_param_specs
-    from jaxmap.rope import inverse_frequencies
+    from jaxmap.engine import layers as llama
+    from jaxmap.engine.engine import _attention_context
+    from jaxmap.families.rope import inverse_frequencies
+    from jaxmap.families.specs import layer_param_specs
 
     jdtype = jnp.dtype(parse_dtype(dtype))
     heads_local = config.num_attention_heads // tp

@@ -33,8 +33,8 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families.specs import ParamSpec, layer_param_specs
 from jaxmap.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsSource, parse_header
-from jaxmap.param_specs import ParamSpec, layer_param_specs
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DiskLayers:
 
     def read(self, layer: int) -> dict:
         """Zero-copy views of one layer's tensors (stored dtype, Hugging Face shape; quantized: QTensor leaves)."""
-        from jaxmap.checkpoint import qtensor_from
+        from jaxmap.loading.orbax_checkpoint import qtensor_from
 
         source, path = self._files[layer]
         specs = self.specs[layer]
@@ -197,7 +197,7 @@ def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None
 def _write_layer(source, specs: dict[str, ParamSpec], dtype: np.dtype, path: Path, types: dict | None = None,
                  quantization: DiskQuantization | None = None) -> None:
     """One layer as a safetensors file, written under a temporary name and renamed when complete."""
-    from jaxmap.checkpoint import qtensor_leaves
+    from jaxmap.loading.orbax_checkpoint import qtensor_leaves
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -30,11 +30,12 @@ import numpy as np
 
 from jaxmap import quant
 from jaxmap.errors import UserError
-from jaxmap.param_specs import ParamSpec
+from jaxmap.families.specs import ParamSpec
+from jaxmap.quant.core import leaf_shardings, split_of
+from jaxmap.quant.types import NATIVE, fitted_type
 
 log = logging.getLogger(__name__)
 
-NATIVE = "native"
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -91,24 +92,6 @@ def native_qtype(source, hf_name: str) -> str | None:
         return None
     native = _native_type(source, hf_name)
     return quant.gguf_to_jaxmap_type(native) if native is not None else None
-
-
-def split_of(spec: ParamSpec, sharding) -> tuple[int, int, object, object, int, int]:
-    """``(out, in, out_axis, in_axis, in_shards, out_shards)`` of a 2-D weight placed with ``sharding`` (the
-    sharding of its float ``spec`` layout); a QTensor is ``[out, in]`` whatever the float layout."""
-    out, n = spec.hf_shape if spec.transpose else spec.shape
-    pspec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-    out_axis, in_axis = (pspec[1], pspec[0]) if spec.transpose else (pspec[0], pspec[1])
-    mesh = sharding.mesh
-    in_shards = mesh.shape[in_axis] if in_axis else 1
-    out_shards = mesh.shape[out_axis] if out_axis else 1
-    return out, n, out_axis, in_axis, in_shards, out_shards
-
-
-def leaf_shardings(spec: ParamSpec, sharding, qt):
-    """The shardings of ``qt``'s leaves for a weight whose float layout is placed with ``sharding``."""
-    _, _, out_axis, in_axis, _, _ = split_of(spec, sharding)
-    return quant.shardings_for(qt, out_axis, in_axis, sharding.mesh)
 
 
 def check_types(isq: str | None, topology_types: list[str | None]) -> None:
@@ -281,29 +264,3 @@ def type_function(device_map, config, global_isq: str | None) -> Callable[[Param
         return None if t is None else parse(t)
 
     return type_for
-
-
-def fitted_type(qtype: str, out: int, n: int, in_shards: int = 1, out_shards: int = 1) -> str:
-    """The type a ``[out, in]`` weight split ``in_shards`` x ``out_shards`` ways really gets (after fallback)."""
-    while not (quant.fits(qtype, n, in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0):
-        qtype = quant.FALLBACK.get(qtype, "INT8")
-        if qtype == "INT8":
-            break
-    return qtype
-
-
-def param_bytes_per_device(spec: ParamSpec, isq: str | None, itemsize: int, tp: int, units=None) -> int:
-    """Bytes one device holds of ``spec`` under ``isq`` on a ``tp``-way stage: what the planner's memory table
-    needs (``isq`` None, ``none`` or ``native`` counts the float size: a native GGUF type is known only from the file).
-    """
-    from jaxmap.sharding_rules import RULES, logical_to_spec
-
-    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=units)
-    shards = [tp if a else 1 for a in axes]
-    qtype = None if isq in (None, NATIVE) else parse(isq)
-    if qtype is None or len(spec.shape) != 2:
-        return spec.size * itemsize // max(1, int(np.prod(shards)))
-    (out, n), (out_sh, in_sh) = ((spec.shape[1], spec.shape[0]), (shards[1], shards[0])) if spec.transpose else (
-        spec.shape, tuple(shards))
-    got = fitted_type(qtype, out, n, in_sh, out_sh)
-    return quant.tensor_nbytes(got, (out, n), in_shards=in_sh) // (in_sh * out_sh)

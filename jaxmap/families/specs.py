@@ -20,6 +20,11 @@ from jaxmap.config import ModelConfig
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
 
+# Which activation each projection multiplies: the names :func:`decoder_layer` records in ``taps``, and so what an
+# importance matrix (:mod:`jaxmap.imatrix`) measures for each weight.
+PROJECTION_INPUTS = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
+                     "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "mlp_act"}
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:

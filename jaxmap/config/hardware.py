@@ -56,7 +56,7 @@ def _coords(dev: Any) -> tuple[int, ...] | None:
     return tuple(int(c) for c in coords) if coords is not None else None
 
 
-MESHES_DIR = Path(__file__).resolve().parent.parent / "meshes"
+MESHES_DIR = Path(__file__).resolve().parents[2] / "meshes"
 GIB = 1 << 30
 
 

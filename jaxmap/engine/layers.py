@@ -1,6 +1,6 @@
 """The llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions over a parameter tree.
 
-The parameters and their logical axes are declared in :mod:`jaxmap.param_specs` (pure data, re-exported here);
+The parameters and their logical axes are declared in :mod:`jaxmap.families.specs` (pure data, re-exported here);
 model code never names a device or a mesh axis.
 
 Why pure functions rather than flax modules: the engine calls one layer's function over per-layer parameter dicts
@@ -14,18 +14,19 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
-from jaxmap.memory import prefill_query_chunk
-from jaxmap.param_specs import LOGICAL_AXES, ParamSpec, layer_param_specs, outer_param_specs
+from jaxmap.engine.rope import apply_rope
+from jaxmap.families.specs import (
+    LOGICAL_AXES,
+    PROJECTION_INPUTS,
+    ParamSpec,
+    layer_param_specs,
+    outer_param_specs,
+)
+from jaxmap.planning.memory import prefill_query_chunk
 from jaxmap.quant import dense, dense_rows, take_rows
-from jaxmap.rope import apply_rope
 
 __all__ = ["LOGICAL_AXES", "PROJECTION_INPUTS", "ParamSpec", "layer_param_specs", "outer_param_specs",
            "decoder_layer", "embed", "lm_head", "rms_norm"]
-
-# Which activation each projection multiplies: the names :func:`decoder_layer` records in ``taps``, and so what an
-# importance matrix (:mod:`jaxmap.imatrix`) measures for each weight.
-PROJECTION_INPUTS = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out",
-                     "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "mlp_act"}
 
 # ---- the computation ------------------------------------------------------------------------------------------------
 

@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmap import llama
 from jaxmap.config import ModelConfig
-from jaxmap.isq import leaf_shardings
-from jaxmap.multihost import put, to_local
+from jaxmap.engine import layers as llama
+from jaxmap.engine.multihost import put, to_local
+from jaxmap.engine.rope import rope_cos_sin
+from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
+from jaxmap.families.rope import inverse_frequencies
+from jaxmap.materialize.isq import leaf_shardings
 from jaxmap.quant import is_quantized
-from jaxmap.rope import inverse_frequencies, rope_cos_sin
-from jaxmap.sampling import SamplerShape, mark_seen, sample
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Stage:
     # the current layer computes. Both run per layer: one program per layer bounds device memory to about two
     # layers, where an unrolled program may schedule every transfer early and keep all layers resident.
     memory_kind: str = "device"
-    disk: Any = None  # jaxmap.disk_tier.DiskLayers for disk stages
+    disk: Any = None  # jaxmap.materialize.disk_tier.DiskLayers for disk stages
     layer_shardings: dict | None = None  # device shardings of one layer's parameters (streamed stages)
 
     @property

@@ -4,9 +4,10 @@ automatic fill that decides which layers stay on accelerators, which go to host 
 Pure data, no jax. The rules (issue "automatic memory-aware mapping"):
 
 - Budgets: an accelerator may use its allocator limit less what is already in use, less a headroom
-  (:func:`jaxmap.memory.headroom`); ``--max-memory`` caps a device or the host exactly (no headroom is taken from an
-  explicit cap: it is the user's figure, as in accelerate). When ``--max-memory`` names accelerators, only those are
-  used (accelerate's convention). CPU devices of CPU-only hardware share the host's available memory.
+  (:func:`jaxmap.planning.memory.headroom`); ``--max-memory`` caps a device or the host exactly (no headroom is
+  taken from an explicit cap: it is the user's figure, as in accelerate). When ``--max-memory`` names
+  accelerators, only those are used (accelerate's convention). CPU devices of CPU-only hardware share the
+  host's available memory.
 - The host tier holds offloaded layers' weights in pinned host memory: the host's available memory less its
   headroom, at most the CUDA pinned pool (64 GB unless ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB``). There is no host tier
   on unified memory (Apple silicon) nor on CPU-only hardware (it would be the same memory) unless ``--max-memory
@@ -20,22 +21,24 @@ Pure data, no jax. The rules (issue "automatic memory-aware mapping"):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 
 from jaxmap.config import ModelConfig
-from jaxmap.device_map import DeviceMemory, Placement, Stage, format_bytes
-from jaxmap.dtypes import parse_dtype
+from jaxmap.config.dtypes import parse_dtype
+from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.hardware import Device, Hardware
-from jaxmap.memory import (
+from jaxmap.families.specs import ParamSpec, layer_param_specs, outer_param_specs
+from jaxmap.planning.device_map import DeviceMemory, Placement, Stage, format_bytes
+from jaxmap.planning.memory import (
     CUDA_PINNED_POOL_DEFAULT_GB,
     activation_bytes,
     headroom,
     kv_cache_bytes,
 )
-from jaxmap.param_specs import layer_param_specs, outer_param_specs
-from jaxmap.sharding_rules import RULES, logical_to_spec, shard_fraction
+from jaxmap.planning.rules import RULES, logical_to_spec, shard_fraction
+from jaxmap.quant.types import NATIVE, fitted_type, parse_isq, tensor_nbytes
 
 HOST = "host"
 
@@ -156,7 +159,6 @@ def _param_bytes(p, tp: int, itemsize: int, isq: str | None, stored: Mapping[str
     if kind == "native" and stored and p.hf_name in stored and len(p.shape) == 2:
         return stored[p.hf_name] // shards
     if kind not in (None, "none", "native") and len(p.shape) == 2:
-        from jaxmap.isq import param_bytes_per_device  # imports jax: only when a type is asked for
 
         return param_bytes_per_device(p, isq, itemsize, tp, units)
     return p.size * itemsize // shards
@@ -359,3 +361,18 @@ def _proportional(w: list[int], kv: int, pool: list[Device], free: dict[str, int
             counts.append(end - start)
             start = end
     return counts if start == n else None
+
+
+def param_bytes_per_device(spec: ParamSpec, isq: str | None, itemsize: int, tp: int, units=None) -> int:
+    """Bytes one device holds of ``spec`` under ``isq`` on a ``tp``-way stage: what the planner's memory table
+    needs (``isq`` None, ``none`` or ``native`` counts the float size: a native GGUF type is known only from the file).
+    """
+    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=units)
+    shards = [tp if a else 1 for a in axes]
+    qtype = None if isq in (None, NATIVE) else parse_isq(isq)
+    if qtype is None or len(spec.shape) != 2:
+        return spec.size * itemsize // max(1, math.prod(shards))
+    (out, n), (out_sh, in_sh) = ((spec.shape[1], spec.shape[0]), (shards[1], shards[0])) if spec.transpose else (
+        spec.shape, tuple(shards))
+    got = fitted_type(qtype, out, n, in_sh, out_sh)
+    return tensor_nbytes(got, (out, n), in_shards=in_sh) // (in_sh * out_sh)

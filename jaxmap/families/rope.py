@@ -1,14 +1,10 @@
-"""Rotary position embeddings as Hugging Face's llama computes them (rotate-half layout), including llama3 scaling.
-
-The inverse frequencies are plain numpy, computed once per config; cos/sin are computed inside the jitted step from
-the positions, which costs a few hundred flops per token and keeps no table on any device.
-"""
+"""RoPE frequency variants (default, linear, llama3) as plain numpy: part of what a family declares, read by the
+engine (:mod:`jaxmap.engine.rope`) and by the GGUF reader, importing no jax."""
 
 from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmap.config import ModelConfig
@@ -45,19 +41,3 @@ def _llama3_scaling(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, blended, scaled)
-
-
-def rope_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos and sin of shape positions.shape + [head_dim], float32, in the rotate-half layout."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate ``x`` [..., heads, head_dim]; cos/sin broadcast over the heads axis."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos = cos[..., None, :].astype(x.dtype)
-    sin = sin[..., None, :].astype(x.dtype)
-    return x * cos + rotated * sin

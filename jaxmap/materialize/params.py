@@ -12,9 +12,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxmap import llama
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families import specs as llama
 from jaxmap.loading.source import WeightSource
 from jaxmap.progress import Progress
 
@@ -50,7 +50,7 @@ def stage_param_specs(config: ModelConfig, start: int, end: int, is_first: bool,
 
 def materialize_stage(source: WeightSource, specs: dict, dtype: np.dtype, place_for: PlaceFn,
                       progress: Progress | None = None, quantizer=None) -> dict:
-    """Read and place every parameter of one stage; ``quantizer`` (:class:`jaxmap.isq.Quantizer`) may take a
+    """Read and place every parameter of one stage; ``quantizer`` (:class:`jaxmap.materialize.isq.Quantizer`) may take a
     weight instead and return it quantized and placed."""
 
     def load(spec: llama.ParamSpec) -> jax.Array:

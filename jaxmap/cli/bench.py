@@ -1,0 +1,331 @@
+"""``python -m jaxmap.bench``: a fixed generation workload, measured for jaxmap and (optionally) transformers.
+
+Each implementation runs in its own subprocess so that peak RSS is its own. Every row is run once to compile (its
+compile time is reported), then ``--repeats`` times (default 3) timed; the table gives each figure's median over
+those runs (on a shared 2-core machine single runs of the same program varied by up to 2x at batch 8). Speed claims
+are ratios against the reference measured in the same run on the same machine, never absolute numbers from
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from jaxmap.cli.common import guarded
+from jaxmap.errors import ArgumentParser, UserError
+
+WORKLOAD = "16x1,128x1,16x8,128x8"  # PROMPT tokens x batch
+NEW_TOKENS = 128
+REPEATS = 3
+TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange grain, "
+        "salt and cloth. Over the centuries the town grew into a busy port with a cathedral, a university and a "
+        "famous market that drew merchants from every corner of the continent. ")
+
+
+def prompt_ids(tokenizer, n_tokens: int, batch: int) -> list[list[int]]:
+    """``batch`` prompts of exactly ``n_tokens`` ids each, cut from a fixed text (row i starts i words later)."""
+    words = (TEXT * 40).split()
+    rows = []
+    for i in range(batch):
+        ids = tokenizer(" ".join(words[i:]))[:n_tokens]
+        if len(ids) < n_tokens:  # a shorter row would make the table claim a prompt length it did not run
+            raise UserError(f"the bench's text gives only {len(ids)} tokens for prompt {i + 1} of {batch}, not "
+                            f"{n_tokens}; use a shorter PROMPT or a smaller BATCH in --workload")
+        rows.append(ids)
+    return rows
+
+
+def _median(values) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_jaxmap(args) -> list[dict]:
+    from jaxmap.api import load
+    from jaxmap.engine.compile_cache import enable_compile_cache
+
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    t0 = time.perf_counter()
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=False, **parse_wish(args.wish))
+    load_s = time.perf_counter() - t0
+    if model.tokenizer is None:
+        how = ("presets have random weights and no tokenizer" if model.source_path.startswith("preset:")
+               else "add its tokenizer.json")
+        raise UserError(f"{model.source_path} has no tokenizer, so the bench cannot encode its prompts ({how})")
+    rows = []
+    for n_prompt, batch in args.workload:
+        ids = prompt_ids(lambda s: model.tokenizer.encode(s, add_special_tokens=False), n_prompt, batch)
+        first = model.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)[0].stats
+        timed = [model.generate(ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False)[0].stats
+                 for _ in range(REPEATS)]
+        rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": _median(t.ttft_s * 1000 for t in timed),
+                     "first_ttft_ms": first.ttft_s * 1000, "compile_s": first.compile_s,
+                     "prefill_tps": _median(t.prefill_tokens_per_s for t in timed),
+                     "decode_tps": _median(t.decode_tokens_per_s for t in timed),
+                     "load_s": load_s, "peak_rss_mib": peak_rss_mib()})
+    return rows
+
+
+def _worker_transformers(args) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(args.model)
+    path = os.path.abspath(source.path)
+    source.close()
+    folder, name = (os.path.dirname(path), os.path.basename(path)) if path.endswith(".gguf") else (path, None)
+    kwargs = {"gguf_file": name} if name else {}
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kwargs).eval()
+    load_s = time.perf_counter() - t0
+    rows = []
+    for n_prompt, batch in args.workload:
+        ids = torch.tensor(prompt_ids(lambda s: tok(s, add_special_tokens=False)["input_ids"], n_prompt, batch))
+        mask = torch.ones_like(ids)
+        runs = []
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                model(ids, attention_mask=mask)
+                prefill = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                ttft = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+                total = time.perf_counter() - t0
+                runs.append((prefill, ttft, total))
+        rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": _median(r[1] * 1000 for r in runs),
+                     "first_ttft_ms": None, "compile_s": 0.0,
+                     "prefill_tps": _median(n_prompt * batch / r[0] for r in runs),
+                     "decode_tps": _median(batch * (NEW_TOKENS - 1) / max(r[2] - r[1], 1e-9) for r in runs),
+                     "load_s": load_s, "peak_rss_mib": peak_rss_mib()})
+    return rows
+
+
+def run_worker(impl: str, args, wish: str = "", label: str = "") -> list[dict]:
+    cmd = [sys.executable, "-m", "jaxmap.bench", "--worker", impl, "--new-tokens", str(NEW_TOKENS),
+           "--repeats", str(REPEATS),
+           "--workload", ",".join(f"{p}x{b}" for p, b in args.workload), "--max-seq-len", str(args.max_seq_len)]
+    if wish:
+        cmd += ["--wish", wish]
+    if args.model:
+        cmd += ["-m", args.model]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    if args.no_compile_cache:
+        cmd += ["--no-compile-cache"]
+    env = dict(os.environ)
+    if args.cpu_devices:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise worker_failure(out, label or impl)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def worker_failure(out: subprocess.CompletedProcess, label: str) -> Exception:
+    """A worker's one-line user error stays one line (status 2); a crash keeps its traceback (status 1)."""
+    lines = out.stderr.strip().splitlines()
+    if out.returncode == UserError.exit_code and lines and lines[-1].startswith("error: "):
+        message = lines[-1].removeprefix("error: ")
+        return UserError(message if label == "jaxmap" else f"{label}: {message}")
+    sys.stderr.write(out.stderr)
+    return SystemExit(f"error: the {label} benchmark failed (exit {out.returncode})")
+
+
+def print_table(results: dict[str, list[dict]]) -> None:
+    head = (f"{'impl':<13} {'prompt':>6} {'batch':>5} {'TTFT ms':>8} {'1st TTFT':>8} {'compile s':>9} "
+            f"{'prefill t/s':>11} {'decode t/s':>10} {'peak RSS MiB':>12}")
+    print(head)
+    print("-" * len(head))
+    for impl, rows in results.items():
+        for r in rows:
+            first = f"{r['first_ttft_ms']:.0f}" if r["first_ttft_ms"] is not None else "-"
+            print(f"{impl:<13} {r['prompt']:>6} {r['batch']:>5} {r['ttft_ms']:>8.0f} {first:>8} "
+                  f"{r['compile_s']:>9.2f} {r['prefill_tps']:>11.1f} {r['decode_tps']:>10.1f} "
+                  f"{r['peak_rss_mib']:>12.0f}")
+    if "jaxmap" in results and "transformers" in results:
+        print("\nratio jaxmap / transformers (higher is better for jaxmap):")
+        for a, b in zip(results["jaxmap"], results["transformers"], strict=True):
+            print(f"  prompt {a['prompt']:>4} batch {a['batch']}: decode {a['decode_tps'] / b['decode_tps']:.2f}x, "
+                  f"prefill {a['prefill_tps'] / b['prefill_tps']:.2f}x, "
+                  f"TTFT {b['ttft_ms'] / a['ttft_ms']:.2f}x")
+
+
+WISH_INTS = ("tp", "pp")
+WISH_TEXTS = ("devices", "device_layers", "topology", "max_memory", "isq", "imatrix", "layer_mode", "offload_folder")
+WISH_COMMAS = ("devices", "max_memory")  # values such as devices=0,2 hold the separator
+MAKE_WISH_KEYS = ("tp", "pp", "devices", "device_layers", "topology", "max_memory")
+
+
+def parse_workload(text: str) -> list[tuple[int, int]]:
+    """``16x1,128x8`` -> ``[(16, 1), (128, 8)]``: prompt tokens and batch, both positive."""
+    rows = []
+    for item in text.split(","):
+        parts = [p.strip() for p in item.split("x")]
+        if len(parts) != 2 or not all(re.fullmatch(r"\d+", p) and int(p) > 0 for p in parts):
+            raise UserError(f"--workload item {item.strip()!r} is not PROMPTxBATCH with two positive whole numbers; "
+                            f"write e.g. --workload 16x1,128x8")
+        rows.append((int(parts[0]), int(parts[1])))
+    return rows
+
+
+def parse_wish(text: str) -> dict:
+    """A layout's ``KEY=VALUE,...`` as load() keywords: only placement keys (the bench sets the model, dtype and
+    sequence length itself), tp and pp as positive whole numbers."""
+    wish: dict = {}
+    key = None
+    for piece in text.split(",") if text.strip() else []:
+        name, sep, value = piece.partition("=")
+        if not sep and key in WISH_COMMAS:
+            wish[key] += "," + piece.strip()
+            continue
+        key = name.strip()
+        if not sep:
+            raise UserError(f"{piece.strip()!r} is not KEY=VALUE; write e.g. tp=2,pp=1")
+        if key not in WISH_INTS + WISH_TEXTS:
+            raise UserError(f"unknown key {key!r}; use {', '.join(WISH_INTS + WISH_TEXTS)}")
+        if key in wish:
+            raise UserError(f"{key} is given twice")
+        wish[key] = value.strip()
+    for key, value in wish.items():
+        if not value:
+            raise UserError(f"{key}= has no value")
+        if key in WISH_INTS:
+            if not re.fullmatch(r"\d+", value) or int(value) < 1:
+                raise UserError(f"{key} must be a positive whole number, got {value!r}")
+            wish[key] = int(value)
+    return wish
+
+
+def parse_layouts(items: Sequence[str]) -> dict[str, str]:
+    """``--layouts NAME:WISH ...`` -> {name: wish}, every wish checked before any worker spends minutes loading."""
+    from jaxmap.planning.wishes import make_wish
+
+    layouts: dict[str, str] = {}
+    for item in items:
+        name, _, wish = item.partition(":")
+        name = name.strip()
+        if not name or "=" in name:
+            raise UserError(f"--layouts {item!r} is not NAME:WISH; write e.g. f32:isq=none tp2:tp=2,pp=1")
+        if name in layouts:
+            raise UserError(f"--layouts names {name!r} twice; give each layout its own name")
+        try:
+            keywords = parse_wish(wish)
+            make_wish(**{k: v for k, v in keywords.items() if k in MAKE_WISH_KEYS})
+        except UserError as exc:
+            raise UserError(f"--layouts {name}: {exc}") from None
+        layouts[name] = wish
+    return layouts
+
+
+def check_model(model: str | None, compare_transformers: bool) -> None:
+    """``-m`` must resolve before any worker starts; transformers also needs real weights on disk."""
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(model)
+    try:
+        if compare_transformers and str(source.path).startswith("preset:"):
+            raise UserError(f"--compare-transformers needs weights on disk; {source.path} is a random-weight preset")
+    finally:
+        source.close()
+
+
+def configure(args) -> None:
+    """Check the numeric flags and set the run's constants; the parent and each worker both call it."""
+    global NEW_TOKENS, REPEATS
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.new_tokens < 2:
+        raise UserError(f"--new-tokens must be at least 2 (one for TTFT, the rest for decode), got {args.new_tokens}")
+    if args.max_seq_len < 1:
+        raise UserError(f"--max-seq-len must be at least 1, got {args.max_seq_len}")
+    NEW_TOKENS, REPEATS = args.new_tokens, args.repeats
+    args.workload = parse_workload(args.workload)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m jaxmap.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("-m", "--model", default=None, help="as for generate (default: SmolLM2-135M GGUF)")
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype (default float32, what transformers runs; ISQ types via --layouts, "
+                             "e.g. f32:isq=none q8:isq=Q8_0 native:isq=native)")
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--workload", default=WORKLOAD,
+                        help=f"comma-separated PROMPTxBATCH items (default: {WORKLOAD})")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per row; medians are reported")
+    parser.add_argument("--compare-transformers", action="store_true",
+                        help="also run Hugging Face transformers (needs torch and transformers) on the same weights")
+    parser.add_argument("--no-compile-cache", action="store_true", help="compile from scratch (cold start)")
+    parser.add_argument("--layouts", nargs="+", default=None, metavar="NAME:WISH",
+                        help="jaxmap layouts to compare in one run, e.g. 1dev:devices=0 tp3:tp=3,pp=1 pp2:pp=2,tp=1; "
+                             f"keys: {', '.join(WISH_INTS + WISH_TEXTS)}")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="give each run N virtual CPU devices (XLA_FLAGS), to measure mapping overhead on CPU")
+    parser.add_argument("--worker", choices=("jaxmap", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_worker_here(args) -> int:
+    """The worker process's body: one implementation, its rows as JSON on the last line of standard output."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    configure(args)
+    rows = _worker_jaxmap(args) if args.worker == "jaxmap" else _worker_transformers(args)
+    print(json.dumps(rows))
+    return 0
+
+
+def run(args) -> int:
+    """Check every flag, then run each implementation (and layout) in its own worker and print the table."""
+    from jaxmap.config.dtypes import parse_dtype
+
+    configure(args)
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise UserError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+    parse_dtype(args.dtype)
+    layouts = parse_layouts(args.layouts) if args.layouts else None
+    check_model(args.model, args.compare_transformers)
+    if layouts:
+        results = {name: run_worker("jaxmap", args, wish, f"layout {name}") for name, wish in layouts.items()}
+    else:
+        results = {"jaxmap": run_worker("jaxmap", args)}
+    if args.compare_transformers:
+        results["transformers"] = run_worker("transformers", args)
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}, {NEW_TOKENS} new tokens, "
+          f"dtype {args.dtype or 'default'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
+    print_table(results)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(run_worker_here if args.worker else run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""``python -m jaxmap.generate``: load a model, map it onto the devices present, and stream text.
+
+User errors (bad paths, flags, files, prompts) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from jaxmap.cli.common import (
+    add_distributed_arguments,
+    add_mapping_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    guarded,
+    setup_logging,
+)
+from jaxmap.errors import ArgumentParser, UserError
+
+log = logging.getLogger("jaxmap")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m jaxmap.generate", description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    add_mapping_arguments(parser)
+    add_distributed_arguments(parser)
+    parser.add_argument("-p", "--prompt", action="append", default=None,
+                        help="a prompt (repeat for a batch); read from standard input when absent")
+    add_sampling_arguments(parser)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per prompt (prompt, token_ids, text, stats) instead of text")
+    return parser
+
+
+def format_stats(stats) -> str:
+    return (f"prompt tokens: {stats.prompt_tokens}, generated tokens: {stats.generated_tokens}, "
+            f"time to first token: {stats.ttft_s * 1000:.0f} ms, prefill: {stats.prefill_tokens_per_s:.1f} tokens/s, "
+            f"decode: {stats.decode_tokens_per_s:.1f} tokens/s, compile: {stats.compile_s:.2f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxmap.engine.multihost import start_from_args
+
+    if start_from_args(args):  # before any use of jax; processes other than 0 print nothing
+        args.quiet = True
+    from jaxmap.api import load
+    from jaxmap.engine.compile_cache import enable_compile_cache
+    from jaxmap.engine.sampling import SamplingParams
+
+    prompts = read_prompts(args.prompt)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_type_flags(args.dtype, args.isq)
+    check_tokenizer(args.model, args.chat)
+    enable_compile_cache()
+    batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
+                 seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
+                 device_layers=args.device_layers, topology=args.topology, plan=args.plan,
+                 save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
+                 auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
+                 imatrix=args.imatrix)
+
+    stream = not args.json and len(prompts) == 1
+    decoder = model.tokenizer.stream_decoder() if stream else None
+
+    def on_token(row: int, token: int) -> None:
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
+    results = model.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat,
+                             stop_at_eos=not args.ignore_eos, on_token=on_token if stream else None)
+    if args.json:
+        for result in results:
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+    elif stream:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        for i, result in enumerate(results):
+            print(f"--- prompt {i + 1}: {result.prompt!r}")
+            print(result.text)
+    if not args.json and not args.quiet:
+        print(format_stats(results[0].stats if len(results) == 1 else _batch_stats(results)), file=sys.stderr)
+    return 0
+
+
+def read_prompts(given: list[str] | None) -> list[str]:
+    """``-p`` prompts, or standard input as one prompt (one trailing newline dropped: ``echo text |`` means
+    ``-p text``); empty or non-UTF-8 prompts are refused before any model is loaded."""
+    from jaxmap.loading.tokenizer import check_utf8
+
+    if given is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("no prompt: pass --prompt TEXT or pipe text on standard input")
+        text = sys.stdin.read()
+        given = [text[:-1] if text.endswith("\n") else text]
+        if not given[0]:
+            raise UserError("standard input is empty: pipe a prompt, or pass --prompt TEXT")
+    for i, prompt in enumerate(given):
+        if not prompt:
+            raise UserError(f"prompt {i + 1} of {len(given)} is empty" if len(given) > 1 else "the prompt is empty")
+        check_utf8(prompt)
+    return given
+
+
+def check_type_flags(dtype: str | None, isq: str | None) -> None:
+    """An unknown --dtype or --isq is said before anything is opened."""
+    from jaxmap.config.dtypes import parse_dtype
+    from jaxmap.quant import parse_isq
+
+    if dtype is not None:
+        parse_dtype(dtype)
+    if isq is not None and isq.strip().lower() != "native":
+        parse_isq(isq)
+
+
+def check_tokenizer(model, chat: bool) -> None:
+    """Text prompts need a tokenizer, and --chat its template: known from the source's small files, so say so
+    before the weights load rather than after."""
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(model)
+    try:
+        tokenizer = source.tokenizer()
+        if tokenizer is None:
+            how = ("presets have random weights and no tokenizer" if str(source.path).startswith("preset:")
+                   else "add its tokenizer.json")
+            raise UserError(f"{source.path} has no tokenizer, so text prompts cannot be encoded ({how})")
+        if chat and not tokenizer.chat_template:
+            raise UserError(f"{source.path} has no chat template: drop --chat")
+    finally:
+        source.close()
+
+
+def _batch_stats(results):
+    import dataclasses
+
+    first = results[0].stats
+    return dataclasses.replace(first, prompt_tokens=sum(r.stats.prompt_tokens for r in results),
+                               generated_tokens=sum(r.stats.generated_tokens for r in results))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    return guarded(run, args)
