@@ -8,15 +8,15 @@ Planning is pure data (no weights, no devices); running places the real SmolLM2 
 from __future__ import annotations
 
 import jaxmap
-from jaxmap.config import ModelConfig
 from jaxmap.config.hardware import Hardware
+from jaxmap.families import preset_config
 from jaxmap.planning.planner import plan
 from jaxmap.planning.wishes import make_wish
 
 
 def main() -> None:
     # Llama-3-70B in bfloat16 on four 80 GB A100s: what goes where, and why.
-    device_map = plan(ModelConfig.from_preset("llama-3-70b"), Hardware.from_preset("4xa100-80gb"), make_wish(),
+    device_map = plan(preset_config("llama-3-70b"), Hardware.from_preset("4xa100-80gb"), make_wish(),
                       dtype="bfloat16", max_seq_len=8192)
     print(device_map.render_table(), "\n")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from jaxmap.config.hardware import Hardware
 from jaxmap.engine.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
 from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
+from jaxmap.families import family_of, preset_config
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.imatrix_file import Imatrix
 from jaxmap.loading.random_source import RandomSource
@@ -302,9 +302,9 @@ def resolve_source(model: str | Path | None, seed: int = 0):
         return open_source(default_model_path())
     text = str(model)
     if text.startswith("preset:"):
-        return RandomSource(ModelConfig.from_preset(text[len("preset:"):]), seed=seed)
+        return RandomSource(preset_config(text[len("preset:"):]), seed=seed)
     if not Path(text).exists() and text in list_presets():
-        return RandomSource(ModelConfig.from_preset(text), seed=seed)
+        return RandomSource(preset_config(text), seed=seed)
     return open_source(text)
 
 
@@ -412,8 +412,7 @@ def load(
             host_kind = "pinned_host" if kind == "host" else None
 
             def place_for(spec, p=placement, host_kind=host_kind):
-                layer = spec.hf_name.startswith("model.layers.")
-                return p.param_sharding(spec, config, host_kind if layer else None)
+                return p.param_sharding(spec, config, host_kind if spec.layer is not None else None)
 
             params = materialize.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
             streamed = kind in ("host", "disk") and placement.end > placement.start
@@ -527,7 +526,8 @@ def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtyp
 def _warn_unused_layers(source, config: ModelConfig) -> None:
     """A config that says fewer layers than the checkpoint holds runs a truncated model: legal, but say so."""
     names = source.names() if hasattr(source, "names") else []
-    layers = {int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    family = family_of(config)
+    layers = {layer for n in names if (layer := family.layer_of(n)) is not None}
     extra = sorted(i for i in layers if i >= config.num_hidden_layers)
     if extra:
         log.warning("%s holds %d layers' tensors beyond the config's num_hidden_layers=%d (layers %d-%d): they are "

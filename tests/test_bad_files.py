@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jaxmap
-from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families import config_from_hf, preset_config
 from jaxmap.loading.safetensors_source import SafetensorsSource
 from jaxmap.materialize.disk_tier import write_safetensors
 
@@ -35,8 +35,8 @@ BASE = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermedia
 ])
 def test_config_values_that_would_give_nan_or_wrong_shapes(change, message):
     with pytest.raises(UserError, match=message):
-        ModelConfig.from_hf_dict({**BASE, **change})
-    ModelConfig.from_hf_dict({**BASE, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 16})
+        config_from_hf({**BASE, **change})
+    config_from_hf({**BASE, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 16})
 
 
 def copy_tiny(tmp_path: Path) -> Path:
@@ -132,7 +132,7 @@ def test_a_damaged_offload_layer_is_written_again(tmp_path, caplog):
     computes as before, instead of failing every later run."""
     from test_offload import caps
 
-    config = ModelConfig.from_preset("tiny")
+    config = preset_config("tiny")
     kwargs = dict(max_seq_len=64, progress=False, max_memory=caps(config, 1, 0), offload_folder=tmp_path)
     first = jaxmap.load("preset:tiny", **kwargs)
     want = first.forward_logits([[1, 5, 9, 2]])[0]
@@ -169,8 +169,8 @@ def test_cli_says_a_non_utf8_config_in_one_line(tmp_path):
 ])
 def test_config_values_that_would_be_truncated_or_give_nan_frequencies(change, message):
     with pytest.raises(UserError, match=message):
-        ModelConfig.from_hf_dict({**BASE, **change})
-    assert ModelConfig.from_hf_dict({**BASE, "hidden_size": 64.0}).hidden_size == 64
+        config_from_hf({**BASE, **change})
+    assert config_from_hf({**BASE, "hidden_size": 64.0}).hidden_size == 64
 
 
 def test_a_hugging_face_cache_snapshot_of_symlinks_is_not_outside_its_folder(tmp_path):
@@ -323,7 +323,7 @@ def test_an_offload_layer_of_the_wrong_shape_is_written_again(tmp_path, caplog):
 
     from jaxmap.loading.safetensors_source import parse_header
 
-    config = ModelConfig.from_preset("tiny")
+    config = preset_config("tiny")
     kwargs = dict(max_seq_len=64, progress=False, max_memory=caps(config, 1, 0), offload_folder=tmp_path)
     want = jaxmap.load("preset:tiny", **kwargs).forward_logits([[1, 5, 9, 2]])[0]
     (layer,) = tmp_path.rglob("layer-0003.safetensors")

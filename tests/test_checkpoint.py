@@ -14,6 +14,7 @@ import pytest
 
 import jaxmap
 from jaxmap.errors import UserError
+from jaxmap.families import config_to_hf
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.orbax_checkpoint import METADATA, OrbaxSource
 from jaxmap.materialize.checkpoint_writer import _write_tokenizer, convert
@@ -74,7 +75,7 @@ def test_gguf_tokenizer_is_written_with_its_chat_template(tmp_path):
     except UserError:
         pytest.skip("default model not installed")
     _write_tokenizer(gguf, tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(gguf.config.to_hf_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(gguf.config)))
     from jaxmap.loading.tokenizer import Tokenizer
 
     ref = gguf.tokenizer()

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from jaxmap.config import ModelConfig
 from jaxmap.config.hardware import Hardware, list_mesh_presets
 from jaxmap.errors import UserError
+from jaxmap.families import preset_config
 from jaxmap.planning.device_map import DeviceMap, Stage
 from jaxmap.planning.planner import plan
 from jaxmap.planning.wishes import Topology, Wish, parse_device_layers
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOL = ModelConfig.from_preset("smollm2-135m")
+SMOL = preset_config("smollm2-135m")
 TWO = Hardware.from_preset("2x24gb")
 CPU8 = Hardware.from_preset("cpu-8")
 
@@ -25,7 +25,7 @@ def _plans() -> list[DeviceMap]:
         plan(SMOL, CPU8),
         plan(SMOL, TWO, Wish(device_layers=parse_device_layers("16")), dtype="bf16"),
         plan(SMOL, CPU8, Wish(topology=topo, isq="Q8_0")),
-        plan(ModelConfig.from_preset("llama-3-8b"), Hardware.from_preset("8xh100"), dtype="bf16"),
+        plan(preset_config("llama-3-8b"), Hardware.from_preset("8xh100"), dtype="bf16"),
     ]
 
 
@@ -42,7 +42,7 @@ def test_yaml_round_trip(index, tmp_path):
 
 def test_plan_for_another_model_is_refused():
     saved = plan(SMOL, CPU8).to_yaml()
-    other = ModelConfig.from_preset("tiny")
+    other = preset_config("tiny")
     with pytest.raises(UserError, match="made for model 'smollm2-135m'.*model is 'tiny'"):
         DeviceMap.from_yaml(saved, other)
     renamed = SMOL.with_changes(name="my-smollm")

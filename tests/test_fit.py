@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from jaxmap.config import ModelConfig
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
+from jaxmap.families import preset_config
 from jaxmap.planning.fit import layer_weight_bytes, outer_bytes
 from jaxmap.planning.memory import GIB, activation_bytes, kv_cache_bytes, parse_max_memory, parse_size
 from jaxmap.planning.planner import plan
 from jaxmap.planning.wishes import make_wish
 
-L3_8B, L3_70B = ModelConfig.from_preset("llama-3-8b"), ModelConfig.from_preset("llama-3-70b")
-TINY = ModelConfig.from_preset("tiny")
+L3_8B, L3_70B = preset_config("llama-3-8b"), preset_config("llama-3-70b")
+TINY = preset_config("tiny")
 
 
 def layers_by_kind(m) -> dict[str, int]:

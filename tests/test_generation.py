@@ -8,6 +8,7 @@ import pytest
 import jaxmap
 from jaxmap.engine.engine import attend_bucket, prefill_bucket
 from jaxmap.errors import UserError
+from jaxmap.families import preset_config
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +167,11 @@ def test_ragged_prefill_blocks_match_one_block(monkeypatch):
     """A prefill whose length 512 does not divide (max_seq_len 1100, not a multiple of 256) runs in 512-query blocks
     with the last one padded, not as one [t, t] block: same logits, and the planner's activation estimate stays
     that of a blocked prefill."""
-    from jaxmap.config import ModelConfig
     from jaxmap.planning import memory
 
     ids = [list(np.random.default_rng(1).integers(0, 512, 1100))]
     blocked = jaxmap.load("preset:tiny", max_seq_len=1100, progress=False, devices="0").forward_logits(ids)[0]
-    config = ModelConfig.from_preset("tiny")
+    config = preset_config("tiny")
     ragged, even = (memory.activation_bytes(config, 1, 4, s, 1) for s in (100_000, 100_096))
     assert ragged <= even
     monkeypatch.setattr(memory, "PREFILL_QUERY_CHUNK", 4096)

@@ -15,9 +15,11 @@ import pytest
 import jaxmap
 from jaxmap import quant
 from jaxmap.calibrate.imatrix import CALIBRATION_TEXT, collect
-from jaxmap.config import ModelConfig
 from jaxmap.engine import layers as llama
+from jaxmap.engine.blocks import rms_norm
 from jaxmap.errors import UserError
+from jaxmap.families import llama as llama_family
+from jaxmap.families import preset_config
 from jaxmap.loading.imatrix_file import Imatrix
 
 TINY_LLAMA = str(Path(__file__).parent / "data" / "tiny-llama")  # a Hugging Face folder with a tokenizer
@@ -48,7 +50,7 @@ def test_collect_measures_each_projection_input(tiny, tiny_imatrix):
     assert len(values) == 7 * config.num_hidden_layers + 1
     assert all(v.dtype == np.float32 and np.isfinite(v).all() and (v >= 0).all() for v in values.values())
     x = llama.embed(params, jnp.asarray([IDS]), jnp.float32)
-    h = np.asarray(llama.rms_norm(x, params["layers"][0]["attn_norm"], config.rms_norm_eps))[0]
+    h = np.asarray(rms_norm(x, params["layers"][0]["attn_norm"], config.rms_norm_eps))[0]
     want = (h.astype(np.float64) ** 2).mean(0)
     for proj in ("q_proj", "k_proj", "v_proj"):  # one input, three weights
         np.testing.assert_allclose(values[f"model.layers.0.self_attn.{proj}.weight"], want, rtol=1e-5)
@@ -74,7 +76,7 @@ def test_host_and_disk_tiers_measure_the_same(tiny_imatrix, tmp_path):
     from tests.test_offload import caps
 
     model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, offload_folder=tmp_path,
-                        max_memory=caps(ModelConfig.from_preset("tiny"), 1, 1))
+                        max_memory=caps(preset_config("tiny"), 1, 1))
     assert {s.memory_kind for s in model.device_map.stages} == {"device", "host", "disk"}
     got = collect(model, IDS, chunk=16, progress=False)
     for name, want in tiny_imatrix.values.items():
@@ -227,7 +229,7 @@ def test_convert_with_an_imatrix_stores_what_loading_with_it_quantizes(tmp_path)
     stored = jaxmap.load(str(out), max_seq_len=64, progress=False, devices="0")
     loaded = jaxmap.load(TINY_LLAMA, max_seq_len=64, progress=False, devices="0", isq="Q4K", imatrix=imatrix)
     for a, b in zip(stored.engine.stages[0].params["layers"], loaded.engine.stages[0].params["layers"], strict=True):
-        for key in llama.PROJECTION_INPUTS:
+        for key in llama_family.FAMILY.projection_inputs:
             assert a[key].qtype == b[key].qtype
             np.testing.assert_array_equal(np.asarray(quant.dequantize(a[key])), np.asarray(quant.dequantize(b[key])))
 
@@ -238,7 +240,7 @@ def test_reused_disk_folder_still_reports_the_imatrix(tiny_imatrix, tmp_path, ca
     from tests.test_offload import caps
 
     kw = dict(max_seq_len=64, progress=False, isq="Q8_0", imatrix=tiny_imatrix, offload_folder=tmp_path,
-              max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0, isq="Q8_0"))
+              max_memory=caps(preset_config("tiny"), 0, 0, isq="Q8_0"))
     jaxmap.load("preset:tiny", **kw)
     with caplog.at_level("INFO", logger="jaxmap"):
         model = jaxmap.load("preset:tiny", **kw)
@@ -250,7 +252,7 @@ def test_collect_refuses_quantized_disk_layers(tmp_path):
     from tests.test_offload import caps
 
     model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq="Q8_0", offload_folder=tmp_path,
-                        max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0, isq="Q8_0"))
+                        max_memory=caps(preset_config("tiny"), 0, 0, isq="Q8_0"))
     with pytest.raises(UserError, match="float weights"):
         collect(model, IDS, progress=False)
 
@@ -259,14 +261,9 @@ def test_collect_refuses_quantized_disk_layers(tmp_path):
 
 def _gguf_name(hf: str) -> str:
     """Hugging Face -> GGUF tensor name (the inverse of the GGUF loader's table), to write llama.cpp-style files."""
-    import re
+    from jaxmap.families import llama
 
-    from jaxmap.loading.gguf_source import _BLOCK_NAMES, _TOP_NAMES
-
-    m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", hf)
-    if m:
-        return f"blk.{m[1]}.{ {v: k for k, v in _BLOCK_NAMES.items()}[m[2]] }.weight"
-    return {v: k for k, v in _TOP_NAMES.items()}[hf.rsplit(".", 1)[0]] + ".weight"
+    return llama.FAMILY.hf_to_gguf(hf)
 
 
 def write_legacy(path, values: dict, ncall: int = 4, trailer: bool = True) -> None:

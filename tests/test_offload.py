@@ -11,29 +11,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from memory_caps import caps
 
 import jaxmap
-from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.planning.fit import layer_weight_bytes, outer_bytes
-from jaxmap.planning.memory import activation_bytes, kv_cache_bytes
+from jaxmap.families import preset_config, read_config_json
+from jaxmap.planning.fit import layer_weight_bytes
 
 DATA = Path(__file__).parent / "data"
 PROMPT = [[1, 5, 9, 2, 7, 3, 11]]
-
-
-def caps(config: ModelConfig, resident: int, host_layers: int, seq: int = 64,
-         isq: str | None = None, tp: int = 1) -> dict[str, int]:
-    """--max-memory that leaves room for ``resident`` layers on cpu[0] (each of ``tp`` devices) and ``host_layers``
-    in host memory."""
-    w, kv = layer_weight_bytes(config, 0, tp, "float32", isq), kv_cache_bytes(config, tp, 4, seq, 1)
-    outer = sum(outer_bytes(config, k, "float32", None, tp) for k in ("embed", "final_norm"))
-    if not config.tie_word_embeddings:
-        outer += outer_bytes(config, "lm_head", "float32", None, tp)
-    device = activation_bytes(config, tp, 4, seq, 1) + outer + 2 * w + kv * config.num_hidden_layers + resident * w
-    out = {str(i): device + 100 for i in range(tp)}
-    out["host"] = max(host_layers * w * tp + 100, 1)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def reference():
 def offloaded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("offload")
     model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False,
-                        max_memory=caps(ModelConfig.from_preset("tiny"), 1, 1), offload_folder=folder)
+                        max_memory=caps(preset_config("tiny"), 1, 1), offload_folder=folder)
     return model, folder
 
 
@@ -92,7 +78,7 @@ def test_tensor_parallel_plan_matches_allocation():
 
 
 def test_streaming_keeps_device_memory_to_a_few_layers(monkeypatch):
-    config = ModelConfig.from_preset("tiny-deep")
+    config = preset_config("tiny-deep")
     model = jaxmap.load("preset:tiny-deep", max_seq_len=64, progress=False, max_memory=caps(config, 0, 80))
     assert [(s.memory_kind, s.end - s.start) for s in model.device_map.stages] == [("host", 80)]
     gate = (config.hidden_size, config.intermediate_size)  # w_gate and w_up: two arrays per layer
@@ -118,7 +104,7 @@ def test_streaming_keeps_device_memory_to_a_few_layers(monkeypatch):
 
 def test_disk_tier_reads_safetensors_in_place(tmp_path):
     folder = DATA / "tiny-llama"
-    config = ModelConfig.from_json_file(folder / "config.json")
+    config = read_config_json(folder / "config.json")
     ref = jaxmap.load(folder, max_seq_len=64, progress=False, devices="0")
     model = jaxmap.load(folder, max_seq_len=64, progress=False, max_memory=caps(config, 0, 0),
                         offload_folder=tmp_path / "unused")
@@ -133,7 +119,7 @@ def test_unwritable_offload_folder_fails_before_loading(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match="is not writable"):
         jaxmap.load("preset:tiny", max_seq_len=64, progress=False,
-                    max_memory=caps(ModelConfig.from_preset("tiny"), 0, 0), offload_folder=blocker / "sub")
+                    max_memory=caps(preset_config("tiny"), 0, 0), offload_folder=blocker / "sub")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -174,7 +160,7 @@ def test_native_gguf_plan_counts_the_files_own_bytes(default_gguf):
 
 
 def test_quantized_layers_stream_from_host_memory_too():
-    config = ModelConfig.from_preset("tiny")
+    config = preset_config("tiny")
     ref = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0", isq="Q8_0")
     w, w8 = (layer_weight_bytes(config, 0, 1, "float32", t) for t in (None, "Q8_0"))
     device = caps(config, 0, 0)["0"] - 2 * w + 2 * w8 + w8 // 2  # two Q8_0 streaming buffers, no resident layer
@@ -192,7 +178,7 @@ def test_quantized_layers_stream_from_host_memory_too():
 def test_quantized_layers_are_stored_quantized_on_the_disk_tier(isq, tmp_path):
     """ISQ on disk-tier layers: the offload folder holds each weight's QTensor leaves (the quantized bytes the
     planner counted, not float), a step streams them, and the logits equal the all-resident quantized model's."""
-    config = ModelConfig.from_preset("tiny")
+    config = preset_config("tiny")
     ref = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0", isq=isq)
     model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq=isq, offload_folder=tmp_path,
                         max_memory=caps(config, 1, 1, isq=isq))
@@ -230,7 +216,7 @@ def test_native_gguf_layers_on_disk_keep_their_types(default_gguf, tmp_path):
 def test_disk_layers_of_different_types_in_one_stage(tmp_path):
     """A topology gives the disk-tier layers different types: each streamed layer is placed as its own type needs
     (one program per stage, retraced per type), and the logits equal the all-resident model's with the same types."""
-    config = ModelConfig.from_preset("tiny")
+    config = preset_config("tiny")
     topology = {"2-3": {"isq": "Q4K"}, "3-4": {"isq": "Q6K"}}
     ref = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0", isq="Q8_0", topology=topology)
     model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, isq="Q8_0", topology=topology,
@@ -248,7 +234,7 @@ def test_rewritten_safetensors_get_a_new_offload_folder(tmp_path):
 
     folder = tmp_path / "model"
     shutil.copytree(DATA / "tiny-llama", folder)
-    config = ModelConfig.from_json_file(folder / "config.json")
+    config = read_config_json(folder / "config.json")
     offload = tmp_path / "offload"
 
     def load():

@@ -13,14 +13,14 @@ from reference.data import TINY_MODELS_DIR, load_reference
 import jaxmap
 
 # Logit tolerances: absolute, on logits whose spread is ~10-30. XLA and torch sum in different orders.
-ATOL = {"smollm2": 2e-3, "tiny-llama": 2e-4, "tiny-qwen2": 2e-4}
+ATOL = {"smollm2": 2e-3, "tiny-llama": 2e-4, "tiny-qwen2": 2e-4, "tiny-qwen3": 2e-4}
 
 
 def model_path(name: str, default_gguf) -> str:
     return str(default_gguf) if name == "smollm2" else str(TINY_MODELS_DIR / name)
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "smollm2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-qwen3", "smollm2"])
 def loaded(request, default_gguf):
     name = request.param
     model = jaxmap.load(model_path(name, default_gguf), dtype="float32", max_seq_len=256, devices="0",

@@ -7,11 +7,12 @@ import pytest
 from jaxmap.config import ModelConfig
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
+from jaxmap.families import param_count, preset_config
 from jaxmap.planning.planner import group_devices, plan, split_layers, valid_tp_sizes, wire_order
 from jaxmap.planning.rules import RULES, ShardingError, logical_to_spec
 from jaxmap.planning.wishes import Topology, Wish, parse_device_layers
 
-SMOL = ModelConfig.from_preset("smollm2-135m")
+SMOL = preset_config("smollm2-135m")
 
 
 def cfg(heads: int, kv: int, layers: int = 12, inter: int = 1152, vocab: int = 1536, tied: bool = False):
@@ -238,7 +239,7 @@ def test_memory_single_device_counts_every_weight():
     for config in (SMOL, cfg(8, 2, inter=256)):
         m = plan(config, gpus(1), dtype="bfloat16", max_seq_len=128, max_batch_size=2)
         (mem,) = m.memory
-        assert mem.weights_bytes == config.param_count() * 2
+        assert mem.weights_bytes == param_count(config) * 2
         layers, kv, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         assert mem.kv_cache_bytes == 2 * layers * 2 * 128 * kv * head_dim * 2
 
@@ -253,7 +254,7 @@ def test_memory_tensor_parallel_splits_weights():
 
 
 def test_memory_overflow_of_a_hand_made_layout_is_a_warning():
-    m = plan(ModelConfig.from_preset("llama-3-70b"), Hardware.from_preset("1x24gb"), Wish(device_layers=[(0, 80)]),
+    m = plan(preset_config("llama-3-70b"), Hardware.from_preset("1x24gb"), Wish(device_layers=[(0, 80)]),
              dtype="bf16")
     assert any("cuda[0] needs" in w and "short by" in w for w in m.warnings)
 

@@ -12,6 +12,7 @@ import pytest
 import jaxmap
 from jaxmap import quant
 from jaxmap.errors import UserError
+from jaxmap.families import preset_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,7 +232,6 @@ def test_tensor_parallel_isq_matches_one_device(isq, tp, chunk, monkeypatch, cap
 @pytest.mark.parametrize("isq,tp", [("Q4K", 1), ("Q4K", 2), ("Q6K", 4), ("Q8_0", 2)])
 def test_planned_isq_bytes_equal_allocated(isq, tp):
     """The planner's bytes for a layer (short super-blocks and fallbacks included) are what one device holds."""
-    from jaxmap.config import ModelConfig
     from jaxmap.planning.fit import layer_weight_bytes
 
     model = jaxmap.load("preset:tiny", max_seq_len=32, progress=False, isq=isq, tp=tp,
@@ -240,7 +240,7 @@ def test_planned_isq_bytes_equal_allocated(isq, tp):
     device = next(iter(layer["wq"].q[0].sharding.device_set))
     held = sum(s.data.nbytes for leaf in jax.tree.leaves(layer) for s in leaf.addressable_shards
                if s.device == device)
-    assert held == layer_weight_bytes(ModelConfig.from_preset("tiny"), 0, tp, "float32", isq)
+    assert held == layer_weight_bytes(preset_config("tiny"), 0, tp, "float32", isq)
 
 
 def test_gguf_native_q8_0_equals_requantized(default_gguf):

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxmap.config import ModelConfig
 from jaxmap.config.hardware import Hardware
 from jaxmap.errors import UserError
+from jaxmap.families import preset_config
 from jaxmap.planning.planner import plan
 from jaxmap.planning.wishes import Topology, Wish, format_device_layers, parse_device_layers, parse_devices
 
@@ -196,7 +196,7 @@ def test_every_shipped_topology_loads():
 
 # ---- properties ------------------------------------------------------------------------------------------------
 
-SMOL = ModelConfig.from_preset("smollm2-135m")
+SMOL = preset_config("smollm2-135m")
 CPU8 = Hardware.from_preset("cpu-8")
 LAYERS = SMOL.num_hidden_layers
 DEVICES = [None, "cpu", *(f"cpu[{i}]" for i in range(8))]

@@ -22,17 +22,17 @@ DEFAULT_CHUNK = 512
 MIN_CALIBRATION_TOKENS = 512
 
 
-def _tapped_layer(config, p, x, cos, sin, mask):
+def _tapped_layer(config, p, x, cos, sin, mask, design):
     """One decoder layer over a prefill chunk from an empty cache; returns ``x`` and each projection input's sum of
     squares over the chunk's tokens (float32, ``[in]``)."""
     import jax.numpy as jnp
 
-    from jaxmap.engine import layers as llama
+    from jaxmap.engine import layers
 
     b, t, _ = x.shape
     cache = jnp.zeros((b, config.num_key_value_heads, t, config.head_dim), x.dtype)
     taps: dict = {}
-    x, _, _ = llama.decoder_layer(p, x, cache, cache, jnp.int32(0), cos, sin, mask, t, config, taps=taps)
+    x, _, _ = layers.decoder_layer(p, x, cache, cache, jnp.int32(0), cos, sin, mask, t, config, design, taps=taps)
     return x, {k: _sum_squares(v) for k, v in taps.items()}
 
 
@@ -44,9 +44,9 @@ def _sum_squares(a):
 
 
 def _head_input(config, final_norm, x):
-    from jaxmap.engine import layers as llama
+    from jaxmap.engine.blocks import rms_norm
 
-    return _sum_squares(llama.rms_norm(x, final_norm, config.rms_norm_eps))
+    return _sum_squares(rms_norm(x, final_norm, config.rms_norm_eps))
 
 
 class _Programs:
@@ -58,7 +58,7 @@ class _Programs:
         from jaxmap.engine.engine import weights_from_raw
 
         self._layer = functools.partial(_tapped_layer, config)
-        self.layer = jax.jit(self._layer)
+        self.layer = jax.jit(self._layer, static_argnames=("design",))
         self.head = jax.jit(functools.partial(_head_input, config))
         self._raw: dict[int, object] = {}
         self._weights_from_raw = weights_from_raw
@@ -70,11 +70,11 @@ class _Programs:
         if stage_index not in self._raw:
             specs, targets = stage.disk.specs[stage.start], stage.layer_shardings
 
-            def run(raw, x, cos, sin, mask):
-                return self._layer(self._weights_from_raw(raw, specs, targets, stage.dtype), x, cos,
-                                              sin, mask)
+            def run(raw, x, cos, sin, mask, design):
+                return self._layer(self._weights_from_raw(raw, specs, targets, stage.dtype), x, cos, sin, mask,
+                                   design)
 
-            self._raw[stage_index] = jax.jit(run)
+            self._raw[stage_index] = jax.jit(run, static_argnames=("design",))
         return self._raw[stage_index]
 
 
@@ -86,11 +86,10 @@ def collect(model, ids: Sequence[int], chunk: int = DEFAULT_CHUNK, progress: boo
     import jax.numpy as jnp
 
     from jaxmap import quant
-    from jaxmap.engine import layers as llama
     from jaxmap.engine.engine import StepShape
     from jaxmap.engine.multihost import put, to_local
     from jaxmap.engine.sampling import SamplerShape
-    from jaxmap.families.specs import layer_param_specs
+    from jaxmap.families import family_of, layer_param_specs
     from jaxmap.progress import Progress
 
     engine, config = model.engine, model.config
@@ -131,14 +130,14 @@ def collect(model, ids: Sequence[int], chunk: int = DEFAULT_CHUNK, progress: boo
                 layer = stage.start + j
                 if stage.memory_kind == "disk":
                     raw = put(stage.disk.read(layer), stage.activation_sharding)
-                    x, taps = programs.raw_layer(i, stage)(raw, x, cos, sin, mask)
+                    x, taps = programs.raw_layer(i, stage)(raw, x, cos, sin, mask, design=engine.designs[layer])
                     jax.block_until_ready(x)
                     stage.disk.release(layer)
                 else:
                     p = stage.params["layers"][j]
                     if stage.memory_kind == "host":
                         p = jax.device_put(p, stage.layer_shardings)
-                    x, taps = programs.layer(p, x, cos, sin, mask)
+                    x, taps = programs.layer(p, x, cos, sin, mask, design=engine.designs[layer])
                 for name, value in taps.items():
                     add((layer, name), value)
                 bar.update(n=1)
@@ -152,13 +151,13 @@ def collect(model, ids: Sequence[int], chunk: int = DEFAULT_CHUNK, progress: boo
     bar.close()
     n = len(ids)
     values = {}
+    family = family_of(config)
     for layer in range(config.num_hidden_layers):
         specs = layer_param_specs(config, layer)
-        for key, tap in llama.PROJECTION_INPUTS.items():
+        for key, tap in family.projection_inputs.items():
             values[specs[key].hf_name] = (sums[(layer, tap)] / n).astype(np.float32)
     if head is not None:
-        name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        values[name] = (head / n).astype(np.float32)
+        values[family.head_name(config)] = (head / n).astype(np.float32)
     return Imatrix(values, n)
 
 

@@ -56,15 +56,19 @@ def make_hf_folder(out: Path, model: str | None = None) -> Path:
     from safetensors.numpy import save_file
 
     from jaxmap.api import resolve_source
+    from jaxmap.families import config_to_hf, outer_param_specs
     from jaxmap.materialize.checkpoint_writer import _write_json, _write_tokenizer
 
     source = resolve_source(model)
     try:
         out.mkdir(parents=True)
+        untied = source.config.with_changes(tie_word_embeddings=False)
+        tied_head = {s.hf_name for s in outer_param_specs(untied).values()
+                     if s.role == "head" and source.config.tie_word_embeddings}
         tensors = {name: np.ascontiguousarray(source.read(name, np.float32)) for name in source.names()
-                   if name != "lm_head.weight" or not source.config.tie_word_embeddings}
+                   if name not in tied_head}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(out / "config.json", source.config.to_hf_dict())
+        _write_json(out / "config.json", config_to_hf(source.config))
         _write_tokenizer(source, out)
     finally:
         source.close()

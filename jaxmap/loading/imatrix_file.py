@@ -54,15 +54,17 @@ class Imatrix:
     def check_model(self, config) -> None:
         """Refuse an imatrix that names none of this model's projections (another model's, or another naming), before
         any weight is read; note entries for weights the model lacks (a deeper model's file, say)."""
-        from jaxmap.families.specs import PROJECTION_INPUTS, layer_param_specs
+        from jaxmap.families import family_of, layer_param_specs
 
-        ours = {s.hf_name for i in range(config.num_hidden_layers)
-                for k, s in layer_param_specs(config, i).items() if k in PROJECTION_INPUTS}
-        ours |= {"lm_head.weight", "model.embed_tokens.weight"}
+        family = family_of(config)
+        projections = [[s.hf_name for k, s in layer_param_specs(config, i).items() if k in family.projection_inputs]
+                       for i in range(config.num_hidden_layers)]
+        ours = {name for layer in projections for name in layer}
+        ours |= {family.head_name(config), family.embedding_name(config)}
         theirs = set(self.values)
         if not theirs & ours:
             raise UserError(f"imatrix {self.path} has no entry for any weight of this model (it names e.g. "
-                            f"{min(theirs)}; the model's are like model.layers.0.self_attn.q_proj.weight): it was "
+                            f"{min(theirs)}; the model's are like {projections[0][0]}): it was "
                             f"collected for another model; collect one with python -m jaxmap.imatrix")
         extra = sorted(theirs - ours)
         if extra:
@@ -111,7 +113,7 @@ class Imatrix:
         if magic != b"PK\x03\x04" and magic[:1] != b"\x93":  # not an .npz (zip) nor a bare .npy: llama.cpp's?
             from jaxmap.loading import imatrix_llamacpp
 
-            return imatrix_llamacpp.read(path)
+            return cls(*imatrix_llamacpp.read(path), str(path))
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array

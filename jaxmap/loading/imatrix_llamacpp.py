@@ -37,15 +37,14 @@ def is_gguf(path: Path) -> bool:
 
 
 def _hf(name: str) -> str | None:
-    from jaxmap.loading.gguf_source import hf_name
+    from jaxmap.families import gguf_name_to_hf
 
-    return hf_name(name)
+    return gguf_name_to_hf(name)
 
 
 def _finish(path: Path, means: dict[str, np.ndarray], tokens: int, fmt: str):
-    """Map names, skip what jaxmap has no weight for, and build the Imatrix."""
-    from jaxmap.loading.imatrix_file import Imatrix
-
+    """Map names and skip what jaxmap has no weight for: ``(values by Hugging Face name, tokens)``, which
+    :meth:`jaxmap.loading.imatrix_file.Imatrix.load` wraps."""
     values, skipped = {}, []
     for name, v in means.items():
         hf = _hf(name)
@@ -57,12 +56,12 @@ def _finish(path: Path, means: dict[str, np.ndarray], tokens: int, fmt: str):
         values[hf] = v.astype(np.float32)
     if not values:
         raise UserError(f"cannot read imatrix {path}: none of its {len(means)} entries names a weight jaxmap knows "
-                        f"(llama-family GGUF names such as blk.0.attn_q.weight)")
+                        f"(the GGUF tensor names of a model family jaxmap reads)")
     if skipped:
         log.info("imatrix %s: skipped %d llama.cpp entries with no matching weight (e.g. %s)", path, len(skipped),
                  skipped[0])
     log.info("imatrix %s: llama.cpp %s format, %d weights", path, fmt, len(values))
-    return Imatrix(values, tokens, str(path))
+    return values, tokens
 
 
 def read_gguf(path: Path):

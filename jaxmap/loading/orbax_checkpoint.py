@@ -48,8 +48,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jaxmap.config import ModelConfig, config_fingerprint
+from jaxmap.config import config_fingerprint
 from jaxmap.errors import UserError
+from jaxmap.families import read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class OrbaxSource:
         if missing:
             raise UserError(f"{self.path} is an incomplete checkpoint: item {PARAMS}/{missing[0]} is missing "
                             f"({len(missing)} of {len(meta['items'])}); convert it again")
-        config = ModelConfig.from_json_file(self.path / "config.json")
+        config = read_config_json(self.path / "config.json")
         self.config = config.with_changes(name=str(meta.get("model") or self.path.name))
         if config_fingerprint(self.config) != meta.get("fingerprint"):
             raise UserError(f"{self.path}: config.json does not match the arrays (fingerprint "

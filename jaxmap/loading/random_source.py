@@ -10,8 +10,8 @@ import zlib
 
 import numpy as np
 
+from jaxmap import families
 from jaxmap.config import ModelConfig
-from jaxmap.families import specs as llama
 
 
 class RandomSource:
@@ -22,11 +22,12 @@ class RandomSource:
         self.path = f"preset:{config.name or 'random'}"
         self._seed = seed
         self._scale = scale
-        specs = dict(llama.outer_param_specs(config))
+        specs = dict(families.outer_param_specs(config))
         for i in range(config.num_hidden_layers):
-            for key, spec in llama.layer_param_specs(config, i).items():
+            for key, spec in families.layer_param_specs(config, i).items():
                 specs[f"{i}.{key}"] = spec
         self._shapes = {s.hf_name: s.hf_shape for s in specs.values()}
+        self._roles = {s.hf_name: s.role for s in specs.values()}
 
     def names(self) -> list[str]:
         return list(self._shapes)
@@ -43,9 +44,9 @@ class RandomSource:
     def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
         rng = np.random.default_rng([self._seed, zlib.crc32(name.encode())])
         shape = self._shapes[name]
-        if name.endswith("norm.weight"):
+        if self._roles[name] == "norm":
             out = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        elif name.endswith("embed_tokens.weight"):
+        elif self._roles[name] == "embedding":
             out = rng.standard_normal(shape, dtype=np.float32)
         else:
             out = self._scale * rng.standard_normal(shape, dtype=np.float32)

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families import config_from_hf, model_tensor_names, read_config_json
 
 if TYPE_CHECKING:
     from jaxmap.loading.tokenizer import Tokenizer
@@ -43,7 +44,6 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_MODEL_WEIGHTS = ("model.", "lm_head.")  # a llama's weights: floats (an integer one is a quantized format jaxmap lacks)
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation refuses headers above 100 MB too
 
 
@@ -55,6 +55,63 @@ def as_numpy_dtype(dtype: np.dtype | str | type) -> np.dtype:
         return np.dtype(dtype)
     except TypeError:
         raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+# quantization_config.quant_method (transformers' QuantizationMethod values and a few more) -> the name users know.
+QUANT_METHOD_NAMES = {
+    "gptq": "GPTQ", "awq": "AWQ", "fp8": "FP8", "fbgemm_fp8": "FBGEMM FP8", "bitsandbytes": "bitsandbytes",
+    "compressed-tensors": "compressed-tensors", "mxfp4": "MXFP4", "exl2": "EXL2", "aqlm": "AQLM", "hqq": "HQQ",
+    "quanto": "Quanto", "eetq": "EETQ", "torchao": "torchao", "higgs": "HIGGS", "vptq": "VPTQ", "spqr": "SpQR",
+    "bitnet": "BitNet", "fp_quant": "FP-Quant", "auto-round": "AutoRound", "modelopt": "NVIDIA ModelOpt",
+    "quark": "Quark",
+}
+
+
+def check_not_prequantized(raw: object, folder: str | Path) -> None:
+    """Refuse a Hugging Face checkpoint shipped pre-quantized (``quantization_config`` in its ``config.json``).
+
+    Its weights are packed integers (GPTQ, AWQ, bitsandbytes...) or low-precision floats that only mean something
+    with scales stored beside them (FP8, MXFP4...): read as plain floats they would load without complaint and make
+    nonsense. ``raw`` is the config.json object as parsed, before :class:`ModelConfig` sees it.
+    """
+    if not isinstance(raw, dict):
+        return
+    quant = raw.get("quantization_config")
+    if quant is None or quant == {} or quant is False:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method is None and isinstance(quant, dict) and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
+        method = "bitsandbytes"  # configs written before transformers recorded quant_method
+    if isinstance(method, str) and method.strip():
+        key = method.strip()
+        name = QUANT_METHOD_NAMES.get(key.lower(), key)
+        detail = f"quantization_config.quant_method = {json.dumps(key)}"
+        fmt = quant.get("format") if isinstance(quant, dict) else None
+        if isinstance(fmt, str) and fmt.strip() and len(fmt) <= 40:
+            detail += f", format {json.dumps(fmt.strip())}"
+        what = f"is pre-quantized with {name[:60]} ({detail[:200]})"
+    else:
+        what = "is pre-quantized (its config.json has a quantization_config)"
+    raise UserError(f"{folder} {what}, which jaxmap does not read; use the original float checkpoint (jaxmap can "
+                    f"quantize it itself with --isq) or a GGUF")
+
+
+def read_hf_config(folder: str | Path) -> ModelConfig:
+    """A Hugging Face folder's ``config.json`` as a :class:`ModelConfig`, refusing pre-quantized checkpoints first.
+
+    What every reader of such a folder goes through: opening it to load (:class:`SafetensorsSource`) and reading
+    its facts alone (``python -m jaxmap.plan -m FOLDER``, ``doctor -m FOLDER``).
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return read_config_json(config_file)  # which says what is wrong with the file
+    if not isinstance(raw, dict):
+        return read_config_json(config_file)
+    check_not_prequantized(raw, folder)
+    return config_from_hf(raw, name=folder.name)
 
 
 @dataclass(frozen=True)
@@ -120,7 +177,10 @@ class SafetensorsSource:
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise UserError(f"{folder} is a folder without config.json; expected a Hugging Face model folder")
-        self.config: ModelConfig = ModelConfig.from_json_file(config_file)
+        self.config: ModelConfig = read_hf_config(folder)  # refuses a pre-quantized checkpoint before any tensor
+        # The model's own weights are floats (an integer one is a quantized format jaxmap lacks); other tensors
+        # a folder may hold (integer buffers, say) are nobody's business until someone reads them as weights.
+        self._weights = model_tensor_names(self.config)
         self._entries: dict[str, _Entry] = {}
         self.metadata: dict[str, str] = {}
         for file in self._weight_files():
@@ -200,7 +260,7 @@ class SafetensorsSource:
     def view(self, name: str) -> np.ndarray:
         """A read-only, zero-copy view of the tensor in its stored dtype (backed by the memory map)."""
         entry = self._entry(name)
-        if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub" and name.startswith(_MODEL_WEIGHTS):
+        if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub" and name in self._weights:
             raise UserError(f"{entry.file}: tensor {name!r} is stored as {entry.dtype_name}; jaxmap reads "
                             f"floating-point weights (F32, F16, BF16, F8), not integer-quantized checkpoints")
         mm = self._maps.get(entry.file)

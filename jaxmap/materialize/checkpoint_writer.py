@@ -14,9 +14,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from jaxmap import families
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import specs as llama
+from jaxmap.families import config_to_hf
 from jaxmap.loading.orbax_checkpoint import (
     FORMAT,
     METADATA,
@@ -33,9 +34,9 @@ from jaxmap.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def _item_items(config: ModelConfig) -> list[tuple[str, dict[str, llama.ParamSpec]]]:
-    items = [(OUTER, llama.outer_param_specs(config))]
-    items += [(layer_item(i), llama.layer_param_specs(config, i)) for i in range(config.num_hidden_layers)]
+def _item_items(config: ModelConfig) -> list[tuple[str, dict[str, families.ParamSpec]]]:
+    items = [(OUTER, families.outer_param_specs(config))]
+    items += [(layer_item(i), families.layer_param_specs(config, i)) for i in range(config.num_hidden_layers)]
     return items
 
 
@@ -126,7 +127,7 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, i
                 checkpointer.save(tmp / PARAMS / item, tree)
             del tree
         quantized = any(e["isq"] for e in tensors.values())
-        _write_json(tmp / "config.json", config.to_hf_dict())
+        _write_json(tmp / "config.json", config_to_hf(config))
         _write_tokenizer(source, tmp)
         _write_json(tmp / METADATA, {
             "format": FORMAT, "version": VERSION if quantized else 1, "model": config.name or "unnamed",

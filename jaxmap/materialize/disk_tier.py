@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families.specs import ParamSpec, layer_param_specs
+from jaxmap.families import ParamSpec, config_to_hf, layer_param_specs
 from jaxmap.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsSource, parse_header
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _identity(source, config: ModelConfig, dtype: np.dtype, variant: dict | None
     path = Path(str(source.path))
     stat = path.stat() if path.exists() else None
     key = {"path": str(path.resolve()) if stat else str(source.path), "size": stat.st_size if stat else 0,
-           "mtime": stat.st_mtime_ns if stat else 0, "config": config.to_hf_dict(), "dtype": np.dtype(dtype).name}
+           "mtime": stat.st_mtime_ns if stat else 0, "config": config_to_hf(config), "dtype": np.dtype(dtype).name}
     if stat and path.is_dir():  # a folder's own stat does not change when a weight file is rewritten in place
         key["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
                               if f.is_file() and f.suffix in (".safetensors", ".json"))

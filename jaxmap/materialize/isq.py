@@ -30,13 +30,13 @@ import numpy as np
 
 from jaxmap import quant
 from jaxmap.errors import UserError
-from jaxmap.families.specs import ParamSpec
-from jaxmap.quant.core import leaf_shardings, split_of
+from jaxmap.families import ParamSpec
+from jaxmap.quant.qtensor import leaf_shardings, split_of
 from jaxmap.quant.types import NATIVE, fitted_type
 
 log = logging.getLogger(__name__)
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER_PREFIX = re.compile(r"^.*?\.\d+\.")  # a per-layer name up to its layer number, whatever the family
 
 
 def parse(name: str | None) -> str | None:
@@ -176,12 +176,12 @@ class Quantizer:
         self.record(spec, qt)
 
     def record(self, spec: ParamSpec, qt) -> None:
-        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype)
+        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype, spec.layer)
 
     def _fit(self, want: str, spec: ParamSpec, out: int, n: int, in_shards: int, out_shards: int) -> str:
         qtype = fitted_type(want, out, n, in_shards, out_shards)
         if qtype != want:
-            short = _LAYER_RE.sub("", spec.hf_name)
+            short = _LAYER_PREFIX.sub("", spec.hf_name) if spec.layer is not None else spec.hf_name
             if not quant.fits(want, n, in_shards):
                 why = quant.misfit_reason(want, n, in_shards)
             else:
@@ -211,9 +211,8 @@ class Quantizer:
             log.warning("isq: the checkpoint is already quantized (%s); the requested type requantizes its "
                         "dequantized weights (precision lost in %s is not recovered)", native, native)
         per_layer: dict[int | str, list] = {}
-        for name, (stored, f32, qtype) in self.bytes.items():
-            m = _LAYER_RE.match(name)
-            key: int | str = int(m.group(1)) if m else name
+        for name, (stored, f32, qtype, layer) in self.bytes.items():
+            key: int | str = layer if layer is not None else name
             entry = per_layer.setdefault(key, [0, 0, set()])
             entry[0] += stored
             entry[1] += f32 // 4 * float_itemsize
@@ -252,12 +251,11 @@ def type_function(device_map, config, global_isq: str | None) -> Callable[[Param
         embed = head if head is not None else embed
 
     def type_for(spec: ParamSpec) -> str | None:
-        m = _LAYER_RE.match(spec.hf_name)
-        if m:
-            t = per_layer.get(int(m.group(1)))
-        elif spec.hf_name == "lm_head.weight":
+        if spec.layer is not None:
+            t = per_layer.get(spec.layer)
+        elif spec.role == "head":
             t = head
-        elif spec.hf_name == "model.embed_tokens.weight":
+        elif spec.role == "embedding":
             t = embed
         else:
             t = None

@@ -12,16 +12,16 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from jaxmap import families
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import specs as llama
 from jaxmap.loading.source import WeightSource
 from jaxmap.progress import Progress
 
-PlaceFn = Callable[[llama.ParamSpec], jax.sharding.Sharding]
+PlaceFn = Callable[[families.ParamSpec], jax.sharding.Sharding]
 
 
-def read_param(source: WeightSource, spec: llama.ParamSpec, dtype: np.dtype) -> np.ndarray:
+def read_param(source: WeightSource, spec: families.ParamSpec, dtype: np.dtype) -> np.ndarray:
     """One parameter from the source, in jaxmap's shape (a reshape of Hugging Face's layout, no transpose)."""
     try:
         array = source.read(spec.hf_name, dtype)
@@ -37,8 +37,8 @@ def read_param(source: WeightSource, spec: llama.ParamSpec, dtype: np.dtype) -> 
 
 def stage_param_specs(config: ModelConfig, start: int, end: int, is_first: bool, is_last: bool) -> dict:
     """The parameter specs one stage holds, in the same tree shape as its parameters."""
-    outer = llama.outer_param_specs(config)
-    specs: dict = {"layers": [llama.layer_param_specs(config, i) for i in range(start, end)]}
+    outer = families.outer_param_specs(config)
+    specs: dict = {"layers": [families.layer_param_specs(config, i) for i in range(start, end)]}
     if is_first or (is_last and config.tie_word_embeddings):
         specs["embed_tokens"] = outer["embed_tokens"]
     if is_last:
@@ -53,7 +53,7 @@ def materialize_stage(source: WeightSource, specs: dict, dtype: np.dtype, place_
     """Read and place every parameter of one stage; ``quantizer`` (:class:`jaxmap.materialize.isq.Quantizer`) may take a
     weight instead and return it quantized and placed."""
 
-    def load(spec: llama.ParamSpec) -> jax.Array:
+    def load(spec: families.ParamSpec) -> jax.Array:
         sharding = place_for(spec)
         if not sharding.addressable_devices:  # multi-process: every shard lives on another process, read nothing
             return jax.make_array_from_single_device_arrays(spec.shape, sharding, [], dtype=dtype)

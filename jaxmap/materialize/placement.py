@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxmap.config import ModelConfig
 from jaxmap.config.hardware import Hardware, live_jax_devices
 from jaxmap.errors import UserError
-from jaxmap.families.specs import ParamSpec
+from jaxmap.families import ParamSpec
 from jaxmap.planning.device_map import DeviceMap
 from jaxmap.planning.rules import RULES, logical_to_spec
 

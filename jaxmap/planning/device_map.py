@@ -8,6 +8,7 @@ each stage's mesh with ``jax.make_mesh`` / ``mesh_utils.create_device_mesh`` ove
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ class Placement:
     stage: int | None
     vocab_parallel: bool = False
     isq: str | None = None
+    tensor: str = ""  # the weight's name in the model file (what a topology /regex/ key matches)
 
 
 @dataclasses.dataclass
@@ -229,9 +231,9 @@ class DeviceMap:
                                  "fill decides this; a topology names devices only)")
                 lines.append(f"{seg.start}-{seg.end}:" + ("" if body else " {}"))
                 lines += body
-        for key, place in (("/model\\.embed_tokens/", self.embed), ("/model\\.norm/", self.final_norm),
-                           ("/lm_head/", self.lm_head)):
-            if place.stage is None and len(place.devices) == 1:
+        for place in (self.embed, self.final_norm, self.lm_head):
+            key = f"/{re.escape(place.tensor.removesuffix('.weight'))}/"
+            if place.stage is None and len(place.devices) == 1 and place.tensor:
                 lines += [f"'{key}':", f"  device: {place.devices[0]}"]
         return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ from jaxmap.config import ModelConfig
 from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.families.specs import ParamSpec, layer_param_specs, outer_param_specs
+from jaxmap.families import ParamSpec, layer_param_specs, outer_param_specs
 from jaxmap.planning.device_map import DeviceMemory, Placement, Stage, format_bytes
 from jaxmap.planning.memory import (
     CUDA_PINNED_POOL_DEFAULT_GB,
@@ -187,12 +187,13 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
 
     for s in stages:
         itemsize = parse_dtype(s.dtype).itemsize
-        kv = kv_cache_bytes(config, s.tp, itemsize, max_seq_len, max_batch_size)
+        kv = sum(kv_cache_bytes(config, s.tp, itemsize, max_seq_len, max_batch_size, layer=i)
+                 for i in range(s.start, s.end))
         widths = [layer_weight_bytes(config, i, s.tp, s.dtype, s.isq[i - s.start], stored)
                   for i in range(s.start, s.end)]
         for d in s.devices:
             r = row(d)
-            r.kv_cache_bytes += kv * len(widths)
+            r.kv_cache_bytes += kv
             r.activation_bytes = max(r.activation_bytes, activation_bytes(config, s.tp, itemsize, max_seq_len,
                                                                           max_batch_size))
             if s.memory_kind == "device":
@@ -254,7 +255,7 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     n_layers = config.num_hidden_layers
     itemsize = parse_dtype(dtype).itemsize
     w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored) for i in range(n_layers)]
-    kv = kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
+    kv = [kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size, layer=i) for i in range(n_layers)]
     act = activation_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
     first, last = pool[0], pool[-1]
     native = "native" if stored and any(t == "native" for t in isq) else None
@@ -286,16 +287,16 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     devices: list[Device] = []
     for d in pool[:-1]:
         room = free[d.name]
-        while len(devices) < n_layers and w[len(devices)] + kv <= room:
-            room -= w[len(devices)] + kv
+        while len(devices) < n_layers and w[len(devices)] + kv[len(devices)] <= room:
+            room -= w[len(devices)] + kv[len(devices)]
             devices.append(d)
     placed = len(devices)
     rest = n_layers - placed
-    room = free[last.name] - 2 * max(w[placed:]) - kv * rest
+    room = free[last.name] - 2 * max(w[placed:]) - sum(kv[placed:])
     if room < 0:
         raise UserError(
             f"the model does not fit: {last.name} runs the {rest} offloaded layers and needs "
-            f"{format_bytes(kv * rest + 2 * max(w[placed:]))} for their KV cache (--max-seq-len {max_seq_len} x "
+            f"{format_bytes(sum(kv[placed:]) + 2 * max(w[placed:]))} for their KV cache (--max-seq-len {max_seq_len} x "
             f"--max-batch-size {max_batch_size}) and two streaming buffers but has {format_bytes(free[last.name])} "
             "left; lower --max-seq-len or --max-batch-size, or raise --max-memory")
     resident = 0
@@ -329,7 +330,7 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     return Fill(devices, kinds, why)
 
 
-def _proportional(w: list[int], kv: int, pool: list[Device], free: dict[str, int]) -> list[int] | None:
+def _proportional(w: list[int], kv: list[int], pool: list[Device], free: dict[str, int]) -> list[int] | None:
     """Layer counts per device in proportion to free memory, each within its device; None when they cannot all fit."""
     n = len(w)
     total_free = sum(max(0, free[d.name]) for d in pool)
@@ -342,12 +343,12 @@ def _proportional(w: list[int], kv: int, pool: list[Device], free: dict[str, int
     counts, start = [], 0
     for d, bound in zip(pool, bounds, strict=True):
         room, end = free[d.name], start
-        while end < n and end < max(bound, start) and w[end] + kv <= room:
-            room -= w[end] + kv
+        while end < n and end < max(bound, start) and w[end] + kv[end] <= room:
+            room -= w[end] + kv[end]
             end += 1
         if d is pool[-1]:
-            while end < n and w[end] + kv <= room:
-                room -= w[end] + kv
+            while end < n and w[end] + kv[end] <= room:
+                room -= w[end] + kv[end]
                 end += 1
         counts.append(end - start)
         start = end
@@ -355,8 +356,8 @@ def _proportional(w: list[int], kv: int, pool: list[Device], free: dict[str, int
         counts, start = [], 0
         for d in pool:
             room, end = free[d.name], start
-            while end < n and w[end] + kv <= room:
-                room -= w[end] + kv
+            while end < n and w[end] + kv[end] <= room:
+                room -= w[end] + kv[end]
                 end += 1
             counts.append(end - start)
             start = end

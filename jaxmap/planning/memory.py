@@ -15,6 +15,7 @@ import re
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families import family_of
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -92,11 +93,15 @@ def parse_max_memory(spec: str | dict | None) -> dict[str, int] | None:
     return out
 
 
-def kv_cache_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int) -> int:
-    """One layer's K and V buffers on one device: split on kv heads when they divide over tp, else replicated."""
+def kv_cache_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int,
+                   layer: int | None = None) -> int:
+    """One layer's K and V buffers on one device: split on kv heads when they divide over tp, else replicated.
+    ``layer`` lets the family say how many slots that layer holds (a sliding-window layer fewer than
+    ``max_seq_len``); None counts a full-context layer."""
     kv_heads = config.num_key_value_heads
     per_device = kv_heads // tp if kv_heads % tp == 0 else kv_heads
-    return 2 * max_batch_size * max_seq_len * per_device * config.head_dim * itemsize
+    slots = max_seq_len if layer is None else family_of(config).kv_slots(config, layer, max_seq_len)
+    return 2 * max_batch_size * slots * per_device * config.head_dim * itemsize
 
 
 def activation_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int) -> int:

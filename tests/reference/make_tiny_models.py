@@ -60,7 +60,7 @@ QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Plain-data descriptions of the two folders; config.json is built from these.
+# Plain-data descriptions of the folders; config.json is built from these.
 TINY_LLAMA = {
     "name": "tiny-llama",
     "seed": 1234,
@@ -75,6 +75,7 @@ TINY_LLAMA = {
     "num_hidden_layers": 4,
     "tie_word_embeddings": False,
     "qkv_bias": False,
+    "qk_norm": False,
     "rope_theta": 10000.0,
     "rope_scaling": {
         "rope_type": "llama3",
@@ -105,6 +106,7 @@ TINY_QWEN2 = {
     "num_hidden_layers": 3,
     "tie_word_embeddings": True,
     "qkv_bias": True,
+    "qk_norm": False,
     "rope_theta": 1000000.0,
     "rope_scaling": None,
     "max_position_embeddings": 512,
@@ -118,7 +120,37 @@ TINY_QWEN2 = {
     "qwen2_pretokenizer": True,
 }
 
-SPECS = (TINY_LLAMA, TINY_QWEN2)
+TINY_QWEN3 = {
+    "name": "tiny-qwen3",
+    "seed": 5678,
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    # Qwen3 decouples head_dim from hidden_size / num_attention_heads (16 here): q/k/v widths are heads * 32.
+    "head_dim": 32,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "tie_word_embeddings": True,
+    "qkv_bias": False,  # Qwen3 reads attention_bias (false in the released models)
+    # Per-head RMSNorm over head_dim on q and k (self_attn.q_norm / k_norm, shape [head_dim]), before RoPE.
+    "qk_norm": True,
+    # q/k are unit-RMS after that norm, so the 2.0 q/k projection gain no longer sharpens attention; the norm weights
+    # set its temperature instead (trained Qwen3 ones are large too). At 1.0 greedy text repeats one token at once.
+    "qk_norm_gain": 2.0,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "dtype": "float32",
+    "shards": 1,
+    "residual_gain": 3.0,  # as tiny-qwen2: tied embeddings otherwise make greedy text loop at once
+    "qwen2_pretokenizer": True,  # Qwen3 ships the Qwen2 tokenizer
+}
+
+SPECS = (TINY_LLAMA, TINY_QWEN2, TINY_QWEN3)
 
 _NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 _ST_CODES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32"}
@@ -156,8 +188,8 @@ def make_weights(spec: Mapping) -> dict[str, np.ndarray]:
         # ~0.02-0.09 std at these widths: 1/sqrt(fan_in) keeps activations O(1) so attention and MLP both matter.
         return rng.normal(0.0, gain / np.sqrt(in_dim), size=(out_dim, in_dim))
 
-    def norm(dim: int) -> np.ndarray:
-        return 1.0 + rng.normal(0.0, 0.1, size=dim)
+    def norm(dim: int, gain: float = 1.0) -> np.ndarray:
+        return gain * (1.0 + rng.normal(0.0, 0.1, size=dim))
 
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": rng.normal(0.0, 1.0, size=(vocab, h)) * 0.5}
     for i in range(spec["num_hidden_layers"]):
@@ -171,6 +203,9 @@ def make_weights(spec: Mapping) -> dict[str, np.ndarray]:
             w[p + "self_attn.q_proj.bias"] = rng.normal(0.0, 0.1, size=heads * hd)
             w[p + "self_attn.k_proj.bias"] = rng.normal(0.0, 0.1, size=kv * hd)
             w[p + "self_attn.v_proj.bias"] = rng.normal(0.0, 0.1, size=kv * hd)
+        if spec["qk_norm"]:
+            w[p + "self_attn.q_norm.weight"] = norm(hd, spec["qk_norm_gain"])
+            w[p + "self_attn.k_norm.weight"] = norm(hd, spec["qk_norm_gain"])
         w[p + "post_attention_layernorm.weight"] = norm(h)
         w[p + "mlp.gate_proj.weight"] = mat(inter, h)
         w[p + "mlp.up_proj.weight"] = mat(inter, h)
@@ -246,9 +281,11 @@ def config_json(spec: Mapping) -> dict:
         "initializer_range": 0.02,
     }
     if spec["model_type"] == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    else:
+        cfg.update(attention_bias=spec["qkv_bias"], mlp_bias=False, pretraining_tp=1)
+    else:  # qwen2 / qwen3: sliding-window attention off
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec["num_hidden_layers"])
+        if spec["model_type"] != "qwen2":  # qwen2 hard-codes q/k/v biases; qwen3 reads the flag
+            cfg["attention_bias"] = spec["qkv_bias"]
     return cfg
 
 

@@ -1,0 +1,343 @@
+"""The family interface: what a model family declares, as data, so that the rest of jaxmap never names a family or a
+weight.
+
+A family is one :class:`Family` value in one file of this folder. It says
+
+- which Hugging Face ``model_type`` / ``architectures`` and GGUF ``general.architecture`` values it claims, how its
+  config keys become the shared :class:`~jaxmap.config.ModelConfig` (defaults per model type, refusals);
+- its tensors (:class:`TensorDecl`): jaxmap's key, the Hugging Face and GGUF names, the shape in config terms, the
+  logical axes the rules table splits, and a role (embedding, attention, mlp, norm, head) that the planner, the memory
+  model, ISQ and the placement flags work from;
+- its decoder layer as a :class:`LayerDesign`: which shared blocks the engine's generic layer composes, with their
+  settings (query/key norms, biases, ...), so that the forward code lives once in :mod:`jaxmap.engine.layers`;
+- its per-layer KV-cache slots (a sliding-window layer holds W slots, not ``max_seq_len``).
+
+Why declarative rather than a forward function per family: the declaration must import without jax (the planner
+reads it to plan for hardware you do not have), the engine compiles one program per distinct design (a hashable
+value), and a new family that differs from one it resembles in a norm or a bias is a few lines, not a copy of a
+decoder layer. A family whose layer needs a block the engine lacks adds the block there, once, for every family.
+
+Everything here is pure Python: no jax, no numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
+
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
+ROLES = ("embedding", "attention", "mlp", "norm", "head")
+# Symbolic sizes a TensorDecl's shape is written in, read from the config.
+_DIMS: dict[str, Callable[[ModelConfig], int]] = {
+    "vocab": lambda c: c.vocab_size,
+    "hidden": lambda c: c.hidden_size,
+    "q": lambda c: c.q_size,
+    "kv": lambda c: c.kv_size,
+    "mlp": lambda c: c.intermediate_size,
+    "head_dim": lambda c: c.head_dim,
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+_INTEGER_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a concrete model: its Hugging Face source tensor, the shape jaxmap keeps it in, its logical
+    axes, its role, and the decoder layer it belongs to (None for embeddings, final norm and head).
+
+    ``transpose`` says the Hugging Face tensor is ``[out, in]`` and jaxmap keeps ``[in, out]``. ``gguf_name`` is the
+    same tensor's name in a GGUF file (shown by ``plan --json``, matched by placement regexes).
+    """
+
+    hf_name: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    transpose: bool = False
+    role: str = "attention"
+    layer: int | None = None
+    gguf_name: str = ""
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape)) if self.transpose else self.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDecl:
+    """One tensor as a family declares it, in config terms.
+
+    ``hf`` / ``gguf`` are the names in those files; in per-layer tensors ``{i}`` stands for the layer index.
+    ``shape`` is in jaxmap's layout (projections ``[in, out]``), written with the symbolic sizes ``vocab``,
+    ``hidden``, ``q`` (heads x head_dim), ``kv``, ``mlp`` and ``head_dim``. ``when`` names a boolean config field
+    that must be true for the tensor to exist (``attention_bias``); ``unless`` one that must be false
+    (``tie_word_embeddings`` for the LM head).
+    """
+
+    key: str
+    hf: str
+    gguf: str
+    shape: tuple[str, ...]
+    axes: tuple[str, ...]
+    role: str
+    transpose: bool = False
+    when: str | None = None
+    unless: str | None = None
+
+    def exists(self, config: ModelConfig) -> bool:
+        return ((self.when is None or bool(getattr(config, self.when)))
+                and (self.unless is None or not getattr(config, self.unless)))
+
+    def spec(self, config: ModelConfig, layer: int | None = None) -> ParamSpec:
+        fill = {} if layer is None else {"i": layer}
+        return ParamSpec(self.hf.format(**fill), tuple(_DIMS[d](config) for d in self.shape), self.axes,
+                         self.transpose, self.role, layer, self.gguf.format(**fill))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDesign:
+    """The shared blocks one decoder layer composes, with their settings. Hashable: the engine compiles one program
+    per distinct design, so layers that share a design share their compiled program."""
+
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+
+
+def _design_from_config(config: ModelConfig, layer: int) -> LayerDesign:
+    return LayerDesign(qkv_bias=config.attention_bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Everything particular to one model family (see the module docstring)."""
+
+    name: str
+    label: str  # what a user recognises: "Llama 2/3, Mistral, Qwen2, SmolLM2"
+    model_types: tuple[str, ...]
+    architectures: Mapping[str, str]  # Hugging Face class -> model_type
+    gguf_architectures: Mapping[str, str]  # GGUF general.architecture -> model_type
+    layer_tensors: tuple[TensorDecl, ...]
+    outer_tensors: tuple[TensorDecl, ...]
+    # Which activation each projection multiplies (by jaxmap key): what an importance matrix measures per weight.
+    projection_inputs: Mapping[str, str]
+    # config.json defaults that differ between the model types a family claims ({model_type: {key: value}}).
+    defaults: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # GGUF architectures whose q/k projection rows llama.cpp's converter permuted (interleaved RoPE pairs).
+    gguf_permuted_qk: tuple[str, ...] = ()
+    design: Callable[[ModelConfig, int], LayerDesign] = _design_from_config
+    # A family's own checks of a parsed config (raise UserError for a feature it does not implement).
+    check: Callable[[ModelConfig, Mapping[str, Any]], None] | None = None
+
+    # ---- config ---------------------------------------------------------------------------------------------------
+    def read_config(self, raw: Mapping[str, Any], name: str = "") -> ModelConfig:
+        """A ``config.json`` of one of this family's model types as a :class:`ModelConfig`."""
+        model_type = raw.get("model_type") or next(
+            (self.architectures[a] for a in raw.get("architectures") or [] if a in self.architectures), None)
+        config = read_common(raw, model_type, self.defaults.get(model_type, {}), name)
+        if self.check is not None:
+            self.check(config, raw)
+        return config
+
+    def to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        """The config as Hugging Face ``config.json`` keys (presets, checkpoints, reference scripts)."""
+        arch_class = next(k for k, v in self.architectures.items() if v == config.architecture)
+        out: dict[str, Any] = {
+            "architectures": [arch_class],
+            "model_type": config.architecture,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_theta": config.rope_theta,
+            "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "attention_bias": config.attention_bias,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": list(config.eos_token_ids),
+        }
+        if self.defaults.get(config.architecture, {}).get("use_sliding_window") or config.sliding_window:
+            out["sliding_window"] = config.sliding_window
+            out["use_sliding_window"] = config.sliding_window is not None
+        return out
+
+    # ---- tensors --------------------------------------------------------------------------------------------------
+    def layer_params(self, config: ModelConfig, layer: int) -> dict[str, ParamSpec]:
+        """Decoder layer ``layer``'s parameters keyed by jaxmap's short names (heads-major projections, so equal
+        splits of the ``heads`` / ``kv_heads`` axes fall on head boundaries)."""
+        return {t.key: t.spec(config, layer) for t in self.layer_tensors if t.exists(config)}
+
+    def outer_params(self, config: ModelConfig) -> dict[str, ParamSpec]:
+        """Embeddings, final norm and LM head (absent when tied)."""
+        return {t.key: t.spec(config) for t in self.outer_tensors if t.exists(config)}
+
+    def layer_design(self, config: ModelConfig, layer: int) -> LayerDesign:
+        return self.design(config, layer)
+
+    def kv_slots(self, config: ModelConfig, layer: int, max_seq_len: int) -> int:
+        """KV-cache slots per sequence that layer ``layer`` holds (every layer attends over the whole context)."""
+        return max_seq_len
+
+    # ---- names ----------------------------------------------------------------------------------------------------
+    def layer_of(self, hf_name: str) -> int | None:
+        """The decoder layer a Hugging Face tensor name belongs to, or None."""
+        m = self._layer_pattern.match(hf_name)
+        return int(m.group(1)) if m else None
+
+    def gguf_to_hf(self, gguf_name: str) -> str | None:
+        """The Hugging Face name of a GGUF tensor, or None for tensors the family has no use for."""
+        m = _GGUF_BLOCK.match(gguf_name)
+        if m:
+            hf = self._gguf_layer_names.get(m.group(2))
+            return hf.format(i=int(m.group(1))) if hf else None
+        return self._gguf_outer_names.get(gguf_name)
+
+    def hf_to_gguf(self, hf_name: str) -> str | None:
+        layer = self.layer_of(hf_name)
+        for t in self.layer_tensors if layer is not None else self.outer_tensors:
+            if (t.hf.format(i=layer) if layer is not None else t.hf) == hf_name:
+                return t.gguf.format(i=layer) if layer is not None else t.gguf
+        return None
+
+    def gguf_row_heads(self, gguf_arch: str, config: ModelConfig, hf_name: str) -> int | None:
+        """Heads to un-permute a tensor's rows by (llama.cpp's interleaved q/k order), or None for other tensors."""
+        if gguf_arch not in self.gguf_permuted_qk:
+            return None
+        key = self._key_of(hf_name)
+        return {"wq": config.num_attention_heads, "bq": config.num_attention_heads,
+                "wk": config.num_key_value_heads, "bk": config.num_key_value_heads}.get(key)
+
+    def gguf_config(self, gguf_arch: str, get: Callable[[str, Any], Any], tensor_names: set[str],
+                    where: str) -> dict[str, Any]:
+        """``config.json`` keys from GGUF metadata (``get(key, default)``) and the file's tensor names (mapped to
+        Hugging Face's)."""
+
+        def need(key: str) -> Any:
+            value = get(f"{gguf_arch}.{key}", None)
+            if value is None:
+                raise UserError(f"{where}: GGUF metadata lacks {gguf_arch}.{key}")
+            return value
+
+        heads = int(need("attention.head_count"))
+        hidden = int(need("embedding_length"))
+        probe = ModelConfig("probe", 1, 1, 1, 1, 1, 1, 1)  # names of layer 0 / outer tensors, whatever the sizes
+        with_bias = dataclasses.replace(probe, attention_bias=True)
+        bias_names = {s.hf_name for k, s in self.layer_params(with_bias, 0).items()
+                      if k not in self.layer_params(probe, 0)}
+        head_names = {s.hf_name for s in self.outer_params(probe).values() if s.role == "head"}
+        return {
+            "model_type": self.gguf_architectures[gguf_arch],
+            "hidden_size": hidden,
+            "intermediate_size": int(need("feed_forward_length")),
+            "num_hidden_layers": int(need("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(get(f"{gguf_arch}.attention.head_count_kv", heads)),
+            "head_dim": int(get(f"{gguf_arch}.attention.key_length", hidden // heads)),
+            "rms_norm_eps": float(get(f"{gguf_arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(get(f"{gguf_arch}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(get(f"{gguf_arch}.context_length", 4096)),
+            "tie_word_embeddings": not head_names & tensor_names,
+            "attention_bias": bool(bias_names & tensor_names),
+        }
+
+    def embedding_name(self, config: ModelConfig) -> str:
+        return next(s.hf_name for s in self.outer_params(config).values() if s.role == "embedding")
+
+    def head_name(self, config: ModelConfig) -> str:
+        """The tensor the LM head multiplies by: its own, or the embedding table when tied."""
+        outer = self.outer_params(config)
+        return next((s.hf_name for s in outer.values() if s.role == "head"), self.embedding_name(config))
+
+    # ---- derived lookups ------------------------------------------------------------------------------------------
+    @property
+    def _layer_pattern(self) -> re.Pattern:
+        prefixes = {t.hf.split("{i}")[0] for t in self.layer_tensors}
+        return re.compile("^(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(\d+)\.")
+
+    @property
+    def _gguf_layer_names(self) -> dict[str, str]:
+        return {t.gguf.split("{i}.", 1)[1]: t.hf for t in self.layer_tensors}
+
+    @property
+    def _gguf_outer_names(self) -> dict[str, str]:
+        return {t.gguf: t.hf for t in self.outer_tensors}
+
+    def _key_of(self, hf_name: str) -> str | None:
+        layer = self.layer_of(hf_name)
+        if layer is None:
+            return next((t.key for t in self.outer_tensors if t.hf == hf_name), None)
+        return next((t.key for t in self.layer_tensors if t.hf.format(i=layer) == hf_name), None)
+
+
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+# ---- config.json keys shared by every family -----------------------------------------------------------------------
+
+def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, Any], name: str = "") -> ModelConfig:
+    """The keys every decoder family shares, checked: whole numbers are whole, rope scaling is an object of a
+    known type, head_dim is given when heads do not divide hidden. ``defaults`` fills keys the family's model type
+    leaves out (Qwen2's biases, Mistral's sliding window)."""
+    try:
+        for key, value in raw.items():  # int() would take True as 1 and 64.5 as 64
+            if key in _INTEGER_KEYS and (isinstance(value, bool) or isinstance(value, float)
+                                         and not value.is_integer()):
+                raise UserError(f"model config: {key} must be a positive integer, got {value!r}")
+        scaling = raw.get("rope_scaling")
+        if scaling and not isinstance(scaling, Mapping):
+            raise UserError(f"model config: rope_scaling must be an object (rope_type, factor, ...) or null, "
+                            f"got {scaling!r}")
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise UserError(f"model config: rope scaling {kind!r} is not supported yet; supported: "
+                                f"{', '.join(ROPE_TYPES)}")
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        head_dim = raw.get("head_dim")
+        if not head_dim and heads > 0 and hidden % heads:
+            raise UserError(f"model config: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                            f"set head_dim in config.json")
+        head_dim = head_dim or (hidden // heads if heads > 0 else 0)
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        use_sliding = raw.get("use_sliding_window", defaults.get("use_sliding_window", False))
+        sliding = raw.get("sliding_window") if use_sliding else None
+        return ModelConfig(
+            architecture=model_type,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_scaling=dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", defaults.get("attention_bias", False))),
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            name=name or str(raw.get("_name_or_path", "")),
+        )
+    except KeyError as exc:
+        raise UserError(f"model config is missing the key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"model config has a malformed value: {exc}") from None
