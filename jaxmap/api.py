@@ -16,23 +16,19 @@ import numpy as np
 from jaxmap.config import ModelConfig, list_presets
 from jaxmap.config.dtypes import default_dtype, parse_dtype
 from jaxmap.config.hardware import Hardware
-from jaxmap.engine.engine import Engine, Stage, StepShape, attend_bucket, choose_layer_mode, prefill_bucket
+from jaxmap.engine.engine import Engine, StepShape, attend_bucket, prefill_bucket
 from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
 from jaxmap.families import family_of, preset_config
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.imatrix_file import Imatrix
 from jaxmap.loading.random_source import RandomSource
-from jaxmap.loading.safetensors_source import SafetensorsSource
 from jaxmap.loading.tokenizer import Tokenizer
 from jaxmap.materialize import isq as isq_mod
-from jaxmap.materialize import params as materialize
-from jaxmap.materialize.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
-from jaxmap.materialize.placement import stage_placements
+from jaxmap.materialize.model import materialize_model
 from jaxmap.planning.device_map import DeviceMap
 from jaxmap.planning.planner import plan as plan_device_map
 from jaxmap.planning.wishes import make_wish
-from jaxmap.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -391,45 +387,14 @@ def load(
         stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
         device_map = saved if saved is not None else plan_device_map(
             config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored)
-        quantizer = isq_mod.Quantizer(source, isq_mod.type_function(device_map, config, global_isq), importance)
-        disk_isq = any(t not in (None, "none") for s in device_map.stages if s.memory_kind == "disk" for t in s.isq)
-        if any(s.memory_kind == "disk" for s in device_map.stages) and (
-                disk_isq or not isinstance(source, SafetensorsSource)):
-            check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
         if save_plan is not None:
             _check_plan_path(Path(save_plan))  # written once the load succeeds: a failed run leaves no plan behind
         for warning in device_map.warnings:
             log.warning("%s", warning)
         log.info("device map for %s:\n%s", source.path, device_map.render_table())
-        placements = stage_placements(device_map, hardware)
-        stage_specs = [materialize.stage_param_specs(config, p.start, p.end if p.memory_kind != "disk" else p.start,
-                                                     p.is_first, p.is_last) for p in placements]
-        bar = Progress(sum(materialize.count_params(s) for s in stage_specs), "loading weights", enabled=progress)
-        stages = []
-        for placement, specs in zip(placements, stage_specs, strict=True):
-            stage_dtype = _stage_dtype(device_map, placement, np_dtype)
-            kind = placement.memory_kind
-            host_kind = "pinned_host" if kind == "host" else None
-
-            def place_for(spec, p=placement, host_kind=host_kind):
-                return p.param_sharding(spec, config, host_kind if spec.layer is not None else None)
-
-            params = materialize.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
-            streamed = kind in ("host", "disk") and placement.end > placement.start
-            layer_shardings = _device_shardings(params, placement, config) if streamed else None
-            disk = None
-            if kind == "disk" and streamed:
-                disk = open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
-                                        offload_folder, _disk_quantization(quantizer, placement, config, importance))
-            mode = "per_layer" if streamed else choose_layer_mode(placement.end - placement.start, layer_mode)
-            stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
-                                placement.cache_sharding(config), placement.is_first, placement.is_last,
-                                mode, stage_dtype,
-                                sync=placement.mesh.devices.size > 1 and placement.platform == "cpu",
-                                memory_kind=kind, disk=disk, layer_shardings=layer_shardings))
-        bar.close()
-        quantizer.report(np.dtype(np_dtype).itemsize)
-        engine = Engine(config, stages, jnp.dtype(np_dtype), seq)
+        stages = materialize_model(source, device_map, hardware, np_dtype, global_isq, importance, offload_folder,
+                                   progress)
+        engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode)
         tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
                  len(stages), jnp.dtype(np_dtype).name, seq)
@@ -484,43 +449,6 @@ def _whole(value, name: str) -> int:
     if not isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, bool):
         raise UserError(f"{name} (--{name.replace('_', '-')}) must be a whole number, got {value!r}")
     return int(value)
-
-
-def _device_shardings(params: dict, placement, config: ModelConfig) -> dict:
-    """Device-memory shardings for one streamed layer: those of its host copy (quantized leaves included), in
-    device memory; for disk layers (nothing placed yet) the plain parameter shardings."""
-    if params["layers"]:
-        return jax.tree.map(lambda a: a.sharding.with_memory_kind("device"), params["layers"][0])
-    specs = materialize.stage_param_specs(config, placement.start, placement.start + 1, False, False)["layers"][0]
-    return {k: placement.param_sharding(v, config) for k, v in specs.items()}
-
-
-def _disk_quantization(quantizer, placement, config: ModelConfig, importance) -> DiskQuantization:
-    """How the disk tier stores this stage's weights: each one's ISQ type under the stage's device sharding, and
-    the host QTensor the quantizer makes of it (recorded in the ISQ report like any other; a reused folder's
-    tensors are recorded as they are read back)."""
-
-    def decide(spec):
-        return quantizer.decide(spec, placement.param_sharding(spec, config))
-
-    def quantize(spec):
-        qtype, keep = decide(spec)
-        return quantizer.host(spec, placement.param_sharding(spec, config), qtype, keep)
-
-    def describe(spec):  # what the stored bytes depend on: the type and the input split (per-shard scales)
-        qtype = decide(spec)[0]
-        return None if qtype is None else f"{qtype}/{isq_mod.split_of(spec, placement.param_sharding(spec, config))[4]}"
-
-    key = "" if importance is None else importance.digest()
-    return DiskQuantization(lambda spec: decide(spec)[0], quantize, key, describe, quantizer.stored)
-
-
-def _stage_dtype(device_map: DeviceMap, placement, default: np.dtype) -> np.dtype:
-    """The plan's dtype for the stage holding these layers (CPU stages beside accelerators run float32)."""
-    for s in device_map.stages:
-        if s.start <= placement.start < s.end:
-            return parse_dtype(s.dtype)
-    return default
 
 
 def _warn_unused_layers(source, config: ModelConfig) -> None:

@@ -90,9 +90,9 @@ def test_streaming_keeps_device_memory_to_a_few_layers(monkeypatch):
     baseline, peak = on_device(), 0  # other tests' models may hold arrays of this shape
     original = model.engine._call
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         nonlocal peak
-        out = original(*args)
+        out = original(*args, **kwargs)
         peak = max(peak, on_device() - baseline)
         return out
 

@@ -4,7 +4,12 @@ Starts N copies of a command with ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a f
 and ``JAX_PROCESS_ID`` set, as a cluster scheduler would on N hosts; with ``--cpu-devices K`` each process gets K
 virtual CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=K``, ``JAX_PLATFORMS=cpu``). Process 0's
 standard output is passed through; every process's standard error is kept and shown when one fails. All processes
-end together: when one fails, or the time limit passes, the others are killed.
+end together: when one fails, the others get a moment (``GRACE_S``) to end by themselves and are then killed; past
+the time limit all are killed at once.
+
+When every process ends with the same user error (the same last ``error: ...`` line on stderr and exit status 2, as
+``python -m jaxmap.generate -m /nonexistent`` does in each process), that one line is the whole report, once, with
+status 2; any other failure shows each process's last lines.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from jaxmap.cli.common import guarded
 from jaxmap.errors import ArgumentParser, UserError
+
+GRACE_S = 2.0  # after the first failure, how long the others may take to end by themselves before they are killed
+TIMED_OUT = 124
 
 
 def free_port() -> int:
@@ -68,6 +77,17 @@ def start(command: Sequence[str], stdout, stderr, cwd: str | None, env: dict[str
         raise UserError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
 
 
+@dataclass
+class Job:
+    """How a job ended: its status (see :func:`launch`), process 0's stdout, every process's stderr, and every
+    process's own status as a shell reports it (128 + N for signal N), None for one the launcher killed."""
+
+    status: int
+    out: str
+    errs: list[str]
+    codes: list[int | None]
+
+
 def launch(command: Sequence[str], num_processes: int = 2, cpu_devices: int | None = None, timeout_s: float = 300,
            cwd: str | None = None, env: dict | None = None) -> tuple[int, str, list[str]]:
     """Run ``command`` as ``num_processes`` processes; returns (exit status, process 0's stdout, every stderr).
@@ -75,6 +95,13 @@ def launch(command: Sequence[str], num_processes: int = 2, cpu_devices: int | No
     The status is 0 when all succeeded, else the first failure's as a shell reports it (128 + N for a process killed
     by signal N; 124 on the time limit).
     """
+    job = run_job(command, num_processes, cpu_devices, timeout_s, cwd, env)
+    return job.status, job.out, job.errs
+
+
+def run_job(command: Sequence[str], num_processes: int = 2, cpu_devices: int | None = None, timeout_s: float = 300,
+            cwd: str | None = None, env: dict | None = None) -> Job:
+    """:func:`launch`, also telling how each process ended."""
     check_job(command, num_processes, cpu_devices, timeout_s)
     port = free_port()
     with contextlib.ExitStack() as files:
@@ -87,28 +114,58 @@ def launch(command: Sequence[str], num_processes: int = 2, cpu_devices: int | No
                                    child_env(i, num_processes, port, cpu_devices, env)))
             status = wait_for(procs, timeout_s)
         finally:
+            codes = [shell_status(p.poll()) for p in procs]  # before the kill: None is one still running
             for p in procs:  # only the processes this call started
                 if p.poll() is None:
                     p.kill()
             for p in procs:
                 p.wait()
         texts = [read_back(f) for f in outs + errs]
-    return status, texts[0], texts[num_processes:]
+    return Job(status, texts[0], texts[num_processes:], codes)
 
 
-def wait_for(procs: list[subprocess.Popen], timeout_s: float) -> int:
-    """0 once all succeed; else the first failure's status as a shell reports it, or 124 past the time limit."""
+def shell_status(code: int | None) -> int | None:
+    """Popen's return code as a shell reports it: -N (killed by signal N) is 128 + N."""
+    return code if code is None or code >= 0 else 128 - code
+
+
+def wait_for(procs: list[subprocess.Popen], timeout_s: float, grace_s: float | None = None) -> int:
+    """0 once all succeed; else the first failure's status as a shell reports it, or 124 past the time limit.
+
+    After the first failure the others get ``grace_s`` (default ``GRACE_S``; within the time limit) to end by
+    themselves, so that each one's own error is seen rather than cut short.
+    """
+    grace_s = GRACE_S if grace_s is None else grace_s
     deadline = time.monotonic() + timeout_s
+    status = None
     while True:
-        codes = [p.poll() for p in procs]
+        codes = [shell_status(p.poll()) for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
-        if failed:
-            return failed[0] if failed[0] > 0 else 128 - failed[0]  # Popen's -N: killed by signal N
-        if all(c == 0 for c in codes):
-            return 0
+        if failed and status is None:
+            status = failed[0]
+            deadline = min(deadline, time.monotonic() + grace_s)
+        if None not in codes:
+            return status or 0
         if time.monotonic() > deadline:
-            return 124
+            return TIMED_OUT if status is None else status
         time.sleep(0.1)
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def common_user_error(job: Job) -> str | None:
+    """The one ``error: ...`` line when every process ended with that same user error (exit status 2, or killed by
+    the launcher after printing it), else None: the failure needs each process's detail."""
+    if job.status != 2:
+        return None
+    lines = {last_line(err) for err in job.errs}
+    if len(lines) != 1 or any(code not in (2, None) for code in job.codes):
+        return None
+    line = lines.pop()
+    return line if line.startswith("error: ") else None
 
 
 def read_back(f) -> str:
@@ -126,19 +183,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the job; pass process 0's output through, and every process's last lines when one fails."""
+    """Run the job; pass process 0's output through, and every process's last lines when one fails (just the one
+    line when all failed with the same user error)."""
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    status, out, errs = launch(command, args.processes, args.cpu_devices, args.timeout)
-    sys.stdout.write(out)
-    if status:
-        for i, err in enumerate(errs):
-            tail = "\n".join(err.splitlines()[-15:])
-            print(f"--- process {i} (stderr, last lines)\n{tail}", file=sys.stderr)
-        what = "timed out" if status == 124 else f"failed with status {status}"
-        print(f"error: the {args.processes}-process job {what}", file=sys.stderr)
-    else:
-        sys.stderr.write(errs[0])
-    return status
+    job = run_job(command, args.processes, args.cpu_devices, args.timeout)
+    sys.stdout.write(job.out)
+    if not job.status:
+        sys.stderr.write(job.errs[0])
+        return 0
+    error = common_user_error(job)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
+    for i, err in enumerate(job.errs):
+        tail = "\n".join(err.splitlines()[-15:])
+        print(f"--- process {i} (stderr, last lines)\n{tail}", file=sys.stderr)
+    what = "timed out" if job.status == TIMED_OUT else f"failed with status {job.status}"
+    print(f"error: the {args.processes}-process job {what}", file=sys.stderr)
+    return job.status
 
 
 if __name__ == "__main__":

@@ -38,55 +38,15 @@ from jaxmap.engine.rope import rope_cos_sin
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
 from jaxmap.families.rope import inverse_frequencies
-from jaxmap.materialize.isq import leaf_shardings
+from jaxmap.materialize.model import Stage
 from jaxmap.quant import is_quantized
+from jaxmap.quant.qtensor import leaf_shardings
 
 log = logging.getLogger(__name__)
 
 UNROLL_MAX_LAYERS = 48
 MIN_ATTEND_BUCKET = 128
 LayerMode = str  # "unrolled" | "per_layer"
-
-
-@dataclasses.dataclass
-class Stage:
-    """A contiguous range of layers and where they live.
-
-    ``params`` holds ``layers`` (a list of per-layer dicts, in order) and, on the first stage, ``embed_tokens``; on
-    the last, ``final_norm`` and ``lm_head`` (or ``embed_tokens`` again when embeddings are tied).
-    ``activation_sharding`` places the hidden state entering the stage (a device or a ``NamedSharding``);
-    ``cache_sharding`` places its KV cache buffers.
-    """
-
-    start: int
-    end: int
-    params: dict
-    activation_sharding: Any
-    cache_sharding: Any
-    is_first: bool
-    is_last: bool
-    mode: LayerMode = "unrolled"
-    dtype: Any = None  # compute dtype of this stage (CPU stages run float32); None: the engine's
-    # Wait for each program before dispatching the next. XLA:CPU runs a multi-device program's collectives on a
-    # shared thread pool: with several such programs in flight (one per layer) its rendezvous can deadlock
-    # (seen with jax 0.10.2 on 8 virtual devices, tp=8, per-layer mode). Set for multi-device CPU stages only.
-    sync: bool = False
-    # Where the layer weights live. "host": ``params["layers"]`` are in pinned host memory and each step moves
-    # them in one layer at a time, the next layer's transfer inside the current layer's program (double
-    # buffering). "disk": ``disk`` reads each layer from a memory map at every step, the next read issued while
-    # the current layer computes. Both run per layer: one program per layer bounds device memory to about two
-    # layers, where an unrolled program may schedule every transfer early and keep all layers resident.
-    memory_kind: str = "device"
-    disk: Any = None  # jaxmap.materialize.disk_tier.DiskLayers for disk stages
-    layer_shardings: dict | None = None  # device shardings of one layer's parameters (streamed stages)
-
-    @property
-    def num_layers(self) -> int:
-        return self.end - self.start
-
-    @property
-    def streamed(self) -> bool:
-        return self.memory_kind in ("host", "disk")
 
 
 def choose_layer_mode(num_layers: int, requested: str = "auto") -> LayerMode:
@@ -146,12 +106,16 @@ class CompileStats:
 class Engine:
     """Runs prefill and decode steps over stages; knows nothing of tokenizers or text."""
 
-    def __init__(self, config: ModelConfig, stages: Sequence[Stage], dtype: jnp.dtype, max_seq_len: int):
+    def __init__(self, config: ModelConfig, stages: Sequence[Stage], dtype: jnp.dtype, max_seq_len: int,
+                 layer_mode: str = "auto"):
         self.config = config
         self.stages = list(stages)
         self.dtype = jnp.dtype(dtype)
         for stage in self.stages:
             stage.dtype = jnp.dtype(stage.dtype or self.dtype)
+            # Streamed stages run one program per layer (it bounds device memory to about two layers); the others
+            # unroll unless they are deep (see choose_layer_mode).
+            stage.mode = "per_layer" if stage.streamed else choose_layer_mode(stage.num_layers, layer_mode)
         self.max_seq_len = max_seq_len
         self.inv_freq = inverse_frequencies(config)
         family = family_of(config)
