@@ -57,36 +57,18 @@ def offload(tree: Any, select: Select = None, memory_kind: str = "pinned_host") 
     move: numpy leaves are in host memory already but unknown to any device, so :func:`shard` them first. A
     ``select`` that matches no path logs a warning.
     """
-    match = _matcher(select)
-    matched: list[str] = []
-    seen: list[str] = []
-
-    def move(name: str, x: Any) -> Any:
-        seen.append(name)
-        if not match(name):
-            return x
-        matched.append(name)
+    def move(x: Any) -> Any:
         if not isinstance(x, jax.Array):
             return x
         _check_memory_kind(x, memory_kind)
         return jax.device_put(x, x.sharding.with_memory_kind(memory_kind))
 
-    out = map_named(move, tree)
-    _warn_unmatched("offload", select, matched, seen)
-    return out
+    return _move_selected("offload", tree, select, move)
 
 
 def fetch(tree: Any, select: Select = None) -> Any:
     """Bring offloaded leaves back to device memory; inside ``jit`` this is a device-memory copy XLA schedules."""
-    match = _matcher(select)
-    matched: list[str] = []
-    seen: list[str] = []
-
-    def move(name: str, x: Any) -> Any:
-        seen.append(name)
-        if not match(name):
-            return x
-        matched.append(name)
+    def move(x: Any) -> Any:
         if isinstance(x, jax.core.Tracer):  # inside jit: the abstract value knows its memory space
             space = getattr(x.aval, "memory_space", None)
             return x if space in (None, jax.memory.Space.Device) else jax.device_put(x, jax.memory.Space.Device)
@@ -95,8 +77,24 @@ def fetch(tree: Any, select: Select = None) -> Any:
             return x
         return jax.device_put(x, sharding.with_memory_kind("device"))
 
-    out = map_named(move, tree)
-    _warn_unmatched("fetch", select, matched, seen)
+    return _move_selected("fetch", tree, select, move)
+
+
+def _move_selected(what: str, tree: Any, select: Select, move: Callable[[Any], Any]) -> Any:
+    """``move`` every leaf whose path ``select`` matches; warn (naming ``what``) when it matches none."""
+    match = _matcher(select)
+    matched: list[str] = []
+    seen: list[str] = []
+
+    def visit(name: str, x: Any) -> Any:
+        seen.append(name)
+        if not match(name):
+            return x
+        matched.append(name)
+        return move(x)
+
+    out = map_named(visit, tree)
+    _warn_unmatched(what, select, matched, seen)
     return out
 
 
