@@ -1,15 +1,9 @@
 """The loader's view of a checkpoint: tensors by Hugging Face name, read one at a time.
 
-Every format (a Hugging Face safetensors folder, a GGUF file, later orbax) presents the same interface, so
-materialising a model never cares where the bytes come from. Names and shapes follow Hugging Face's llama layout:
-
-    model.embed_tokens.weight                       [vocab, hidden]
-    model.layers.{i}.input_layernorm.weight         [hidden]
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight [out, in]   (+ .bias for q/k/v when config.attention_bias)
-    model.layers.{i}.post_attention_layernorm.weight [hidden]
-    model.layers.{i}.mlp.{gate,up,down}_proj.weight  [out, in]
-    model.norm.weight                               [hidden]
-    lm_head.weight                                  [vocab, hidden]   (absent when embeddings are tied)
+Every format (a Hugging Face safetensors folder, a GGUF file, a jaxmap orbax checkpoint, random weights) presents
+the same interface, so materialising a model never cares where the bytes come from. Names and shapes are the ones
+the model's family declares for its Hugging Face files (:mod:`jaxmap.families`; projections ``[out, in]``); a GGUF
+source maps its own names to them through the same family.
 
 ``read`` returns a fresh numpy array in the requested dtype: the source never holds a second copy of the model.
 """
