@@ -27,6 +27,7 @@ from jaxmap.loading.tokenizer import Tokenizer
 from jaxmap.materialize import isq as isq_mod
 from jaxmap.materialize.model import materialize_model
 from jaxmap.planning.device_map import DeviceMap
+from jaxmap.planning.isq_types import ensure_types
 from jaxmap.planning.planner import plan as plan_device_map
 from jaxmap.planning.wishes import make_wish
 
@@ -384,16 +385,20 @@ def load(
                 log.warning("topology isq entries ignored: %s is already quantized, so only their devices apply "
                             "(pass --isq or --dtype to requantize or dequantize it)", source.path)
                 wish = dataclasses.replace(wish, topology=wish.topology.with_isq(isq_mod.NATIVE))
+        # A GGUF kept in its own types is planned with them (file sizes and types); a quantized jaxmap checkpoint is
+        # planned at float size (conservative) and its stored types fill the plan's placeholders below.
+        native = isq_mod.native_types(source)
         stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
         device_map = saved if saved is not None else plan_device_map(
-            config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored)
+            config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored,
+            native_types=native if stored else None)
+        ensure_types(device_map, config, native)  # a plan saved before it stored final types; native placeholders
         if save_plan is not None:
             _check_plan_path(Path(save_plan))  # written once the load succeeds: a failed run leaves no plan behind
         for warning in device_map.warnings:
             log.warning("%s", warning)
         log.info("device map for %s:\n%s", source.path, device_map.render_table())
-        stages = materialize_model(source, device_map, hardware, np_dtype, global_isq, importance, offload_folder,
-                                   progress)
+        stages = materialize_model(source, device_map, hardware, np_dtype, importance, offload_folder, progress)
         engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode)
         tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,

@@ -72,8 +72,15 @@ def test_bench_refuses_zero_repeats():
     (["--cpu-devices", "0"], "--cpu-devices must be at least 1, got 0"),
     (["-m", "preset:tiny", "--compare-transformers"], "--compare-transformers needs weights on disk"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bad_flags_are_refused_before_any_worker(args, fragment):
-    r = run_bench("-m", TINY_LLAMA, *args)
+def test_bad_flags_are_refused_before_any_worker(args, fragment, run_main, monkeypatch):
+    """The parent's checks, in this process (the command's main; the tests around run ``python -m jaxmap.bench``):
+    no worker may start, and the run's constants it sets are put back."""
+    from jaxmap.cli import bench
+
+    monkeypatch.setattr(bench, "NEW_TOKENS", bench.NEW_TOKENS)
+    monkeypatch.setattr(bench, "REPEATS", bench.REPEATS)
+    monkeypatch.setattr(bench, "run_worker", lambda *a, **k: pytest.fail("a worker was started"))
+    r = run_main(bench.main, "-m", TINY_LLAMA, *args)
     assert_one_error_line(r, fragment)
 
 

@@ -228,7 +228,8 @@ def test_interrupted_quantized_conversion_leaves_nothing(q8, tmp_path, monkeypat
 
 
 def test_gguf_is_converted_with_its_native_types(default_gguf, tmp_path):
-    out = convert(open_source(default_gguf), tmp_path / "native", progress=False)  # no --isq, no --dtype
+    source = open_source(default_gguf)  # opened once (reading SmolLM2's GGUF header takes seconds)
+    out = convert(source, tmp_path / "native", progress=False)  # no --isq, no --dtype
     meta = json.loads((out / METADATA).read_text())
     assert meta["isq"] == "native"
     assert {e["isq"] for n, e in meta["tensors"].items() if ".layers." in n and "norm" not in n} == {"Q4_1"}
@@ -241,8 +242,8 @@ def test_gguf_is_converted_with_its_native_types(default_gguf, tmp_path):
     from jaxmap.loading.orbax_checkpoint import qtensor_leaves
 
     name = "model.layers.3.mlp.down_proj.weight"  # the stored blocks are the GGUF's, repacked (logits: README)
-    raw, _ = open_source(default_gguf).raw(name)
-    want = qtensor_leaves(quant.from_gguf(raw, "Q4_1", open_source(default_gguf).shape(name)))[0]
+    raw, _ = source.raw(name)
+    want = qtensor_leaves(quant.from_gguf(raw, "Q4_1", source.shape(name)))[0]
     got = qtensor_leaves(OrbaxSource(out).read_qtensor(name))[0]
     assert got.keys() == want.keys()
     for k in want:

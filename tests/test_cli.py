@@ -1,4 +1,8 @@
-"""The command lines as a user runs them: output, JSON, and one clear line with exit status 2 for bad input."""
+"""The command lines as a user runs them: output, JSON, and one clear line with exit status 2 for bad input.
+
+``cli`` runs ``python -m`` in a subprocess; ``main`` runs the command's main in this process (the ``run_main``
+fixture), for the checks that need no fresh process: it skips a jax import per call. Standard input, the device
+count a process starts with, and each command's ``python -m`` path stay in subprocesses."""
 
 from __future__ import annotations
 
@@ -20,6 +24,18 @@ def cli(*args: str, stdin: str | None = None, module: str = "jaxmap.generate", t
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                           input=stdin, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def main(run_main, monkeypatch):
+    """``main(*args, module="jaxmap.generate")``: that command's main in this process, from the repository root."""
+    import importlib
+
+    monkeypatch.chdir(ROOT)
+    def run(*args: str, module: str = "jaxmap.generate"):
+        return run_main(importlib.import_module(module.replace("jaxmap.", "jaxmap.cli.", 1)).main, *args)
+
+    return run
 
 
 def assert_user_error(out, *fragments: str) -> None:
@@ -51,7 +67,8 @@ def test_generate_streams_text_and_stats_from_stdin():
     assert "device map" in out.stderr  # the layout table at INFO
 
 
-def test_generate_layout_flags_and_saved_plan(tmp_path):
+def test_generate_layout_flags_and_saved_plan(tmp_path, main):
+    cli = main
     plan = tmp_path / "plan.yaml"
     a = cli("-m", str(TINY), "-p", "hi", "--max-new-tokens", "4", "--ignore-eos", "--json", "-q", "--pp", "2",
             "--save-plan", str(plan))
@@ -79,19 +96,21 @@ def test_generate_layout_flags_and_saved_plan(tmp_path):
         (["-m", "preset:nope"], ["unknown model preset"]),
     ],
 )
-def test_bad_input_one_line_exit_2(args, fragments):
-    out = cli(*args, "--prompt", "hello world, this is a prompt", "--max-new-tokens", "2")
+def test_bad_input_one_line_exit_2(args, fragments, main):
+    out = main(*args, "--prompt", "hello world, this is a prompt", "--max-new-tokens", "2")
     assert_user_error(out, *fragments)
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_architecture(tmp_path, main):
+    cli = main
     folder = tmp_path / "gpt"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     assert_user_error(cli("-m", str(folder), "--prompt", "x"), "unsupported architecture", "llama")
 
 
-def test_truncated_safetensors(tmp_path):
+def test_truncated_safetensors(tmp_path, main):
+    cli = main
     folder = tmp_path / "broken"
     shutil.copytree(TINY, folder)
     shard = folder / "model-00002-of-00002.safetensors"
@@ -99,14 +118,16 @@ def test_truncated_safetensors(tmp_path):
     assert_user_error(cli("-m", str(folder), "--prompt", "x"), "truncated")
 
 
-def test_truncated_gguf(tmp_path, default_gguf):
+def test_truncated_gguf(tmp_path, default_gguf, main):
+    cli = main
     broken = tmp_path / "broken.gguf"
     with open(default_gguf, "rb") as src:
         broken.write_bytes(src.read(5_000_000))
     assert_user_error(cli("-m", str(broken), "--prompt", "x"))
 
 
-def test_bad_topology(tmp_path):
+def test_bad_topology(tmp_path, main):
+    cli = main
     topo = tmp_path / "t.yml"
     topo.write_text("0-9:\n  device: cpu\n")
     assert_user_error(cli("-m", str(TINY), "--topology", str(topo), "--prompt", "x"))
@@ -146,22 +167,29 @@ def raw_cli(*args: str, stdin: bytes, module: str = "jaxmap.generate"):
     (["-m", str(TINY), "-p", "hi", "--temperature", "nan"], b"", "finite number"),
     (["-m", str(TINY), "-p", "hi", "--seed", "99999999999999999999"], b"", "seed"),
 ])
-def test_prompt_and_flag_errors_come_before_loading(args, stdin, fragment):
-    """Errors knowable from the flags and the prompt are reported before any weight is read (no device map)."""
-    out = raw_cli(*args, stdin=stdin)
-    err = out.stderr.decode()
+def test_prompt_and_flag_errors_come_before_loading(args, stdin, fragment, main):
+    """Errors knowable from the flags and the prompt are reported before any weight is read (no device map). A
+    prompt from standard input is read in a subprocess; the others run in this process."""
+    if "-p" in args:
+        assert not stdin
+        out = main(*args)
+        err = out.stderr
+    else:
+        out = raw_cli(*args, stdin=stdin)
+        err = out.stderr.decode()
     assert out.returncode == 2 and fragment in err and "Traceback" not in err, err
     assert "device map" not in err and "loading weights" not in err
 
 
-def test_stdin_prompt_drops_one_trailing_newline():
+def test_stdin_prompt_drops_one_trailing_newline(main):
     piped = raw_cli("-m", str(TINY), "--json", "-q", "--max-new-tokens", "2", "--ignore-eos", stdin=b"hello there\n")
-    given = cli("-m", str(TINY), "--json", "-q", "--max-new-tokens", "2", "--ignore-eos", "-p", "hello there")
+    given = main("-m", str(TINY), "--json", "-q", "--max-new-tokens", "2", "--ignore-eos", "-p", "hello there")
     assert piped.returncode == 0 and given.returncode == 0, piped.stderr
     assert json.loads(piped.stdout)["prompt_ids"] == json.loads(given.stdout)["prompt_ids"]
 
 
-def test_non_utf8_topology_and_missing_plan_model(tmp_path):
+def test_non_utf8_topology_and_missing_plan_model(tmp_path, main):
+    cli = main
     topo = tmp_path / "t.yml"
     topo.write_bytes(b"\xff\xfe0-2:\n  device: cpu\n")
     assert_user_error(cli("-m", str(TINY), "--topology", str(topo), "-p", "x"), "not UTF-8")
@@ -169,19 +197,20 @@ def test_non_utf8_topology_and_missing_plan_model(tmp_path):
     assert_user_error(cli("-m", "./nope.gguf", "--no-xla-check", module="jaxmap.doctor"), "no such file or folder")
 
 
-def test_plan_defaults_to_the_models_context():
-    out = cli("-m", str(TINY), module="jaxmap.plan")
+def test_plan_defaults_to_the_models_context(main):
+    out = main("-m", str(TINY), module="jaxmap.plan")
     assert out.returncode == 0, out.stderr
     assert "max_seq_len 512" in out.stdout  # tiny-llama's context, as generate would use
 
 
-def test_imatrix_output_folder_is_refused_before_the_run(tmp_path):
-    out = cli("-m", str(TINY), "-o", str(tmp_path), module="jaxmap.imatrix")
+def test_imatrix_output_folder_is_refused_before_the_run(tmp_path, main):
+    out = main("-m", str(TINY), "-o", str(tmp_path), module="jaxmap.imatrix")
     assert_user_error(out, "it is a folder")
     assert "device map" not in out.stderr
 
 
-def test_convert_out_mistakes_are_named_before_reading(tmp_path):
+def test_convert_out_mistakes_are_named_before_reading(tmp_path, main):
+    cli = main
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert_user_error(cli("-m", "preset:tiny", "--out", str(afile / "sub"), module="jaxmap.convert"),

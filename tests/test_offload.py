@@ -152,8 +152,8 @@ def test_chunked_prefill_attention_matches_one_block(monkeypatch):
     np.testing.assert_allclose(chunked, whole, atol=2e-5)
 
 
-def test_native_gguf_plan_counts_the_files_own_bytes(default_gguf):
-    model = jaxmap.load(default_gguf, max_seq_len=64, progress=False, devices="0")
+def test_native_gguf_plan_counts_the_files_own_bytes(smollm2_native):
+    model = smollm2_native  # the GGUF in its own types on cpu[0], max_seq_len 64
     (row,) = [r for r in model.device_map.memory if r.device == "cpu[0]"]
     assert allocated(model)[("cpu[0]", "device")] == pytest.approx(row.weights_bytes, rel=0.10)
     assert row.weights_bytes < 120 << 20  # Q4_1 layers + Q8_0 embeddings, not the 513 MiB float32 model
@@ -199,10 +199,10 @@ def test_quantized_layers_are_stored_quantized_on_the_disk_tier(isq, tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
 
 
-def test_native_gguf_layers_on_disk_keep_their_types(default_gguf, tmp_path):
+def test_native_gguf_layers_on_disk_keep_their_types(default_gguf, smollm2_native, tmp_path):
     """A GGUF kept in its quantized types streams its disk-tier layers in those types (repacked once into the
     offload folder), with the logits of the all-resident native load."""
-    ref = jaxmap.load(default_gguf, max_seq_len=64, progress=False, devices="0")
+    ref = smollm2_native  # all resident on cpu[0], max_seq_len 64
     model = jaxmap.load(default_gguf, max_seq_len=64, progress=False, offload_folder=tmp_path,
                         max_memory={"0": "45MiB", "host": 1})
     assert [s.memory_kind for s in model.device_map.stages] == ["device", "disk"], model.device_map.render_table()

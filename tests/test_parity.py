@@ -23,8 +23,11 @@ def model_path(name: str, default_gguf) -> str:
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-qwen3", "smollm2"])
 def loaded(request, default_gguf):
     name = request.param
-    model = jaxmap.load(model_path(name, default_gguf), dtype="float32", max_seq_len=256, devices="0",
-                        progress=False)
+    if name == "smollm2":  # the session's float32 SmolLM2 on cpu[0], max_seq_len 256: these arguments
+        model = request.getfixturevalue("smollm2_float32")
+    else:
+        model = jaxmap.load(model_path(name, default_gguf), dtype="float32", max_seq_len=256, devices="0",
+                            progress=False)
     return name, model, load_reference(name)
 
 

@@ -1,4 +1,5 @@
-"""``python -m jaxmap.plan`` end to end through a subprocess: tables, JSON, saved plans, SVG and user errors."""
+"""``python -m jaxmap.plan`` end to end: tables, JSON, saved plans, SVG and user errors (through a subprocess; the
+error lines, saved plans and GGUF types through the command's main in this process, which skips the jax import)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jaxmap.plan", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
+
+
+@pytest.fixture
+def plan_main(run_main, monkeypatch):
+    """The command's main in this process, from the repository root as ``run`` (no jax import to pay: the tests
+    above and test_live_devices_without_mesh run ``python -m jaxmap.plan`` itself)."""
+    from jaxmap.cli.plan import main
+
+    monkeypatch.chdir(ROOT)
+    return lambda *args: run_main(main, *args)
 
 
 def test_table_for_a_preset():
@@ -40,7 +51,8 @@ def test_manual_and_topology_flags(tmp_path):
     assert json.loads(out.stdout)["layers"][17]["devices"] == ["cuda[0]"]
 
 
-def test_save_plan_then_load_it_and_svg(tmp_path):
+def test_save_plan_then_load_it_and_svg(tmp_path, plan_main):
+    run = plan_main
     saved, svg = tmp_path / "plan.yaml", tmp_path / "plan.svg"
     out = run("--mesh", "24gb+16gb", "-n", "0:18;1:12", "--save-plan", str(saved), "--svg", str(svg))
     assert out.returncode == 0, out.stderr
@@ -69,8 +81,8 @@ def test_live_devices_without_mesh():
     (("--mesh", "cpu-8", "--dtype", "int3"), "unknown dtype"),
     (("--plan", "missing.yaml"), "cannot read plan"),
 ])
-def test_user_errors_exit_2_with_one_line(args, fragment):
-    out = run(*args)
+def test_user_errors_exit_2_with_one_line(args, fragment, plan_main):
+    out = plan_main(*args)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and fragment in out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
@@ -104,7 +116,8 @@ def test_config_from_gguf_header(tmp_path):
     assert config.tie_word_embeddings
 
 
-def test_gguf_is_planned_in_its_own_types_as_generate_loads_it(default_gguf):
+def test_gguf_is_planned_in_its_own_types_as_generate_loads_it(default_gguf, plan_main):
+    run = plan_main
     native = json.loads(run("-m", str(default_gguf), "--mesh", "cpu-8", "--devices", "0", "--json").stdout)
     floats = json.loads(run("-m", str(default_gguf), "--mesh", "cpu-8", "--devices", "0", "--dtype", "float32",
                             "--json").stdout)

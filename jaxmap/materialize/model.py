@@ -17,9 +17,10 @@ from jaxmap.config import ModelConfig
 from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Hardware
 from jaxmap.loading.safetensors_source import SafetensorsSource
+from jaxmap.materialize import params as stage_params
 from jaxmap.materialize.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
 from jaxmap.materialize.isq import Quantizer, type_function
-from jaxmap.materialize.params import count_params, materialize_stage, stage_param_specs
+from jaxmap.materialize.params import count_params, stage_param_specs
 from jaxmap.materialize.placement import stage_placements
 from jaxmap.planning.device_map import DeviceMap
 from jaxmap.progress import Progress
@@ -67,14 +68,15 @@ class Stage:
         return self.memory_kind in ("host", "disk")
 
 
-def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: np.dtype, global_isq: str | None,
-                      importance, offload_folder: str | Path | None, progress: bool = True) -> list[Stage]:
+def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: np.dtype, importance,
+                      offload_folder: str | Path | None, progress: bool = True) -> list[Stage]:
     """Read, quantize and place every weight of ``source`` as ``device_map`` says, one tensor at a time; returns
-    the stages in order. ``global_isq`` and ``importance`` decide each weight's quantized type (see
-    :mod:`jaxmap.materialize.isq`); ``offload_folder`` takes disk-tier layers that cannot be read in place."""
+    the stages in order. Each weight gets the final ISQ type the plan stores for it (``Stage.tensor_isq``,
+    ``Placement.tensor_isq``; see :mod:`jaxmap.materialize.isq`), its fit weighted by ``importance``;
+    ``offload_folder`` takes disk-tier layers that cannot be read in place."""
     config = source.config
-    quantizer = Quantizer(source, type_function(device_map, config, global_isq), importance)
-    disk_isq = any(t not in (None, "none") for s in device_map.stages if s.memory_kind == "disk" for t in s.isq)
+    quantizer = Quantizer(source, type_function(device_map, config), importance)
+    disk_isq = any(types for s in device_map.stages if s.memory_kind == "disk" for types in s.tensor_isq or [])
     if any(s.memory_kind == "disk" for s in device_map.stages) and (
             disk_isq or not isinstance(source, SafetensorsSource)):
         check_writable(Path(offload_folder) if offload_folder is not None else default_offload_folder())
@@ -91,7 +93,7 @@ def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: 
         def place_for(spec, p=placement, host_kind=host_kind):
             return p.param_sharding(spec, config, host_kind if spec.layer is not None else None)
 
-        params = materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
+        params = stage_params.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
         streamed = kind in ("host", "disk") and placement.end > placement.start
         layer_shardings = _device_shardings(params, placement, config) if streamed else None
         disk = None
@@ -118,7 +120,8 @@ def _device_shardings(params: dict, placement, config: ModelConfig) -> dict:
 
 
 def _disk_quantization(quantizer, placement, config: ModelConfig, importance) -> DiskQuantization:
-    """How the disk tier stores this stage's weights: each one's ISQ type under the stage's device sharding, and
+    """How the disk tier stores this stage's weights: each one's ISQ type (the plan's, checked against the stage's
+    device sharding), and
     the host QTensor the quantizer makes of it (recorded in the ISQ report like any other; a reused folder's
     tensors are recorded as they are read back)."""
 

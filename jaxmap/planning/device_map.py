@@ -16,6 +16,7 @@ import yaml
 
 from jaxmap.config import ModelConfig, config_fingerprint
 from jaxmap.errors import UserError
+from jaxmap.planning.isq_types import ensure_types, isq_label, parse
 
 STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu", "offload")
 MEMORY_KINDS = ("device", "host", "disk")
@@ -33,7 +34,12 @@ class Segment:
 
 @dataclasses.dataclass
 class Stage:
-    """Layers ``[start, end)`` on one device group, arranged as a mesh ``{"tp": n}``."""
+    """Layers ``[start, end)`` on one device group, arranged as a mesh ``{"tp": n}``.
+
+    ``isq`` is each layer's requested type; ``tensor_isq`` each layer's quantized weights with the type they really
+    get at this stage's split, fallbacks included (``{"wq": "Q4K", "w_down": "Q5_0", ...}``; a weight missing is
+    float), decided by :mod:`jaxmap.planning.isq_types`. None only in a plan saved before it was stored.
+    """
 
     start: int
     end: int
@@ -43,6 +49,7 @@ class Stage:
     memory_kind: str = "device"
     dtype: str = "float32"
     isq: list[str | None] = dataclasses.field(default_factory=list)
+    tensor_isq: list[dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if not self.isq:
@@ -69,8 +76,9 @@ class Placement:
     devices: list[str]
     stage: int | None
     vocab_parallel: bool = False
-    isq: str | None = None
+    isq: str | None = None  # the type a /regex/ topology entry asks for it
     tensor: str = ""  # the weight's name in the model file (what a topology /regex/ key matches)
+    tensor_isq: str | None = None  # the type its tensor gets there, after fallbacks (None: float)
 
 
 @dataclasses.dataclass
@@ -144,7 +152,9 @@ class DeviceMap:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> DeviceMap:
+    def from_dict(cls, raw: Any, config: ModelConfig | None = None) -> DeviceMap:
+        """A plan from its dict form; with ``config`` refuse one made for another model, and give a plan saved
+        before the final ISQ types were stored its types (recomputed as the planner decides them)."""
         if not isinstance(raw, dict):
             raise UserError("a plan must be a mapping (as written by --save-plan)")
         try:
@@ -157,6 +167,9 @@ class DeviceMap:
         except (KeyError, TypeError) as exc:
             raise UserError(f"the plan is malformed ({exc}); write it with --save-plan") from None
         out._validate()
+        if config is not None:
+            out.check_model(config)
+            ensure_types(out, config)
         return out
 
     def _validate(self) -> None:
@@ -166,6 +179,9 @@ class DeviceMap:
         for s in self.stages:
             if s.start != expected or s.end <= s.start or len(s.isq) != s.end - s.start:
                 raise UserError(f"plan stage {s.start}-{s.end} does not continue at layer {expected}")
+            if s.tensor_isq is not None and (not isinstance(s.tensor_isq, list) or len(s.tensor_isq) != len(s.isq)
+                                             or not all(isinstance(t, dict) for t in s.tensor_isq)):
+                raise UserError(f"plan stage {s.start}-{s.end}: tensor_isq must hold one mapping per layer")
             if s.memory_kind not in MEMORY_KINDS:
                 raise UserError(f"plan stage {s.start}-{s.end}: memory_kind must be one of {', '.join(MEMORY_KINDS)}")
             expected = s.end
@@ -186,10 +202,7 @@ class DeviceMap:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise UserError(f"the plan is not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
-        out = cls.from_dict(raw)
-        if config is not None:
-            out.check_model(config)
-        return out
+        return cls.from_dict(raw, config)
 
     # ---- other forms -----------------------------------------------------------------------------------------------
     def to_device_layers(self) -> str | None:
@@ -240,7 +253,8 @@ class DeviceMap:
     def to_json(self) -> dict[str, Any]:
         """Machine-readable form: one ``layers`` entry per decoder layer, in order."""
         layers = [{"layer": i, "stage": k, "devices": list(s.devices), "memory_kind": s.memory_kind, "dtype": s.dtype,
-                   "isq": s.isq[i - s.start]}
+                   "isq": s.isq[i - s.start],
+                   "tensor_isq": dict(s.tensor_isq[i - s.start]) if s.tensor_isq is not None else None}
                   for k, s in enumerate(self.stages) for i in range(s.start, s.end)]
         out = self.to_dict()
         out["layers"] = layers
@@ -254,14 +268,13 @@ class DeviceMap:
         rows = [("layers", "devices", "mesh", "memory", "dtype", "isq")]
         for s in self.stages:
             mesh = " x ".join(f"{k}={v}" for k, v in s.mesh.items())
-            for seg in s.segments():
-                rows.append((f"{seg.start}-{seg.end - 1}", ",".join(s.devices), mesh, s.memory_kind, s.dtype,
-                             seg.isq or "-"))
+            for start, end, isq in _isq_runs(s):
+                rows.append((f"{start}-{end - 1}", ",".join(s.devices), mesh, s.memory_kind, s.dtype, isq))
         out = [head, *_columns(rows)]
         for label, place in (("embeddings", self.embed), ("final norm", self.final_norm), ("lm head", self.lm_head)):
             where = f"stage {place.stage}" if place.stage is not None else "off-stage"
             split = ", vocab-parallel" if place.vocab_parallel else ""
-            out.append(f"{label}: {','.join(place.devices)} ({where}{split})")
+            out.append(f"{label}: {','.join(place.devices)} ({where}{split}{_outer_isq(place)})")
         mem = [("memory", "weights", "kv cache", "activations", "streaming", "total", "headroom", "capacity")]
         for m in self.memory:
             cap = format_bytes(m.capacity_bytes) if m.capacity_bytes else "-"
@@ -279,6 +292,31 @@ class DeviceMap:
             out.append("layer devices (topology):")
             out += [f"  layer {i}: {','.join(d)}" for i, d in enumerate(self.layer_devices())]
         return "\n".join(out)
+
+
+def _isq_runs(stage: Stage) -> list[tuple[int, int, str]]:
+    """Consecutive layers of a stage with the same type label (requested type and fallbacks)."""
+    out: list[tuple[int, int, str]] = []
+    for i, isq in zip(range(stage.start, stage.end), stage.isq, strict=True):
+        types = stage.tensor_isq[i - stage.start] if stage.tensor_isq is not None else None
+        label = isq_label(isq, types)
+        if out and out[-1][2] == label:
+            out[-1] = (out[-1][0], i + 1, label)
+        else:
+            out.append((i, i + 1, label))
+    return out
+
+
+def _outer_isq(place: Placement) -> str:
+    """``, isq Q8_0`` for a quantized outer weight (and the type asked when a fallback replaced it)."""
+    if place.tensor_isq is None:
+        return ""
+    try:
+        asked = parse(place.isq)
+    except UserError:
+        asked = place.isq
+    fell = f", {place.isq} requested" if asked not in (None, "native", place.tensor_isq) else ""
+    return f", isq {place.tensor_isq}{fell}"
 
 
 def format_bytes(n: int) -> str:

@@ -21,7 +21,6 @@ Pure data, no jax. The rules (issue "automatic memory-aware mapping"):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 
@@ -29,16 +28,15 @@ from jaxmap.config import ModelConfig
 from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.families import ParamSpec, layer_param_specs, outer_param_specs
+from jaxmap.families import layer_param_specs
 from jaxmap.planning.device_map import DeviceMemory, Placement, Stage, format_bytes
+from jaxmap.planning.isq_types import NATIVE, is_native, layer_types, outer_spec, outer_type, units, weight_bytes
 from jaxmap.planning.memory import (
     CUDA_PINNED_POOL_DEFAULT_GB,
     activation_bytes,
     headroom,
     kv_cache_bytes,
 )
-from jaxmap.planning.rules import RULES, logical_to_spec, shard_fraction
-from jaxmap.quant.types import NATIVE, fitted_type, parse_isq, tensor_nbytes
 
 HOST = "host"
 
@@ -137,41 +135,42 @@ def compute_budgets(hardware: Hardware, pool: list[Device], max_memory: dict[str
 
 
 # ---- bytes ----------------------------------------------------------------------------------------------------------
+# Counted from each weight's final type (jaxmap.planning.isq_types): the DeviceMap's stored types for a plan, the same
+# decision made on the spot for the fill's trial layouts.
 
 def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq: str | None,
-                       stored: Mapping[str, int] | None = None) -> int:
+                       stored: Mapping[str, int] | None = None,
+                       native_types: Mapping[str, str] | None = None) -> int:
     """One decoder layer's weight bytes on one device of a ``tp``-way stage (ISQ on its 2-D projections).
 
-    ``stored`` maps tensor names to their bytes in the checkpoint: with ``isq="native"`` (a GGUF kept in its own
-    quantized types) those are the sizes, read from the file's tensor headers.
+    ``native_types`` maps tensor names to the jaxmap types a quantized checkpoint stores them in: with
+    ``isq="native"`` those are the requested types. ``stored`` maps them to their bytes in the file: a native tensor
+    whose type is not known counts those (else its float size).
     """
+    types = {k: t.final for k, t in layer_types(config, layer, tp, isq, native_types).items()}
+    return types_bytes(config, layer, tp, dtype, types, stored)
+
+
+def types_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Mapping[str, str],
+                stored: Mapping[str, int] | None = None) -> int:
+    """One decoder layer's weight bytes on one device under its final types (``{weight key: type}``)."""
     itemsize = parse_dtype(dtype).itemsize
-    units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
-    return sum(_param_bytes(p, tp, itemsize, isq, stored, units) for p in layer_param_specs(config, layer).values())
-
-
-def _param_bytes(p, tp: int, itemsize: int, isq: str | None, stored: Mapping[str, int] | None, units) -> int:
-    """One parameter's bytes on one device: its size in the file (native), the quantizers' own layout (ISQ on a
-    2-D weight, fallbacks included), else its float size."""
-    spec = logical_to_spec(p.axes, RULES, p.shape, {"tp": tp}, name=p.hf_name, units=units)
-    shards = shard_fraction(spec, {"tp": tp})
-    kind = None if isq is None else isq.lower()
-    if kind == "native" and stored and p.hf_name in stored and len(p.shape) == 2:
-        return stored[p.hf_name] // shards
-    if kind not in (None, "none", "native") and len(p.shape) == 2:
-
-        return param_bytes_per_device(p, isq, itemsize, tp, units)
-    return p.size * itemsize // shards
+    counts = units(config)
+    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored)
+               for k, p in layer_param_specs(config, layer).items())
 
 
 def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shards: int,
-                stored: Mapping[str, int] | None = None) -> int:
-    specs = outer_param_specs(config)
-    spec = {"embed": specs["embed_tokens"], "final_norm": specs["final_norm"],
-            "lm_head": specs.get("lm_head", specs["embed_tokens"])}[key]
-    units = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
-    return _param_bytes(spec, shards, parse_dtype(dtype).itemsize, isq if key != "final_norm" else None, stored,
-                        units)
+                stored: Mapping[str, int] | None = None, native_types: Mapping[str, str] | None = None) -> int:
+    """An outer placement's tensor on one of ``shards`` devices, with ``isq`` its requested type."""
+    t = outer_type(config, key, isq, shards, native_types)
+    return _outer_final_bytes(config, key, dtype, None if t is None else t.final, shards, stored)
+
+
+def _outer_final_bytes(config: ModelConfig, key: str, dtype: str, final: str | None, shards: int,
+                       stored: Mapping[str, int] | None) -> int:
+    _, spec = outer_spec(config, key)
+    return weight_bytes(spec, final, shards, units(config), parse_dtype(dtype).itemsize, stored)
 
 
 def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
@@ -189,8 +188,8 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
         itemsize = parse_dtype(s.dtype).itemsize
         kv = sum(kv_cache_bytes(config, s.tp, itemsize, max_seq_len, max_batch_size, layer=i)
                  for i in range(s.start, s.end))
-        widths = [layer_weight_bytes(config, i, s.tp, s.dtype, s.isq[i - s.start], stored)
-                  for i in range(s.start, s.end)]
+        widths = [types_bytes(config, i, s.tp, s.dtype, types, stored)
+                  for i, types in zip(range(s.start, s.end), s.tensor_isq, strict=True)]
         for d in s.devices:
             r = row(d)
             r.kv_cache_bytes += kv
@@ -206,8 +205,7 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
         if key == "lm_head" and config.tie_word_embeddings and place.devices == outer["embed"].devices:
             continue  # tied: the embedding table already there serves as the head
         stage_dtype = stages[place.stage].dtype if place.stage is not None else dtype
-        share = outer_bytes(config, key, stage_dtype, _outer_isq(place.isq, stages, stored), len(place.devices)
-                            if place.vocab_parallel else 1, stored)
+        share = _outer_final_bytes(config, key, stage_dtype, place.tensor_isq, len(place.devices), stored)
         for d in place.devices:
             row(d).weights_bytes += share
     order = {d.name: i for i, d in enumerate(hardware.devices)}
@@ -231,13 +229,6 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
     return out
 
 
-def _outer_isq(isq: str | None, stages: list[Stage], stored: Mapping[str, int] | None) -> str | None:
-    """An outer weight of a natively quantized checkpoint keeps its stored size unless a type was named for it."""
-    if isq is None and stored and any(t == "native" for s in stages for t in s.isq):
-        return "native"
-    return isq
-
-
 # ---- the automatic fill ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -250,19 +241,20 @@ class Fill:
 
 
 def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
-         max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None) -> Fill:
+         max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None,
+         native_types: Mapping[str, str] | None = None) -> Fill:
     """Layers on the pool's devices (one device per stage) while they fit, then host, then disk."""
     n_layers = config.num_hidden_layers
     itemsize = parse_dtype(dtype).itemsize
-    w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored) for i in range(n_layers)]
+    w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored, native_types) for i in range(n_layers)]
     kv = [kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size, layer=i) for i in range(n_layers)]
     act = activation_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
     first, last = pool[0], pool[-1]
-    native = "native" if stored and any(t == "native" for t in isq) else None
-    embed = outer_bytes(config, "embed", dtype, native, 1, stored)
+    native = NATIVE if (stored or native_types) and any(is_native(t) for t in isq) else None
+    embed = outer_bytes(config, "embed", dtype, native, 1, stored, native_types)
     head = outer_bytes(config, "final_norm", dtype, None, 1)
     if not (config.tie_word_embeddings and first is last):
-        head += outer_bytes(config, "lm_head", dtype, native, 1, stored)
+        head += outer_bytes(config, "lm_head", dtype, native, 1, stored, native_types)
     free: dict[str, int] = {}
     for d in pool:
         usable = budgets.devices[d.name].usable
@@ -362,18 +354,3 @@ def _proportional(w: list[int], kv: list[int], pool: list[Device], free: dict[st
             counts.append(end - start)
             start = end
     return counts if start == n else None
-
-
-def param_bytes_per_device(spec: ParamSpec, isq: str | None, itemsize: int, tp: int, units=None) -> int:
-    """Bytes one device holds of ``spec`` under ``isq`` on a ``tp``-way stage: what the planner's memory table
-    needs (``isq`` None, ``none`` or ``native`` counts the float size: a native GGUF type is known only from the file).
-    """
-    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=units)
-    shards = [tp if a else 1 for a in axes]
-    qtype = None if isq in (None, NATIVE) else parse_isq(isq)
-    if qtype is None or len(spec.shape) != 2:
-        return spec.size * itemsize // max(1, math.prod(shards))
-    (out, n), (out_sh, in_sh) = ((spec.shape[1], spec.shape[0]), (shards[1], shards[0])) if spec.transpose else (
-        spec.shape, tuple(shards))
-    got = fitted_type(qtype, out, n, in_sh, out_sh)
-    return tensor_nbytes(got, (out, n), in_shards=in_sh) // (in_sh * out_sh)

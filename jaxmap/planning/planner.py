@@ -25,6 +25,7 @@ from jaxmap.errors import UserError
 from jaxmap.families import layer_param_specs, outer_param_specs
 from jaxmap.planning.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
 from jaxmap.planning.fit import Budgets, account, compute_budgets, fill, pool_for
+from jaxmap.planning.isq_types import assign_types
 from jaxmap.planning.wishes import Topology, Wish, format_device_layers
 
 _OUTER_ROLES = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # DeviceMap key -> tensor role
@@ -259,8 +260,14 @@ def plan(
     max_seq_len: int = 4096,
     max_batch_size: int = 1,
     stored_bytes: dict[str, int] | None = None,
+    native_types: dict[str, str] | None = None,
 ) -> DeviceMap:
-    """Decide the device map. Raises :class:`UserError` for a wish the model or hardware cannot take."""
+    """Decide the device map. Raises :class:`UserError` for a wish the model or hardware cannot take.
+
+    For a checkpoint kept in its own quantized types (``isq="native"``): ``native_types`` maps tensor names to the
+    jaxmap types they are stored in (the final types then follow from them) and ``stored_bytes`` to their bytes in
+    the file (what a native tensor of unknown type counts); without either, native tensors count as float.
+    """
     wish = wish or Wish()
     dtype_name = parse_dtype(dtype).name
     for flag, value in (("--max-seq-len", max_seq_len), ("--max-batch-size", max_batch_size)):
@@ -290,13 +297,15 @@ def plan(
     notes = list(budgets.notes)
     if wish.is_automatic and wish.auto and not placed_by_topology:
         trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
-        memory = account(config, hardware, trial, _outer(trial, hardware, topology, config, []), max_seq_len,
-                         max_batch_size, dtype_name, budgets, stored_bytes)
+        trial_outer = _outer(trial, hardware, topology, config, [])
+        assign_types(config, trial, trial_outer, wish.isq, native_types)
+        memory = account(config, hardware, trial, trial_outer, max_seq_len, max_batch_size, dtype_name, budgets,
+                         stored_bytes)
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
             isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
             filled = fill(config, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size, wish.allow_disk,
-                          stored_bytes)
+                          stored_bytes, native_types)
             notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
                          f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
             base.layers, kinds = [(d,) for d in filled.devices], filled.kinds
@@ -309,6 +318,7 @@ def plan(
         notes.append("automatic memory fitting is off (--no-auto): the layout is kept even where it does not fit")
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
     outer = _outer(stages, hardware, topology, config, base.warnings)
+    assign_types(config, stages, outer, wish.isq, native_types)
     memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes)
     _check_fit(memory, budgets, wish, base.warnings)
     idle = [d.name for d in base.idle]
