@@ -22,6 +22,7 @@ from jaxmap.errors import UserError
 from jaxmap.families import family_of, preset_config
 from jaxmap.loading import default_model_path, open_source
 from jaxmap.loading.imatrix_file import Imatrix
+from jaxmap.loading.packaged import PACKAGED, packaged_model_path
 from jaxmap.loading.random_source import RandomSource
 from jaxmap.loading.tokenizer import Tokenizer
 from jaxmap.materialize import isq as isq_mod
@@ -294,7 +295,8 @@ def _token_ids(prompt) -> list[int]:
 
 
 def resolve_source(model: str | Path | None, seed: int = 0):
-    """A weight source for ``-m``: a path, ``preset:NAME`` (random weights), a bare preset name, or the default."""
+    """A weight source for ``-m``: a path, ``preset:NAME`` (random weights), a bare preset name, a packaged model's
+    name (:mod:`jaxmap.loading.packaged`), or the default."""
     if model is None:
         return open_source(default_model_path())
     text = str(model)
@@ -302,6 +304,8 @@ def resolve_source(model: str | Path | None, seed: int = 0):
         return RandomSource(preset_config(text[len("preset:"):]), seed=seed)
     if not Path(text).exists() and text in list_presets():
         return RandomSource(preset_config(text), seed=seed)
+    if not Path(text).exists() and text in PACKAGED:
+        return open_source(packaged_model_path(text))
     return open_source(text)
 
 
@@ -368,11 +372,6 @@ def load(
         if seq > config.max_position_embeddings:
             log.warning("--max-seq-len %d is longer than the model's context (%d positions): positions past it are "
                         "ones the model was not trained on", seq, config.max_position_embeddings)
-        if config.sliding_window and seq > config.sliding_window:
-            raise UserError(
-                f"{config.architecture} uses a sliding attention window of {config.sliding_window} tokens, which "
-                f"jaxmap does not implement yet; use --max-seq-len {config.sliding_window} or less"
-            )
         hardware = Hardware.from_jax()
         np_dtype = parse_dtype(dtype) if dtype else default_dtype(hardware.default_platform)
         global_isq = isq_mod.default_isq(source, isq, dtype)

@@ -22,7 +22,7 @@ DEFAULT_CHUNK = 512
 MIN_CALIBRATION_TOKENS = 512
 
 
-def _tapped_layer(config, p, x, cos, sin, mask, design):
+def _tapped_layer(config, p, x, ctx, design):
     """One decoder layer over a prefill chunk from an empty cache; returns ``x`` and each projection input's sum of
     squares over the chunk's tokens (float32, ``[in]``)."""
     import jax.numpy as jnp
@@ -32,7 +32,7 @@ def _tapped_layer(config, p, x, cos, sin, mask, design):
     b, t, _ = x.shape
     cache = jnp.zeros((b, config.num_key_value_heads, t, config.head_dim), x.dtype)
     taps: dict = {}
-    x, _, _ = layers.decoder_layer(p, x, cache, cache, jnp.int32(0), cos, sin, mask, t, config, design, taps=taps)
+    x, _, _ = layers.decoder_layer(p, x, cache, cache, jnp.int32(0), ctx, t, config, design, taps=taps)
     return x, {k: _sum_squares(v) for k, v in taps.items()}
 
 
@@ -45,8 +45,10 @@ def _sum_squares(a):
 
 def _head_input(config, final_norm, x):
     from jaxmap.engine.blocks import rms_norm
+    from jaxmap.families import family_of
 
-    return _sum_squares(rms_norm(x, final_norm, config.rms_norm_eps))
+    plus_one = family_of(config).outer_design(config).norm_plus_one
+    return _sum_squares(rms_norm(x, final_norm, config.rms_norm_eps, plus_one))
 
 
 class _Programs:
@@ -70,9 +72,8 @@ class _Programs:
         if stage_index not in self._raw:
             specs, targets = stage.disk.specs[stage.start], stage.layer_shardings
 
-            def run(raw, x, cos, sin, mask, design):
-                return self._layer(self._weights_from_raw(raw, specs, targets, stage.dtype), x, cos, sin, mask,
-                                   design)
+            def run(raw, x, ctx, design):
+                return self._layer(self._weights_from_raw(raw, specs, targets, stage.dtype), x, ctx, design)
 
             self._raw[stage_index] = jax.jit(run, static_argnames=("design",))
         return self._raw[stage_index]
@@ -125,19 +126,20 @@ def collect(model, ids: Sequence[int], chunk: int = DEFAULT_CHUNK, progress: boo
             x = put(x, stage.activation_sharding)
             pad = put(jnp.zeros(1, jnp.int32), stage.activation_sharding)
             outer = {k: v for k, v in stage.params.items() if k != "layers"}
-            x, cos, sin, mask = engine._call(i, shape, "enter", outer, x, put(zero, stage.activation_sharding), pad)
+            x, ctx = engine._call(i, shape, "enter", outer, x, put(zero, stage.activation_sharding), pad,
+                                  put(jnp.int32(t - 1), stage.activation_sharding))
             for j in range(stage.num_layers):
                 layer = stage.start + j
                 if stage.memory_kind == "disk":
                     raw = put(stage.disk.read(layer), stage.activation_sharding)
-                    x, taps = programs.raw_layer(i, stage)(raw, x, cos, sin, mask, design=engine.designs[layer])
+                    x, taps = programs.raw_layer(i, stage)(raw, x, ctx, design=engine.designs[layer])
                     jax.block_until_ready(x)
                     stage.disk.release(layer)
                 else:
                     p = stage.params["layers"][j]
                     if stage.memory_kind == "host":
                         p = jax.device_put(p, stage.layer_shardings)
-                    x, taps = programs.layer(p, x, cos, sin, mask, design=engine.designs[layer])
+                    x, taps = programs.layer(p, x, ctx, design=engine.designs[layer])
                 for name, value in taps.items():
                     add((layer, name), value)
                 bar.update(n=1)

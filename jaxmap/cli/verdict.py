@@ -89,7 +89,6 @@ def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, 
     import jax.numpy as jnp
 
     from jaxmap.engine import layers
-    from jaxmap.engine.engine import _attention_context
     from jaxmap.families import family_of, layer_param_specs
     from jaxmap.families.rope import inverse_frequencies
 
@@ -105,8 +104,8 @@ def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, 
     inv_freq = inverse_frequencies(config)
 
     def step(p, x, kc, vc):
-        cos, sin, mask = _attention_context(jnp.int32(0), jnp.zeros(batch, jnp.int32), seq, seq, inv_freq)
-        return layers.decoder_layer(p, x, kc, vc, jnp.int32(0), cos, sin, mask, seq, cfg,
+        ctx = layers.attention_context(jnp.int32(0), jnp.zeros(batch, jnp.int32), seq, seq, inv_freq, inv_freq)
+        return layers.decoder_layer(p, x, kc, vc, jnp.int32(0), ctx, seq, cfg,
                                     family_of(config).layer_design(config, 0))
 
     compiled = jax.jit(step, donate_argnums=(2, 3)).lower(params, x, cache, cache).compile()

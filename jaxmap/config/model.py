@@ -17,6 +17,8 @@ from typing import Any
 from jaxmap.errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "models"
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HIDDEN_ACTS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,15 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # keys a sliding-window layer attends over (itself included)
+    # Per layer, "sliding_attention" or "full_attention" (Hugging Face's ``layer_types``); None: every layer is
+    # sliding when ``sliding_window`` is set (Mistral v0.1), full otherwise.
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers where it differs (Gemma 3)
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power instead of head_dim's
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -53,6 +63,24 @@ class ModelConfig:
             value = getattr(self, field)
             if not _is_positive_number(value):
                 raise UserError(f"model config: {field} must be a positive number, got {value!r}")
+        for field in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                      "sliding_window"):
+            value = getattr(self, field)
+            if value is not None and not _is_positive_number(value):
+                raise UserError(f"model config: {field} must be a positive number or null, got {value!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise UserError(f"model config: layer_types lists {len(self.layer_types)} layers, "
+                                f"num_hidden_layers is {self.num_hidden_layers}")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise UserError(f"model config: layer type {unknown[0]!r} is not supported; supported: "
+                                f"{', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise UserError("model config: layer_types has sliding_attention layers but sliding_window is not set")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise UserError(f"model config: activation {self.hidden_act!r} is not supported; supported: "
+                            f"{', '.join(HIDDEN_ACTS)}")
         _check_rope_scaling(self.rope_scaling)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
@@ -75,6 +103,12 @@ class ModelConfig:
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` attends over a sliding window of ``sliding_window`` keys."""
+        if not self.sliding_window:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
 def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")

@@ -1,6 +1,7 @@
-"""Shared building blocks that families' decoder layers compose (:mod:`jaxmap.engine.layers`): RMSNorm, grouped-query
-attention over the KV cache (decode and chunked prefill), and the SwiGLU MLP. Pure functions over arrays; no mesh
-axis or device is named here (the rules table places the weights, XLA inserts the collectives)."""
+"""Shared building blocks that families' decoder layers compose (:mod:`jaxmap.engine.layers`): RMSNorm (plain or
+Gemma's ``1 + weight``), grouped-query attention over the KV cache (decode and chunked prefill; full or sliding-window
+over a ring buffer; score scale and soft-capping), and the gated MLP (SwiGLU or GeGLU). Pure functions over arrays;
+no mesh axis or device is named here (the rules table places the weights, XLA inserts the collectives)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,46 @@ from jaxmap.planning.memory import prefill_query_chunk
 from jaxmap.quant import dense
 
 
-def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """RMSNorm over the last axis, computed in float32 and cast back before the weight, as Hugging Face does."""
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, plus_one: bool = False) -> jnp.ndarray:
+    """RMSNorm over the last axis, computed in float32. As Hugging Face does: llama-style casts back before the
+    weight; ``plus_one`` (Gemma) scales by ``1 + weight`` in float32 and casts after."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * xf.astype(x.dtype)
 
 
-def swiglu(p: dict, h: jnp.ndarray, taps: dict) -> jnp.ndarray:
-    """``down(silu(gate(h)) * up(h))``; records the down projection's input in ``taps``."""
-    act = jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"])
+_GATE_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda a: jax.nn.gelu(a, approximate=True)}
+
+
+def gated_mlp(p: dict, h: jnp.ndarray, taps: dict, activation: str = "silu") -> jnp.ndarray:
+    """``down(act(gate(h)) * up(h))``: SwiGLU with silu, GeGLU with tanh-approximated gelu; records the down
+    projection's input in ``taps``."""
+    act = _GATE_ACTIVATIONS[activation](dense(h, p["w_gate"])) * dense(h, p["w_up"])
     taps["mlp_act"] = act
     return dense(act, p["w_down"])
 
 
+def swiglu(p: dict, h: jnp.ndarray, taps: dict) -> jnp.ndarray:
+    return gated_mlp(p, h, taps, "silu")
+
+
+def _cap(scores: jnp.ndarray, softcap: float | None) -> jnp.ndarray:
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def ring_positions(start: jnp.ndarray, slots: int) -> jnp.ndarray:
+    """The absolute cache slot each of a ring buffer's ``slots`` positions holds before slot ``start`` is written:
+    the latest ``j < start`` with ``j % slots == r`` (negative where position ``r`` holds nothing yet)."""
+    r = jnp.arange(slots, dtype=jnp.int32)
+    return r + slots * jnp.floor_divide(start - 1 - r, slots)
+
+
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray,
-              start: jnp.ndarray, mask: jnp.ndarray, attend_len: int):
+              start: jnp.ndarray, mask: jnp.ndarray, attend_len: int, *, pad: jnp.ndarray | None = None,
+              end: jnp.ndarray | None = None, scale: float | None = None, softcap: float | None = None,
+              window: int | None = None):
     """Causal grouped-query attention of ``T`` new queries, with the new keys/values written at cache slot ``start``.
 
     q: [B, T, kv_heads * rep, head_dim] and k, v: [B, T, kv_heads, head_dim], RoPE applied; caches: [B, kv_heads, S,
@@ -34,13 +59,20 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     ``attend_len`` cache slots (a static length bucket), which is most of the decode step's saving on short
     sequences. Prefill (T > 1) starts from an empty cache at slot 0 with ``attend_len == T``. Returns the attention
     output [B, T, heads * head_dim] and the updated caches.
+
+    ``scale`` replaces ``head_dim ** -0.5``; ``softcap`` caps scores at ``cap * tanh(s / cap)``. ``window``: each
+    query sees itself and the ``window - 1`` keys before it, and the cache is a ring buffer of ``S`` slots (slot
+    ``j`` at position ``j % S``; ``S`` is ``min(window, max_seq_len)``), so decode reads ``min(attend_len, S)``
+    positions; ``pad`` (each row's left padding) and ``end`` (the prefill's last real slot + 1: the ring keeps the
+    ``S`` keys before it, not the bucket's padding after it) are needed then.
     """
     b, t, heads, k_dim = q.shape
     g = k.shape[2]
     rep = heads // g
     q = q.reshape(b, t, g, rep, k_dim)
-    scale = k_dim**-0.5
+    scale = k_dim**-0.5 if scale is None else scale
     neg = jnp.finfo(jnp.float32).min
+    ring = k_cache.shape[2] if window is not None else None
     if t == 1:
         # Decode: attend to the cache as it was (slots before ``start``) plus the new key, and write the new
         # key/value only as outputs. Reading the updated cache made XLA fuse the update into the read and copy
@@ -48,25 +80,34 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         # Multiply-and-reduce and a batched einsum measured alike once the read below is ordered (30 layers, one
         # core: batch 8 7.4 vs 7.0 ms, batch 1 1.0 vs 0.7 ms; /work/scratch/attn_dyn.py); kept as it was.
         q1 = q[:, 0]  # [b, g, r, k]
+        read = attend_len if ring is None else min(attend_len, ring)
         # Read the bucket at a start index that depends on this layer's query (always 0: ``0 * q`` is not folded
         # away for floats). A static slice depends on nothing, so XLA:CPU's executor copies every layer's bucket
         # out of the cache at the start of the step, and at batch 8 those copies (47 MB at 128 slots) spill the
         # caches: attention took 31 ms of 30 layers on one core, against 7 ms read this way, in order.
         at = (q1[0, 0, 0, 0] * 0).astype(jnp.int32)
-        keys = jax.lax.dynamic_slice_in_dim(k_cache, at, attend_len, axis=2).astype(q.dtype)
-        values = jax.lax.dynamic_slice_in_dim(v_cache, at, attend_len, axis=2).astype(q.dtype)
+        keys = jax.lax.dynamic_slice_in_dim(k_cache, at, read, axis=2).astype(q.dtype)
+        values = jax.lax.dynamic_slice_in_dim(v_cache, at, read, axis=2).astype(q.dtype)
         old = jnp.sum(q1[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1).astype(jnp.float32) * scale
-        old_mask = mask[:, 0] & (jnp.arange(attend_len) < start)[None, :]  # [b, L]
-        old = jnp.where(old_mask[:, None, None, :], old, neg)
+        if ring is None:
+            old_mask = mask[:, 0] & (jnp.arange(attend_len) < start)[None, :]  # [b, L]
+        else:  # what each ring position holds: a slot of this generation, not padding, inside the window
+            held = ring_positions(start, ring)[:read]
+            old_mask = (held >= 0)[None, :] & (held[None, :] >= pad[:, None]) & (start - held < window)[None, :]
+        old = jnp.where(old_mask[:, None, None, :], _cap(old, softcap), neg)
         new = jnp.sum(q1 * k[:, 0, :, None, :], axis=-1).astype(jnp.float32)[..., None] * scale  # [b, g, r, 1]
-        probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(values.dtype)
+        probs = jax.nn.softmax(jnp.concatenate([old, _cap(new, softcap)], axis=-1), axis=-1).astype(values.dtype)
         attn = (jnp.sum(probs[..., :-1, None] * values[:, :, None, :, :], axis=-2)
                 + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
     else:
         # Prefill from an empty cache (start is 0 and attend_len == t): the keys are exactly the new ones.
+        if window is not None:
+            offsets = jnp.arange(t)[:, None] - jnp.arange(mask.shape[-1])[None, :]  # query slot - key slot
+            mask = mask & (offsets < window)[None]
+
         def block(qb, mb):  # queries [b, c, g, r, k] against every key; mask [b, c, t]
             scores = jnp.einsum("btgrk,blgk->bgrtl", qb, k).astype(jnp.float32) * scale
-            scores = jnp.where(mb[:, None, None, :, :t], scores, neg)
+            scores = jnp.where(mb[:, None, None, :, :t], _cap(scores, softcap), neg)
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
             return jnp.einsum("bgrtl,blgk->btgrk", probs, v)
 
@@ -77,10 +118,10 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
             # Long prompts: query blocks one after another (a loop XLA cannot run side by side), so the scores
             # held at once are [b, heads, chunk, t] rather than [b, heads, t, t] (8.6 GB for Llama-3-70B at 8192).
             n = -(-t // chunk)
-            pad = n * chunk - t  # a ragged last block: padded queries, masked out, their rows dropped after
-            qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+            pad_q = n * chunk - t  # a ragged last block: padded queries, masked out, their rows dropped after
+            qs = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0), (0, 0)))
             qs = qs.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
-            ms = jnp.pad(mask[:, :, :t], ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, t).swapaxes(0, 1)
+            ms = jnp.pad(mask[:, :, :t], ((0, 0), (0, pad_q), (0, 0))).reshape(b, n, chunk, t).swapaxes(0, 1)
             attn = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, n * chunk, g, rep, k_dim)
             attn = attn[:, :t]
     attn = attn.reshape(b, t, g * rep * k_dim)
@@ -89,6 +130,14 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     # optimization_barrier did not survive XLA:CPU's passes (jax 0.10.2).
     after_reads = jnp.zeros((), k.dtype) * attn[0, 0, 0].astype(k.dtype)
     k, v = k + after_reads, v + after_reads
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
+    if ring is not None and t > ring:
+        # A prefill longer than the ring: keep the ``ring`` keys before ``end``, each at its slot's position.
+        end = jnp.asarray(t if end is None else end, jnp.int32)
+        held = jnp.clip(ring_positions(end, ring), 0, t - 1)
+        k, v = jnp.take(k, held, axis=1), jnp.take(v, held, axis=1)
+        at = jnp.int32(0)
+    else:
+        at = start if ring is None else jnp.remainder(start, ring)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, at, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, at, 0))
     return attn, k_cache, v_cache

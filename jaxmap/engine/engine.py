@@ -29,12 +29,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.engine import layers
 from jaxmap.engine.multihost import put, to_local
-from jaxmap.engine.rope import rope_cos_sin
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
 from jaxmap.families.rope import inverse_frequencies
@@ -77,15 +75,6 @@ def prefill_bucket(length: int, max_seq_len: int) -> int:
     return min(bucket, max_seq_len)
 
 
-def _attention_context(start, pad, n_tokens: int, attend_len: int, inv_freq: np.ndarray):
-    slots = start + jnp.arange(n_tokens, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    cos, sin = rope_cos_sin(positions, inv_freq)
-    keys = jnp.arange(attend_len, dtype=jnp.int32)
-    mask = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
-    return cos, sin, mask
-
-
 @dataclasses.dataclass(frozen=True)
 class StepShape:
     """The static part of one stage call: what selects a compiled program."""
@@ -117,10 +106,15 @@ class Engine:
             # unroll unless they are deep (see choose_layer_mode).
             stage.mode = "per_layer" if stage.streamed else choose_layer_mode(stage.num_layers, layer_mode)
         self.max_seq_len = max_seq_len
-        self.inv_freq = inverse_frequencies(config)
         family = family_of(config)
         # Each layer's blocks (a hashable design): layers sharing one share their compiled per-layer program.
         self.designs = [family.layer_design(config, i) for i in range(config.num_hidden_layers)]
+        self.outer_design = family.outer_design(config)
+        self.inv_freq = inverse_frequencies(config)
+        self.local_inv_freq = inverse_frequencies(config, local=True) if any(d.rope_local for d in self.designs) \
+            else None
+        # Cache slots per layer: a sliding-window layer keeps a ring of its window, the others the whole context.
+        self.kv_slots = [family.kv_slots(config, i, max_seq_len) for i in range(config.num_hidden_layers)]
         self.compile_stats = CompileStats()
         self._programs: dict[tuple, Callable] = {}
         self._cache_pool: dict[int, list] = {}
@@ -137,15 +131,19 @@ class Engine:
         pooled = self._cache_pool.pop(batch, None)
         if pooled is not None:
             return pooled
-        shape = (batch, self.config.num_key_value_heads, self.max_seq_len, self.config.head_dim)
         caches = []
         for i, stage in enumerate(self.stages):
-            key = ("zeros", i, batch)
-            if key not in self._programs:
-                self._programs[key] = jax.jit(functools.partial(jnp.zeros, shape, stage.dtype),
-                                              out_shardings=stage.cache_sharding)
-            make = self._programs[key]
-            caches.append([(make(), make()) for _ in range(stage.num_layers)])
+            stage_caches = []
+            for layer in range(stage.start, stage.end):
+                slots = self.kv_slots[layer]
+                key = ("zeros", i, batch, slots)
+                if key not in self._programs:
+                    shape = (batch, self.config.num_key_value_heads, slots, self.config.head_dim)
+                    self._programs[key] = jax.jit(functools.partial(jnp.zeros, shape, stage.dtype),
+                                                  out_shardings=stage.cache_sharding)
+                make = self._programs[key]
+                stage_caches.append((make(), make()))
+            caches.append(stage_caches)
         return caches
 
     def release_cache(self, caches: list) -> None:
@@ -163,21 +161,22 @@ class Engine:
         return self._programs[key]
 
     def _build(self, stage: Stage, shape: StepShape, part: str, design: LayerDesign | None) -> Callable:
-        config, dtype, inv_freq = self.config, stage.dtype, self.inv_freq
+        config, dtype, outer = self.config, stage.dtype, self.outer_design
+        inv_freq, local_inv_freq = self.inv_freq, self.local_inv_freq
         stage_designs = self.designs[stage.start:stage.end]
 
-        def enter(params, x, start, pad):
-            x = layers.embed(params, x, dtype) if stage.is_first else x.astype(dtype)
-            cos, sin, mask = _attention_context(start, pad, shape.n_tokens, shape.attend_len, inv_freq)
-            return x, cos, sin, mask
+        def enter(params, x, start, pad, last_index):
+            x = layers.embed(params, x, dtype, outer) if stage.is_first else x.astype(dtype)
+            ctx = layers.attention_context(start, pad, shape.n_tokens, shape.attend_len, inv_freq, local_inv_freq,
+                                           end=start + last_index + 1)
+            return x, ctx
 
-        def layer(p, x, k_cache, v_cache, start, cos, sin, mask, layer_design=design):
-            return layers.decoder_layer(p, x, k_cache, v_cache, start, cos, sin, mask, shape.attend_len, config,
-                                        layer_design)
+        def layer(p, x, k_cache, v_cache, start, ctx, layer_design=design):
+            return layers.decoder_layer(p, x, k_cache, v_cache, start, ctx, shape.attend_len, config, layer_design)
 
         def leave(params, x, start, last_index, seen, values, key):
             h = x if shape.all_logits else jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
-            logits = layers.lm_head(params, h, config)
+            logits = layers.lm_head(params, h, config, outer)
             step_logits = logits[:, last_index] if shape.all_logits else logits
             token = sample(step_logits, seen, values, jax.random.fold_in(key, start), shape.sampler)
             if seen is not None:
@@ -186,10 +185,10 @@ class Engine:
 
         if part == "stage":  # unrolled: the whole stage in one program
             def run(params, x, caches, start, pad, last_index, seen, values, key):
-                x, cos, sin, mask = enter(params, x, start, pad)
+                x, ctx = enter(params, x, start, pad, last_index)
                 new_caches = []
                 for p, (kc, vc), d in zip(params["layers"], caches, stage_designs, strict=True):
-                    x, kc, vc = layer(p, x, kc, vc, start, cos, sin, mask, d)
+                    x, kc, vc = layer(p, x, kc, vc, start, ctx, d)
                     new_caches.append((kc, vc))
                 if not stage.is_last:
                     return x, new_caches
@@ -204,16 +203,16 @@ class Engine:
         if part == "stream":  # host tier: this layer's compute, and the next layer's move into device memory
             targets = stage.layer_shardings
 
-            def stream(p, p_next_host, x, k_cache, v_cache, start, cos, sin, mask):
-                x, k_cache, v_cache = layer(p, x, k_cache, v_cache, start, cos, sin, mask)
+            def stream(p, p_next_host, x, k_cache, v_cache, start, ctx):
+                x, k_cache, v_cache = layer(p, x, k_cache, v_cache, start, ctx)
                 return x, k_cache, v_cache, jax.device_put(p_next_host, targets)
 
             return jax.jit(stream, donate_argnames=("k_cache", "v_cache"))
         if part == "raw_layer":  # disk tier: weights arrive as stored (Hugging Face layout, stored dtype)
             specs, targets = stage.disk.specs[stage.start], stage.layer_shardings
 
-            def raw_layer(raw, x, k_cache, v_cache, start, cos, sin, mask):
-                return layer(weights_from_raw(raw, specs, targets, dtype), x, k_cache, v_cache, start, cos, sin, mask)
+            def raw_layer(raw, x, k_cache, v_cache, start, ctx):
+                return layer(weights_from_raw(raw, specs, targets, dtype), x, k_cache, v_cache, start, ctx)
 
             return jax.jit(raw_layer, donate_argnames=("k_cache", "v_cache"))
         if part == "leave":
@@ -260,7 +259,7 @@ class Engine:
         if stage.is_last:
             args += [put(jnp.int32(0)), None, put(jnp.ones(3, jnp.float32)), put(jax.random.key(0))]
         else:
-            args += [None, None, None, None]
+            args += [put(jnp.int32(0)), None, None, None]
         if stage.mode != "unrolled":
             raise ValueError("compiled reads unrolled stages; per-layer stages compile one program per part")
         return self._program(stage_index, shape, "stage").lower(*args).compile()
@@ -287,16 +286,18 @@ class Engine:
                         put(values, stage.activation_sharding),
                         put(key, stage.activation_sharding))
                 else:
-                    x, new = self._call(i, shape, "stage", *args, None, None, None, None)
+                    x, new = self._call(i, shape, "stage", *args, put(last_arr, stage.activation_sharding), None,
+                                        None, None)
             else:
-                x, cos, sin, mask = self._call(i, shape, "enter", _outer(stage.params), x, start_i, stage_pad)
+                x, ctx = self._call(i, shape, "enter", _outer(stage.params), x, start_i, stage_pad,
+                                    put(last_arr, stage.activation_sharding))
                 if stage.streamed:
-                    x, new = self._streamed_layers(i, stage, shape, x, caches[i], start_i, cos, sin, mask)
+                    x, new = self._streamed_layers(i, stage, shape, x, caches[i], start_i, ctx)
                 else:
                     new = []
                     for p, (kc, vc), d in zip(stage.params["layers"], caches[i], self.designs[stage.start:stage.end],
                                               strict=True):
-                        x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, cos, sin, mask, design=d)
+                        x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, ctx, design=d)
                         new.append((kc, vc))
                         if stage.sync:
                             x.block_until_ready()
@@ -314,7 +315,7 @@ class Engine:
             token, logits, seen = to_local(token), to_local(logits), to_local(seen)
         return token, logits, out_caches, seen
 
-    def _streamed_layers(self, i: int, stage: Stage, shape: StepShape, x, caches, start, cos, sin, mask):
+    def _streamed_layers(self, i: int, stage: Stage, shape: StepShape, x, caches, start, ctx):
         """Run a host- or disk-tier stage: at most two layers' weights in device memory (three while the
         program of the previous layer is still finishing), each next layer's move overlapping this one's compute."""
         new = []
@@ -326,9 +327,9 @@ class Engine:
             for j, (kc, vc) in enumerate(caches):
                 if j + 1 < n:
                     x, kc, vc, following = self._call(i, shape, "stream", current, host[j + 1], x, kc, vc, start,
-                                                      cos, sin, mask, design=self.designs[stage.start + j])
+                                                      ctx, design=self.designs[stage.start + j])
                 else:
-                    x, kc, vc = self._call(i, shape, "layer", current, x, kc, vc, start, cos, sin, mask,
+                    x, kc, vc = self._call(i, shape, "layer", current, x, kc, vc, start, ctx,
                                            design=self.designs[stage.start + j])
                     following = None
                 new.append((kc, vc))
@@ -339,7 +340,7 @@ class Engine:
         disk, put = stage.disk, functools.partial(jax.device_put, device=stage.activation_sharding)
         current = put(disk.read(stage.start))
         for j, (kc, vc) in enumerate(caches):
-            x, kc, vc = self._call(i, shape, "raw_layer", current, x, kc, vc, start, cos, sin, mask,
+            x, kc, vc = self._call(i, shape, "raw_layer", current, x, kc, vc, start, ctx,
                                    design=self.designs[stage.start + j])
             new.append((kc, vc))
             following = put(disk.read(stage.start + j + 1)) if j + 1 < n else None  # read while layer j computes

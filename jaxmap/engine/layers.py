@@ -15,26 +15,50 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
-from jaxmap.engine.blocks import attention, rms_norm, swiglu
-from jaxmap.engine.rope import apply_rope
-from jaxmap.families import LayerDesign
+from jaxmap.engine.blocks import attention, gated_mlp, rms_norm
+from jaxmap.engine.rope import apply_rope, rope_cos_sin
+from jaxmap.families import LayerDesign, ModelDesign
 from jaxmap.quant import dense, dense_rows, take_rows
 
-__all__ = ["decoder_layer", "embed", "lm_head", "rms_norm"]
+__all__ = ["attention_context", "decoder_layer", "embed", "lm_head", "rms_norm"]
 
 
-def embed(params: dict, tokens: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
-    return take_rows(params["embed_tokens"], tokens, dtype)
+def attention_context(start, pad, n_tokens: int, attend_len: int, inv_freq, local_inv_freq=None, end=None) -> dict:
+    """What every layer of a step shares, computed once per stage: RoPE cos/sin at each new token's position
+    (``local_*`` with the sliding layers' own base, where the family has one), the causal mask over the first
+    ``attend_len`` slots with each row's left padding ``pad`` masked, ``pad`` itself, and ``end`` (the prefill's
+    last real slot + 1; sliding-window ring buffers keep the keys before it)."""
+    slots = start + jnp.arange(n_tokens, dtype=jnp.int32)
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    keys = jnp.arange(attend_len, dtype=jnp.int32)
+    mask = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
+    ctx = {"cos": cos, "sin": sin, "mask": mask, "pad": pad,
+           "end": jnp.asarray(start + n_tokens if end is None else end, jnp.int32)}
+    if local_inv_freq is not None:
+        ctx["local_cos"], ctx["local_sin"] = rope_cos_sin(positions, local_inv_freq)
+    return ctx
 
 
-def lm_head(params: dict, x: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
-    """Final norm and vocabulary projection; logits in float32."""
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+def embed(params: dict, tokens: jnp.ndarray, dtype: jnp.dtype, design: ModelDesign | None = None) -> jnp.ndarray:
+    x = take_rows(params["embed_tokens"], tokens, dtype)
+    if design is not None and design.embed_scale is not None:  # the scale rounded to the compute dtype, as HF's
+        x = x * jnp.asarray(design.embed_scale, dtype)
+    return x
+
+
+def lm_head(params: dict, x: jnp.ndarray, config: ModelConfig, design: ModelDesign | None = None) -> jnp.ndarray:
+    """Final norm and vocabulary projection; logits in float32 (soft-capped where the family caps them)."""
+    design = design or ModelDesign()
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps, design.norm_plus_one)
     if config.tie_word_embeddings:
         logits = dense_rows(x, params["embed_tokens"])
     else:
         logits = dense(x, params["lm_head"])
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if design.final_softcap is not None:
+        logits = design.final_softcap * jnp.tanh(logits / design.final_softcap)
+    return logits
 
 
 def decoder_layer(
@@ -43,26 +67,25 @@ def decoder_layer(
     k_cache: jnp.ndarray,
     v_cache: jnp.ndarray,
     start: jnp.ndarray,
-    cos: jnp.ndarray,
-    sin: jnp.ndarray,
-    mask: jnp.ndarray,
+    ctx: dict,
     attend_len: int,
     config: ModelConfig,
     design: LayerDesign,
     taps: dict | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """One pre-norm decoder layer over ``T`` new tokens written at cache slot ``start``.
+    """One decoder layer over ``T`` new tokens written at cache slot ``start``.
 
-    x: [B, T, D]; caches: [B, kv_heads, S, head_dim]; cos/sin: [B, T, head_dim]; mask: [B, T, attend_len]
-    (see :func:`jaxmap.engine.blocks.attention`). ``design`` picks the blocks: q/k/v biases, per-head query/key
-    RMSNorm before RoPE. ``taps``: a dict that receives each projection's input activation, keyed as in the family's
-    ``projection_inputs`` (for importance matrices; None in serving).
+    x: [B, T, D]; caches: [B, kv_heads, S, head_dim] (a ring of S slots for a sliding layer); ``ctx`` from
+    :func:`attention_context`. ``design`` picks the blocks: q/k/v biases, per-head query/key RMSNorm before RoPE,
+    norms after attention and MLP (Gemma's sandwich), ``1 + weight`` norms, the MLP's activation, the score scale,
+    soft-cap and window, and which RoPE base. ``taps``: a dict that receives each projection's input activation,
+    keyed as in the family's ``projection_inputs`` (for importance matrices; None in serving).
     """
     b, t, _ = x.shape
     g, k_dim = config.num_key_value_heads, config.head_dim
-    eps = config.rms_norm_eps
+    eps, plus_one = config.rms_norm_eps, design.norm_plus_one
 
-    h = rms_norm(x, p["attn_norm"], eps)
+    h = rms_norm(x, p["attn_norm"], eps, plus_one)
     taps = {} if taps is None else taps
     taps["attn_in"] = h
     q, k, v = dense(h, p["wq"]), dense(h, p["wk"]), dense(h, p["wv"])
@@ -72,14 +95,22 @@ def decoder_layer(
     k = k.reshape(b, t, g, k_dim)
     v = v.reshape(b, t, g, k_dim)
     if design.qk_norm:
-        q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        q, k = rms_norm(q, p["q_norm"], eps, plus_one), rms_norm(k, p["k_norm"], eps, plus_one)
+    cos, sin = (ctx["local_cos"], ctx["local_sin"]) if design.rope_local else (ctx["cos"], ctx["sin"])
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, mask, attend_len)
+    attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, ctx["mask"], attend_len, pad=ctx["pad"],
+                                       end=ctx["end"], scale=design.attn_scale, softcap=design.attn_softcap,
+                                       window=design.window)
     taps["attn_out"] = attn
-    x = x + dense(attn, p["wo"])
+    out = dense(attn, p["wo"])
+    if design.post_norms:
+        out = rms_norm(out, p["attn_post_norm"], eps, plus_one)
+    x = x + out
 
-    h = rms_norm(x, p["mlp_norm"], eps)
+    h = rms_norm(x, p["mlp_norm"], eps, plus_one)
     taps["mlp_in"] = h
-    x = x + swiglu(p, h, taps)
-    return x, k_cache, v_cache
+    out = gated_mlp(p, h, taps, design.mlp_act)
+    if design.post_norms:
+        out = rms_norm(out, p["mlp_post_norm"], eps, plus_one)
+    return x + out, k_cache, v_cache

@@ -17,14 +17,14 @@ import yaml
 
 from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
 from jaxmap.errors import UserError
-from jaxmap.families import llama, qwen3
-from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ParamSpec, TensorDecl
+from jaxmap.families import gemma3, llama, qwen3
+from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ModelDesign, ParamSpec, TensorDecl
 
-__all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ParamSpec", "TensorDecl",
+__all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
            "config_from_hf", "config_to_hf", "family_for_gguf", "gguf_name_to_hf", "family_of", "layer_param_specs",
            "model_tensor_names", "outer_param_specs", "param_count", "preset_config", "read_config_json", "supported"]
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2)
 
 
 def supported() -> str:

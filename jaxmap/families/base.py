@@ -93,6 +93,7 @@ class TensorDecl:
     transpose: bool = False
     when: str | None = None
     unless: str | None = None
+    gguf_offset: float = 0.0  # GGUF stores the value plus this (llama.cpp's Gemma norms hold 1 + weight)
 
     def exists(self, config: ModelConfig) -> bool:
         return ((self.when is None or bool(getattr(config, self.when)))
@@ -109,12 +110,47 @@ class LayerDesign:
     """The shared blocks one decoder layer composes, with their settings. Hashable: the engine compiles one program
     per distinct design, so layers that share a design share their compiled program."""
 
-    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head, before RoPE (Qwen3, Gemma 3)
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), in float32 (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add (Gemma 2/3)
+    mlp_act: str = "silu"  # gated MLP activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    attn_scale: float | None = None  # score scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    window: int | None = None  # a sliding layer's window (keys attended, itself included); None: all
+    rope_local: bool = False  # RoPE with the config's local base (sliding layers of Gemma 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDesign:
+    """What the layers around the decoder stack do (embedding, final norm, LM head); hashable like LayerDesign."""
+
+    embed_scale: float | None = None  # embeddings multiplied by this, cast to the compute dtype (Gemma: sqrt(hidden))
+    norm_plus_one: bool = False  # the final RMSNorm scales by (1 + weight)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+
+
+def config_design(config: ModelConfig, layer: int, **fixed: Any) -> LayerDesign:
+    """A layer's design from what the config says of it (biases, activation, score scale and cap, sliding window,
+    local RoPE), with a family's own fixed choices (``qk_norm=True``...) on top."""
+    sliding = config.is_sliding(layer)
+    return LayerDesign(
+        qkv_bias=config.attention_bias,
+        mlp_act=config.hidden_act,
+        attn_scale=config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None,
+        attn_softcap=config.attn_logit_softcap,
+        window=config.sliding_window if sliding else None,
+        rope_local=sliding and config.rope_local_theta is not None,
+        **fixed,
+    )
 
 
 def _design_from_config(config: ModelConfig, layer: int) -> LayerDesign:
-    return LayerDesign(qkv_bias=config.attention_bias)
+    return config_design(config, layer)
+
+
+def _plain_model_design(config: ModelConfig) -> ModelDesign:
+    return ModelDesign(final_softcap=config.final_logit_softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +171,12 @@ class Family:
     # GGUF architectures whose q/k projection rows llama.cpp's converter permuted (interleaved RoPE pairs).
     gguf_permuted_qk: tuple[str, ...] = ()
     design: Callable[[ModelConfig, int], LayerDesign] = _design_from_config
+    model_design: Callable[[ModelConfig], ModelDesign] = _plain_model_design
     # A family's own checks of a parsed config (raise UserError for a feature it does not implement).
     check: Callable[[ModelConfig, Mapping[str, Any]], None] | None = None
+    # config.json keys of its own beyond the shared ones (to_hf), and from GGUF metadata (gguf_config).
+    hf_extra: Callable[[ModelConfig], dict[str, Any]] | None = None
+    gguf_extra: Callable[[str, Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
 
     # ---- config ---------------------------------------------------------------------------------------------------
     def read_config(self, raw: Mapping[str, Any], name: str = "") -> ModelConfig:
@@ -173,6 +213,10 @@ class Family:
         if self.defaults.get(config.architecture, {}).get("use_sliding_window") or config.sliding_window:
             out["sliding_window"] = config.sliding_window
             out["use_sliding_window"] = config.sliding_window is not None
+        if config.layer_types is not None:
+            out["layer_types"] = list(config.layer_types)
+        if self.hf_extra is not None:
+            out.update(self.hf_extra(config))
         return out
 
     # ---- tensors --------------------------------------------------------------------------------------------------
@@ -188,9 +232,14 @@ class Family:
     def layer_design(self, config: ModelConfig, layer: int) -> LayerDesign:
         return self.design(config, layer)
 
+    def outer_design(self, config: ModelConfig) -> ModelDesign:
+        return self.model_design(config)
+
     def kv_slots(self, config: ModelConfig, layer: int, max_seq_len: int) -> int:
-        """KV-cache slots per sequence that layer ``layer`` holds (every layer attends over the whole context)."""
-        return max_seq_len
+        """KV-cache slots per sequence that layer ``layer`` holds: a sliding-window layer keeps its last W keys (a
+        ring buffer), every other layer the whole context."""
+        window = self.layer_design(config, layer).window
+        return min(window, max_seq_len) if window else max_seq_len
 
     # ---- names ----------------------------------------------------------------------------------------------------
     def layer_of(self, hf_name: str) -> int | None:
@@ -212,6 +261,12 @@ class Family:
             if (t.hf.format(i=layer) if layer is not None else t.hf) == hf_name:
                 return t.gguf.format(i=layer) if layer is not None else t.gguf
         return None
+
+    def gguf_offset(self, hf_name: str) -> float:
+        """What the GGUF file adds to this tensor's values (subtracted when it is read)."""
+        key = self._key_of(hf_name)
+        decls = self.layer_tensors if self.layer_of(hf_name) is not None else self.outer_tensors
+        return next((t.gguf_offset for t in decls if t.key == key), 0.0)
 
     def gguf_row_heads(self, gguf_arch: str, config: ModelConfig, hf_name: str) -> int | None:
         """Heads to un-permute a tensor's rows by (llama.cpp's interleaved q/k order), or None for other tensors."""
@@ -239,7 +294,7 @@ class Family:
         bias_names = {s.hf_name for k, s in self.layer_params(with_bias, 0).items()
                       if k not in self.layer_params(probe, 0)}
         head_names = {s.hf_name for s in self.outer_params(probe).values() if s.role == "head"}
-        return {
+        raw = {
             "model_type": self.gguf_architectures[gguf_arch],
             "hidden_size": hidden,
             "intermediate_size": int(need("feed_forward_length")),
@@ -253,6 +308,15 @@ class Family:
             "tie_word_embeddings": not head_names & tensor_names,
             "attention_bias": bool(bias_names & tensor_names),
         }
+        for key, hf_key in (("attention.sliding_window", "sliding_window"),
+                            ("attn_logit_softcapping", "attn_logit_softcapping"),
+                            ("final_logit_softcapping", "final_logit_softcapping")):
+            value = get(f"{gguf_arch}.{key}", None)
+            if value is not None:
+                raw[hf_key] = value
+        if self.gguf_extra is not None:
+            raw.update(self.gguf_extra(gguf_arch, get, raw))
+        return raw
 
     def embedding_name(self, config: ModelConfig) -> str:
         return next(s.hf_name for s in self.outer_params(config).values() if s.role == "embedding")
@@ -291,21 +355,22 @@ _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, Any], name: str = "") -> ModelConfig:
     """The keys every decoder family shares, checked: whole numbers are whole, rope scaling is an object of a
     known type, head_dim is given when heads do not divide hidden. ``defaults`` fills keys the family's model type
-    leaves out (Qwen2's biases, Mistral's sliding window)."""
+    leaves out (Qwen2's biases, Mistral's sliding window, Gemma's RoPE bases and layer pattern).
+
+    RoPE comes in either spelling: the older ``rope_theta`` / ``rope_scaling`` (/ ``rope_local_base_freq``) keys or
+    transformers 5's ``rope_parameters`` (one object, or one per layer type: ``full_attention`` and
+    ``sliding_attention``)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        value = raw.get(key)
+        return value if value is not None else defaults.get(key, default)
+
     try:
         for key, value in raw.items():  # int() would take True as 1 and 64.5 as 64
             if key in _INTEGER_KEYS and (isinstance(value, bool) or isinstance(value, float)
                                          and not value.is_integer()):
                 raise UserError(f"model config: {key} must be a positive integer, got {value!r}")
-        scaling = raw.get("rope_scaling")
-        if scaling and not isinstance(scaling, Mapping):
-            raise UserError(f"model config: rope_scaling must be an object (rope_type, factor, ...) or null, "
-                            f"got {scaling!r}")
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind not in ROPE_TYPES:
-                raise UserError(f"model config: rope scaling {kind!r} is not supported yet; supported: "
-                                f"{', '.join(ROPE_TYPES)}")
+        theta, scaling, local_theta = _rope_keys(raw, get)
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         head_dim = raw.get("head_dim")
@@ -316,23 +381,30 @@ def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, 
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         use_sliding = raw.get("use_sliding_window", defaults.get("use_sliding_window", False))
-        sliding = raw.get("sliding_window") if use_sliding else None
+        sliding = get("sliding_window") if use_sliding else None
+        layers = int(raw["num_hidden_layers"])
         return ModelConfig(
             architecture=model_type,
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rope_scaling=dict(raw["rope_scaling"]) if raw.get("rope_scaling") else None,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", defaults.get("attention_bias", False))),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)),
             sliding_window=int(sliding) if sliding else None,
+            layer_types=_layer_types(raw, get, layers, bool(sliding)),
+            rope_local_theta=local_theta if sliding else None,
+            hidden_act=_activation(get("hidden_activation") or get("hidden_act", "silu")),
+            query_pre_attn_scalar=_optional_float(get("query_pre_attn_scalar")),
+            attn_logit_softcap=_optional_float(get("attn_logit_softcapping")),
+            final_logit_softcap=_optional_float(get("final_logit_softcapping")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             name=name or str(raw.get("_name_or_path", "")),
@@ -341,3 +413,71 @@ def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, 
         raise UserError(f"model config is missing the key {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
         raise UserError(f"model config has a malformed value: {exc}") from None
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _activation(name: Any) -> str:
+    if name not in _ACTIVATIONS:
+        raise UserError(f"model config: activation {name!r} is not supported yet; supported: "
+                        f"{', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _rope_keys(raw: Mapping[str, Any], get: Callable[..., Any]) -> tuple[float, dict | None, float | None]:
+    """(global base, global scaling or None, local base or None) from either spelling of the RoPE keys."""
+    params = raw.get("rope_parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise UserError(f"model config: rope_parameters must be an object, got {params!r}")
+    local: Mapping[str, Any] = {}
+    if params and isinstance(params.get("full_attention"), Mapping):
+        local = params.get("sliding_attention") or {}
+        params = params["full_attention"]
+    scaling = raw.get("rope_scaling")
+    if scaling and not isinstance(scaling, Mapping):
+        raise UserError(f"model config: rope_scaling must be an object (rope_type, factor, ...) or null, "
+                        f"got {scaling!r}")
+    if params:
+        theta = params.get("rope_theta", get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    else:
+        theta = get("rope_theta", 10000.0)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise UserError(f"model config: rope scaling {kind!r} is not supported yet; supported: "
+                            f"{', '.join(ROPE_TYPES)}")
+        if kind == "default":
+            scaling = None
+    local_kind = local.get("rope_type", "default")
+    if local_kind != "default":
+        raise UserError(f"model config: rope scaling {local_kind!r} on sliding layers is not supported yet")
+    local_theta = local.get("rope_theta", get("rope_local_base_freq"))
+    return float(theta), dict(scaling) if scaling else None, _optional_float(local_theta)
+
+
+def _layer_types(raw: Mapping[str, Any], get: Callable[..., Any], layers: int, sliding: bool) -> tuple[str, ...] | None:
+    """Per-layer attention kinds: ``layer_types`` as given, or from the older ``sliding_window_pattern`` (every
+    n-th layer full, the others sliding); None when every layer is alike."""
+    types = raw.get("layer_types")
+    if types is None:
+        pattern = get("sliding_window_pattern") or get("_sliding_window_pattern")
+        if pattern is None or not sliding:
+            return None
+        pattern = int(pattern)
+        if pattern < 1:
+            raise UserError(f"model config: sliding_window_pattern must be a positive integer, got {pattern}")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if not isinstance(types, (list, tuple)) or not all(isinstance(t, str) for t in types):
+        raise UserError(f"model config: layer_types must be a list of strings, got {types!r}")
+    if not sliding and all(t == "full_attention" for t in types):
+        return None  # Qwen's configs list every layer as full when the window is off
+    if not sliding:
+        raise UserError("model config: layer_types has sliding_attention layers but the sliding window is off "
+                        "(sliding_window or use_sliding_window)")
+    return tuple(types)

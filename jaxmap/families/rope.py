@@ -11,11 +11,13 @@ from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """``inv_freq`` of shape [head_dim // 2], float32, with the config's rope scaling applied."""
+def inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """``inv_freq`` of shape [head_dim // 2], float32, with the config's rope scaling applied; ``local``: the
+    frequencies of sliding layers that have a base of their own (``rope_local_theta``, unscaled, as Gemma 3's)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = dict(config.rope_scaling or {})
+    theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = {} if local and config.rope_local_theta else dict(config.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
         pass

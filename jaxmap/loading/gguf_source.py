@@ -231,6 +231,9 @@ class GGUFSource:
         heads = self._q_k_heads(name)
         if heads is not None:
             out = np.ascontiguousarray(unpermute_rows(out, heads))
+        offset = self.family.gguf_offset(name)
+        if offset:  # llama.cpp stored this weight plus a constant (Gemma's norms: 1 + weight)
+            out -= np.asarray(offset, out.dtype)
         self._drop_mapped_pages()
         return out
 
@@ -256,6 +259,9 @@ class GGUFSource:
         heads = self._q_k_heads(name)
         if heads is not None:
             data = unpermute_rows(data, heads)
+        offset = self.family.gguf_offset(name)
+        if offset and np.issubdtype(data.dtype, np.floating):  # a float tensor llama.cpp stored plus a constant
+            data = data - np.asarray(offset, data.dtype)
         return np.array(data, order="C", copy=True), t.tensor_type.name
 
     def tokenizer(self) -> Tokenizer | None:

@@ -13,7 +13,7 @@ import numpy as np
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_MODELS_DIR = Path(__file__).resolve().parent.parent / "data"
-NAMES = ("smollm2", "tiny-llama", "tiny-qwen2", "tiny-qwen3")
+NAMES = ("smollm2", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-gemma2", "tiny-mistral-swa")
 
 
 def load_reference(name: str) -> dict[str, Any]:

@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 OUT = HERE / "data"
 TINY = ROOT / "tests" / "data"
-TINY_NAMES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")  # folders under tests/data/ (make_tiny_models.py)
+# folders under tests/data/ (make_tiny_models.py; the gemma and sliding-window ones: make_tiny_families.py)
+TINY_NAMES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-gemma2", "tiny-mistral-swa")
 ALL_NAMES = ("smollm2", *TINY_NAMES)
 MAX_NEW_TOKENS = 32
 FORMAT_VERSION = 1
