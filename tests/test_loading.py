@@ -396,6 +396,6 @@ def test_smollm2_tensors(smollm2: GGUFSource) -> None:
     assert qtype == "Q4_1" and blocks.shape == (192, 576 // 32 * 20)
     np.testing.assert_array_equal(dequantize(blocks, gguf.GGMLQuantizationType.Q4_1), kw)
     # The rows really moved: read() equals the stored rows put back per kv head.
-    stored = dequantize(np.asarray(smollm2._tensor(k).data), gguf.GGMLQuantizationType.Q4_1)
+    stored = dequantize(np.asarray(smollm2._data(k)), gguf.GGMLQuantizationType.Q4_1)
     np.testing.assert_array_equal(unpermute_rows(stored, 3), kw)
     assert not np.array_equal(stored, kw)

@@ -10,7 +10,6 @@ jaxmap, like Hugging Face, rotates the two halves of each head.
 from __future__ import annotations
 
 import math
-import mmap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,16 +18,15 @@ import numpy as np
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 from jaxmap.families import config_from_hf, family_for_gguf
-from jaxmap.loading import gguf_layout
+from jaxmap.loading import gguf_reader
+from jaxmap.loading.gguf_reader import GGUFFile, TensorInfo
 from jaxmap.loading.safetensors_source import as_numpy_dtype
 
 if TYPE_CHECKING:
-    from gguf import ReaderTensor
-
     from jaxmap.loading.tokenizer import Tokenizer
 
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)
+GGUF_MAGIC = gguf_reader.MAGIC
+GGUF_VERSIONS = gguf_reader.VERSIONS
 # Pre-tokenizer regexes per ``tokenizer.ggml.pre``, applied one after another as llama.cpp does (each splits the
 # pieces the previous one produced). The case-insensitive contractions are spelled out, as llama.cpp does too.
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -111,15 +109,15 @@ class GGUFSource:
         path = Path(path)
         self.path = str(path)
         self._file = path
-        self._reader = _open_reader(path)
+        self._reader: GGUFFile = gguf_reader.open_gguf(path)
         self._meta_cache: dict[str, Any] = {}
         arch = str(self._get("general.architecture", ""))
         self.family = family_for_gguf(arch, self.path)
         self.architecture = arch
-        self._tensors: dict[str, ReaderTensor] = {}
+        self._tensors: dict[str, TensorInfo] = {}
         self.unmapped: list[str] = []  # GGUF tensors with no Hugging Face counterpart (kept for diagnostics)
-        by_gguf_name = {t.name: t for t in self._reader.tensors}
-        for t in self._reader.tensors:
+        by_gguf_name = self._reader.tensors
+        for t in by_gguf_name.values():
             name = self.family.gguf_to_hf(t.name)
             if name is None:
                 self.unmapped.append(t.name)
@@ -130,15 +128,11 @@ class GGUFSource:
     # ---- metadata ------------------------------------------------------------------------------------------------
     def _get(self, key: str, default: Any = None) -> Any:
         if key not in self._meta_cache:
-            field = self._reader.fields.get(key)
-            try:
-                self._meta_cache[key] = None if field is None else field.contents()
-            except (ValueError, IndexError, TypeError) as exc:
-                raise UserError(f"{self.path} is truncated or corrupt: cannot decode {key!r} ({exc})") from None
+            self._meta_cache[key] = _plain(self._reader.metadata.get(key))
         value = self._meta_cache[key]
         return default if value is None else value
 
-    def _build_config(self, by_gguf_name: dict[str, ReaderTensor]) -> ModelConfig:
+    def _build_config(self, by_gguf_name: dict[str, TensorInfo]) -> ModelConfig:
         arch = self.architecture
         raw = self.family.gguf_config(arch, self._get, set(self._tensors), self.path)
         head_dim = raw["head_dim"]
@@ -146,11 +140,11 @@ class GGUFSource:
         if rope_dims is not None and int(rope_dims) != head_dim:
             raise UserError(f"{self.path}: RoPE on {rope_dims} of {head_dim} head dimensions (partial rotary) is "
                             "not supported")
-        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-        vocab = self._get(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+        tokens = self._reader.metadata.get("tokenizer.ggml.tokens")
+        vocab = self._get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
         embedding = next((t for t in self.family.outer_tensors if t.role == "embedding"), None)
         if vocab is None and embedding is not None and embedding.hf in self._tensors:
-            vocab = int(self._tensors[embedding.hf].shape[-1])
+            vocab = int(self._tensors[embedding.hf].dims[-1])  # ggml order: [embed, vocab]
         if vocab is None:
             raise UserError(f"{self.path}: GGUF metadata has no vocabulary size")
         eos = [self._get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
@@ -161,12 +155,13 @@ class GGUFSource:
         scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
         return config.with_changes(rope_scaling=scaling) if scaling else config
 
-    def _rope_scaling(self, config: ModelConfig, freqs: ReaderTensor | None) -> dict[str, Any] | None:
+    def _rope_scaling(self, config: ModelConfig, freqs: TensorInfo | None) -> dict[str, Any] | None:
         """Rope scaling from ``{arch}.rope.scaling.*``, or llama3 scaling recovered from ``rope_freqs.weight``."""
         arch = self.architecture
         kind = self._get(f"{arch}.rope.scaling.type")
         if freqs is not None:
-            return self._llama3_from_factors(config, np.asarray(freqs.data, dtype=np.float64).reshape(-1))
+            factors = np.asarray(self._reader.tensor_data(freqs.name), dtype=np.float64).reshape(-1)
+            return self._llama3_from_factors(config, factors)
         if kind in (None, "none"):
             return None
         factor = float(self._get(f"{arch}.rope.scaling.factor", 1.0))
@@ -188,7 +183,7 @@ class GGUFSource:
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def _tensor(self, name: str) -> ReaderTensor:
+    def _tensor(self, name: str) -> TensorInfo:
         t = self._tensors.get(name)
         if t is None:
             raise UserError(f"{self.path} has no tensor {name!r}")
@@ -196,38 +191,44 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first ([in, out]); Hugging Face slowest-first ([out, in]).
-        return tuple(int(d) for d in reversed(self._tensor(name).shape))
+        return self._tensor(name).shape
 
     def stored_nbytes(self, name: str) -> int:
-        return int(self._tensor(name).n_bytes)
+        return self._tensor(name).nbytes
 
     def stored_type(self, name: str) -> str:
-        return self._tensor(name).tensor_type.name
+        return self._tensor(name).type_name
+
+    def _data(self, name: str) -> np.ndarray:
+        """The stored tensor as a view of the mapped file (typed for F32/F16..., byte rows for quantized types)."""
+        return self._reader.tensor_data(self._tensor(name).name)
 
     def _q_k_heads(self, name: str) -> int | None:
         """Heads to un-permute by, for the q/k projections llama.cpp reordered; None for every other tensor."""
         return self.family.gguf_row_heads(self.architecture, self.config, name)
 
     def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
         t = self._tensor(name)
+        qtype = GGMLQuantizationType(t.ggml_type)
         target = as_numpy_dtype(dtype)
         shape = self.shape(name)
         out = np.empty(shape, dtype=target)
-        data = t.data
+        data = self._data(name)
         rows = shape[0] if len(shape) == 2 and data.ndim == 2 and data.shape[0] == shape[0] else None
         # Dequantize a few MiB of rows at a time into the output: dequantizing a whole tensor at once held ~3x its
         # float32 size in temporaries (240 MiB for SmolLM2's embedding table), which set the loading peak.
         step = max(1, (1 << 21) // max(1, shape[-1])) if rows else None
         try:
             if rows is None:
-                out[...] = dequantize(data, t.tensor_type).reshape(shape)
+                out[...] = dequantize(data, qtype).reshape(shape)
             else:
                 for r0 in range(0, rows, step):
-                    out[r0:r0 + step] = dequantize(data[r0:r0 + step], t.tensor_type).reshape(-1, shape[1])
+                    out[r0:r0 + step] = dequantize(data[r0:r0 + step], qtype).reshape(-1, shape[1])
         except (NotImplementedError, ValueError) as exc:
-            raise UserError(f"{self.path}: cannot dequantize {name} ({t.tensor_type.name}): {exc}") from None
+            raise UserError(f"{self.path}: cannot dequantize {name} ({t.type_name}): {exc}") from None
         heads = self._q_k_heads(name)
         if heads is not None:
             out = np.ascontiguousarray(unpermute_rows(out, heads))
@@ -240,12 +241,8 @@ class GGUFSource:
     def _drop_mapped_pages(self) -> None:
         """Let the kernel drop the file pages this read touched: they are clean, read again on demand, and would
         otherwise count in the process's resident memory until the file is closed (98 MiB for SmolLM2's GGUF)."""
-        mapping = getattr(getattr(self._reader, "data", None), "_mmap", None)
-        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                mapping.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):
-                pass
+        if self._reader is not None:
+            self._reader.drop_pages()
 
     def raw(self, name: str) -> tuple[np.ndarray, str]:
         """The stored bytes/values as rows of quantized blocks ([out, bytes per row]) and the ggml type name.
@@ -253,7 +250,7 @@ class GGUFSource:
         q/k rows are already put back in Hugging Face order (quant blocks never straddle rows, so rows move whole).
         """
         t = self._tensor(name)
-        data = np.asarray(t.data)
+        data = self._data(name)
         if data.ndim == 1 and len(self.shape(name)) == 2:
             data = data.reshape(self.shape(name)[0], -1)
         heads = self._q_k_heads(name)
@@ -262,7 +259,7 @@ class GGUFSource:
         offset = self.family.gguf_offset(name)
         if offset and np.issubdtype(data.dtype, np.floating):  # a float tensor llama.cpp stored plus a constant
             data = data - np.asarray(offset, data.dtype)
-        return np.array(data, order="C", copy=True), t.tensor_type.name
+        return np.array(data, order="C", copy=True), t.type_name
 
     def tokenizer(self) -> Tokenizer | None:
         from jaxmap.loading.tokenizer import Tokenizer
@@ -365,8 +362,10 @@ class GGUFSource:
         return inner, True
 
     def close(self) -> None:
-        # GGUFReader holds a np.memmap; dropping the reader (and its tensors' views) releases the mapping.
+        # The parse stays cached for the process (gguf_reader.open_gguf); the mapping goes with the reader.
         self._tensors = {}
+        if self._reader is not None:
+            self._reader.close()
         self._reader = None  # type: ignore[assignment]
 
     def __enter__(self) -> GGUFSource:
@@ -376,52 +375,15 @@ class GGUFSource:
         self.close()
 
 
-def _open_reader(path: Path) -> Any:
-    """GGUFReader with every failure turned into one clear line; tensor extents are checked against the file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            magic, version = fh.read(4), fh.read(4)
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if magic != GGUF_MAGIC:
-        raise UserError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
-    if len(version) < 4:
-        raise UserError(f"{path} is truncated or corrupt: it ends inside its header ({size} bytes)")
-    number, _ = gguf_layout.version_of(version)
-    versions = readable_versions()
-    if number not in versions:
-        raise UserError(f"{path} is GGUF version {number}, which jaxmap does not read (versions "
-                        f"{', '.join(map(str, versions))}; convert it again with a current llama.cpp)")
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        raise UserError("reading .gguf files needs the gguf package (pip install gguf)") from None
-    try:
-        reader = GGUFReader(str(path), "r")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
-        raise UserError(f"{path} is truncated or corrupt: {_reader_failure(path, exc)}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    for t in reader.tensors:
-        problem = gguf_layout.extent_problem(t.name, t.tensor_type.name, int(t.data_offset), int(t.n_bytes), size)
-        if problem or math.prod(int(d) for d in t.shape) <= 0:
-            raise UserError(f"{path} is truncated or corrupt: {problem or f'tensor {t.name} has no elements'}")
-    return reader
+def _plain(value: Any) -> Any:
+    """Metadata as gguf's reader gave it: arrays of numbers (numpy arrays from jaxmap's reader) as lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list) and value and isinstance(value[0], (list, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def readable_versions() -> tuple[int, ...]:
-    """GGUF versions jaxmap reads: those the installed gguf package's reader accepts (2 and 3 for gguf 0.19)."""
-    try:
-        from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
-    except ImportError:  # pragma: no cover - older or newer gguf without the constant
-        return GGUF_VERSIONS
-    return tuple(sorted(int(v) for v in READER_SUPPORTED_VERSIONS))
-
-
-def _reader_failure(path: Path, exc: Exception) -> str:
-    """What gguf's reader tripped over, from jaxmap's own walk of the layout; the reader's words as a last resort."""
-    found = gguf_layout.diagnose(path)
-    if found:
-        return found
-    return f"gguf cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    """GGUF versions jaxmap reads (its own reader: 2 and 3)."""
+    return gguf_reader.VERSIONS

@@ -66,19 +66,22 @@ def _finish(path: Path, means: dict[str, np.ndarray], tokens: int, fmt: str):
 
 def read_gguf(path: Path):
     """A GGUF imatrix (``llama-imatrix --output-format gguf``, the default in current llama.cpp)."""
-    from gguf import GGUFReader
+    from jaxmap.loading.gguf_reader import GGUFFormatError, open_gguf
 
     try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError, struct.error, IndexError) as exc:
-        raise UserError(f"cannot read imatrix {path}: a damaged GGUF file ({exc})") from None
+        reader = open_gguf(path)
+    except GGUFFormatError as exc:
+        raise UserError(f"cannot read imatrix {path}: a damaged GGUF file ({exc.problem})") from None
     sums, counts = {}, {}
-    for t in reader.tensors:
-        for suffix, into in ((_SUM, sums), (_COUNT, counts)):
-            if t.name.endswith(suffix):
-                if t.tensor_type.name != "F32":
-                    raise UserError(f"cannot read imatrix {path}: {t.name} is {t.tensor_type.name}, not F32")
-                into[t.name[: -len(suffix)]] = np.asarray(t.data, np.float32).reshape(-1)
+    try:
+        for t in reader.tensors.values():
+            for suffix, into in ((_SUM, sums), (_COUNT, counts)):
+                if t.name.endswith(suffix):
+                    if t.type_name != "F32":
+                        raise UserError(f"cannot read imatrix {path}: {t.name} is {t.type_name}, not F32")
+                    into[t.name[: -len(suffix)]] = np.array(reader.tensor_data(t.name), np.float32).reshape(-1)
+    finally:
+        reader.close()
     if not sums and not counts:
         kind = _field_str(reader, "general.type")
         raise UserError(f"cannot read imatrix {path}: a GGUF file without .in_sum2/.counts tensors"
@@ -98,19 +101,14 @@ def read_gguf(path: Path):
     return _finish(path, means, chunks * size, "GGUF")
 
 
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None or not field.data else field.parts[field.data[0]]
-
-
 def _field_int(reader, key: str) -> int:
-    part = _field(reader, key)
-    return int(part[0]) if part is not None and np.issubdtype(part.dtype, np.integer) else 0
+    value = reader.metadata.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _field_str(reader, key: str) -> str | None:
-    part = _field(reader, key)
-    return bytes(part).decode("utf-8", "replace") if part is not None and part.dtype == np.uint8 else None
+    value = reader.metadata.get(key)
+    return value if isinstance(value, str) else None
 
 
 def read_legacy(path: Path):
