@@ -193,3 +193,79 @@ def test_presets_have_their_real_shapes(name, layers, window, full):
     config = preset_config(name)
     assert config.num_hidden_layers == layers and config.sliding_window == window
     assert sum(not config.is_sliding(i) for i in range(layers)) == full
+
+
+# ---- Gemma 3 4B-27B: the text model of Gemma3ForConditionalGeneration ----------------------------------------------
+
+def test_multimodal_checkpoint_runs_its_text_model(caplog):
+    """tiny-gemma3-mm is tiny-gemma3's text model beside a vision tower, saved by transformers: jaxmap runs the text
+    model (tiny-gemma3's reference logits and tokens) and says in one line what it left out."""
+    with caplog.at_level("INFO", logger="jaxmap.loading.safetensors_source"):
+        model = jaxmap.load(str(TINY_MODELS_DIR / "tiny-gemma3-mm"), dtype="float32", max_seq_len=64,
+                            progress=False, devices="0")
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(lines) == 1 and "Gemma3ForConditionalGeneration" in lines[0] and "the vision tower (" in lines[0]
+    assert "multimodal projector" in lines[0]
+    assert model.config.architecture == "gemma3_text" and model.config.layer_types[5] == "full_attention"
+    check(model, load_reference("tiny-gemma3"), prompts=(1,))
+
+
+def test_multimodal_names_inside_transformers_5_load_too(tmp_path):
+    """transformers 5 keeps the parts as model.language_model.* / model.vision_tower.*: the same model."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "mm"
+    shutil.copytree(TINY_MODELS_DIR / "tiny-gemma3-mm", folder)
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {}
+    for k, v in tensors.items():
+        if k.startswith("language_model.model."):
+            k = "model.language_model." + k.removeprefix("language_model.model.")
+        elif k.startswith(("vision_tower.", "multi_modal_projector.")):
+            k = "model." + k
+        renamed[k] = v
+    save_file(renamed, folder / "model.safetensors")
+    source = SafetensorsSource(folder)
+    assert "model.layers.0.self_attn.q_proj.weight" in source.names()
+    assert not any("vision" in n for n in source.names())
+    model = jaxmap.load(str(folder), dtype="float32", max_seq_len=64, progress=False, devices="0")
+    ref = load_reference("tiny-gemma3")
+    np.testing.assert_allclose(model.forward_logits([ref["input_ids"][0]])[0][-1], ref["last_logits"][0],
+                               atol=ATOL, rtol=0)
+
+
+def test_published_multimodal_config_reads_as_the_preset():
+    """Gemma 3 4B's config.json as published: a sparse text_config (transformers' defaults fill the rest), the eos
+    ids at the top level."""
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+           "mm_tokens_per_image": 256, "image_token_index": 262144,
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model", "num_hidden_layers": 27}}
+    config = config_from_hf(raw, name="gemma-3-4b")
+    preset = preset_config("gemma-3-4b")
+    assert config.with_changes(name="") == preset.with_changes(name="")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "vision_config": {}},
+     "a Gemma3ForConditionalGeneration config without a text_config object"),
+    ({"model_type": "gemma3", "text_config": "gemma3_text"}, "without a text_config object"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+])
+def test_malformed_multimodal_configs_are_refused(raw, message):
+    with pytest.raises(UserError, match=message):
+        config_from_hf(raw)
+
+
+def test_multimodal_folder_without_text_config_exits_2(tmp_path, run_main):
+    folder = tmp_path / "mm"
+    shutil.copytree(TINY_MODELS_DIR / "tiny-gemma3-mm", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["text_config"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    from jaxmap.cli import generate
+
+    r = run_main(generate.main, "-m", str(folder), "--prompt", "hi", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "without a text_config object" in r.stderr and "Traceback" not in r.stderr

@@ -19,10 +19,12 @@ from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
 from jaxmap.errors import UserError
 from jaxmap.families import gemma3, llama, qwen3
 from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ModelDesign, ParamSpec, TensorDecl
+from jaxmap.families.wrapped import Wrapper
 
 __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
            "config_from_hf", "config_to_hf", "family_for_gguf", "gguf_name_to_hf", "family_of", "layer_param_specs",
-           "model_tensor_names", "outer_param_specs", "param_count", "preset_config", "read_config_json", "supported"]
+           "model_tensor_names", "outer_param_specs", "param_count", "preset_config", "read_config_json", "supported",
+           "wrapper_of"]
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2)
 
@@ -56,6 +58,9 @@ def family_for_gguf(arch: str, where: str) -> Family:
 def config_from_hf(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
     """A Hugging Face ``config.json`` (as a dict) read by the family that claims its ``model_type`` or
     ``architectures``."""
+    wrapper = wrapper_of(raw)
+    if wrapper is not None:
+        raw = wrapper.text_config(raw, name or "model config")
     model_type = raw.get("model_type")
     if model_type is None:
         archs = raw.get("architectures") or []
@@ -65,6 +70,12 @@ def config_from_hf(raw: Mapping[str, Any], name: str = "") -> ModelConfig:
         what = model_type or ", ".join(raw.get("architectures") or []) or "unknown"
         raise UserError(f"unsupported architecture {what!r}; jaxmap supports {supported()}")
     return family.read_config({**raw, "model_type": model_type}, name)
+
+
+def wrapper_of(raw: Mapping[str, Any]) -> Wrapper | None:
+    """The wrapping checkpoint format a ``config.json`` is in (Gemma 3's multimodal one), or None for a plain text
+    model's config."""
+    return next((w for f in FAMILIES for w in f.wrappers if w.claims(raw)), None)
 
 
 def read_config_json(path: str | Path) -> ModelConfig:

@@ -30,6 +30,7 @@ from typing import Any
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
+from jaxmap.families.wrapped import Wrapper
 
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
 ROLES = ("embedding", "attention", "mlp", "norm", "head")
@@ -177,6 +178,8 @@ class Family:
     # config.json keys of its own beyond the shared ones (to_hf), and from GGUF metadata (gguf_config).
     hf_extra: Callable[[ModelConfig], dict[str, Any]] | None = None
     gguf_extra: Callable[[str, Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
+    # Checkpoint formats that wrap this family's text model with parts jaxmap leaves out (a vision tower).
+    wrappers: tuple[Wrapper, ...] = ()
 
     # ---- config ---------------------------------------------------------------------------------------------------
     def read_config(self, raw: Mapping[str, Any], name: str = "") -> ModelConfig:
@@ -365,32 +368,38 @@ def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, 
         value = raw.get(key)
         return value if value is not None else defaults.get(key, default)
 
+    def need(key: str) -> Any:  # a family's defaults may fill even these (transformers' class defaults)
+        value = get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
     try:
         for key, value in raw.items():  # int() would take True as 1 and 64.5 as 64
             if key in _INTEGER_KEYS and (isinstance(value, bool) or isinstance(value, float)
                                          and not value.is_integer()):
                 raise UserError(f"model config: {key} must be a positive integer, got {value!r}")
         theta, scaling, local_theta = _rope_keys(raw, get)
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        head_dim = raw.get("head_dim")
+        heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        head_dim = get("head_dim")
         if not head_dim and heads > 0 and hidden % heads:
             raise UserError(f"model config: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
                             f"set head_dim in config.json")
         head_dim = head_dim or (hidden // heads if heads > 0 else 0)
-        eos = raw.get("eos_token_id")
+        eos = get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         use_sliding = raw.get("use_sliding_window", defaults.get("use_sliding_window", False))
         sliding = get("sliding_window") if use_sliding else None
-        layers = int(raw["num_hidden_layers"])
+        layers = int(need("num_hidden_layers"))
         return ModelConfig(
             architecture=model_type,
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
+            intermediate_size=int(need("intermediate_size")),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            num_key_value_heads=int(get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
@@ -405,7 +414,7 @@ def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, 
             query_pre_attn_scalar=_optional_float(get("query_pre_attn_scalar")),
             attn_logit_softcap=_optional_float(get("attn_logit_softcapping")),
             final_logit_softcap=_optional_float(get("final_logit_softcapping")),
-            bos_token_id=raw.get("bos_token_id"),
+            bos_token_id=get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             name=name or str(raw.get("_name_or_path", "")),
         )

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from jaxmap.config import ModelConfig
+from jaxmap.errors import UserError
 from jaxmap.families import llama
 from jaxmap.families.base import Family, ModelDesign, TensorDecl, config_design
 from jaxmap.families.qwen3 import QK_NORM_TENSORS
+from jaxmap.families.wrapped import Wrapper
 
 ONE = 1.0  # what llama.cpp adds to Gemma norm weights
 
@@ -49,9 +52,32 @@ _GEMMA_DEFAULTS = {"tie_word_embeddings": True, "use_sliding_window": True, "rms
                    "hidden_activation": "gelu_pytorch_tanh"}
 DEFAULTS = {
     "gemma2": {**_GEMMA_DEFAULTS, "sliding_window_pattern": 2, "query_pre_attn_scalar": 256, "sliding_window": 4096},
+    # transformers' Gemma3TextConfig defaults: the nested text configs of the published 4B-27B checkpoints hold
+    # only the keys that differ from them.
     "gemma3_text": {**_GEMMA_DEFAULTS, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
-                    "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+                    "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                    "max_position_embeddings": 131_072, "bos_token_id": 2, "eos_token_id": 1},
 }
+
+# Gemma 3 4B-27B: the text model inside Gemma3ForConditionalGeneration, beside a SigLIP vision tower and its
+# projector, which jaxmap leaves out (it runs text).
+MULTIMODAL = Wrapper(
+    model_type="gemma3",
+    architectures=("Gemma3ForConditionalGeneration",),
+    text_model_type="gemma3_text",
+    prefixes={"language_model.model.": "model.", "model.language_model.": "model.",
+              "language_model.lm_head.": "lm_head."},
+    left_out={"vision_tower.": "vision tower", "model.vision_tower.": "vision tower",
+              "multi_modal_projector.": "multimodal projector", "model.multi_modal_projector.": "multimodal projector"},
+)
+
+
+def _check(config: ModelConfig, raw: Mapping[str, Any]) -> None:
+    if raw.get("use_bidirectional_attention"):
+        raise UserError("model config: use_bidirectional_attention (an embedding model such as EmbeddingGemma) is "
+                        "not supported; jaxmap runs causal language models")
 
 
 def _model_design(config: ModelConfig) -> ModelDesign:
@@ -98,6 +124,8 @@ FAMILY = Family(
     model_design=_model_design,
     hf_extra=_hf_extra,
     gguf_extra=_gguf_extra,
+    check=_check,
+    wrappers=(MULTIMODAL,),
 )
 
 # Gemma 2: the same layer without query/key norms; soft-caps come from its config.
@@ -110,4 +138,5 @@ GEMMA2 = dataclasses.replace(
     gguf_architectures={"gemma2": "gemma2"},
     layer_tensors=LAYER_TENSORS,
     design=lambda config, layer: config_design(config, layer, norm_plus_one=True, post_norms=True),
+    wrappers=(),
 )

@@ -10,6 +10,7 @@ memory map, when a tensor is read.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import config_from_hf, model_tensor_names, read_config_json
+from jaxmap.families import config_from_hf, model_tensor_names, read_config_json, wrapper_of
+from jaxmap.families.wrapped import Wrapper
 
 if TYPE_CHECKING:
     from jaxmap.loading.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # safetensors dtype names -> numpy dtypes (little-endian, as the format mandates).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -192,7 +196,34 @@ class SafetensorsSource:
                                 f"and {file.name}; remove the stray file, or add model.safetensors.index.json")
             self._entries.update(entries)
         self._check_index()
+        wrapper = wrapper_of(json.loads(config_file.read_text(encoding="utf-8")))
+        if wrapper is not None:
+            self._unwrap(wrapper)
         self._maps: dict[Path, np.memmap] = {}
+
+    def _unwrap(self, wrapper: Wrapper) -> None:
+        """Rename a wrapped text model's tensors to the family's names and drop the parts jaxmap leaves out (Gemma
+        3's vision tower), saying so in one line."""
+        entries: dict[str, _Entry] = {}
+        left_out: dict[str, list[int]] = {}
+        for stored, entry in self._entries.items():
+            name = wrapper.text_name(stored)
+            if name is None:
+                part = left_out.setdefault(wrapper.part_of(stored) or "rest", [0, 0])
+                part[0] += 1
+                part[1] += entry.nbytes
+                continue
+            if name in entries:
+                raise UserError(f"{self.folder}: tensor {name!r} is stored twice (as {stored!r} and under another "
+                                "prefix); the checkpoint mixes two naming schemes")
+            entries[name] = entry
+        self._entries = entries
+        self._index = {wrapper.text_name(k) or k: v for k, v in self._index.items()}
+        if left_out:
+            parts = ", ".join(f"the {what} ({n} tensors, {nbytes / 2**20:.1f} MiB)"
+                              for what, (n, nbytes) in left_out.items())
+            log.info("%s is a %s checkpoint: running its text model; left out %s", self.folder.name,
+                     wrapper.architectures[0], parts)
 
     def _weight_files(self) -> list[Path]:
         """The files to open: those the index names, else ``model.safetensors``, else every ``*.safetensors``."""
