@@ -118,14 +118,17 @@ def test_isq_q8_0_stays_close(case):
     assert np.abs(logits[-1] - expected).max() < 0.05 * np.abs(expected).max()
 
 
-def _write_gemma3_gguf(path) -> None:
-    """tiny-gemma3 as llama.cpp's converter writes it: architecture gemma3, norm weights stored as 1 + weight,
-    q/k rows in Hugging Face's order, no output.weight (tied), no layer pattern or local base (llama.cpp's
-    constants)."""
-    folder = TINY_MODELS_DIR / "tiny-gemma3"
+def _write_gemma3_gguf(path, skip: tuple[str, ...] = (), name: str = "tiny-gemma3", arch: str = "gemma3") -> None:
+    """tiny-gemma3 (or tiny-gemma2) as llama.cpp's converter writes it: architecture gemma3 (gemma2), norm weights
+    stored as 1 + weight, q/k rows in Hugging Face's order, no output.weight when tied, no layer pattern or local
+    base (llama.cpp's constants); Gemma 2's soft-caps in its metadata."""
+    folder = TINY_MODELS_DIR / name
     source = SafetensorsSource(folder)
     config = source.config
-    w = gguf.GGUFWriter(str(path), "gemma3")
+    w = gguf.GGUFWriter(str(path), arch)
+    if config.attn_logit_softcap:
+        w.add_attn_logit_softcapping(config.attn_logit_softcap)
+        w.add_final_logit_softcapping(config.final_logit_softcap)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -143,6 +146,8 @@ def _write_gemma3_gguf(path) -> None:
     for name in source.names():
         array = np.asarray(source.read(name, np.float32))
         gname = family.hf_to_gguf(name)
+        if gname in skip:
+            continue
         w.add_tensor(gname, array + 1.0 if "norm" in gname else array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -170,6 +175,27 @@ def test_gemma3_gguf_matches_transformers(tmp_path):
                                atol=1e-6)
     ids = load_reference("tiny-gemma3")["input_ids"][1]
     np.testing.assert_allclose(model.forward_logits([ids])[0], hf.forward_logits([ids])[0], atol=1e-4, rtol=0)
+
+
+def test_gemma2_gguf_matches_transformers(tmp_path):
+    """Gemma 2 from GGUF: soft-caps from its metadata, its own untied output.weight, and llama.cpp's score scale
+    (head_dim): equal to the Hugging Face folder with that one value changed."""
+    path = tmp_path / "tiny-gemma2.gguf"
+    _write_gemma3_gguf(path, name="tiny-gemma2", arch="gemma2")
+    model = jaxmap.load(str(path), dtype="float32", max_seq_len=64, progress=False, devices="0")
+    config = model.config
+    assert config.architecture == "gemma2" and not config.tie_word_embeddings
+    assert (config.attn_logit_softcap, config.final_logit_softcap, config.query_pre_attn_scalar) == (3.0, 2.0, 32)
+    assert config.layer_types[:2] == ("sliding_attention", "full_attention") and config.rope_local_theta is None
+    folder = tmp_path / "hf"
+    shutil.copytree(TINY_MODELS_DIR / "tiny-gemma2", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "query_pre_attn_scalar": 32}))
+    hf = jaxmap.load(str(folder), dtype="float32", max_seq_len=64, progress=False, devices="0")
+    ids = [load_reference("tiny-gemma2")["input_ids"][1]]
+    np.testing.assert_allclose(model.forward_logits(ids)[0], hf.forward_logits(ids)[0], atol=1e-4, rtol=0)
+    assert [r.token_ids for r in model.generate(ids, max_new_tokens=8, stop_at_eos=False)] == \
+        [r.token_ids for r in hf.generate(ids, max_new_tokens=8, stop_at_eos=False)]
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -269,3 +295,27 @@ def test_multimodal_folder_without_text_config_exits_2(tmp_path, run_main):
 
     r = run_main(generate.main, "-m", str(folder), "--prompt", "hi", "--max-new-tokens", "2")
     assert r.returncode == 2 and "without a text_config object" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gguf_without_a_required_tensor_exits_2(tmp_path, run_main):
+    """A gemma3 GGUF missing one layer's post-attention norm: refused when opened, naming the tensor both ways."""
+    from jaxmap.cli import generate
+
+    path = tmp_path / "incomplete.gguf"
+    _write_gemma3_gguf(path, skip=("blk.3.post_attention_norm.weight",))
+    r = run_main(generate.main, "-m", path, "--prompt", "hi", "--max-new-tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "lacks the tensor blk.3.post_attention_norm.weight (model.layers.3.post_attention_layernorm.weight)" \
+        in r.stderr
+
+
+def test_checkpoint_without_a_required_tensor_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "hf"
+    shutil.copytree(TINY_MODELS_DIR / "tiny-gemma2", folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["lm_head.weight"], tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(UserError, match=r"lacks the tensor 'lm_head.weight' \(and 1 more\)"):
+        SafetensorsSource(folder)

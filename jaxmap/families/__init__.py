@@ -23,8 +23,8 @@ from jaxmap.families.wrapped import Wrapper
 
 __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
            "config_from_hf", "config_to_hf", "family_for_gguf", "gguf_name_to_hf", "family_of", "layer_param_specs",
-           "model_tensor_names", "outer_param_specs", "param_count", "preset_config", "read_config_json", "supported",
-           "wrapper_of"]
+           "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count", "preset_config",
+           "read_config_json", "supported", "wrapper_of"]
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2)
 
@@ -132,6 +132,13 @@ def model_tensor_names(config: ModelConfig) -> set[str]:
     """Every tensor name the model reads from its file (Hugging Face names)."""
     names = {s.hf_name for s in outer_param_specs(config).values()}
     return names | {s.hf_name for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()}
+
+
+def missing_tensors(config: ModelConfig, present: set[str]) -> list[ParamSpec]:
+    """The tensors a model of this config reads that ``present`` (Hugging Face names) lacks, in model order."""
+    specs = [*outer_param_specs(config).values()]
+    specs += [s for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
+    return [s for s in specs if s.hf_name not in present]
 
 
 def param_count(config: ModelConfig) -> int:

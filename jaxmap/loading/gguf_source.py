@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import config_from_hf, family_for_gguf
+from jaxmap.families import config_from_hf, family_for_gguf, missing_tensors
 from jaxmap.loading import gguf_reader
 from jaxmap.loading.gguf_reader import GGUFFile, TensorInfo
 from jaxmap.loading.safetensors_source import as_numpy_dtype
@@ -124,6 +124,13 @@ class GGUFSource:
             else:
                 self._tensors[name] = t
         self.config = self._build_config(by_gguf_name)
+        missing = missing_tensors(self.config, set(self._tensors))
+        if missing:
+            first = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UserError(f"{self.path} lacks the tensor {first.gguf_name} ({first.hf_name}){more}, which a {arch} "
+                            "model of its metadata needs; the file is incomplete or was written by a converter "
+                            "jaxmap does not know")
 
     # ---- metadata ------------------------------------------------------------------------------------------------
     def _get(self, key: str, default: Any = None) -> Any:

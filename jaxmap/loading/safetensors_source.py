@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import config_from_hf, model_tensor_names, read_config_json, wrapper_of
+from jaxmap.families import config_from_hf, missing_tensors, model_tensor_names, read_config_json, wrapper_of
 from jaxmap.families.wrapped import Wrapper
 
 if TYPE_CHECKING:
@@ -199,6 +199,11 @@ class SafetensorsSource:
         wrapper = wrapper_of(json.loads(config_file.read_text(encoding="utf-8")))
         if wrapper is not None:
             self._unwrap(wrapper)
+        missing = missing_tensors(self.config, set(self._entries))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UserError(f"{folder} lacks the tensor {missing[0].hf_name!r}{more}, which the model its config.json "
+                            "describes needs; the checkpoint is incomplete or does not match its config")
         self._maps: dict[Path, np.memmap] = {}
 
     def _unwrap(self, wrapper: Wrapper) -> None:
