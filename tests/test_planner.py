@@ -327,3 +327,57 @@ def test_host_device_is_implied_when_a_preset_lists_no_cpu():
     hardware = Hardware.from_dict({"devices": [{"platform": "cuda", "count": 1, "memory_gib": 8}]}, "one-gpu")
     m = plan(SMOL, hardware, Wish(device_layers=parse_device_layers("10")))
     assert m.stages[1].devices == ["cpu[0]"] and [mem.device for mem in m.memory] == ["cuda[0]", "cpu[0]"]
+
+
+# ---- input embeddings in host memory -------------------------------------------------------------------------------
+
+def _resident_layers(m) -> int:
+    return sum(s.end - s.start for s in m.stages if s.memory_kind == "device")
+
+
+def test_embeddings_move_to_host_when_layers_would_stream():
+    """Llama 3 8B in float32 on one 24 GB GPU streams layers: its untied 2 GB embedding table goes to host memory
+    (only looked-up rows move), which leaves room for more resident layers than the table kept on the GPU."""
+    from jaxmap.planning.device_map import DeviceMap
+
+    config, hw = preset_config("llama-3-8b"), Hardware.from_preset("1x24gb")
+    m = plan(config, hw, dtype="float32", max_seq_len=8192)
+    assert m.embed.devices == ["cpu[0]"] and m.embed.stage is None and "looked-up rows" in m.embed.note
+    assert m.lm_head.devices == ["cuda[0]"] and m.lm_head.note == ""
+    table = config.vocab_size * config.hidden_size * 4
+    assert next(r for r in m.memory if r.device == "cpu[0]").weights_bytes == table
+    assert any("embeddings (1.96 GiB) in host memory (cpu[0])" in n for n in m.memory_notes)
+    assert "embeddings: cpu[0] (off-stage; in host memory" in m.render_table()
+    kept = plan(config, hw, Wish(topology=Topology.from_yaml("/embed_tokens/:\n  device: cuda[0]\n")),
+                dtype="float32", max_seq_len=8192)
+    assert kept.embed.devices == ["cuda[0]"] and _resident_layers(kept) < _resident_layers(m)
+    again = DeviceMap.from_yaml(m.to_yaml(), config)
+    assert again.embed == m.embed
+
+
+def test_embeddings_stay_on_the_device_when_everything_fits():
+    m = plan(preset_config("gemma-3-4b"), Hardware.from_preset("1x24gb"), dtype="float32", max_seq_len=32768)
+    assert m.embed.devices == ["cuda[0]"] and m.embed.stage == 0 and not m.embed.note
+
+
+def test_tied_table_on_one_device_stays_there():
+    """Gemma 3 27B on one GPU: the tied head needs the table on that device anyway, so moving it frees nothing."""
+    m = plan(preset_config("gemma-3-27b"), Hardware.from_preset("1x24gb"), dtype="float32", max_seq_len=8192)
+    assert m.strategy == "offload" and m.embed.devices == ["cuda[0]"]
+
+
+def test_tied_head_gets_its_own_counted_copy():
+    """On two GPUs the table leaves cuda[0] for host memory; the tied head's copy on cuda[1] is counted there."""
+    config = preset_config("gemma-3-27b")
+    m = plan(config, Hardware.from_preset("2x24gb"), dtype="float32", max_seq_len=8192)
+    assert m.embed.devices == ["cpu[0]"] and m.lm_head.devices == ["cuda[1]"]
+    assert m.lm_head.note == "its own copy of the tied embedding table"
+    assert "lm head: cuda[1] (stage 3; its own copy of the tied embedding table)" in m.render_table()
+    table = config.vocab_size * config.hidden_size * 4
+    assert next(r for r in m.memory if r.device == "cpu[0]").weights_bytes == table
+    assert next(r for r in m.memory if r.device == "cuda[1]").weights_bytes >= table
+
+
+def test_unified_memory_keeps_embeddings_with_the_layers():
+    m = plan(preset_config("llama-3-8b"), Hardware.from_preset("mac-m2-32gb"), dtype="float32", max_seq_len=8192)
+    assert m.embed.stage == 0 and m.embed.devices == m.stages[0].devices

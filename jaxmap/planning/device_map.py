@@ -79,6 +79,7 @@ class Placement:
     isq: str | None = None  # the type a /regex/ topology entry asks for it
     tensor: str = ""  # the weight's name in the model file (what a topology /regex/ key matches)
     tensor_isq: str | None = None  # the type its tensor gets there, after fallbacks (None: float)
+    note: str = ""  # why it is there, when the planner chose it (embeddings in host memory, a tied head's copy)
 
 
 @dataclasses.dataclass
@@ -274,7 +275,8 @@ class DeviceMap:
         for label, place in (("embeddings", self.embed), ("final norm", self.final_norm), ("lm head", self.lm_head)):
             where = f"stage {place.stage}" if place.stage is not None else "off-stage"
             split = ", vocab-parallel" if place.vocab_parallel else ""
-            out.append(f"{label}: {','.join(place.devices)} ({where}{split}{_outer_isq(place)})")
+            note = f"; {place.note}" if place.note else ""
+            out.append(f"{label}: {','.join(place.devices)} ({where}{split}{_outer_isq(place)}{note})")
         mem = [("memory", "weights", "kv cache", "activations", "streaming", "total", "headroom", "capacity")]
         for m in self.memory:
             cap = format_bytes(m.capacity_bytes) if m.capacity_bytes else "-"

@@ -242,8 +242,11 @@ class Fill:
 
 def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
          max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None,
-         native_types: Mapping[str, str] | None = None) -> Fill:
-    """Layers on the pool's devices (one device per stage) while they fit, then host, then disk."""
+         native_types: Mapping[str, str] | None = None, embed_on_host: bool = False) -> Fill:
+    """Layers on the pool's devices (one device per stage) while they fit, then host, then disk.
+
+    ``embed_on_host``: the input embeddings live in host memory (the planner's choice when that frees accelerator
+    memory), so the first device does not hold them and the host tier has that much less room."""
     n_layers = config.num_hidden_layers
     itemsize = parse_dtype(dtype).itemsize
     w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored, native_types) for i in range(n_layers)]
@@ -255,11 +258,14 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     head = outer_bytes(config, "final_norm", dtype, None, 1)
     if not (config.tie_word_embeddings and first is last):
         head += outer_bytes(config, "lm_head", dtype, native, 1, stored, native_types)
+    if embed_on_host and config.tie_word_embeddings and first is last:
+        head += outer_bytes(config, "lm_head", dtype, native, 1, stored, native_types)  # the head's own copy
     free: dict[str, int] = {}
     for d in pool:
         usable = budgets.devices[d.name].usable
         usable = 1 << 62 if usable is None else usable
-        free[d.name] = usable - act - (embed if d is first else 0) - (head if d is last else 0)
+        on_first = embed if d is first and not embed_on_host else 0
+        free[d.name] = usable - act - on_first - (head if d is last else 0)
     if free[first.name] < 0 or free[last.name] < 0:
         short = first if free[first.name] < 0 else last
         raise UserError(f"the model does not fit: {short.name} cannot even hold the embeddings/LM head and the "
@@ -299,7 +305,7 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     kinds = ["device"] * (placed + resident)
     streamed = list(range(placed + resident, n_layers))
     host_room = budgets.host.usable
-    host_room = 1 << 62 if host_room is None else host_room
+    host_room = (1 << 62 if host_room is None else host_room) - (embed if embed_on_host else 0)
     on_host = 0
     while on_host < len(streamed) and w[streamed[on_host]] <= host_room:
         host_room -= w[streamed[on_host]]

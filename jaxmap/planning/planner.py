@@ -24,8 +24,8 @@ from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
 from jaxmap.families import layer_param_specs, outer_param_specs
 from jaxmap.planning.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
-from jaxmap.planning.fit import Budgets, account, compute_budgets, fill, pool_for
-from jaxmap.planning.isq_types import assign_types
+from jaxmap.planning.fit import Budgets, Fill, account, compute_budgets, fill, outer_bytes, pool_for
+from jaxmap.planning.isq_types import assign_types, global_of
 from jaxmap.planning.wishes import Topology, Wish, format_device_layers
 
 _OUTER_ROLES = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # DeviceMap key -> tensor role
@@ -295,6 +295,7 @@ def plan(
         strategy = "cpu"
     kinds = ["device"] * config.num_hidden_layers
     notes = list(budgets.notes)
+    embed_home: Device | None = None
     if wish.is_automatic and wish.auto and not placed_by_topology:
         trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
         trial_outer = _outer(trial, hardware, topology, config, [])
@@ -304,10 +305,15 @@ def plan(
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
             isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
-            filled = fill(config, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size, wish.allow_disk,
-                          stored_bytes, native_types)
+            filled, embed_home = _fill(config, hardware, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size,
+                                       wish, stored_bytes, native_types)
             notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
                          f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
+            if embed_home is not None:
+                table = outer_bytes(config, "embed", dtype_name, global_of(trial), 1, stored_bytes, native_types)
+                notes.append(f"embeddings ({format_bytes(table)}) in host memory ({embed_home.name}): each step moves "
+                             f"only the looked-up rows to {filled.devices[0].name}, which keeps that much more for "
+                             "layers and KV cache (llama.cpp keeps token embeddings on the CPU too)")
             base.layers, kinds = [(d,) for d in filled.devices], filled.kinds
             used = {d.name for d in filled.devices}
             base.idle = [d for d in hardware.accelerators if d.name not in used]
@@ -317,7 +323,7 @@ def plan(
     elif not wish.auto:
         notes.append("automatic memory fitting is off (--no-auto): the layout is kept even where it does not fit")
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
-    outer = _outer(stages, hardware, topology, config, base.warnings)
+    outer = _outer(stages, hardware, topology, config, base.warnings, embed_home)
     assign_types(config, stages, outer, wish.isq, native_types)
     memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes)
     _check_fit(memory, budgets, wish, base.warnings)
@@ -388,9 +394,49 @@ def _layer_weight_names(config: ModelConfig) -> list[str]:
     return [s.hf_name for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
 
 
+def _fill(config: ModelConfig, hardware: Hardware, pool: list[Device], budgets: Budgets, dtype: str,
+          isq: list[str | None], max_seq_len: int, max_batch_size: int, wish: Wish, stored: dict[str, int] | None,
+          native_types: dict[str, str] | None) -> tuple[Fill, Device | None]:
+    """The automatic fill, and where the embeddings went: with the first device (None), or into host memory (the
+    host device) when the layers do not all fit resident otherwise and moving the table frees accelerator memory."""
+    host_helps = _host_embeddings_free_memory(config, hardware, pool, wish.topology)
+
+    def run(on_host: bool) -> Fill:
+        return fill(config, pool, budgets, dtype, isq, max_seq_len, max_batch_size, wish.allow_disk, stored,
+                    native_types, embed_on_host=on_host)
+
+    try:
+        filled: Fill | None = run(False)
+    except UserError:
+        if not host_helps:
+            raise
+        filled = None
+    if host_helps and (filled is None or any(k != "device" for k in filled.kinds)):
+        try:
+            return run(True), hardware.host
+        except UserError:
+            if filled is None:
+                raise
+    assert filled is not None
+    return filled, None
+
+
+def _host_embeddings_free_memory(config: ModelConfig, hardware: Hardware, pool: list[Device],
+                                 topology: Topology | None) -> bool:
+    """Whether keeping the input embeddings in host memory frees accelerator memory: on accelerators with memory of
+    their own (not a CPU, not Apple's unified memory), unless the table must be on the one device anyway as the
+    tied LM head, or a topology entry places the embeddings itself."""
+    if hardware.default_platform == "cpu" or hardware.unified_memory or not pool or pool[0].platform == "cpu":
+        return False
+    if config.tie_word_embeddings and len(pool) == 1:
+        return False
+    return topology is None or topology.match_for_name(_outer_names(config)["embed"]) is None
+
+
 def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, config: ModelConfig,
-           warnings: list[str]) -> dict[str, Placement]:
-    """Embeddings with the first stage, final norm and LM head with the last, unless a ``/regex/`` entry moves them."""
+           warnings: list[str], embed_home: Device | None = None) -> dict[str, Placement]:
+    """Embeddings with the first stage (or on ``embed_home``, the host, when the planner moved them there), final
+    norm and LM head with the last, unless a ``/regex/`` entry moves them."""
     defaults = {"embed": 0, "final_norm": len(stages) - 1, "lm_head": len(stages) - 1}
     out: dict[str, Placement] = {}
     names = _outer_names(config)
@@ -398,6 +444,10 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
         stage = stages[index]
         entry = topology.match_for_name(names[key]) if topology is not None else None
         isq = entry.isq if entry is not None else None
+        if key == "embed" and embed_home is not None and entry is None:
+            out[key] = Placement([embed_home.name], None, False, None, names[key],
+                                 note=f"in host memory: only the looked-up rows move to {stages[0].devices[0]}")
+            continue
         if entry is not None and entry.device is not None:
             dev = hardware.find(entry.device)
             if dev is None:
@@ -411,6 +461,8 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
             warnings.append(f"vocab size {config.vocab_size} does not divide over tp={stage.tp}: {key} replicated "
                             f"on each of {', '.join(stage.devices)}")
         out[key] = Placement(list(stage.devices), index, parallel, isq, names[key])
+    if config.tie_word_embeddings and out["lm_head"].devices != out["embed"].devices:
+        out["lm_head"].note = "its own copy of the tied embedding table"
     if topology is not None:
         layer_names = [s.hf_name for s in layer_param_specs(config, 0).values()]
         for e in topology.patterns:
