@@ -405,20 +405,29 @@ def _fill(config: ModelConfig, hardware: Hardware, pool: list[Device], budgets: 
         return fill(config, pool, budgets, dtype, isq, max_seq_len, max_batch_size, wish.allow_disk, stored,
                     native_types, embed_on_host=on_host)
 
+    refusal: UserError | None = None
     try:
         filled: Fill | None = run(False)
-    except UserError:
+    except UserError as exc:
         if not host_helps:
             raise
-        filled = None
+        filled, refusal = None, exc
     if host_helps and (filled is None or any(k != "device" for k in filled.kinds)):
         try:
-            return run(True), hardware.host
+            moved = run(True)
         except UserError:
-            if filled is None:
-                raise
+            if refusal is not None:
+                raise refusal from None
+        else:  # the table takes host room: worth it only if no layer goes to disk for it
+            if filled is None or _offload_cost(moved) < _offload_cost(filled):
+                return moved, hardware.host
     assert filled is not None
     return filled, None
+
+
+def _offload_cost(filled: Fill) -> tuple[int, int]:
+    """Layers read from disk, then layers streamed from host memory: what a fill's decode waits for, worst first."""
+    return filled.kinds.count("disk"), filled.kinds.count("host")
 
 
 def _host_embeddings_free_memory(config: ModelConfig, hardware: Hardware, pool: list[Device],
