@@ -106,7 +106,14 @@ def test_config_from_gguf_header(tmp_path):
         writer.add_uint32(f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
     writer.add_token_list([f"t{i}" for i in range(100)])
-    writer.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    from jaxmap.families import family_of, missing_tensors, preset_config
+
+    probe = preset_config("tiny").with_changes(num_hidden_layers=6, hidden_size=64, intermediate_size=128,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                               vocab_size=100, tie_word_embeddings=True)
+    for spec in missing_tensors(probe, set()):  # every tensor the header's model needs (zeros: only names count)
+        name = family_of(probe).hf_to_gguf(spec.hf_name)
+        writer.add_tensor(name, np.zeros(spec.hf_shape, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
