@@ -358,6 +358,9 @@ def load(
     source = resolve_source(model, seed=seed)
     try:
         config = source.config
+        check_complete = getattr(source, "check_complete", None)  # a file missing a needed tensor: refused now
+        if check_complete is not None:
+            check_complete()
         _warn_unused_layers(source, config)
         if importance is not None:
             importance.check_model(config)

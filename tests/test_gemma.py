@@ -297,16 +297,17 @@ def test_multimodal_folder_without_text_config_exits_2(tmp_path, run_main):
     assert r.returncode == 2 and "without a text_config object" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_gguf_without_a_required_tensor_exits_2(tmp_path, run_main):
-    """A gemma3 GGUF missing one layer's post-attention norm: refused when opened, naming the tensor both ways."""
-    from jaxmap.cli import generate
+def test_gguf_without_a_required_tensor_is_refused_before_planning(tmp_path, monkeypatch):
+    """A gemma3 GGUF missing one layer's post-attention norm: refused before any planning or loading, naming the
+    tensor both ways."""
+    import jaxmap.api
 
     path = tmp_path / "incomplete.gguf"
     _write_gemma3_gguf(path, skip=("blk.3.post_attention_norm.weight",))
-    r = run_main(generate.main, "-m", path, "--prompt", "hi", "--max-new-tokens", "2")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "lacks the tensor blk.3.post_attention_norm.weight (model.layers.3.post_attention_layernorm.weight)" \
-        in r.stderr
+    monkeypatch.setattr(jaxmap.api, "plan_device_map", lambda *a, **k: pytest.fail("planned an incomplete file"))
+    with pytest.raises(UserError, match=r"lacks the tensor blk\.3\.post_attention_norm\.weight "
+                                        r"\(model\.layers\.3\.post_attention_layernorm\.weight\)"):
+        jaxmap.load(str(path), dtype="float32", max_seq_len=64, progress=False, devices="0")
 
 
 def test_checkpoint_without_a_required_tensor_is_refused(tmp_path):
@@ -318,4 +319,4 @@ def test_checkpoint_without_a_required_tensor_is_refused(tmp_path):
     del tensors["lm_head.weight"], tensors["model.layers.0.mlp.up_proj.weight"]
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(UserError, match=r"lacks the tensor 'lm_head.weight' \(and 1 more\)"):
-        SafetensorsSource(folder)
+        jaxmap.load(str(folder), dtype="float32", max_seq_len=64, progress=False, devices="0")

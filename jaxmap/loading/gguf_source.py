@@ -124,13 +124,17 @@ class GGUFSource:
             else:
                 self._tensors[name] = t
         self.config = self._build_config(by_gguf_name)
+
+    def check_complete(self) -> None:
+        """Refuse a file that lacks a tensor its metadata's model needs (before planning, not halfway through
+        loading)."""
         missing = missing_tensors(self.config, set(self._tensors))
         if missing:
             first = missing[0]
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UserError(f"{self.path} lacks the tensor {first.gguf_name} ({first.hf_name}){more}, which a {arch} "
-                            "model of its metadata needs; the file is incomplete or was written by a converter "
-                            "jaxmap does not know")
+            raise UserError(f"{self.path} lacks the tensor {first.gguf_name} ({first.hf_name}){more}, which a "
+                            f"{self.architecture} model of its metadata needs; the file is incomplete or was written "
+                            "by a converter jaxmap does not know")
 
     # ---- metadata ------------------------------------------------------------------------------------------------
     def _get(self, key: str, default: Any = None) -> Any:

@@ -199,12 +199,16 @@ class SafetensorsSource:
         wrapper = wrapper_of(json.loads(config_file.read_text(encoding="utf-8")))
         if wrapper is not None:
             self._unwrap(wrapper)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def check_complete(self) -> None:
+        """Refuse a folder that lacks a tensor its config's model needs (before planning, not halfway through
+        loading)."""
         missing = missing_tensors(self.config, set(self._entries))
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UserError(f"{folder} lacks the tensor {missing[0].hf_name!r}{more}, which the model its config.json "
-                            "describes needs; the checkpoint is incomplete or does not match its config")
-        self._maps: dict[Path, np.memmap] = {}
+            raise UserError(f"{self.folder} lacks the tensor {missing[0].hf_name!r}{more}, which the model its "
+                            "config.json describes needs; the checkpoint is incomplete or does not match its config")
 
     def _unwrap(self, wrapper: Wrapper) -> None:
         """Rename a wrapped text model's tensors to the family's names and drop the parts jaxmap leaves out (Gemma
