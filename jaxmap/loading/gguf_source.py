@@ -350,17 +350,9 @@ class GGUFSource:
         from tokenizers import decoders, models, normalizers
 
         tokens, types, vocab = self._vocab()
-        scores = [float(s) for s in self._get("tokenizer.ggml.scores", [0.0] * len(tokens))]
+        scores = np.asarray(self._reader.metadata.get("tokenizer.ggml.scores", np.zeros(len(tokens))), np.float64)
         normal = {t for t, k in zip(tokens, types, strict=True) if k in (1, _USER_DEFINED)}
-        ranked: list[tuple[float, int, str, str]] = []
-        for piece in normal:
-            pid = vocab[piece]
-            for cut in range(1, len(piece)):
-                left, right = piece[:cut], piece[cut:]
-                if left in normal and right in normal:
-                    ranked.append((-scores[pid], pid, left, right))
-        ranked.sort()
-        merges = [(left, right) for _, _, left, right in ranked]
+        merges = _score_ranked_merges(normal, vocab, scores)
         unk_id = self._get("tokenizer.ggml.unknown_token_id", 0)
         unk = tokens[int(unk_id)] if 0 <= int(unk_id) < len(tokens) else None
         inner = RawTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -384,6 +376,32 @@ class GGUFSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _score_ranked_merges(normal: set[str], vocab: dict[str, int], scores: np.ndarray) -> list[tuple[str, str]]:
+    """Every split of a normal piece into two normal pieces, best joined score first, then by piece id, then by the
+    left part's length (the order the sorted tuples (-score, id, left, right) had: a piece's left parts are its
+    prefixes, so shorter is smaller). A stable numpy sort of two keys instead of comparing Python tuples: Gemma's
+    262k pieces give 515k merges, sorted in 0.05 s instead of 0.7 s."""
+    pairs: list[tuple[str, str]] = []
+    ids: list[int] = []
+    add_pair, add_id = pairs.append, ids.append
+    for piece in normal:
+        if len(piece) < 2:
+            continue
+        pid = vocab[piece]
+        for cut in range(1, len(piece)):
+            left = piece[:cut]
+            if left in normal:
+                right = piece[cut:]
+                if right in normal:
+                    add_pair((left, right))
+                    add_id(pid)
+    if not pairs:
+        return []
+    pid = np.asarray(ids, np.int64)
+    order = np.lexsort((np.arange(len(pid)), pid, -scores[pid]))  # generation order keeps the prefix order
+    return [pairs[i] for i in order.tolist()]
 
 
 def _plain(value: Any) -> Any:
