@@ -71,6 +71,7 @@ def test_bench_refuses_zero_repeats():
     (["--cpu-devices", "-3"], "--cpu-devices must be at least 1, got -3"),
     (["--cpu-devices", "0"], "--cpu-devices must be at least 1, got 0"),
     (["-m", "preset:tiny", "--compare-transformers"], "--compare-transformers needs weights on disk"),
+    (["--compare-llamacpp"], "--compare-llamacpp runs llama.cpp on a GGUF file"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_flags_are_refused_before_any_worker(args, fragment, run_main, monkeypatch):
     """The parent's checks, in this process (the command's main; the tests around run ``python -m jaxmap.bench``):
@@ -108,3 +109,13 @@ def test_a_worker_crash_keeps_its_traceback(capsys):
     assert "KeyError" in capsys.readouterr().err
     refused = worker_failure(subprocess.CompletedProcess([], 2, "", "WARNING x\nerror: bad isq\n"), "layout a")
     assert isinstance(refused, UserError) and str(refused) == "layout a: bad isq"
+
+
+def test_llamacpp_peer_runs_the_same_gguf():
+    """llama.cpp (the bench extra, not installed by CI) on the default GGUF: batch-1 rows measured, batch 8 n/a."""
+    pytest.importorskip("llama_cpp")
+    r = run_bench("--workload", "8x1,8x2", "--new-tokens", "4", "--repeats", "1", "--compare-llamacpp", timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("llama.cpp")]
+    assert len(rows) == 2 and float(rows[0][-2]) > 0 and "n/a" in rows[1]
+    assert "ratio jaxmap / llama.cpp" in r.stdout

@@ -77,6 +77,10 @@ LAYOUTS = {
     "pp2": dict(pp=2),
     "pp2xtp2": dict(pp=2, tp=2),
     "per_layer": dict(devices="0", layer_mode="per_layer"),
+    "n": dict(device_layers="0:2;1:2"),  # the last two layers on the CPU
+    # embeddings on their own device; the tied head (Gemma) keeps its own copy with the last stage
+    "topology": dict(topology={"0-4": {"device": "cpu[3]"}, "4-6": {"device": "cpu[5]"},
+                               "/embed_tokens/": {"device": "cpu[6]"}}),
 }
 
 

@@ -122,6 +122,55 @@ def _worker_transformers(args) -> list[dict]:
     return rows
 
 
+def _worker_llamacpp(args) -> list[dict]:
+    """llama.cpp through llama-cpp-python on the same GGUF, its own quantized types, as many threads as CPUs. Its
+    Python API generates one sequence at a time, so rows with a batch above 1 are left out (shown as n/a)."""
+    from llama_cpp import Llama
+
+    from jaxmap.api import resolve_source
+
+    source = resolve_source(args.model)
+    path = os.path.abspath(source.path)
+    source.close()
+    threads = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=args.max_seq_len, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+    rows = []
+    for n_prompt, batch in args.workload:
+        if batch > 1:
+            rows.append({"prompt": n_prompt, "batch": batch, "ttft_ms": None, "first_ttft_ms": None,
+                         "compile_s": 0.0, "prefill_tps": None, "decode_tps": None, "load_s": load_s,
+                         "peak_rss_mib": peak_rss_mib()})
+            continue
+        (ids,) = prompt_ids(lambda s: llm.tokenize(s.encode("utf-8"), add_bos=False, special=False), n_prompt, 1)
+        runs = []
+        for i in range(REPEATS + 1):  # the first run warms up, as jaxmap's compiling run does
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            prefill = time.perf_counter() - t0
+            llm.reset()
+            t0 = time.perf_counter()
+            stream = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+            first = None
+            for n, _ in enumerate(stream, 1):
+                if first is None:
+                    first = time.perf_counter() - t0
+                if n == NEW_TOKENS:
+                    break
+            total = time.perf_counter() - t0
+            if i:
+                runs.append((prefill, first, total))
+        rows.append({"prompt": n_prompt, "batch": 1, "ttft_ms": _median(r[1] * 1000 for r in runs),
+                     "first_ttft_ms": None, "compile_s": 0.0,
+                     "prefill_tps": _median(n_prompt / r[0] for r in runs),
+                     "decode_tps": _median((NEW_TOKENS - 1) / max(r[2] - r[1], 1e-9) for r in runs),
+                     "load_s": load_s, "peak_rss_mib": peak_rss_mib()})
+    return rows
+
+
 def run_worker(impl: str, args, wish: str = "", label: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "jaxmap.bench", "--worker", impl, "--new-tokens", str(NEW_TOKENS),
            "--repeats", str(REPEATS),
@@ -161,16 +210,27 @@ def print_table(results: dict[str, list[dict]]) -> None:
     print("-" * len(head))
     for impl, rows in results.items():
         for r in rows:
+            if r["decode_tps"] is None:
+                print(f"{impl:<13} {r['prompt']:>6} {r['batch']:>5} {'n/a (one sequence at a time)':>40}")
+                continue
             first = f"{r['first_ttft_ms']:.0f}" if r["first_ttft_ms"] is not None else "-"
             print(f"{impl:<13} {r['prompt']:>6} {r['batch']:>5} {r['ttft_ms']:>8.0f} {first:>8} "
                   f"{r['compile_s']:>9.2f} {r['prefill_tps']:>11.1f} {r['decode_tps']:>10.1f} "
                   f"{r['peak_rss_mib']:>12.0f}")
-    if "jaxmap" in results and "transformers" in results:
-        print("\nratio jaxmap / transformers (higher is better for jaxmap):")
-        for a, b in zip(results["jaxmap"], results["transformers"], strict=True):
+    ours = next((rows for impl, rows in results.items() if impl not in PEERS), None)
+    for peer in PEERS:
+        if ours is None or peer not in results:
+            continue
+        print(f"\nratio jaxmap / {peer} (higher is better for jaxmap):")
+        for a, b in zip(ours, results[peer], strict=True):
+            if b["decode_tps"] is None:
+                continue
             print(f"  prompt {a['prompt']:>4} batch {a['batch']}: decode {a['decode_tps'] / b['decode_tps']:.2f}x, "
                   f"prefill {a['prefill_tps'] / b['prefill_tps']:.2f}x, "
                   f"TTFT {b['ttft_ms'] / a['ttft_ms']:.2f}x")
+
+
+PEERS = ("transformers", "llama.cpp")
 
 
 WISH_INTS = ("tp", "pp")
@@ -240,16 +300,25 @@ def parse_layouts(items: Sequence[str]) -> dict[str, str]:
     return layouts
 
 
-def check_model(model: str | None, compare_transformers: bool) -> None:
-    """``-m`` must resolve before any worker starts; transformers also needs real weights on disk."""
+def check_model(model: str | None, compare_transformers: bool, compare_llamacpp: bool = False) -> None:
+    """``-m`` must resolve before any worker starts; transformers also needs real weights on disk, llama.cpp a
+    GGUF file and llama-cpp-python."""
     from jaxmap.api import resolve_source
 
     source = resolve_source(model)
     try:
         if compare_transformers and str(source.path).startswith("preset:"):
             raise UserError(f"--compare-transformers needs weights on disk; {source.path} is a random-weight preset")
+        if compare_llamacpp and not str(source.path).endswith(".gguf"):
+            raise UserError(f"--compare-llamacpp runs llama.cpp on a GGUF file; {source.path} is not one")
     finally:
         source.close()
+    if compare_llamacpp:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError("--compare-llamacpp needs llama-cpp-python: pip install -e \".[bench]\" (it builds "
+                            "llama.cpp from source, about 10 minutes)")
 
 
 def configure(args) -> None:
@@ -278,13 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per row; medians are reported")
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also run Hugging Face transformers (needs torch and transformers) on the same weights")
+    parser.add_argument("--compare-llamacpp", action="store_true",
+                        help="also run llama.cpp (llama-cpp-python, the bench extra) on the same GGUF in its own "
+                             "quantized types; batch-1 rows only")
     parser.add_argument("--no-compile-cache", action="store_true", help="compile from scratch (cold start)")
     parser.add_argument("--layouts", nargs="+", default=None, metavar="NAME:WISH",
                         help="jaxmap layouts to compare in one run, e.g. 1dev:devices=0 tp3:tp=3,pp=1 pp2:pp=2,tp=1; "
                              f"keys: {', '.join(WISH_INTS + WISH_TEXTS)}")
     parser.add_argument("--cpu-devices", type=int, default=None,
                         help="give each run N virtual CPU devices (XLA_FLAGS), to measure mapping overhead on CPU")
-    parser.add_argument("--worker", choices=("jaxmap", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("jaxmap", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
     return parser
 
@@ -295,7 +367,8 @@ def run_worker_here(args) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     configure(args)
-    rows = _worker_jaxmap(args) if args.worker == "jaxmap" else _worker_transformers(args)
+    workers = {"jaxmap": _worker_jaxmap, "transformers": _worker_transformers, "llama.cpp": _worker_llamacpp}
+    rows = workers[args.worker](args)
     print(json.dumps(rows))
     return 0
 
@@ -309,13 +382,15 @@ def run(args) -> int:
         raise UserError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
     parse_dtype(args.dtype)
     layouts = parse_layouts(args.layouts) if args.layouts else None
-    check_model(args.model, args.compare_transformers)
+    check_model(args.model, args.compare_transformers, args.compare_llamacpp)
     if layouts:
         results = {name: run_worker("jaxmap", args, wish, f"layout {name}") for name, wish in layouts.items()}
     else:
         results = {"jaxmap": run_worker("jaxmap", args)}
     if args.compare_transformers:
         results["transformers"] = run_worker("transformers", args)
+    if args.compare_llamacpp:
+        results["llama.cpp"] = run_worker("llama.cpp", args)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}, {NEW_TOKENS} new tokens, "
           f"dtype {args.dtype or 'default'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
     print_table(results)
