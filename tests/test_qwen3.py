@@ -163,7 +163,7 @@ def test_missing_qk_norm_is_one_clear_error(tmp_path):
     from safetensors.numpy import save_file
 
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(UserError, match=r"no tensor 'model\.layers\.0\.self_attn\.q_norm\.weight'"):
+    with pytest.raises(UserError, match=r"lacks the tensor 'model\.layers\.0\.self_attn\.q_norm\.weight'"):
         jaxmap.load(str(folder), max_seq_len=32, progress=False, devices="0")
 
 

@@ -47,8 +47,7 @@ def configs():
 
 def make_multimodal() -> None:
     import torch
-    from transformers import (AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration,
-                              SiglipVisionConfig)
+    from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     text = AutoModelForCausalLM.from_pretrained(DATA / "tiny-gemma3", dtype=torch.float32).eval()
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
