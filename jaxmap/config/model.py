@@ -45,6 +45,8 @@ class ModelConfig:
     # sliding when ``sliding_window`` is set (Mistral v0.1), full otherwise.
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None  # RoPE base of sliding layers where it differs (Gemma 3)
+    # RoPE rotates the first int(head_dim * factor) dims of each head; the rest pass through (Phi-4-mini: 0.75)
+    partial_rotary_factor: float = 1.0
     hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU)
     query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power instead of head_dim's
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
@@ -81,7 +83,11 @@ class ModelConfig:
         if self.hidden_act not in HIDDEN_ACTS:
             raise UserError(f"model config: activation {self.hidden_act!r} is not supported; supported: "
                             f"{', '.join(HIDDEN_ACTS)}")
-        _check_rope_scaling(self.rope_scaling)
+        if not _is_positive_number(self.partial_rotary_factor) or self.partial_rotary_factor > 1 \
+                or self.partial_rotary_factor != 1 and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise UserError(f"model config: partial_rotary_factor {self.partial_rotary_factor!r} must give an even "
+                            f"number of rotated dims between 2 and head_dim {self.head_dim}")
+        _check_rope_scaling(self.rope_scaling, self.rotary_dim)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -101,6 +107,11 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (all but a partial rotary factor's pass-through tail)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
     def with_changes(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -114,12 +125,26 @@ def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
-def _check_rope_scaling(scaling: Mapping[str, Any] | None) -> None:
+def _check_rope_scaling(scaling: Mapping[str, Any] | None, rotary_dim: int) -> None:
     """The values :mod:`jaxmap.engine.rope` divides by: a missing or zero ``factor``, or ``low_freq_factor`` equal to
-    ``high_freq_factor``, would give a KeyError or NaN frequencies. Other rope types are refused by rope itself."""
+    ``high_freq_factor``, would give a KeyError or NaN frequencies; LongRoPE's short and long factors, one positive
+    number per rotated frequency. Other rope types are refused by rope itself."""
     if not scaling:
         return
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            value = scaling.get(key)
+            if not isinstance(value, (list, tuple)) or len(value) != rotary_dim // 2 \
+                    or not all(_is_positive_number(v) for v in value):
+                raise UserError(f"model config: rope_scaling.{key} must be a list of {rotary_dim // 2} positive "
+                                f"numbers for longrope scaling (one per rotated frequency), got {value!r}"[:300])
+        for key in ("original_max_position_embeddings", "factor", "attention_factor"):
+            value = scaling.get(key)
+            if (value is not None or key == "original_max_position_embeddings") and not _is_positive_number(value):
+                raise UserError(f"model config: rope_scaling.{key} must be a positive number for longrope scaling, "
+                                f"got {value!r}")
+        return
     if kind not in ("linear", "llama3"):
         return
     defaults = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

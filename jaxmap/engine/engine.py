@@ -35,7 +35,7 @@ from jaxmap.engine import layers
 from jaxmap.engine.multihost import put, to_local
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
-from jaxmap.families.rope import inverse_frequencies
+from jaxmap.families.rope import attention_factor, inverse_frequencies
 from jaxmap.materialize.model import Stage
 from jaxmap.quant import is_quantized
 from jaxmap.quant.qtensor import leaf_shardings
@@ -110,7 +110,8 @@ class Engine:
         # Each layer's blocks (a hashable design): layers sharing one share their compiled per-layer program.
         self.designs = [family.layer_design(config, i) for i in range(config.num_hidden_layers)]
         self.outer_design = family.outer_design(config)
-        self.inv_freq = inverse_frequencies(config)
+        self.inv_freq = inverse_frequencies(config, max_seq_len=max_seq_len)  # LongRoPE: long or short, once
+        self.rope_scale = attention_factor(config)
         self.local_inv_freq = inverse_frequencies(config, local=True) if any(d.rope_local for d in self.designs) \
             else None
         # Cache slots per layer: a sliding-window layer keeps a ring of its window, the others the whole context.
@@ -162,13 +163,13 @@ class Engine:
 
     def _build(self, stage: Stage, shape: StepShape, part: str, design: LayerDesign | None) -> Callable:
         config, dtype, outer = self.config, stage.dtype, self.outer_design
-        inv_freq, local_inv_freq = self.inv_freq, self.local_inv_freq
+        inv_freq, local_inv_freq, rope_scale = self.inv_freq, self.local_inv_freq, self.rope_scale
         stage_designs = self.designs[stage.start:stage.end]
 
         def enter(params, x, start, pad, last_index):
             x = layers.embed(params, x, dtype, outer) if stage.is_first else x.astype(dtype)
             ctx = layers.attention_context(start, pad, shape.n_tokens, shape.attend_len, inv_freq, local_inv_freq,
-                                           end=start + last_index + 1)
+                                           end=start + last_index + 1, rope_scale=rope_scale)
             return x, ctx
 
         def layer(p, x, k_cache, v_cache, start, ctx, layer_design=design):

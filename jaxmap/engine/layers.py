@@ -23,14 +23,16 @@ from jaxmap.quant import dense, dense_rows, take_rows
 __all__ = ["attention_context", "decoder_layer", "embed", "lm_head", "rms_norm"]
 
 
-def attention_context(start, pad, n_tokens: int, attend_len: int, inv_freq, local_inv_freq=None, end=None) -> dict:
+def attention_context(start, pad, n_tokens: int, attend_len: int, inv_freq, local_inv_freq=None, end=None,
+                      rope_scale: float = 1.0) -> dict:
     """What every layer of a step shares, computed once per stage: RoPE cos/sin at each new token's position
     (``local_*`` with the sliding layers' own base, where the family has one), the causal mask over the first
     ``attend_len`` slots with each row's left padding ``pad`` masked, ``pad`` itself, and ``end`` (the prefill's
-    last real slot + 1; sliding-window ring buffers keep the keys before it)."""
+    last real slot + 1; sliding-window ring buffers keep the keys before it). ``rope_scale`` multiplies the global
+    cos/sin (LongRoPE's attention factor)."""
     slots = start + jnp.arange(n_tokens, dtype=jnp.int32)
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    cos, sin = rope_cos_sin(positions, inv_freq)
+    cos, sin = rope_cos_sin(positions, inv_freq, rope_scale)
     keys = jnp.arange(attend_len, dtype=jnp.int32)
     mask = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
     ctx = {"cos": cos, "sin": sin, "mask": mask, "pad": pad,

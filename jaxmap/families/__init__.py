@@ -8,6 +8,7 @@ and its row in the README's support table. Anything else it needs is a gap in th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,16 +18,16 @@ import yaml
 
 from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
 from jaxmap.errors import UserError
-from jaxmap.families import gemma3, llama, qwen3
+from jaxmap.families import gemma3, llama, phi3, qwen3
 from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ModelDesign, ParamSpec, TensorDecl
 from jaxmap.families.wrapped import Wrapper
 
 __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
-           "config_from_hf", "config_to_hf", "family_for_gguf", "gguf_name_to_hf", "family_of", "layer_param_specs",
-           "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count", "preset_config",
-           "read_config_json", "supported", "wrapper_of"]
+           "config_from_hf", "config_to_hf", "family_for_gguf", "fused_parts", "gguf_name_to_hf", "family_of",
+           "layer_param_specs", "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count",
+           "preset_config", "read_config_json", "supported", "wrapper_of"]
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY)
 
 
 def supported() -> str:
@@ -135,10 +136,23 @@ def model_tensor_names(config: ModelConfig) -> set[str]:
 
 
 def missing_tensors(config: ModelConfig, present: set[str]) -> list[ParamSpec]:
-    """The tensors a model of this config reads that ``present`` (Hugging Face names) lacks, in model order."""
+    """The tensors a model of this config reads that ``present`` (Hugging Face names as stored) lacks, in model
+    order; a missing fused tensor once, under its stored names."""
     specs = [*outer_param_specs(config).values()]
     specs += [s for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
-    return [s for s in specs if s.hf_name not in present]
+    out, seen = [], set()
+    for s in specs:
+        name = s.stored or s.hf_name
+        if name not in present and name not in seen:
+            seen.add(name)
+            out.append(dataclasses.replace(s, hf_name=s.stored, gguf_name=s.stored_gguf) if s.stored else s)
+    return out
+
+
+def fused_parts(config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:
+    """Tensors declared as rows of a stored fused one: part name -> (stored name, first row, end row, the stored
+    tensor's rows); what every weight source presents as tensors of their own."""
+    return family_of(config).fused_parts(config)
 
 
 def param_count(config: ModelConfig) -> int:

@@ -43,7 +43,8 @@ _DIMS: dict[str, Callable[[ModelConfig], int]] = {
     "mlp": lambda c: c.intermediate_size,
     "head_dim": lambda c: c.head_dim,
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+_ROPE_ALIASES = {"su": "longrope"}  # LongRoPE's first name, in Phi-3's early configs
 _INTEGER_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings")
 
@@ -64,6 +65,9 @@ class ParamSpec:
     role: str = "attention"
     layer: int | None = None
     gguf_name: str = ""
+    # A part of a fused tensor (Phi-3's qkv_proj): the stored tensor's names; its rows are Family.fused_parts'.
+    stored: str = ""
+    stored_gguf: str = ""
 
     @property
     def size(self) -> int:
@@ -79,6 +83,12 @@ class TensorDecl:
     """One tensor as a family declares it, in config terms.
 
     ``hf`` / ``gguf`` are the names in those files; in per-layer tensors ``{i}`` stands for the layer index.
+    ``fused`` makes the tensor a row range of a tensor stored fused with others (Phi-3's ``qkv_proj``, ``[q + 2 kv,
+    hidden]``): the stored tensor's Hugging Face and GGUF names, and ``hf`` / ``gguf`` are then jaxmap's names of
+    the part (:func:`fused_part` writes them ``<stored>[<part>]``). The parts of one stored tensor, in declaration
+    order, are its rows in Hugging Face layout (``[out, in]``), so each part is a whole tensor to the rest of jaxmap:
+    tensor parallelism splits q, k and v (gate, up) each on head boundaries, ISQ quantizes each, and a quantized
+    GGUF's raw rows slice whole (quant blocks never straddle rows).
     ``shape`` is in jaxmap's layout (projections ``[in, out]``), written with the symbolic sizes ``vocab``,
     ``hidden``, ``q`` (heads x head_dim), ``kv``, ``mlp`` and ``head_dim``. ``when`` names a boolean config field
     that must be true for the tensor to exist (``attention_bias``); ``unless`` one that must be false
@@ -95,6 +105,7 @@ class TensorDecl:
     when: str | None = None
     unless: str | None = None
     gguf_offset: float = 0.0  # GGUF stores the value plus this (llama.cpp's Gemma norms hold 1 + weight)
+    fused: tuple[str, str] | None = None  # (stored Hugging Face name, stored GGUF name) of the fused tensor
 
     def exists(self, config: ModelConfig) -> bool:
         return ((self.when is None or bool(getattr(config, self.when)))
@@ -102,8 +113,16 @@ class TensorDecl:
 
     def spec(self, config: ModelConfig, layer: int | None = None) -> ParamSpec:
         fill = {} if layer is None else {"i": layer}
+        stored = ("", "") if self.fused is None else (self.fused[0].format(**fill), self.fused[1].format(**fill))
         return ParamSpec(self.hf.format(**fill), tuple(_DIMS[d](config) for d in self.shape), self.axes,
-                         self.transpose, self.role, layer, self.gguf.format(**fill))
+                         self.transpose, self.role, layer, self.gguf.format(**fill), *stored)
+
+
+def fused_part(key: str, stored_hf: str, stored_gguf: str, part: str, shape: tuple[str, ...], axes: tuple[str, ...],
+               role: str, **kw: Any) -> TensorDecl:
+    """A tensor that is rows of a stored fused one, named ``<stored>[<part>]`` in both conventions."""
+    return TensorDecl(key, f"{stored_hf}[{part}]", f"{stored_gguf}[{part}]", shape, axes, role,
+                      fused=(stored_hf, stored_gguf), **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +237,8 @@ class Family:
             out["use_sliding_window"] = config.sliding_window is not None
         if config.layer_types is not None:
             out["layer_types"] = list(config.layer_types)
+        if config.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = config.partial_rotary_factor
         if self.hf_extra is not None:
             out.update(self.hf_extra(config))
         return out
@@ -231,6 +252,26 @@ class Family:
     def outer_params(self, config: ModelConfig) -> dict[str, ParamSpec]:
         """Embeddings, final norm and LM head (absent when tied)."""
         return {t.key: t.spec(config) for t in self.outer_tensors if t.exists(config)}
+
+    def fused_parts(self, config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:
+        """Every part of a fused stored tensor: part name -> (stored name, first row, end row, the stored tensor's
+        rows), rows in Hugging Face layout; empty for families that store every tensor whole."""
+        out: dict[str, tuple[str, int, int, int]] = {}
+        groups: list[list[ParamSpec]] = []
+        for specs in [self.outer_params(config)] + [self.layer_params(config, i)
+                                                    for i in range(config.num_hidden_layers)]:
+            by_stored: dict[str, list[ParamSpec]] = {}
+            for spec in specs.values():
+                if spec.stored:
+                    by_stored.setdefault(spec.stored, []).append(spec)
+            groups += by_stored.values()
+        for parts in groups:
+            total = sum(p.hf_shape[0] for p in parts)
+            row = 0
+            for p in parts:
+                out[p.hf_name] = (p.stored, row, row + p.hf_shape[0], total)
+                row += p.hf_shape[0]
+        return out
 
     def layer_design(self, config: ModelConfig, layer: int) -> LayerDesign:
         return self.design(config, layer)
@@ -260,9 +301,12 @@ class Family:
 
     def hf_to_gguf(self, hf_name: str) -> str | None:
         layer = self.layer_of(hf_name)
+        fill = {} if layer is None else {"i": layer}
         for t in self.layer_tensors if layer is not None else self.outer_tensors:
-            if (t.hf.format(i=layer) if layer is not None else t.hf) == hf_name:
-                return t.gguf.format(i=layer) if layer is not None else t.gguf
+            if t.hf.format(**fill) == hf_name:
+                return t.gguf.format(**fill)
+            if t.fused is not None and t.fused[0].format(**fill) == hf_name:
+                return t.fused[1].format(**fill)
         return None
 
     def gguf_offset(self, hf_name: str) -> float:
@@ -311,6 +355,12 @@ class Family:
             "tie_word_embeddings": not head_names & tensor_names,
             "attention_bias": bool(bias_names & tensor_names),
         }
+        rope_dims = get(f"{gguf_arch}.rope.dimension_count", None)
+        if rope_dims is not None and int(rope_dims) != raw["head_dim"]:
+            if gguf_arch in self.gguf_permuted_qk:
+                raise UserError(f"{where}: RoPE on {rope_dims} of {raw['head_dim']} head dimensions (partial rotary) "
+                                f"in a {gguf_arch} file whose q/k rows llama.cpp permuted is not supported")
+            raw["partial_rotary_factor"] = int(rope_dims) / raw["head_dim"]
         for key, hf_key in (("attention.sliding_window", "sliding_window"),
                             ("attn_logit_softcapping", "attn_logit_softcapping"),
                             ("final_logit_softcapping", "final_logit_softcapping")):
@@ -336,12 +386,13 @@ class Family:
         return re.compile("^(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")(\d+)\.")
 
     @property
-    def _gguf_layer_names(self) -> dict[str, str]:
-        return {t.gguf.split("{i}.", 1)[1]: t.hf for t in self.layer_tensors}
+    def _gguf_layer_names(self) -> dict[str, str]:  # a fused tensor's GGUF name maps to its stored HF name
+        names = (t.fused or (t.hf, t.gguf) for t in self.layer_tensors)
+        return {gguf.split("{i}.", 1)[1]: hf for hf, gguf in names}
 
     @property
     def _gguf_outer_names(self) -> dict[str, str]:
-        return {t.gguf: t.hf for t in self.outer_tensors}
+        return {gguf: hf for hf, gguf in (t.fused or (t.hf, t.gguf) for t in self.outer_tensors)}
 
     def _key_of(self, hf_name: str) -> str | None:
         layer = self.layer_of(hf_name)
@@ -380,6 +431,14 @@ def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, 
                                          and not value.is_integer()):
                 raise UserError(f"model config: {key} must be a positive integer, got {value!r}")
         theta, scaling, local_theta = _rope_keys(raw, get)
+        if scaling and scaling.get("rope_type") == "longrope":
+            # Phi-3 keeps the pretraining context beside rope_scaling; transformers prefers that key
+            original = raw.get("original_max_position_embeddings") or scaling.get(
+                "original_max_position_embeddings") or get("original_max_position_embeddings") or get(
+                "max_position_embeddings", 4096)
+            scaling = {**scaling, "original_max_position_embeddings": original}
+        params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), Mapping) else {}
+        partial = get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = get("head_dim")
@@ -410,6 +469,7 @@ def read_common(raw: Mapping[str, Any], model_type: str, defaults: Mapping[str, 
             sliding_window=int(sliding) if sliding else None,
             layer_types=_layer_types(raw, get, layers, bool(sliding)),
             rope_local_theta=local_theta if sliding else None,
+            partial_rotary_factor=float(partial),
             hidden_act=_activation(get("hidden_activation") or get("hidden_act", "silu")),
             query_pre_attn_scalar=_optional_float(get("query_pre_attn_scalar")),
             attn_logit_softcap=_optional_float(get("attn_logit_softcapping")),
@@ -458,11 +518,14 @@ def _rope_keys(raw: Mapping[str, Any], get: Callable[..., Any]) -> tuple[float, 
         theta = get("rope_theta", 10000.0)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
+        kind = _ROPE_ALIASES.get(kind, kind)
         if kind not in ROPE_TYPES:
             raise UserError(f"model config: rope scaling {kind!r} is not supported yet; supported: "
                             f"{', '.join(ROPE_TYPES)}")
         if kind == "default":
             scaling = None
+        elif kind == "longrope":
+            scaling = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind}
     local_kind = local.get("rope_type", "default")
     if local_kind != "default":
         raise UserError(f"model config: rope scaling {local_kind!r} on sliding layers is not supported yet")

@@ -1,8 +1,15 @@
-"""RoPE frequency variants (default, linear, llama3) as plain numpy: part of what a family declares, read by the
-engine (:mod:`jaxmap.engine.rope`) and by the GGUF reader, importing no jax."""
+"""RoPE frequency variants (default, linear, llama3, longrope) as plain numpy: part of what a family declares, read by
+the engine (:mod:`jaxmap.engine.rope`) and by the GGUF reader, importing no jax.
+
+LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) divides each frequency by a factor of its own: ``short_factor`` within the
+original context, ``long_factor`` past it, and scales cos/sin by an attention factor. transformers switches between
+the two while generating (long once the sequence passes ``original_max_position_embeddings``); jaxmap, as llama.cpp,
+chooses once per run from the planned context: long factors when ``max_seq_len`` exceeds the original context.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -10,11 +17,14 @@ import numpy as np
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 
+log = logging.getLogger(__name__)
 
-def inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
-    """``inv_freq`` of shape [head_dim // 2], float32, with the config's rope scaling applied; ``local``: the
-    frequencies of sliding layers that have a base of their own (``rope_local_theta``, unscaled, as Gemma 3's)."""
-    dim = config.head_dim
+
+def inverse_frequencies(config: ModelConfig, local: bool = False, max_seq_len: int | None = None) -> np.ndarray:
+    """``inv_freq`` of shape [rotary_dim // 2], float32, with the config's rope scaling applied; ``local``: the
+    frequencies of sliding layers that have a base of their own (``rope_local_theta``, unscaled, as Gemma 3's).
+    ``max_seq_len``: the planned context, which picks LongRoPE's long or short factors (short when None)."""
+    dim = config.rotary_dim
     theta = config.rope_local_theta if local and config.rope_local_theta else config.rope_theta
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     scaling = {} if local and config.rope_local_theta else dict(config.rope_scaling or {})
@@ -25,9 +35,31 @@ def inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind == "llama3":
         inv_freq = _llama3_scaling(inv_freq, scaling)
+    elif kind == "longrope":
+        original = int(scaling["original_max_position_embeddings"])
+        long = max_seq_len is not None and max_seq_len > original
+        inv_freq = inv_freq / np.asarray(scaling["long_factor" if long else "short_factor"], np.float64)
+        if max_seq_len is not None:
+            log.info("LongRoPE: %s factors for the planned context of %d tokens (%s the original %d), cos/sin "
+                     "scaled by %.4f", "long" if long else "short", max_seq_len, ">" if long else "<=", original,
+                     attention_factor(config))
     else:
-        raise UserError(f"rope scaling {kind!r} is not supported yet; supported: default, linear, llama3")
+        raise UserError(f"rope scaling {kind!r} is not supported yet; supported: default, linear, llama3, longrope")
     return inv_freq.astype(np.float32)
+
+
+def attention_factor(config: ModelConfig) -> float:
+    """What cos/sin are multiplied by: LongRoPE's ``attention_factor``, by default sqrt(1 + ln(factor) /
+    ln(original context)) with factor = max_position_embeddings / original (or the config's ``factor``), 1 when
+    factor <= 1 (transformers' ``_compute_longrope_parameters``); 1 for every other kind."""
+    scaling = dict(config.rope_scaling or {})
+    if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    factor = float(scaling.get("factor") or config.max_position_embeddings / original)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def _llama3_scaling(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:

@@ -22,7 +22,14 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import config_from_hf, missing_tensors, model_tensor_names, read_config_json, wrapper_of
+from jaxmap.families import (
+    config_from_hf,
+    fused_parts,
+    missing_tensors,
+    model_tensor_names,
+    read_config_json,
+    wrapper_of,
+)
 from jaxmap.families.wrapped import Wrapper
 
 if TYPE_CHECKING:
@@ -199,12 +206,28 @@ class SafetensorsSource:
         wrapper = wrapper_of(json.loads(config_file.read_text(encoding="utf-8")))
         if wrapper is not None:
             self._unwrap(wrapper)
+        self._stored = set(self._entries)
+        self._add_fused_parts()
         self._maps: dict[Path, np.memmap] = {}
+
+    def _add_fused_parts(self) -> None:
+        """The parts of fused tensors (Phi-3's qkv_proj) as entries of their own: a row range of a row-major
+        tensor is a byte range of the file, so each part is read, mapped and viewed like any stored tensor."""
+        for part, (stored, r0, r1, total) in fused_parts(self.config).items():
+            entry = self._entries.get(stored)
+            if entry is None:
+                continue  # check_complete names it
+            if not entry.shape or entry.shape[0] != total:
+                raise UserError(f"{self.folder}: tensor {stored!r} has shape {entry.shape}, the config expects "
+                                f"{total} rows (its fused parts); the checkpoint does not match its config")
+            row = entry.nbytes // total
+            self._entries[part] = _Entry(entry.file, entry.dtype_name, (r1 - r0, *entry.shape[1:]),
+                                         entry.start + r0 * row, (r1 - r0) * row)
 
     def check_complete(self) -> None:
         """Refuse a folder that lacks a tensor its config's model needs (before planning, not halfway through
         loading)."""
-        missing = missing_tensors(self.config, set(self._entries))
+        missing = missing_tensors(self.config, self._stored)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise UserError(f"{self.folder} lacks the tensor {missing[0].hf_name!r}{more}, which the model its "
@@ -279,6 +302,7 @@ class SafetensorsSource:
 
     # ---- WeightSource --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """Every stored tensor, and the parts of fused ones under the family's names for them."""
         return list(self._entries)
 
     def _entry(self, name: str) -> _Entry:
