@@ -204,3 +204,80 @@ def test_a_fused_tensor_of_the_wrong_size_is_refused(tmp_path):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(UserError, match=r"lacks the tensor 'model.layers.2.self_attn.qkv_proj.weight'"):
         jaxmap.load(str(folder), dtype="float32", max_seq_len=32, progress=False, devices="0")
+
+
+def _write_gguf(name: str, path, qtype=None):
+    """A tiny model as llama.cpp's converter writes a phi3 file: fused attn_qkv and ffn_up (gate then up), RoPE
+    on rope.dimension_count dims, LongRoPE factors as rope_factors_short / rope_factors_long tensors beside the
+    original context and attention factor. ``qtype`` stores the 2-D projections quantized."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = read_config_json(TINY_MODELS_DIR / name / "config.json")
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_dimension_count(config.rotary_dim)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    if config.sliding_window:
+        w.add_sliding_window(config.sliding_window)
+    if config.rope_scaling:
+        w.add_rope_scaling_orig_ctx_len(config.rope_scaling["original_max_position_embeddings"])
+        w.add_rope_scaling_attn_factors(attention_factor(config))
+        w.add_tensor("rope_factors_short.weight", np.asarray(config.rope_scaling["short_factor"], np.float32))
+        w.add_tensor("rope_factors_long.weight", np.asarray(config.rope_scaling["long_factor"], np.float32))
+    names = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    outer = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for hf, array in load_file(TINY_MODELS_DIR / name / "model.safetensors").items():
+        if hf in outer:
+            gname = outer[hf]
+        else:
+            _, _, layer, rest = hf.split(".", 3)
+            gname = f"blk.{layer}.{names[rest.removesuffix('.weight')]}.weight"
+        array = np.asarray(array, np.float32)
+        if qtype is not None and array.ndim == 2 and "token_embd" not in gname:
+            w.add_tensor(gname, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_file_matches_transformers(case, tmp_path):
+    """llama.cpp's phi3 layout: the fused tensors split per part under tp=2, partial rotary from
+    rope.dimension_count, LongRoPE from its factor tensors; short and long regimes."""
+    name, ref = case
+    path = _write_gguf(name, tmp_path / f"{name}.gguf")
+    model = jaxmap.load(str(path), dtype="float32", max_seq_len=32, progress=False, tp=2)
+    expected = read_config_json(TINY_MODELS_DIR / name / "config.json")
+    assert model.config.rotary_dim == expected.rotary_dim
+    assert model.config.tie_word_embeddings == expected.tie_word_embeddings
+    assert model.config.sliding_window == expected.sliding_window
+    check_short(model, ref)
+    model = jaxmap.load(str(path), dtype="float32", max_seq_len=128, progress=False, devices="0")
+    check_long(model, ref)
+
+
+def test_gguf_fused_parts_keep_their_q8_0_blocks(tmp_path):
+    import gguf
+
+    ref = reference("tiny-phi4")
+    path = _write_gguf("tiny-phi4", tmp_path / "tiny-phi4-q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+    model = jaxmap.load(str(path), max_seq_len=32, progress=False, devices="0")
+    layer = model.engine.stages[0].params["layers"][1]
+    assert layer["wk"].qtype == "Q8_0" and layer["w_up"].qtype == "Q8_0"
+    (logits,) = model.forward_logits([ref["short_prompts"][1]])
+    expected = ref["short_last_logits"][1]
+    assert np.abs(logits[-1] - expected).max() < 0.05 * np.abs(expected).max()

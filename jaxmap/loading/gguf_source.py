@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import config_from_hf, family_for_gguf, missing_tensors
+from jaxmap.families import config_from_hf, family_for_gguf, fused_parts, missing_tensors
 from jaxmap.loading import gguf_reader
 from jaxmap.loading.gguf_reader import GGUFFile, TensorInfo
 from jaxmap.loading.safetensors_source import as_numpy_dtype
@@ -124,6 +124,7 @@ class GGUFSource:
             else:
                 self._tensors[name] = t
         self.config = self._build_config(by_gguf_name)
+        self._parts = self._fused_parts()
 
     def check_complete(self) -> None:
         """Refuse a file that lacks a tensor its metadata's model needs (before planning, not halfway through
@@ -146,11 +147,9 @@ class GGUFSource:
     def _build_config(self, by_gguf_name: dict[str, TensorInfo]) -> ModelConfig:
         arch = self.architecture
         raw = self.family.gguf_config(arch, self._get, set(self._tensors), self.path)
-        head_dim = raw["head_dim"]
-        rope_dims = self._get(f"{arch}.rope.dimension_count")
-        if rope_dims is not None and int(rope_dims) != head_dim:
-            raise UserError(f"{self.path}: RoPE on {rope_dims} of {head_dim} head dimensions (partial rotary) is "
-                            "not supported")
+        longrope = self._longrope(by_gguf_name)  # partial rotary: the family's gguf_config reads dimension_count
+        if longrope is not None:
+            raw["rope_scaling"] = longrope
         tokens = self._reader.metadata.get("tokenizer.ggml.tokens")
         vocab = self._get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
         embedding = next((t for t in self.family.outer_tensors if t.role == "embedding"), None)
@@ -166,10 +165,35 @@ class GGUFSource:
         scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
         return config.with_changes(rope_scaling=scaling) if scaling else config
 
+    def _longrope(self, by_gguf_name: dict[str, TensorInfo]) -> dict[str, Any] | None:
+        """LongRoPE as llama.cpp's converter stores it (Phi-3 128k, Phi-3.5, Phi-4-mini): the per-frequency factors as
+        tensors ``rope_factors_short`` / ``rope_factors_long``, the original context and the attention factor as
+        metadata; None for files without them."""
+        short, long = by_gguf_name.get("rope_factors_short.weight"), by_gguf_name.get("rope_factors_long.weight")
+        if short is None and long is None:
+            return None
+        arch = self.architecture
+        original = self._get(f"{arch}.rope.scaling.original_context_length")
+        if short is None or long is None or original is None:
+            raise UserError(f"{self.path}: LongRoPE needs rope_factors_short.weight, rope_factors_long.weight and "
+                            f"{arch}.rope.scaling.original_context_length; the file lacks some of them")
+
+        def factors(t: TensorInfo) -> list[float]:
+            return [float(v) for v in np.asarray(self._reader.tensor_data(t.name), np.float64).reshape(-1)]
+
+        out: dict[str, Any] = {"rope_type": "longrope", "short_factor": factors(short),
+                               "long_factor": factors(long), "original_max_position_embeddings": int(original)}
+        attn = self._get(f"{arch}.rope.scaling.attn_factor")
+        if attn is not None:
+            out["attention_factor"] = float(attn)
+        return out
+
     def _rope_scaling(self, config: ModelConfig, freqs: TensorInfo | None) -> dict[str, Any] | None:
         """Rope scaling from ``{arch}.rope.scaling.*``, or llama3 scaling recovered from ``rope_freqs.weight``."""
         arch = self.architecture
         kind = self._get(f"{arch}.rope.scaling.type")
+        if config.rope_scaling and config.rope_scaling.get("rope_type") == "longrope":
+            return None  # read from its factor tensors (_longrope)
         if freqs is not None:
             factors = np.asarray(self._reader.tensor_data(freqs.name), dtype=np.float64).reshape(-1)
             return self._llama3_from_factors(config, factors)
@@ -191,10 +215,27 @@ class GGUFSource:
         return scaling
 
     # ---- WeightSource --------------------------------------------------------------------------------------------
+    def _fused_parts(self) -> dict[str, tuple[str, int, int, int]]:
+        """The parts of fused tensors (Phi-3's attn_qkv, and ffn_up holding gate and up) that the file holds: each is
+        served as rows of its stored tensor."""
+        parts = {}
+        for part, (stored, r0, r1, total) in fused_parts(self.config).items():
+            t = self._tensors.get(stored)
+            if t is None:
+                continue  # check_complete names it
+            if not t.shape or t.shape[0] != total:
+                raise UserError(f"{self.path}: tensor {t.name} has shape {t.shape}, the metadata's model expects "
+                                f"{total} rows (its fused parts); the file does not match its metadata")
+            parts[part] = (stored, r0, r1, total)
+        return parts
+
     def names(self) -> list[str]:
-        return list(self._tensors)
+        """Every mapped tensor, and the parts of fused ones under the family's names for them."""
+        return list(self._tensors) + list(self._parts)
 
     def _tensor(self, name: str) -> TensorInfo:
+        if name in self._parts:
+            name = self._parts[name][0]
         t = self._tensors.get(name)
         if t is None:
             raise UserError(f"{self.path} has no tensor {name!r}")
@@ -202,9 +243,16 @@ class GGUFSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first ([in, out]); Hugging Face slowest-first ([out, in]).
-        return self._tensor(name).shape
+        shape = self._tensor(name).shape
+        if name in self._parts:
+            _, r0, r1, _ = self._parts[name]
+            return (r1 - r0, *shape[1:])
+        return shape
 
     def stored_nbytes(self, name: str) -> int:
+        if name in self._parts:
+            _, r0, r1, total = self._parts[name]
+            return self._tensor(name).nbytes * (r1 - r0) // total
         return self._tensor(name).nbytes
 
     def stored_type(self, name: str) -> str:
@@ -219,6 +267,9 @@ class GGUFSource:
         return self.family.gguf_row_heads(self.architecture, self.config, name)
 
     def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        if name in self._parts:  # rows of a fused tensor (the whole is dequantized, then sliced)
+            stored, r0, r1, _ = self._parts[name]
+            return np.ascontiguousarray(self.read(stored, dtype)[r0:r1])
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -260,6 +311,10 @@ class GGUFSource:
 
         q/k rows are already put back in Hugging Face order (quant blocks never straddle rows, so rows move whole).
         """
+        if name in self._parts:  # quant blocks never straddle rows: a part is whole rows of blocks
+            stored, r0, r1, _ = self._parts[name]
+            data, type_name = self.raw(stored)
+            return np.ascontiguousarray(data[r0:r1]), type_name
         t = self._tensor(name)
         data = self._data(name)
         if data.ndim == 1 and len(self.shape(name)) == 2:
