@@ -82,6 +82,8 @@ def main() -> None:
             shutil.rmtree(folder)
         model.save_pretrained(folder)
         (folder / "generation_config.json").unlink(missing_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):  # the shared 512-token BPE of tiny-qwen3
+            shutil.copy(MODELS / "tiny-qwen3" / f, folder / f)
         with torch.no_grad():
             last = np.stack([model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
             long_logits = model(torch.tensor([long_prompt])).logits[0].numpy()
