@@ -281,3 +281,19 @@ def test_gguf_fused_parts_keep_their_q8_0_blocks(tmp_path):
     (logits,) = model.forward_logits([ref["short_prompts"][1]])
     expected = ref["short_last_logits"][1]
     assert np.abs(logits[-1] - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_llamacpp_imatrix_entries_of_fused_tensors_serve_each_part():
+    """llama.cpp's imatrix measures blk.N.attn_qkv / ffn_up whole; the parts share those inputs."""
+    from jaxmap.loading.imatrix_file import Imatrix
+
+    config = read_config_json(TINY_MODELS_DIR / "tiny-phi3" / "config.json")
+    family = family_of(config)
+    stored = {name: np.full(64, i + 1.0, np.float32) for i, name in enumerate(
+        [family.gguf_to_hf("blk.0.attn_qkv.weight"), family.gguf_to_hf("blk.0.ffn_up.weight")])}
+    matrix = Imatrix(stored, tokens=10)
+    matrix.check_model(config)
+    specs = layer_param_specs(config, 0)
+    assert matrix.for_weight(specs["wk"].hf_name, 64)[0] == 1.0
+    assert matrix.for_weight(specs["w_gate"].hf_name, 64)[0] == 2.0
+    assert matrix.for_weight(specs["w_down"].hf_name, 128) is None

@@ -41,8 +41,12 @@ class Imatrix:
     path: str = "<memory>"
 
     def for_weight(self, hf_name: str, n_inputs: int) -> np.ndarray | None:
-        """The importance of ``hf_name``'s inputs (None: not measured, e.g. a head the collection did not reach)."""
+        """The importance of ``hf_name``'s inputs (None: not measured, e.g. a head the collection did not reach). A
+        part of a fused tensor (``<stored>[<part>]``) shares its inputs with the stored tensor, so llama.cpp's entry
+        for the stored one (``blk.N.attn_qkv.weight``) serves each part."""
         v = self.values.get(hf_name)
+        if v is None and hf_name.endswith("]") and "[" in hf_name:
+            v = self.values.get(hf_name.rsplit("[", 1)[0])
         if v is None:
             return None
         if v.shape != (n_inputs,):
@@ -60,6 +64,8 @@ class Imatrix:
         projections = [[s.hf_name for k, s in layer_param_specs(config, i).items() if k in family.projection_inputs]
                        for i in range(config.num_hidden_layers)]
         ours = {name for layer in projections for name in layer}
+        ours |= {s.stored for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()
+                 if s.stored}  # fused tensors as llama.cpp names them
         ours |= {family.head_name(config), family.embedding_name(config)}
         theirs = set(self.values)
         if not theirs & ours:
