@@ -142,15 +142,46 @@ class Model:
         return results
 
     # ---- token ids in, token ids out -------------------------------------------------------------------------------
-    def _pack(self, batch_ids: list[list[int]], n_slots: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Left-pad to the longest prompt L, then fill to the compiled length: tokens [B, n_slots], pads [B], L."""
+    def _pack(self, batch_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pad to the longest prompt L: tokens [B, L] and each row's padding [B]."""
         longest = max(len(ids) for ids in batch_ids)
-        tokens = np.zeros((len(batch_ids), n_slots), np.int32)
+        tokens = np.zeros((len(batch_ids), longest), np.int32)
         pads = np.zeros(len(batch_ids), np.int32)
         for row, ids in enumerate(batch_ids):
             pads[row] = longest - len(ids)
-            tokens[row, pads[row]:longest] = ids
-        return tokens, pads, longest
+            tokens[row, pads[row]:] = ids
+        return tokens, pads
+
+    def _prefill(self, tokens: np.ndarray, pads, seen, values, key, sampler, all_logits: bool = False,
+                 on_logits: Callable[[np.ndarray], None] | None = None):
+        """Write the prompts' KV into a fresh cache, ``engine.prefill_chunk`` tokens per step; returns (the first
+        sampled token, caches, seen).
+
+        Each chunk after the first attends to the slots the chunks before it wrote (a length bucket of them), so
+        a step's temporaries grow with the chunk, not with the prompt; only the last chunk is padded (to a prefill
+        bucket) and samples. ``on_logits`` receives each chunk's logits of its real positions ([B, n, vocab],
+        with ``all_logits``)."""
+        engine = self.engine
+        batch, longest = tokens.shape
+        chunk = engine.prefill_chunk
+        caches = engine.new_cache(batch)
+        greedy = SamplingParams().shape
+        token = None
+        for start in range(0, longest, chunk):
+            real = min(chunk, longest - start)
+            last = start + real == longest
+            n_slots = real if not last else prefill_bucket(real, min(chunk, self.max_seq_len - start))
+            piece = np.zeros((batch, n_slots), np.int32)
+            piece[:, :real] = tokens[:, start:start + real]
+            history = 0 if start == 0 else attend_bucket(start, self.max_seq_len)
+            shape = StepShape(batch, n_slots, n_slots, all_logits, sampler if last else greedy, history)
+            token, logits, caches, new_seen = engine.step(caches, jnp.asarray(piece), start, pads, real - 1,
+                                                          seen if last else None, values, key, shape)
+            if last:
+                seen = new_seen
+            if on_logits is not None:
+                on_logits(np.asarray(logits)[:, :real])
+        return token, caches, seen
 
     def _check_prompts(self, batch_ids: list[list[int]]) -> int:
         if not batch_ids:
@@ -174,23 +205,18 @@ class Model:
         longest = self._check_prompts(batch_ids)
         engine, batch = self.engine, len(batch_ids)
         shape = sampling.shape
-        n_slots = prefill_bucket(longest, self.max_seq_len)
-        tokens, pads, longest = self._pack(batch_ids, n_slots)
+        tokens, pads = self._pack(batch_ids)
         values, key = sampling.values(), jax.random.key(sampling.seed)
         seen = None
         if shape.use_penalty:
-            valid = np.where(np.arange(n_slots)[None, :] < longest, tokens, -1)
-            valid = np.where(np.arange(n_slots)[None, :] >= pads[:, None], valid, -1)
+            valid = np.where(np.arange(longest)[None, :] >= pads[:, None], tokens, -1)
             seen = mark_seen(jnp.zeros((batch, self.config.vocab_size), jnp.bool_), jnp.asarray(valid))
         eos = self.eos_ids() if stop_at_eos else set()
         pads_dev = jnp.asarray(pads)
 
         compile0 = engine.compile_stats.seconds
         t_start = time.perf_counter()
-        caches = engine.new_cache(batch)
-        prefill_shape = StepShape(batch, n_slots, n_slots, False, shape)
-        token, _, caches, seen = engine.step(caches, jnp.asarray(tokens), 0, pads_dev, longest - 1, seen, values, key,
-                                             prefill_shape)
+        token, caches, seen = self._prefill(tokens, pads_dev, seen, values, key, shape)
         first = np.asarray(token)
         t_first = time.perf_counter()
         prefill_compile = engine.compile_stats.seconds - compile0
@@ -253,14 +279,13 @@ class Model:
             raise UserError("forward_logits takes token ids: encode text first (model.encode(text))")
         batch_ids = [_token_ids(ids) for ids in _prompt_list(batch_ids)]
         self._check_prompts(batch_ids)
-        n_slots = prefill_bucket(max(len(ids) for ids in batch_ids), self.max_seq_len)
-        tokens, pads, longest = self._pack(batch_ids, n_slots)
-        caches = self.engine.new_cache(len(batch_ids))
-        shape = StepShape(len(batch_ids), n_slots, n_slots, True, SamplingParams().shape)
-        _, logits, _, _ = self.engine.step(caches, jnp.asarray(tokens), 0, jnp.asarray(pads), longest - 1, None,
-                                           SamplingParams().values(), jax.random.key(0), shape)
-        logits = np.asarray(logits)
-        return [logits[row, pads[row]:longest] for row in range(len(batch_ids))]
+        tokens, pads = self._pack(batch_ids)
+        pieces: list[np.ndarray] = []
+        _, caches, _ = self._prefill(tokens, jnp.asarray(pads), None, SamplingParams().values(), jax.random.key(0),
+                                     SamplingParams().shape, all_logits=True, on_logits=pieces.append)
+        self.engine.release_cache(caches)
+        logits = np.concatenate(pieces, axis=1)
+        return [logits[row, pads[row]:] for row in range(len(batch_ids))]
 
 
 SAMPLING_KEYWORDS = "temperature, top_k, top_p, repetition_penalty, seed"
@@ -335,6 +360,7 @@ def load(
     offload_folder: str | Path | None = None,
     isq: str | None = None,
     imatrix: str | Path | dict | None = None,
+    prefill_chunk: int | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
@@ -348,6 +374,8 @@ def load(
     dequantizes a GGUF, which otherwise (with no ``dtype`` either) keeps its stored quantized types.
     ``imatrix=``: an importance matrix (a file from ``python -m jaxmap.imatrix``, or a dict of vectors) that weights
     each quantized block's fit by how much activation its inputs carry (:mod:`jaxmap.imatrix`).
+    ``prefill_chunk=``: prompt tokens per prefill step (default 2048): longer prompts are prefilled chunk by chunk,
+    which bounds prefill memory (the plan reserves one chunk's activations) at the cost of more, smaller steps.
     """
     if layer_mode not in LAYER_MODES:
         raise UserError(f"layer_mode must be one of {', '.join(LAYER_MODES)}, got {layer_mode!r}")
@@ -369,6 +397,13 @@ def load(
             dtype = saved.dtype
             max_seq_len, max_batch_size = _plan_sizes(saved, max_seq_len, max_batch_size)
         max_batch_size = 1 if max_batch_size is None else _whole(max_batch_size, "max_batch_size")
+        if prefill_chunk is not None:
+            prefill_chunk = _whole(prefill_chunk, "prefill_chunk")
+            if prefill_chunk < 1:
+                raise UserError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
+            if saved is not None and prefill_chunk > saved.chunk:
+                log.warning("the saved plan budgeted prefill activations for chunks of %d tokens; --prefill-chunk %d "
+                            "may not fit: make a new plan for it (--save-plan)", saved.chunk, prefill_chunk)
         seq = default_max_seq_len(config) if max_seq_len is None else _whole(max_seq_len, "max_seq_len")
         if seq < 1:
             raise UserError(f"--max-seq-len must be at least 1, got {seq}")
@@ -393,7 +428,7 @@ def load(
         stored = isq_mod.native_bytes(source) if global_isq == isq_mod.NATIVE else None
         device_map = saved if saved is not None else plan_device_map(
             config, hardware, wish, jnp.dtype(np_dtype).name, seq, max_batch_size, stored,
-            native_types=native if stored else None)
+            native_types=native if stored else None, prefill_chunk=prefill_chunk)
         ensure_types(device_map, config, native)  # a plan saved before it stored final types; native placeholders
         if save_plan is not None:
             _check_plan_path(Path(save_plan))  # written once the load succeeds: a failed run leaves no plan behind
@@ -401,7 +436,8 @@ def load(
             log.warning("%s", warning)
         log.info("device map for %s:\n%s", source.path, device_map.render_table())
         stages = materialize_model(source, device_map, hardware, np_dtype, importance, offload_folder, progress)
-        engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode)
+        chunk = prefill_chunk if prefill_chunk is not None else device_map.chunk
+        engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode, chunk)
         tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
                  len(stages), jnp.dtype(np_dtype).name, seq)

@@ -77,6 +77,9 @@ LAYOUTS = {
     "pp2": dict(pp=2),
     "pp2xtp2": dict(pp=2, tp=2),
     "per_layer": dict(devices="0", layer_mode="per_layer"),
+    # prompts prefilled in chunks: each after the first reads what the earlier ones wrote (rings past their window)
+    "chunk5": dict(devices="0", prefill_chunk=5),
+    "chunk16_tp2_per_layer": dict(tp=2, prefill_chunk=16, layer_mode="per_layer"),
     "n": dict(device_layers="0:2;1:2"),  # the last two layers on the CPU
     # embeddings on their own device; the tied head (Gemma) keeps its own copy with the last stage
     "topology": dict(topology={"0-4": {"device": "cpu[3]"}, "4-6": {"device": "cpu[5]"},

@@ -180,6 +180,31 @@ def test_ragged_prefill_blocks_match_one_block(monkeypatch):
     np.testing.assert_allclose(blocked, whole, atol=2e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 50])
+def test_chunked_prefill_equals_one_step(tiny, chunk):
+    """Prompts prefilled chunk by chunk (each chunk reading the cache slots the earlier ones wrote, left padding
+    crossing chunk boundaries, a 149-token prompt whose history crosses the 128-slot bucket) give the logits,
+    greedy tokens and seeded samples of one prefill step."""
+    prompts = [*PROMPTS, list(range(1, 150))]
+    sampled = dict(temperature=0.9, top_p=0.95, repetition_penalty=1.3, seed=3)
+
+    def run():
+        logits = tiny.forward_logits(prompts)
+        greedy = [r.token_ids for r in tiny.generate(prompts, max_new_tokens=6, stop_at_eos=False)]
+        return logits, greedy, [r.token_ids for r in tiny.generate(prompts, max_new_tokens=6, **sampled)]
+
+    whole = run()
+    assert tiny.engine.prefill_chunk > 149
+    tiny.engine.prefill_chunk = chunk
+    try:
+        chunked = run()
+    finally:
+        tiny.engine.prefill_chunk = tiny.device_map.chunk
+    for a, b in zip(whole[0], chunked[0], strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    assert whole[1:] == chunked[1:]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),

@@ -87,6 +87,10 @@ LAYOUTS = {
     "pp2": dict(pp=2),
     "pp2xtp2": dict(pp=2, tp=2),
     "per_layer": dict(devices="0", layer_mode="per_layer"),
+    "n": dict(device_layers="0:2;1:1"),  # the last layer on the CPU
+    # layer ranges on devices of their own (the embeddings with the first)
+    "topology": dict(topology={"0-2": {"device": "cpu[3]"}, "2-4": {"device": "cpu[5]"}}),
+    "chunked_tp2": dict(tp=2, prefill_chunk=5),  # prompts prefilled 5 tokens at a time
 }
 
 
@@ -99,7 +103,7 @@ def test_layouts_match_transformers(layout, case):
     check_short(model, ref)
 
 
-@pytest.mark.parametrize("layout", ["single", "tp2", "pp2xtp2"])
+@pytest.mark.parametrize("layout", ["single", "tp2", "pp2xtp2", "chunked_tp2"])
 def test_past_the_original_context_matches_transformers(layout, case):
     """max_seq_len 128 > the original 32: LongRoPE's long factors, as transformers on a 48-token input."""
     name, ref = case

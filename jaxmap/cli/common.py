@@ -24,6 +24,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "bfloat16 on accelerators)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache slots per sequence (default: min(model context, 4096))")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens per prefill step (default 2048): longer prompts are prefilled in "
+                             "chunks, so prefill memory follows the chunk, not --max-seq-len")
     parser.add_argument("--layer-mode", choices=("auto", "unrolled", "per_layer"), default="auto",
                         help="run a stage's layers unrolled in one program or as one program per layer")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

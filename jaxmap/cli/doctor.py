@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--dtype", args.dtype), ("--max-seq-len", args.max_seq_len),
                                           ("--max-memory", args.max_memory), ("--isq", args.isq),
                                           ("--max-batch-size", args.max_batch_size != 1 or None),
+                                          ("--prefill-chunk", args.prefill_chunk),
                                           ("--no-disk", not args.allow_disk or None)) if value is not None]
         if given:
             raise UserError(f"{', '.join(given)} describe{'s' if len(given) == 1 else ''} a model's fit: add "
@@ -192,7 +193,8 @@ def _verdict(args: argparse.Namespace):
     seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
     wish = make_wish(max_memory=args.max_memory, allow_disk=args.allow_disk,
                      isq=args.isq or ("native" if stored else None))
-    return judge(config, hardware, wish, dtype, seq, args.max_batch_size, check_xla=args.xla_check, stored=stored)
+    return judge(config, hardware, wish, dtype, seq, args.max_batch_size, check_xla=args.xla_check, stored=stored,
+                 prefill_chunk=args.prefill_chunk)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", help="compute dtype to plan for (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--max-seq-len", type=int, help="sequence length to plan for (default: min(context, 4096))")
     parser.add_argument("--max-batch-size", type=int, default=1)
+    parser.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step to plan for (default 2048)")
     parser.add_argument("--max-memory", help='caps, e.g. "0:20GiB,host:64GiB"')
     parser.add_argument("--no-disk", dest="allow_disk", action="store_false", help="forbid the disk tier")
     parser.add_argument("--isq", help="plan with this in-situ quantization type")

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
                  auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
-                 imatrix=args.imatrix)
+                 imatrix=args.imatrix, prefill_chunk=args.prefill_chunk)
 
     stream = not args.json and len(prompts) == 1
     decoder = model.tokenizer.stream_decoder() if stream else None

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "GGUF keeps its quantized types as generate does)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="sequence length the KV cache is planned for (default: min(model context, 4096), as generate)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per prefill step the activations are planned for (default 2048, as generate)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--svg", help="write an SVG picture of the layers coloured by device")
     return p
@@ -53,7 +55,7 @@ def make_plan(args: argparse.Namespace) -> DeviceMap:
                      allow_disk=args.allow_disk)
     seq = args.max_seq_len if args.max_seq_len is not None else min(config.max_position_embeddings, 4096)
     return plan(config, hardware, wish, args.dtype or "float32", seq, args.max_batch_size, stored_bytes=stored,
-                native_types=facts.types)
+                native_types=facts.types, prefill_chunk=args.prefill_chunk)
 
 
 def _missing(path: str) -> Path:

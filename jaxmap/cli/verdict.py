@@ -1,7 +1,8 @@
 """``doctor --model``: will this model run on this machine, and how?
 
 The verdict comes from the same planner as ``generate`` (so it cannot disagree with what loading would do), plus
-XLA's own figure for the biggest temporary: one decoder layer's prefill at ``--max-seq-len x --max-batch-size`` is
+XLA's own figure for the biggest temporary: one decoder layer's last prefill step (a chunk of ``--prefill-chunk``
+tokens x ``--max-batch-size`` reading the cache before it, or the whole ``--max-seq-len`` when that is shorter) is
 lowered and compiled from shapes alone (nothing is allocated, no weight is read) and its
 ``memory_analysis().temp_size_in_bytes`` is set beside the planner's activation estimate.
 """
@@ -16,7 +17,7 @@ from jaxmap.config.hardware import Hardware
 from jaxmap.errors import UserError
 from jaxmap.planning.device_map import DeviceMap, format_bytes
 from jaxmap.planning.fit import layer_weight_bytes
-from jaxmap.planning.memory import activation_bytes
+from jaxmap.planning.memory import activation_bytes, prefill_chunk
 from jaxmap.planning.planner import plan
 from jaxmap.planning.wishes import Wish
 
@@ -39,9 +40,11 @@ class Verdict:
 
 
 def judge(config: ModelConfig, hardware: Hardware, wish: Wish, dtype: str, max_seq_len: int,
-          max_batch_size: int, check_xla: bool = True, stored: dict[str, int] | None = None) -> Verdict:
+          max_batch_size: int, check_xla: bool = True, stored: dict[str, int] | None = None,
+          prefill_chunk: int | None = None) -> Verdict:
     try:
-        device_map = plan(config, hardware, wish, dtype, max_seq_len, max_batch_size, stored)
+        device_map = plan(config, hardware, wish, dtype, max_seq_len, max_batch_size, stored,
+                          prefill_chunk=prefill_chunk)
     except UserError as exc:
         if "does not fit" not in str(exc):
             raise
@@ -74,21 +77,25 @@ def judge(config: ModelConfig, hardware: Hardware, wish: Wish, dtype: str, max_s
     if check_xla:
         itemsize = parse_dtype(device_map.dtype).itemsize
         tp = device_map.stages[0].tp
-        verdict.planned_activation_bytes = activation_bytes(config, tp, itemsize, max_seq_len, max_batch_size)
-        verdict.xla_temp_bytes = xla_layer_temp_bytes(config, device_map.dtype, max_seq_len, max_batch_size, tp)
+        chunk = device_map.chunk
+        verdict.planned_activation_bytes = activation_bytes(config, tp, itemsize, max_seq_len, max_batch_size, chunk)
+        verdict.xla_temp_bytes = xla_layer_temp_bytes(config, device_map.dtype, max_seq_len, max_batch_size, tp, chunk)
         verdict.lines.append(
-            f"prefill activations at {max_batch_size} x {max_seq_len} tokens: planned "
+            f"prefill activations at {max_batch_size} x {chunk} tokens per step (--max-seq-len {max_seq_len}): planned "
             f"{format_bytes(verdict.planned_activation_bytes)}, XLA's memory_analysis of one layer: "
             f"{format_bytes(verdict.xla_temp_bytes)} temporaries (tp={tp}, per device)")
     return verdict
 
 
-def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, tp: int = 1) -> int:
-    """Temporary bytes XLA plans for one decoder layer's prefill of ``batch x seq`` tokens (shapes only)."""
+def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, tp: int = 1,
+                         chunk: int | None = None) -> int:
+    """Temporary bytes XLA plans for one decoder layer's last prefill step of a ``batch x seq`` prompt, prefilled
+    ``chunk`` tokens at a time (shapes only); the layer with the largest cache (a full-attention one) is lowered."""
     import jax
     import jax.numpy as jnp
 
     from jaxmap.engine import layers
+    from jaxmap.engine.engine import attend_bucket
     from jaxmap.families import family_of, layer_param_specs
     from jaxmap.families.rope import inverse_frequencies
 
@@ -97,16 +104,21 @@ def xla_layer_temp_bytes(config: ModelConfig, dtype: str, seq: int, batch: int, 
     kv_local = max(1, config.num_key_value_heads // tp)
     cfg = dataclasses.replace(config, num_attention_heads=heads_local, num_key_value_heads=kv_local,
                               intermediate_size=config.intermediate_size // tp)
-    specs = layer_param_specs(cfg, 0)
+    family = family_of(config)
+    layer = max(range(config.num_hidden_layers), key=lambda i: family.kv_slots(config, i, seq))
+    c = prefill_chunk(seq, chunk)
+    start = (seq - 1) // c * c  # the last chunk's first slot
+    history = attend_bucket(start, seq) if start else 0
+    specs = layer_param_specs(cfg, layer)
     params = {k: jax.ShapeDtypeStruct(s.shape, jdtype) for k, s in specs.items()}
-    cache = jax.ShapeDtypeStruct((batch, kv_local, seq, config.head_dim), jdtype)
-    x = jax.ShapeDtypeStruct((batch, seq, config.hidden_size), jdtype)
+    cache = jax.ShapeDtypeStruct((batch, kv_local, family.kv_slots(config, layer, seq), config.head_dim), jdtype)
+    x = jax.ShapeDtypeStruct((batch, c, config.hidden_size), jdtype)
     inv_freq = inverse_frequencies(config)
 
     def step(p, x, kc, vc):
-        ctx = layers.attention_context(jnp.int32(0), jnp.zeros(batch, jnp.int32), seq, seq, inv_freq, inv_freq)
-        return layers.decoder_layer(p, x, kc, vc, jnp.int32(0), ctx, seq, cfg,
-                                    family_of(config).layer_design(config, 0))
+        ctx = layers.attention_context(jnp.int32(start), jnp.zeros(batch, jnp.int32), c, c, inv_freq, inv_freq)
+        return layers.decoder_layer(p, x, kc, vc, jnp.int32(start), ctx, c, cfg, family.layer_design(config, layer),
+                                    history=history)
 
     compiled = jax.jit(step, donate_argnums=(2, 3)).lower(params, x, cache, cache).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmap.planning.memory import prefill_query_chunk
+from jaxmap.planning.memory import prefill_query_block
 from jaxmap.quant import dense
 
 
@@ -48,17 +48,64 @@ def ring_positions(start: jnp.ndarray, slots: int) -> jnp.ndarray:
     return r + slots * jnp.floor_divide(start - 1 - r, slots)
 
 
+def _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history: int, scale: float, softcap: float | None,
+                       window: int | None) -> jnp.ndarray:
+    """``T`` queries of a prefill chunk against the cache slots earlier chunks wrote and the chunk's own keys.
+
+    q: [B, T, kv_heads, rep, head_dim]; k, v: [B, T, kv_heads, head_dim]. Keys are labelled with the slot they
+    hold: a query sees a key at or before its own slot, not in its row's left padding and, for a sliding layer,
+    less than ``window`` slots back. A sliding layer's ring holds at most ``window`` earlier keys, so a chunk of C
+    queries sees at most window + C keys (one more than the window + C - 1 its first and last queries need)."""
+    b, t, g, rep, k_dim = q.shape
+    q_slots = start + jnp.arange(t, dtype=jnp.int32)
+    keys, values, key_slots = k, v, q_slots
+    if history:
+        ring = k_cache.shape[2] if window is not None else None
+        read = history if ring is None else min(history, ring)
+        held = jnp.arange(read, dtype=jnp.int32) if ring is None else ring_positions(start, ring)[:read]
+        held = jnp.where((held >= 0) & (held < start), held, jnp.iinfo(jnp.int32).max)  # empty: seen by nothing
+        old_k = k_cache[:, :, :read].transpose(0, 2, 1, 3).astype(k.dtype)
+        old_v = v_cache[:, :, :read].transpose(0, 2, 1, 3).astype(v.dtype)
+        keys, values = jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1)
+        key_slots = jnp.concatenate([held, q_slots])
+    mask = (key_slots[None, None, :] <= q_slots[None, :, None]) & (key_slots[None, None, :] >= pad[:, None, None])
+    if window is not None:
+        mask = mask & (q_slots[None, :, None] - key_slots[None, None, :] < window)
+    n_keys = keys.shape[1]
+    neg = jnp.finfo(jnp.float32).min
+
+    def block(qb, mb):  # queries [b, c, g, r, k] against every key; mask [b, c, n_keys]
+        scores = jnp.einsum("btgrk,blgk->bgrtl", qb, keys).astype(jnp.float32) * scale
+        scores = jnp.where(mb[:, None, None, :, :], _cap(scores, softcap), neg)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        return jnp.einsum("bgrtl,blgk->btgrk", probs, values)
+
+    chunk = prefill_query_block(t, n_keys, b * g * rep)
+    if chunk == t:
+        return block(q, mask)
+    # Long chunks: query blocks one after another (a loop XLA cannot run side by side), so the scores held at once
+    # are [b, heads, block, keys] rather than [b, heads, t, keys] (8.6 GB for Llama-3-70B at 8192).
+    n = -(-t // chunk)
+    pad_q = n * chunk - t  # a ragged last block: padded queries, masked out, their rows dropped after
+    qs = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0), (0, 0)))
+    qs = qs.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
+    ms = jnp.pad(mask, ((0, 0), (0, pad_q), (0, 0))).reshape(b, n, chunk, n_keys).swapaxes(0, 1)
+    out = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, n * chunk, g, rep, k_dim)
+    return out[:, :t]
+
+
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray,
               start: jnp.ndarray, mask: jnp.ndarray, attend_len: int, *, pad: jnp.ndarray | None = None,
               end: jnp.ndarray | None = None, scale: float | None = None, softcap: float | None = None,
-              window: int | None = None):
+              window: int | None = None, history: int = 0):
     """Causal grouped-query attention of ``T`` new queries, with the new keys/values written at cache slot ``start``.
 
     q: [B, T, kv_heads * rep, head_dim] and k, v: [B, T, kv_heads, head_dim], RoPE applied; caches: [B, kv_heads, S,
     head_dim]; mask: [B, T, attend_len] (True where a query may see a key). Decode (T == 1) reads only the first
     ``attend_len`` cache slots (a static length bucket), which is most of the decode step's saving on short
-    sequences. Prefill (T > 1) starts from an empty cache at slot 0 with ``attend_len == T``. Returns the attention
-    output [B, T, heads * head_dim] and the updated caches.
+    sequences. Prefill (T > 1, a chunk of the prompt at slots ``start .. start + T - 1``) attends to the first
+    ``history`` cache slots (what earlier chunks wrote; 0 for the first chunk, which starts at slot 0) and to its
+    own keys. Returns the attention output [B, T, heads * head_dim] and the updated caches.
 
     ``scale`` replaces ``head_dim ** -0.5``; ``softcap`` caps scores at ``cap * tanh(s / cap)``. ``window``: each
     query sees itself and the ``window - 1`` keys before it, and the cache is a ring buffer of ``S`` slots (slot
@@ -100,44 +147,25 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         attn = (jnp.sum(probs[..., :-1, None] * values[:, :, None, :, :], axis=-2)
                 + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
     else:
-        # Prefill from an empty cache (start is 0 and attend_len == t): the keys are exactly the new ones.
-        if window is not None:
-            offsets = jnp.arange(t)[:, None] - jnp.arange(mask.shape[-1])[None, :]  # query slot - key slot
-            mask = mask & (offsets < window)[None]
-
-        def block(qb, mb):  # queries [b, c, g, r, k] against every key; mask [b, c, t]
-            scores = jnp.einsum("btgrk,blgk->bgrtl", qb, k).astype(jnp.float32) * scale
-            scores = jnp.where(mb[:, None, None, :, :t], _cap(scores, softcap), neg)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            return jnp.einsum("bgrtl,blgk->btgrk", probs, v)
-
-        chunk = prefill_query_chunk(t)
-        if chunk == t:
-            attn = block(q, mask)
-        else:
-            # Long prompts: query blocks one after another (a loop XLA cannot run side by side), so the scores
-            # held at once are [b, heads, chunk, t] rather than [b, heads, t, t] (8.6 GB for Llama-3-70B at 8192).
-            n = -(-t // chunk)
-            pad_q = n * chunk - t  # a ragged last block: padded queries, masked out, their rows dropped after
-            qs = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0), (0, 0)))
-            qs = qs.reshape(b, n, chunk, g, rep, k_dim).swapaxes(0, 1)
-            ms = jnp.pad(mask[:, :, :t], ((0, 0), (0, pad_q), (0, 0))).reshape(b, n, chunk, t).swapaxes(0, 1)
-            attn = jax.lax.map(lambda a: block(*a), (qs, ms)).swapaxes(0, 1).reshape(b, n * chunk, g, rep, k_dim)
-            attn = attn[:, :t]
+        pad = jnp.zeros(b, jnp.int32) if pad is None else pad
+        attn = _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history, scale, softcap, window)
     attn = attn.reshape(b, t, g * rep * k_dim)
     # Make the in-place cache write depend on the reads above (``0 * attn`` is not folded away for floats), so
     # XLA orders the write after them instead of copying every donated cache buffer on every step; an
     # optimization_barrier did not survive XLA:CPU's passes (jax 0.10.2).
     after_reads = jnp.zeros((), k.dtype) * attn[0, 0, 0].astype(k.dtype)
     k, v = k + after_reads, v + after_reads
-    if ring is not None and t > ring:
-        # A prefill longer than the ring: keep the ``ring`` keys before ``end``, each at its slot's position.
-        end = jnp.asarray(t if end is None else end, jnp.int32)
-        held = jnp.clip(ring_positions(end, ring), 0, t - 1)
-        k, v = jnp.take(k, held, axis=1), jnp.take(v, held, axis=1)
-        at = jnp.int32(0)
-    else:
-        at = start if ring is None else jnp.remainder(start, ring)
+    if ring is not None and t > 1:
+        # A prefill chunk into a ring: each slot keeps the latest position before ``end`` with its residue, from
+        # this chunk where that position is in it, else as the ring held it (the chunk's padding is never kept).
+        end = jnp.asarray(start + t if end is None else end, jnp.int32)
+        held = ring_positions(end, ring)
+        fresh = (held >= start)[None, None, :, None]
+        pick = jnp.clip(held - start, 0, t - 1)
+        k_cache = jnp.where(fresh, jnp.take(k, pick, axis=1).transpose(0, 2, 1, 3).astype(k_cache.dtype), k_cache)
+        v_cache = jnp.where(fresh, jnp.take(v, pick, axis=1).transpose(0, 2, 1, 3).astype(v_cache.dtype), v_cache)
+        return attn, k_cache, v_cache
+    at = start if ring is None else jnp.remainder(start, ring)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, at, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, at, 0))
     return attn, k_cache, v_cache

@@ -37,6 +37,7 @@ from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
 from jaxmap.families.rope import attention_factor, inverse_frequencies
 from jaxmap.materialize.model import Stage
+from jaxmap.planning.memory import prefill_chunk as prefill_chunk_for
 from jaxmap.quant import is_quantized
 from jaxmap.quant.qtensor import leaf_shardings
 
@@ -84,6 +85,7 @@ class StepShape:
     attend_len: int
     all_logits: bool
     sampler: SamplerShape
+    history: int = 0  # a prefill chunk after the first: the cache slots (a bucket) it reads beside its own keys
 
 
 @dataclasses.dataclass
@@ -96,7 +98,7 @@ class Engine:
     """Runs prefill and decode steps over stages; knows nothing of tokenizers or text."""
 
     def __init__(self, config: ModelConfig, stages: Sequence[Stage], dtype: jnp.dtype, max_seq_len: int,
-                 layer_mode: str = "auto"):
+                 layer_mode: str = "auto", prefill_chunk: int | None = None):
         self.config = config
         self.stages = list(stages)
         self.dtype = jnp.dtype(dtype)
@@ -106,6 +108,7 @@ class Engine:
             # unroll unless they are deep (see choose_layer_mode).
             stage.mode = "per_layer" if stage.streamed else choose_layer_mode(stage.num_layers, layer_mode)
         self.max_seq_len = max_seq_len
+        self.prefill_chunk = prefill_chunk_for(max_seq_len, prefill_chunk)  # prompt tokens per prefill step
         family = family_of(config)
         # Each layer's blocks (a hashable design): layers sharing one share their compiled per-layer program.
         self.designs = [family.layer_design(config, i) for i in range(config.num_hidden_layers)]
@@ -173,13 +176,15 @@ class Engine:
             return x, ctx
 
         def layer(p, x, k_cache, v_cache, start, ctx, layer_design=design):
-            return layers.decoder_layer(p, x, k_cache, v_cache, start, ctx, shape.attend_len, config, layer_design)
+            return layers.decoder_layer(p, x, k_cache, v_cache, start, ctx, shape.attend_len, config, layer_design,
+                                        history=shape.history)
 
         def leave(params, x, start, last_index, seen, values, key):
             h = x if shape.all_logits else jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
             logits = layers.lm_head(params, h, config, outer)
             step_logits = logits[:, last_index] if shape.all_logits else logits
-            token = sample(step_logits, seen, values, jax.random.fold_in(key, start), shape.sampler)
+            # keyed by the sampled token's slot: the same stream however the prompt was chunked
+            token = sample(step_logits, seen, values, jax.random.fold_in(key, start + last_index), shape.sampler)
             if seen is not None:
                 seen = mark_seen(seen, token)
             return token, logits, seen

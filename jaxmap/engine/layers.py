@@ -74,6 +74,7 @@ def decoder_layer(
     config: ModelConfig,
     design: LayerDesign,
     taps: dict | None = None,
+    history: int = 0,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder layer over ``T`` new tokens written at cache slot ``start``.
 
@@ -81,7 +82,8 @@ def decoder_layer(
     :func:`attention_context`. ``design`` picks the blocks: q/k/v biases, per-head query/key RMSNorm before RoPE,
     norms after attention and MLP (Gemma's sandwich), ``1 + weight`` norms, the MLP's activation, the score scale,
     soft-cap and window, and which RoPE base. ``taps``: a dict that receives each projection's input activation,
-    keyed as in the family's ``projection_inputs`` (for importance matrices; None in serving).
+    keyed as in the family's ``projection_inputs`` (for importance matrices; None in serving). ``history``: in a
+    prefill chunk after the first, how many cache slots earlier chunks wrote that it reads (a static bucket).
     """
     b, t, _ = x.shape
     g, k_dim = config.num_key_value_heads, config.head_dim
@@ -103,7 +105,7 @@ def decoder_layer(
     k = apply_rope(k, cos, sin)
     attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, ctx["mask"], attend_len, pad=ctx["pad"],
                                        end=ctx["end"], scale=design.attn_scale, softcap=design.attn_softcap,
-                                       window=design.window)
+                                       window=design.window, history=history)
     taps["attn_out"] = attn
     out = dense(attn, p["wo"])
     if design.post_norms:

@@ -17,6 +17,7 @@ import yaml
 from jaxmap.config import ModelConfig, config_fingerprint
 from jaxmap.errors import UserError
 from jaxmap.planning.isq_types import ensure_types, isq_label, parse
+from jaxmap.planning.memory import prefill_chunk
 
 STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu", "offload")
 MEMORY_KINDS = ("device", "host", "disk")
@@ -88,7 +89,7 @@ class DeviceMemory:
 
     ``kind`` is ``device`` (an accelerator, or a CPU device running layers), ``host`` (offloaded weights in pinned
     host memory) or ``disk`` (weights read per forward pass). On a device: resident weights, the KV cache of every
-    layer it runs (streamed ones too), the prefill activation peak at ``max_seq_len x max_batch_size``, and the
+    layer it runs (streamed ones too), the activation peak of one prefill chunk x ``max_batch_size``, and the
     buffers of two streamed layers (double buffering) when it runs offloaded layers. ``capacity_bytes`` is what the
     plan may use (the allocator's limit less what is in use, or the ``--max-memory`` cap) and ``headroom_bytes``
     what it keeps free of that.
@@ -131,12 +132,18 @@ class DeviceMap:
     dtype: str = "float32"
     max_seq_len: int = 4096
     max_batch_size: int = 1
+    prefill_chunk: int | None = None  # prompt tokens per prefill step; None (plans saved before it): the default
     from_topology: bool = False
     memory_notes: list[str] = dataclasses.field(default_factory=list)
 
     # ---- queries ---------------------------------------------------------------------------------------------------
     def stage_of(self, layer: int) -> Stage:
         return next(s for s in self.stages if s.start <= layer < s.end)
+
+    @property
+    def chunk(self) -> int:
+        """Prompt tokens per prefill step under this plan."""
+        return prefill_chunk(self.max_seq_len, self.prefill_chunk)
 
     def layer_devices(self) -> list[list[str]]:
         return [list(s.devices) for s in self.stages for _ in range(s.start, s.end)]
@@ -265,7 +272,7 @@ class DeviceMap:
     def render_table(self) -> str:
         """The text logged at INFO at startup: stages, outer weights, memory per device, strategy and reason."""
         head = (f"jaxmap plan: {self.model} on {self.hardware} ({self.dtype}, max_seq_len {self.max_seq_len}, "
-                f"max_batch_size {self.max_batch_size})")
+                f"max_batch_size {self.max_batch_size}, prefill chunk {self.chunk})")
         rows = [("layers", "devices", "mesh", "memory", "dtype", "isq")]
         for s in self.stages:
             mesh = " x ".join(f"{k}={v}" for k, v in s.mesh.items())

@@ -175,7 +175,7 @@ def _outer_final_bytes(config: ModelConfig, key: str, dtype: str, final: str | N
 
 def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
             max_seq_len: int, max_batch_size: int, dtype: str, budgets: Budgets | None,
-            stored: Mapping[str, int] | None = None) -> list[DeviceMemory]:
+            stored: Mapping[str, int] | None = None, prefill_chunk: int | None = None) -> list[DeviceMemory]:
     """Bytes per memory under a plan: one row per device that holds or runs anything, then host and disk rows."""
     rows: dict[str, DeviceMemory] = {}
 
@@ -194,7 +194,7 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
             r = row(d)
             r.kv_cache_bytes += kv
             r.activation_bytes = max(r.activation_bytes, activation_bytes(config, s.tp, itemsize, max_seq_len,
-                                                                          max_batch_size))
+                                                                          max_batch_size, prefill_chunk))
             if s.memory_kind == "device":
                 r.weights_bytes += sum(widths)
             else:
@@ -242,7 +242,8 @@ class Fill:
 
 def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
          max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None,
-         native_types: Mapping[str, str] | None = None, embed_on_host: bool = False) -> Fill:
+         native_types: Mapping[str, str] | None = None, embed_on_host: bool = False,
+         prefill_chunk: int | None = None) -> Fill:
     """Layers on the pool's devices (one device per stage) while they fit, then host, then disk.
 
     ``embed_on_host``: the input embeddings live in host memory (the planner's choice when that frees accelerator
@@ -251,7 +252,7 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     itemsize = parse_dtype(dtype).itemsize
     w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored, native_types) for i in range(n_layers)]
     kv = [kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size, layer=i) for i in range(n_layers)]
-    act = activation_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
+    act = activation_bytes(config, 1, itemsize, max_seq_len, max_batch_size, prefill_chunk)
     first, last = pool[0], pool[-1]
     native = NATIVE if (stored or native_types) and any(is_native(t) for t in isq) else None
     embed = outer_bytes(config, "embed", dtype, native, 1, stored, native_types)

@@ -32,12 +32,43 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10, "
 
 
 PREFILL_QUERY_CHUNK = 512
+# Prompt tokens per prefill step: longer prompts are prefilled in chunks of this many, each attending to the cache
+# the chunks before it wrote, so prefill temporaries grow with the chunk, not with --max-seq-len (llama.cpp's
+# n_batch and vLLM's max_num_batched_tokens are 2048 by default too).
+DEFAULT_PREFILL_CHUNK = 2048
+# The float32 scores and probabilities of one block of queries against its keys, per device, at most this much.
+SCORES_BUDGET = 512 * MIB
 
 
-def prefill_query_chunk(t: int) -> int:
-    """Queries per attention block in a prefill of ``t`` tokens: all of them up to 1024, else 512 at a time (the
-    last block padded when 512 does not divide ``t``, e.g. a ``--max-seq-len`` that is not a multiple of 256)."""
-    return t if t <= 2 * PREFILL_QUERY_CHUNK else PREFILL_QUERY_CHUNK
+def prefill_chunk(max_seq_len: int, requested: int | None = None) -> int:
+    """Tokens per prefill step: ``requested`` (``--prefill-chunk``) or the default, never more than the context."""
+    chunk = DEFAULT_PREFILL_CHUNK if requested is None else requested
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise UserError(f"--prefill-chunk must be a whole number >= 1, got {chunk!r}")
+    return min(chunk, max_seq_len)
+
+
+def prefill_query_block(queries: int, keys: int, rows: int) -> int:
+    """Queries per attention block in a prefill step of ``queries`` tokens against ``keys`` keys, ``rows`` being
+    batch x heads: all of them up to 1024, else 512 at a time, halved (down to 16) while the block's float32 scores
+    and probabilities would pass :data:`SCORES_BUDGET` (a 128k-token context's keys)."""
+    block = queries if queries <= 2 * PREFILL_QUERY_CHUNK else PREFILL_QUERY_CHUNK
+    if rows * block * keys * 8 <= SCORES_BUDGET:
+        return block
+    block = min(PREFILL_QUERY_CHUNK, 1 << (queries.bit_length() - 1))
+    while block > 16 and rows * block * keys * 8 > SCORES_BUDGET:
+        block //= 2
+    return block
+
+
+def prefill_keys(config: ModelConfig, max_seq_len: int, chunk: int) -> int:
+    """Keys one prefill step attends to at most: the prompt itself when it is one chunk, else the largest cache a
+    layer reads (the whole context, or a sliding layer's ring of its window) plus the chunk's own keys."""
+    if chunk >= max_seq_len:
+        return max_seq_len
+    family = family_of(config)
+    slots = max(family.kv_slots(config, i, max_seq_len) for i in range(config.num_hidden_layers))
+    return slots + chunk
 
 
 def headroom(capacity: int, host: bool = False) -> int:
@@ -104,22 +135,30 @@ def kv_cache_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int
     return 2 * max_batch_size * slots * per_device * config.head_dim * itemsize
 
 
-def activation_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int) -> int:
-    """Peak temporaries of a prefill of ``max_batch_size`` prompts of ``max_seq_len`` tokens on one device.
+def activation_bytes(config: ModelConfig, tp: int, itemsize: int, max_seq_len: int, max_batch_size: int,
+                     chunk: int | None = None) -> int:
+    """Peak temporaries of one prefill step of ``max_batch_size`` rows of ``chunk`` tokens (the prefill chunk,
+    :func:`prefill_chunk`) on one device.
 
-    The engine's prefill materialises the attention scores and probabilities ([batch, heads/tp, S, S] in float32)
-    and the MLP's gate/up/product ([batch, S, intermediate/tp]); a few copies of the hidden state live throughout.
-    The larger of the attention and MLP peaks counts (XLA frees one before the other), plus the logits of the
-    last position. ``doctor --model`` compares this with XLA's own ``memory_analysis`` of the compiled layer.
+    A step materialises its queries/keys/values, the attention scores and probabilities of one query block against
+    every key it sees ([batch, heads/tp, block, keys] in float32, :func:`prefill_query_block`), the cache slots
+    earlier chunks wrote (read beside the new keys) and the MLP's gate/up/product ([batch, chunk,
+    intermediate/tp]); a few copies of the hidden state live throughout. The larger of the attention and MLP peaks
+    counts (XLA frees one before the other), plus the logits of the last position. ``doctor --model`` compares this
+    with XLA's own ``memory_analysis`` of the compiled layer.
     """
-    b, s, d = max_batch_size, max_seq_len, config.hidden_size
+    c = prefill_chunk(max_seq_len, chunk)
+    b, d = max_batch_size, config.hidden_size
     heads = config.num_attention_heads // tp if config.num_attention_heads % tp == 0 else config.num_attention_heads
     kv_heads = config.num_key_value_heads
     kv_local = kv_heads // tp if kv_heads % tp == 0 else kv_heads
-    hidden = 3 * b * s * d * itemsize
-    chunk = prefill_query_chunk(s)
-    attention = b * s * (heads + 2 * kv_local) * config.head_dim * itemsize + 2 * b * heads * chunk * s * 4
-    mlp = 3 * b * s * (config.intermediate_size // tp if config.intermediate_size % tp == 0
+    keys = prefill_keys(config, max_seq_len, c)
+    block = prefill_query_block(c, keys, b * config.num_attention_heads)
+    hidden = 3 * b * c * d * itemsize
+    history = 2 * b * keys * kv_local * config.head_dim * itemsize if keys > c else 0
+    attention = (b * c * (heads + 2 * kv_local) * config.head_dim * itemsize + history
+                 + 2 * b * heads * block * keys * 4)
+    mlp = 3 * b * c * (config.intermediate_size // tp if config.intermediate_size % tp == 0
                        else config.intermediate_size) * itemsize
     logits = 2 * b * config.vocab_size * 4
     return hidden + max(attention, mlp) + logits

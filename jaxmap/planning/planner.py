@@ -26,6 +26,8 @@ from jaxmap.families import layer_param_specs, outer_param_specs
 from jaxmap.planning.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
 from jaxmap.planning.fit import Budgets, Fill, account, compute_budgets, fill, outer_bytes, pool_for
 from jaxmap.planning.isq_types import assign_types, global_of
+from jaxmap.planning.memory import kv_cache_bytes
+from jaxmap.planning.memory import prefill_chunk as prefill_chunk_for
 from jaxmap.planning.wishes import Topology, Wish, format_device_layers
 
 _OUTER_ROLES = {"embed": "embedding", "final_norm": "norm", "lm_head": "head"}  # DeviceMap key -> tensor role
@@ -261,18 +263,22 @@ def plan(
     max_batch_size: int = 1,
     stored_bytes: dict[str, int] | None = None,
     native_types: dict[str, str] | None = None,
+    prefill_chunk: int | None = None,
 ) -> DeviceMap:
     """Decide the device map. Raises :class:`UserError` for a wish the model or hardware cannot take.
 
     For a checkpoint kept in its own quantized types (``isq="native"``): ``native_types`` maps tensor names to the
     jaxmap types they are stored in (the final types then follow from them) and ``stored_bytes`` to their bytes in
     the file (what a native tensor of unknown type counts); without either, native tensors count as float.
+    ``prefill_chunk``: prompt tokens per prefill step (``--prefill-chunk``; :func:`memory.prefill_chunk`'s default),
+    which sizes the activations the plan reserves.
     """
     wish = wish or Wish()
     dtype_name = parse_dtype(dtype).name
     for flag, value in (("--max-seq-len", max_seq_len), ("--max-batch-size", max_batch_size)):
         if value <= 0:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    chunk = prefill_chunk_for(max_seq_len, prefill_chunk)
     pool = pool_for(hardware, _pool(hardware, wish), wish.max_memory)
     budgets = compute_budgets(hardware, pool, wish.max_memory)
     base = (_manual(config, hardware, wish.device_layers) if wish.device_layers is not None
@@ -301,12 +307,12 @@ def plan(
         trial_outer = _outer(trial, hardware, topology, config, [])
         assign_types(config, trial, trial_outer, wish.isq, native_types)
         memory = account(config, hardware, trial, trial_outer, max_seq_len, max_batch_size, dtype_name, budgets,
-                         stored_bytes)
+                         stored_bytes, chunk)
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
             isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
             filled, embed_home = _fill(config, hardware, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size,
-                                       wish, stored_bytes, native_types)
+                                       wish, stored_bytes, native_types, chunk)
             notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
                          f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
             if embed_home is not None:
@@ -325,17 +331,33 @@ def plan(
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
     outer = _outer(stages, hardware, topology, config, base.warnings, embed_home)
     assign_types(config, stages, outer, wish.isq, native_types)
-    memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes)
+    memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes,
+                     chunk)
     _check_fit(memory, budgets, wish, base.warnings)
+    notes += _window_note(config, dtype_name, max_seq_len, max_batch_size)
     idle = [d.name for d in base.idle]
     return DeviceMap(
         model=config.name or "unnamed", fingerprint=config_fingerprint(config), hardware=hardware.name or "hardware",
         platform=hardware.default_platform, num_layers=config.num_hidden_layers, stages=stages,
         embed=outer["embed"], final_norm=outer["final_norm"], lm_head=outer["lm_head"], strategy=strategy,
         reason=reason, memory=memory, idle_devices=idle, warnings=base.warnings, dtype=dtype_name,
-        max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        max_seq_len=max_seq_len, max_batch_size=max_batch_size, prefill_chunk=chunk,
         from_topology=topology is not None and any(e.device for e in topology.ranges), memory_notes=notes,
     )
+
+
+def _window_note(config: ModelConfig, dtype: str, max_seq_len: int, max_batch_size: int) -> list[str]:
+    """What sliding-window layers save: their KV cache is a ring of the window, not the whole context."""
+    n = config.num_hidden_layers
+    itemsize = parse_dtype(dtype).itemsize
+    per_layer = [kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size, layer=i) for i in range(n)]
+    full = kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size)
+    sliding = sum(b < full for b in per_layer)
+    if not sliding:
+        return []
+    return [f"KV cache: {sliding} of {n} layers attend over a sliding window and keep a ring of "
+            f"{config.sliding_window} slots: {format_bytes(sum(per_layer))} in all at --max-seq-len {max_seq_len}, "
+            f"not {format_bytes(n * full)}"]
 
 
 def _layer_isq(wish: Wish, layer: int) -> str | None:
@@ -396,14 +418,14 @@ def _layer_weight_names(config: ModelConfig) -> list[str]:
 
 def _fill(config: ModelConfig, hardware: Hardware, pool: list[Device], budgets: Budgets, dtype: str,
           isq: list[str | None], max_seq_len: int, max_batch_size: int, wish: Wish, stored: dict[str, int] | None,
-          native_types: dict[str, str] | None) -> tuple[Fill, Device | None]:
+          native_types: dict[str, str] | None, prefill_chunk: int) -> tuple[Fill, Device | None]:
     """The automatic fill, and where the embeddings went: with the first device (None), or into host memory (the
     host device) when the layers do not all fit resident otherwise and moving the table frees accelerator memory."""
     host_helps = _host_embeddings_free_memory(config, hardware, pool, wish.topology)
 
     def run(on_host: bool) -> Fill:
         return fill(config, pool, budgets, dtype, isq, max_seq_len, max_batch_size, wish.allow_disk, stored,
-                    native_types, embed_on_host=on_host)
+                    native_types, embed_on_host=on_host, prefill_chunk=prefill_chunk)
 
     refusal: UserError | None = None
     try:
