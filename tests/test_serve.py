@@ -155,3 +155,21 @@ def test_load_32_streams_some_cancelled(served):
     assert "jaxmap_kv_slots_in_use 0" in page
     assert "jaxmap_queue_depth 0" in page
     assert "jaxmap_time_to_first_token_seconds_count" in page
+
+
+def test_logprobs_and_echo_match_forward_logits(served):
+    import numpy as np
+
+    model, _, client, _ = served
+    out = client.completions.create(model="tiny", prompt="Hello world again", max_tokens=1, echo=True, logprobs=2,
+                                    temperature=0)
+    ids = model.encode("Hello world again")
+    logits = model.forward_logits([ids])[0].astype(np.float64)
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    got = out.choices[0].logprobs.token_logprobs
+    assert got[0] is None and len(got) == len(ids) + 1
+    np.testing.assert_allclose(got[1:len(ids)], [lp[j - 1, ids[j]] for j in range(1, len(ids))], atol=1e-4)
+    np.testing.assert_allclose(got[len(ids)], lp[-1].max(), atol=1e-4)  # greedy: the top token's log-probability
+    assert out.choices[0].text.startswith(model.tokenizer.decode(ids))
+    assert len(out.choices[0].logprobs.top_logprobs[-1]) <= 2

@@ -28,7 +28,7 @@ COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p"
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice"}
 NO_OP = {"n": (1, None), "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
-         "tools": ([], None), "tool_choice": ("none", "auto", None), "echo": (False, None)}
+         "tools": ([], None), "tool_choice": ("none", "auto", None)}
 
 
 class ApiError(Exception):
@@ -126,7 +126,10 @@ class Server:
         text, logprobs = [], []
         while True:
             ev = await events.get()
-            if ev["type"] == "token":
+            if ev["type"] == "prompt":  # echo: the prompt's tokens and their log-probabilities come first
+                text.append(self.model.tokenizer.decode([e["token"] for e in ev["entries"]]))
+                logprobs.extend(ev["entries"])
+            elif ev["type"] == "token":
                 text.append(ev["text"])
                 logprobs.append(ev["logprob"])
             else:
@@ -157,6 +160,13 @@ class Server:
                 yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [first]})}\n\n"
             while True:
                 ev = await events.get()
+                if ev["type"] == "prompt":
+                    text = self.model.tokenizer.decode([e["token"] for e in ev["entries"]])
+                    choice = {"index": 0, "text": text, "finish_reason": None,
+                              "logprobs": self._completion_logprobs(ev["entries"]) if job.logprobs is not None
+                              else None}
+                    yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+                    continue
                 if ev["type"] == "token":
                     if ev["text"] or ev["logprob"]:
                         yield chunk(ev["text"], logprob=ev["logprob"])
@@ -176,12 +186,17 @@ class Server:
     def _completion_logprobs(self, entries) -> dict:
         tok = self.model.tokenizer
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = 0
         for e in entries:
             if e is None:
                 continue
-            out["tokens"].append(tok.decode([e["token"]]))
+            piece = tok.decode([e["token"]])
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            offset += len(piece)
             out["token_logprobs"].append(e["logprob"])
-            out["top_logprobs"].append({tok.decode([t]): lp for t, lp in e["top"]})
+            out["top_logprobs"].append({tok.decode([t]): lp for t, lp in e["top"]} if e["logprob"] is not None
+                                       else None)
         return out
 
     # ---- parsing -----------------------------------------------------------------------------------------------------
@@ -214,7 +229,7 @@ class Server:
         tokenizer = self.model.tokenizer
         if tokenizer is None:
             raise ApiError(400, "the model has no tokenizer, so text cannot be encoded")
-        logprobs = None
+        logprobs, echo = None, False
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -245,6 +260,9 @@ class Server:
                 if not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= 20:
                     raise ApiError(400, "logprobs must be a whole number from 0 to 20", param="logprobs")
                 logprobs = lp
+            echo = body.get("echo", False)
+            if not isinstance(echo, bool):
+                raise ApiError(400, "echo must be true or false", param="echo")
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
         context = self.model.max_seq_len
@@ -275,7 +293,8 @@ class Server:
             raise ApiError(400, str(exc)) from None
         if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
-        return Request(list(ids), max_tokens, sampling, stop, emit=lambda ev: None, logprobs=logprobs)
+        return Request(list(ids), max_tokens, sampling, stop, emit=lambda ev: None, logprobs=logprobs,
+                       echo=echo)
 
     def _status(self, status: int) -> None:
         self.metrics.requests[status] = self.metrics.requests.get(status, 0) + 1

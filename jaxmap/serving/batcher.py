@@ -38,6 +38,7 @@ class Request:
     stop: list[str]
     emit: Callable[[dict], None]  # called from the batcher thread with each event
     logprobs: int | None = None  # top-k alternatives per generated token (None: no log-probabilities)
+    echo: bool = False  # also score the prompt: an event with each prompt token's log-probability first
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -138,7 +139,7 @@ class Batcher:
         tokens = np.zeros((1, n_slots), np.int32)
         tokens[0, :n] = ids
         caches1 = engine.new_cache(1)
-        shape = StepShape(1, n_slots, n_slots, False, self._greedy.shape)
+        shape = StepShape(1, n_slots, n_slots, request.echo, self._greedy.shape)
         token, logits, caches1, _ = engine.step(caches1, jnp.asarray(tokens), 0, jnp.zeros(1, jnp.int32), n - 1,
                                                 None, self._values, self._key, shape)
         self.caches = engine.insert_row(self.caches, caches1, row, n_slots)
@@ -152,6 +153,16 @@ class Batcher:
         self.slots[row] = slot
         if self.metrics is not None:
             self.metrics.prompt_tokens += n
+        if request.echo:
+            lp = _log_softmax(np.asarray(logits[0, :n], np.float64))
+            k = request.logprobs or 0
+            entries = [{"token": ids[0], "logprob": None, "top": []}]
+            for j in range(1, n):
+                top = np.argsort(-lp[j - 1])[:k]
+                entries.append({"token": ids[j], "logprob": float(lp[j - 1, ids[j]]),
+                                "top": [(int(t), float(lp[j - 1, t])) for t in top]})
+            request.emit({"type": "prompt", "entries": entries})
+            logits = logits[:, n - 1]
         self._accept(row, int(np.asarray(token)[0]), logits[0] if self._needs_logits(slot) else None)
         self._gauges()
 
@@ -189,8 +200,7 @@ class Batcher:
             token = self._sample(slot, logits) if (request.sampling.temperature > 0 or slot.seen is not None) \
                 else token
             if request.logprobs is not None:
-                lp = logits - logits.max()
-                lp = lp - np.log(np.exp(lp).sum())
+                lp = _log_softmax(logits)
                 top = np.argsort(-lp)[:request.logprobs]
                 logprob = {"token": token, "logprob": float(lp[token]),
                            "top": [(int(t), float(lp[t])) for t in top]}
@@ -261,3 +271,8 @@ class Batcher:
             self.metrics.queue_depth = self.pending.qsize()
             self.metrics.slots_in_use = self.in_use()
             self.metrics.kv_slots_in_use = sum(s.pos for s in self.slots if s is not None)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
