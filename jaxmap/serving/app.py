@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 
@@ -24,7 +26,8 @@ from jaxmap.serving.text import ThinkSplitter
 log = logging.getLogger(__name__)
 
 COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-          "repetition_penalty", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty"}
+          "repetition_penalty", "ignore_eos", "stream", "stream_options", "n", "user", "presence_penalty",
+          "frequency_penalty"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice"}
 NO_OP = {"n": (1, None), "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
@@ -291,10 +294,12 @@ class Server:
                 seed=body.get("seed") if body.get("seed") is not None else 0)
         except UserError as exc:
             raise ApiError(400, str(exc)) from None
+        if not isinstance(body.get("ignore_eos", False), bool):
+            raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
         if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
         return Request(list(ids), max_tokens, sampling, stop, emit=lambda ev: None, logprobs=logprobs,
-                       echo=echo)
+                       echo=echo, ignore_eos=body.get("ignore_eos", False))
 
     def _status(self, status: int) -> None:
         self.metrics.requests[status] = self.metrics.requests.get(status, 0) + 1
@@ -322,4 +327,10 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int 
     server = Server(model, name or "jaxmap", max_batch_size, max_queue)
     log.info("serving %s on http://%s:%d/v1 (%d batch slots, context %d)", server.name, host, port, max_batch_size,
              model.max_seq_len)
+    def exit_cleanly(signum, frame):  # uvicorn drains, restores this handler and raises the signal again
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, exit_cleanly)
     uvicorn.run(server.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    log.info("stopped")

@@ -38,6 +38,7 @@ class Request:
     stop: list[str]
     emit: Callable[[dict], None]  # called from the batcher thread with each event
     logprobs: int | None = None  # top-k alternatives per generated token (None: no log-probabilities)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     echo: bool = False  # also score the prompt: an event with each prompt token's log-probability first
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
@@ -211,7 +212,7 @@ class Batcher:
             else:
                 self.metrics.itl.observe(now - slot.last_time)
         slot.last_time = now
-        if token in self.eos:
+        if token in self.eos and not request.ignore_eos:
             self._finish(row, "stop")
             return
         slot.generated += 1

@@ -16,7 +16,7 @@ import time
 def _request(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
     """One streamed completion: (time to first token, completion tokens)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
                        "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
