@@ -173,3 +173,17 @@ def test_logprobs_and_echo_match_forward_logits(served):
     np.testing.assert_allclose(got[len(ids)], lp[-1].max(), atol=1e-4)  # greedy: the top token's log-probability
     assert out.choices[0].text.startswith(model.tokenizer.decode(ids))
     assert len(out.choices[0].logprobs.top_logprobs[-1]) <= 2
+
+
+def test_full_queue_is_429(served):
+    from starlette.testclient import TestClient
+
+    from jaxmap.engine.sampling import SamplingParams
+    from jaxmap.serving.app import Server
+    from jaxmap.serving.batcher import Request
+
+    model = served[0]
+    idle = Server(model, "tiny", 1, max_queue=1)  # its batcher never starts: the queue stays full
+    idle.batcher.submit(Request([1, 2], 4, SamplingParams(), [], emit=lambda ev: None))
+    r = TestClient(idle.app).post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"

@@ -50,3 +50,38 @@ def test_tp2_server_matches_offline():
     finally:
         web.should_exit = True
         thread.join(30)
+
+
+def test_batcher_on_host_and_disk_tiers_matches_offline(tmp_path):
+    """Continuous batching on an offloaded layout (host and disk tiers, streamed per layer), token ids in."""
+    import queue
+
+    from memory_caps import caps
+
+    import jaxmap
+    from jaxmap.engine.sampling import SamplingParams
+    from jaxmap.families import preset_config
+    from jaxmap.serving.batcher import Batcher, Request
+
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False,
+                        max_memory=caps(preset_config("tiny"), 1, 1), offload_folder=tmp_path)
+    assert {s.memory_kind for s in model.device_map.stages} - {"device"}
+    batcher = Batcher(model, 4)
+    batcher.start()
+    try:
+        prompts = [[1, 5, 9, 3], [7, 2], [4, 4, 4, 4, 4, 8], [11, 3, 6]]
+        outs = []
+        for ids in prompts:
+            q: queue.Queue = queue.Queue()
+            batcher.submit(Request(ids, 6, SamplingParams(), [], emit=q.put, ignore_eos=True))
+            outs.append(q)
+        got = []
+        for q in outs:
+            tokens = []
+            while (ev := q.get(timeout=120))["type"] == "token":
+                tokens.append(ev["token"])
+            got.append(tokens)
+    finally:
+        batcher.stop()
+    expected = [model.generate([ids], max_new_tokens=6, stop_at_eos=False)[0].token_ids for ids in prompts]
+    assert got == expected
