@@ -155,7 +155,7 @@ class Model:
     def _prefill(self, tokens: np.ndarray, pads, seen, values, key, sampler, all_logits: bool = False,
                  on_logits: Callable[[np.ndarray], None] | None = None):
         """Write the prompts' KV into a fresh cache, ``engine.prefill_chunk`` tokens per step; returns (the first
-        sampled token, caches, seen).
+        sampled token, caches, seen, the last step's logits).
 
         Each chunk after the first attends to the slots the chunks before it wrote (a length bucket of them), so
         a step's temporaries grow with the chunk, not with the prompt; only the last chunk is padded (to a prefill
@@ -181,7 +181,7 @@ class Model:
                 seen = new_seen
             if on_logits is not None:
                 on_logits(np.asarray(logits)[:, :real])
-        return token, caches, seen
+        return token, caches, seen, logits
 
     def _check_prompts(self, batch_ids: list[list[int]]) -> int:
         if not batch_ids:
@@ -216,7 +216,7 @@ class Model:
 
         compile0 = engine.compile_stats.seconds
         t_start = time.perf_counter()
-        token, caches, seen = self._prefill(tokens, pads_dev, seen, values, key, shape)
+        token, caches, seen, _ = self._prefill(tokens, pads_dev, seen, values, key, shape)
         first = np.asarray(token)
         t_first = time.perf_counter()
         prefill_compile = engine.compile_stats.seconds - compile0
@@ -281,7 +281,7 @@ class Model:
         self._check_prompts(batch_ids)
         tokens, pads = self._pack(batch_ids)
         pieces: list[np.ndarray] = []
-        _, caches, _ = self._prefill(tokens, jnp.asarray(pads), None, SamplingParams().values(), jax.random.key(0),
+        _, caches, _, _ = self._prefill(tokens, jnp.asarray(pads), None, SamplingParams().values(), jax.random.key(0),
                                      SamplingParams().shape, all_logits=True, on_logits=pieces.append)
         self.engine.release_cache(caches)
         logits = np.concatenate(pieces, axis=1)

@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"keys: {', '.join(WISH_INTS + WISH_TEXTS)}")
     parser.add_argument("--cpu-devices", type=int, default=None,
                         help="give each run N virtual CPU devices (XLA_FLAGS), to measure mapping overhead on CPU")
+    parser.add_argument("--serving", action="store_true",
+                        help="serving workload: a server on 127.0.0.1, 1/4/8 concurrent streaming clients against "
+                             "the same requests one after another (aggregate tokens/s, TTFT p50/p99)")
+    parser.add_argument("--isq", default=None, help="with --serving: in-situ quantization type (e.g. Q8_0)")
     parser.add_argument("--worker", choices=("jaxmap", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
     return parser
@@ -381,6 +385,8 @@ def run(args) -> int:
     if args.cpu_devices is not None and args.cpu_devices < 1:
         raise UserError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
     parse_dtype(args.dtype)
+    if args.serving:
+        return run_serving(args)
     layouts = parse_layouts(args.layouts) if args.layouts else None
     check_model(args.model, args.compare_transformers, args.compare_llamacpp)
     if layouts:
@@ -394,6 +400,23 @@ def run(args) -> int:
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}, {NEW_TOKENS} new tokens, "
           f"dtype {args.dtype or 'default'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
     print_table(results)
+    return 0
+
+
+def run_serving(args) -> int:
+    """The serving workload, in this process (it measures the server, not a worker's start-up)."""
+    from jaxmap.api import load
+    from jaxmap.engine.compile_cache import enable_compile_cache
+    from jaxmap.serving.bench import format_rows, serving_bench
+
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, max_batch_size=8, progress=False,
+                 isq=args.isq)
+    rows = serving_bench(model, max_tokens=NEW_TOKENS)
+    print(f"serving: model {args.model or 'default'}, dtype {args.dtype}, isq {args.isq or 'none'}, "
+          f"{NEW_TOKENS} max tokens per request, 8 batch slots, {os.cpu_count()} CPUs")
+    print(format_rows(rows))
     return 0
 
 

@@ -136,11 +136,12 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         keys = jax.lax.dynamic_slice_in_dim(k_cache, at, read, axis=2).astype(q.dtype)
         values = jax.lax.dynamic_slice_in_dim(v_cache, at, read, axis=2).astype(q.dtype)
         old = jnp.sum(q1[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1).astype(jnp.float32) * scale
+        row_start = jnp.reshape(start, (-1, 1))  # [1, 1], or [b, 1] when each row decodes at its own slot
         if ring is None:
-            old_mask = mask[:, 0] & (jnp.arange(attend_len) < start)[None, :]  # [b, L]
+            old_mask = mask[:, 0] & (jnp.arange(attend_len)[None, :] < row_start)  # [b, L]
         else:  # what each ring position holds: a slot of this generation, not padding, inside the window
-            held = ring_positions(start, ring)[:read]
-            old_mask = (held >= 0)[None, :] & (held[None, :] >= pad[:, None]) & (start - held < window)[None, :]
+            held = ring_positions(row_start, ring)[:, :read]
+            old_mask = (held >= 0) & (held >= pad[:, None]) & (row_start - held < window)
         old = jnp.where(old_mask[:, None, None, :], _cap(old, softcap), neg)
         new = jnp.sum(q1 * k[:, 0, :, None, :], axis=-1).astype(jnp.float32)[..., None] * scale  # [b, g, r, 1]
         probs = jax.nn.softmax(jnp.concatenate([old, _cap(new, softcap)], axis=-1), axis=-1).astype(values.dtype)
@@ -166,6 +167,16 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         v_cache = jnp.where(fresh, jnp.take(v, pick, axis=1).transpose(0, 2, 1, 3).astype(v_cache.dtype), v_cache)
         return attn, k_cache, v_cache
     at = start if ring is None else jnp.remainder(start, ring)
+    if jnp.ndim(at) == 1:  # decode with a slot per row (continuous batching): each row writes its own slot
+        return attn, _write_rows(k_cache, k, at), _write_rows(v_cache, v, at)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, at, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, at, 0))
     return attn, k_cache, v_cache
+
+
+def _write_rows(cache: jnp.ndarray, new: jnp.ndarray, at: jnp.ndarray) -> jnp.ndarray:
+    """Write row ``b``'s new keys [B, 1, g, k] at its own slot ``at[b]`` of cache [B, g, S, k]."""
+    def one(c, n, a):
+        return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, a, 0))
+
+    return jax.vmap(one)(cache, new, at)

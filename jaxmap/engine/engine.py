@@ -150,6 +150,27 @@ class Engine:
             caches.append(stage_caches)
         return caches
 
+    def insert_row(self, caches: list, row_caches: list, row: int, n_slots: int) -> list:
+        """Copy the first ``n_slots`` cache slots of a batch-1 cache (a newcomer's prefill) into row ``row`` of a
+        batched cache, in place (the batched buffers are donated); continuous batching's join."""
+        out = []
+        row_arr = jnp.asarray(row, jnp.int32)
+        for i, (stage_caches, src_caches) in enumerate(zip(caches, row_caches, strict=True)):
+            new = []
+            for (kc, vc), (ks, vs) in zip(stage_caches, src_caches, strict=True):
+                n = min(n_slots, kc.shape[2])
+                key = ("insert_row", i, kc.shape, n)
+                if key not in self._programs:
+                    def insert(dst_k, dst_v, src_k, src_v, at, n=n):
+                        zero = jnp.int32(0)
+                        return (jax.lax.dynamic_update_slice(dst_k, src_k[:, :, :n], (at, zero, zero, zero)),
+                                jax.lax.dynamic_update_slice(dst_v, src_v[:, :, :n], (at, zero, zero, zero)))
+
+                    self._programs[key] = jax.jit(insert, donate_argnums=(0, 1))
+                new.append(self._programs[key](kc, vc, ks, vs, put(row_arr, self.stages[i].activation_sharding)))
+            out.append(new)
+        return out
+
     def release_cache(self, caches: list) -> None:
         """Keep one set of buffers per batch size for the next generation (saves allocating and zeroing them)."""
         # the first stage may hold no layers (embeddings placed on their own devices): look past empty stages
@@ -183,8 +204,10 @@ class Engine:
             h = x if shape.all_logits else jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
             logits = layers.lm_head(params, h, config, outer)
             step_logits = logits[:, last_index] if shape.all_logits else logits
-            # keyed by the sampled token's slot: the same stream however the prompt was chunked
-            token = sample(step_logits, seen, values, jax.random.fold_in(key, start + last_index), shape.sampler)
+            # keyed by the sampled token's slot (the same stream however the prompt was chunked); with a slot per
+            # row (continuous batching) by their sum
+            token = sample(step_logits, seen, values, jax.random.fold_in(key, jnp.sum(start) + last_index),
+                           shape.sampler)
             if seen is not None:
                 seen = mark_seen(seen, token)
             return token, logits, seen

@@ -30,11 +30,12 @@ def attention_context(start, pad, n_tokens: int, attend_len: int, inv_freq, loca
     ``attend_len`` slots with each row's left padding ``pad`` masked, ``pad`` itself, and ``end`` (the prefill's
     last real slot + 1; sliding-window ring buffers keep the keys before it). ``rope_scale`` multiplies the global
     cos/sin (LongRoPE's attention factor)."""
-    slots = start + jnp.arange(n_tokens, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    # ``start`` is one slot for the whole batch, or (decode) one per row [B]: slots is [1 or B, n_tokens]
+    slots = jnp.reshape(start, (-1, 1)) + jnp.arange(n_tokens, dtype=jnp.int32)[None, :]
+    positions = jnp.maximum(slots - pad[:, None], 0)
     cos, sin = rope_cos_sin(positions, inv_freq, rope_scale)
     keys = jnp.arange(attend_len, dtype=jnp.int32)
-    mask = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[None, :, None])
+    mask = (keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= slots[:, :, None])
     ctx = {"cos": cos, "sin": sin, "mask": mask, "pad": pad,
            "end": jnp.asarray(start + n_tokens if end is None else end, jnp.int32)}
     if local_inv_freq is not None:

@@ -1,0 +1,87 @@
+"""The server on a tensor-parallel layout (tp=2 over the test's virtual CPU devices): same answers as offline."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+TINY = Path(__file__).parent / "data" / "tiny-qwen3"
+
+
+def test_tp2_server_matches_offline():
+    import jaxmap
+    from jaxmap.serving.app import Server
+
+    model = jaxmap.load(str(TINY), max_seq_len=128, max_batch_size=4, progress=False, tp=2, pp=1)
+    assert model.device_map is None or max(s.tp for s in model.device_map.stages) == 2
+    server = Server(model, "tiny", 4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        prompts = [f"Item {i} is" for i in range(6)]
+
+        def one(p):
+            return client.completions.create(model="tiny", prompt=p, max_tokens=10).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(one, prompts))
+        assert got == [model.generate([p], max_new_tokens=10)[0].text for p in prompts]
+    finally:
+        web.should_exit = True
+        thread.join(30)
+
+
+def test_batcher_on_host_and_disk_tiers_matches_offline(tmp_path):
+    """Continuous batching on an offloaded layout (host and disk tiers, streamed per layer), token ids in."""
+    import queue
+
+    from memory_caps import caps
+
+    import jaxmap
+    from jaxmap.engine.sampling import SamplingParams
+    from jaxmap.families import preset_config
+    from jaxmap.serving.batcher import Batcher, Request
+
+    model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False,
+                        max_memory=caps(preset_config("tiny"), 1, 1), offload_folder=tmp_path)
+    assert {s.memory_kind for s in model.device_map.stages} - {"device"}
+    batcher = Batcher(model, 4)
+    batcher.start()
+    try:
+        prompts = [[1, 5, 9, 3], [7, 2], [4, 4, 4, 4, 4, 8], [11, 3, 6]]
+        outs = []
+        for ids in prompts:
+            q: queue.Queue = queue.Queue()
+            batcher.submit(Request(ids, 6, SamplingParams(), [], emit=q.put, ignore_eos=True))
+            outs.append(q)
+        got = []
+        for q in outs:
+            tokens = []
+            while (ev := q.get(timeout=120))["type"] == "token":
+                tokens.append(ev["token"])
+            got.append(tokens)
+    finally:
+        batcher.stop()
+    expected = [model.generate([ids], max_new_tokens=6, stop_at_eos=False)[0].token_ids for ids in prompts]
+    assert got == expected
