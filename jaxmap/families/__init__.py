@@ -18,7 +18,7 @@ import yaml
 
 from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
 from jaxmap.errors import UserError
-from jaxmap.families import gemma3, llama, phi3, qwen3
+from jaxmap.families import gemma3, llama, mixtral, phi3, qwen3, qwen3_moe
 from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ModelDesign, ParamSpec, TensorDecl
 from jaxmap.families.wrapped import Wrapper
 
@@ -27,7 +27,8 @@ __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelD
            "layer_param_specs", "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count",
            "preset_config", "read_config_json", "supported", "wrapper_of"]
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY, mixtral.FAMILY,
+                                qwen3_moe.FAMILY)
 
 
 def supported() -> str:
