@@ -25,7 +25,7 @@ from jaxmap.families.wrapped import Wrapper
 __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
            "config_from_hf", "config_to_hf", "family_for_gguf", "fused_parts", "gguf_name_to_hf", "family_of",
            "layer_param_specs", "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count",
-           "preset_config", "read_config_json", "supported", "wrapper_of"]
+           "preset_config", "read_config_json", "stacked_experts", "supported", "wrapper_of"]
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY, mixtral.FAMILY,
                                 qwen3_moe.FAMILY)
@@ -154,6 +154,19 @@ def fused_parts(config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:
     """Tensors declared as rows of a stored fused one: part name -> (stored name, first row, end row, the stored
     tensor's rows); what every weight source presents as tensors of their own."""
     return family_of(config).fused_parts(config)
+
+
+def stacked_experts(config: ModelConfig) -> dict[str, list[str]]:
+    """Stacked expert tensors (``...experts.w1``, jaxmap's ``[E, in, out]``) -> the per-expert Hugging Face tensors
+    they stack (``...experts.{e}.w1.weight``, each ``[out, in]``), as Mixtral's and Qwen3-MoE's checkpoints store
+    them; empty for a dense model."""
+    out: dict[str, list[str]] = {}
+    for i in range(config.num_hidden_layers):
+        for spec in layer_param_specs(config, i).values():
+            if spec.role == "expert":
+                prefix, proj = spec.hf_name.rsplit(".experts.", 1)
+                out[spec.hf_name] = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
+    return out
 
 
 def param_count(config: ModelConfig) -> int:
