@@ -116,7 +116,7 @@ def test_logits_match_transformers(raw, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     missing, unexpected = hf.load_state_dict(_hf_state(config, RandomSource(config)), strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m]
-    ids = [3, 17, 5, 60, 22, 9, 41, 8, 70, 11, 4, 33]  # 12 tokens x k > experts: prefill runs the grouped path
+    ids = [3, 17, 5, 60, 22, 9, 41, 8, 70, 11, 4, 33]  # tokens x k > experts: prefill runs the dense path
     (ours,) = model.forward_logits([ids])
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()

@@ -13,8 +13,8 @@ to compute, chosen per shape at trace time (both exact; the shapes are static un
 
 A third way, the dense all-experts product (every token through every expert, weights zero for the unrouted), was
 measured against these on CPU (``tests/test_moe.py::test_moe_paths_agree`` checks all three agree; the figures
-are in the README's MoE section): it only wins when E / k is small and tokens are many, so it is kept only where the
-measurement says so (``_DENSE_MAX_RATIO``).
+are in the README's MoE section) and won every prefill shape there, so it runs for prompts while its intermediate
+is small (``_DENSE_MAX_ELEMENTS``); ragged_dot is unmeasured on accelerators.
 
 Quantized (ISQ) experts: ISQ quantizes 2-D weights only, so stacked experts stay in the compute dtype (the plan
 shows them unquantized); the router, a plain 2-D projection, goes through :func:`jaxmap.quant.dense`.
@@ -28,14 +28,11 @@ import jax.numpy as jnp
 from jaxmap.config import ModelConfig
 from jaxmap.quant import dense
 
-
-# Tokens x k at or below which the gather path runs (decode and short prompts): the gathered slices then cost no
-# more bytes than the whole stack.
-def _use_gather(n_pairs: int, experts: int) -> bool:
-    return n_pairs <= experts
-
-
-_DENSE_MAX_RATIO = 2  # dense all-experts product when E / k is at most this (E=8, k=4); measured, see module doc
+# Gather while tokens x k <= E (decode, short prompts): the gathered slices then cost no more bytes than the stack.
+# Past that, the dense all-experts product was faster than ragged_dot on every CPU shape measured (README, MoE
+# section: N=256 E=64 k=8: dense 380 ms, grouped 2458 ms), so it runs while its [N, E, I] intermediate stays under
+# _DENSE_MAX_ELEMENTS; larger prompts take the grouped path, whose memory follows N x k.
+_DENSE_MAX_ELEMENTS = 1 << 26
 
 
 def route(logits: jnp.ndarray, k: int, renormalize: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -88,9 +85,9 @@ PATHS = {"gather": _gather, "grouped": _grouped, "dense": _dense}
 
 def choose_path(n_tokens: int, config: ModelConfig) -> str:
     k, e = config.num_experts_per_tok, config.num_experts
-    if _use_gather(n_tokens * k, e):
+    if n_tokens * k <= e:
         return "gather"
-    return "dense" if e <= _DENSE_MAX_RATIO * k else "grouped"
+    return "dense" if n_tokens * e * config.moe_intermediate_size <= _DENSE_MAX_ELEMENTS else "grouped"
 
 
 def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str | None = None) -> jnp.ndarray:
