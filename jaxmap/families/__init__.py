@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,13 @@ def family_of(config: ModelConfig | str) -> Family:
     raise UserError(f"unsupported architecture {model_type!r}; jaxmap supports {supported()}")
 
 
-def family_for_gguf(arch: str, where: str) -> Family:
-    """The family that reads GGUF files of ``general.architecture = arch``."""
+def family_for_gguf(arch: str, where: str, get: Callable[[str, Any], Any] | None = None) -> Family:
+    """The family that reads GGUF files of ``general.architecture = arch``; ``get(key, default)`` reads the file's
+    metadata, for families that claim files by more than the architecture (Mixtral: ``llama`` with experts)."""
+    if get is not None:
+        for family in FAMILIES:
+            if family.gguf_claims is not None and family.gguf_claims(arch, get):
+                return family
     for family in FAMILIES:
         if arch in family.gguf_architectures:
             return family

@@ -206,6 +206,9 @@ class Family:
     gguf_extra: Callable[[str, Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
     # Checkpoint formats that wrap this family's text model with parts jaxmap leaves out (a vision tower).
     wrappers: tuple[Wrapper, ...] = ()
+    # GGUF files it claims by their metadata (``get(key, default)``) beyond general.architecture: Mixtral's say
+    # ``llama`` with ``llama.expert_count`` > 0; checked before the architecture strings.
+    gguf_claims: Callable[[str, Callable[[str, Any], Any]], bool] | None = None
     # config.json keys of its own that become ModelConfig fields beyond the shared ones (the experts of a MoE).
     config_extra: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 

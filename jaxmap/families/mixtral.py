@@ -61,4 +61,5 @@ FAMILY = dataclasses.replace(
     design=lambda config, layer: config_design(config, layer, moe=config.is_moe_layer(layer)),
     config_extra=_config,
     hf_extra=_hf_extra,
+    gguf_claims=lambda arch, get: arch == "llama" and int(get("llama.expert_count", 0) or 0) > 0,
 )
