@@ -51,6 +51,15 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power instead of head_dim's
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    # Mixture of experts (0 experts: a dense model). Each MoE layer routes every token to ``num_experts_per_tok`` of
+    # ``num_experts`` SwiGLU experts of ``moe_intermediate_size``: softmax over all router logits, top-k, and (with
+    # ``norm_topk_prob``) the k weights renormalised to sum to 1, which equals Mixtral's softmax over the chosen logits.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1  # every n-th layer is MoE (Qwen3-MoE), the others dense
+    mlp_only_layers: tuple[int, ...] = ()  # layers kept dense whatever the step says
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -88,6 +97,16 @@ class ModelConfig:
             raise UserError(f"model config: partial_rotary_factor {self.partial_rotary_factor!r} must give an even "
                             f"number of rotated dims between 2 and head_dim {self.head_dim}")
         _check_rope_scaling(self.rope_scaling, self.rotary_dim)
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise UserError(f"model config: num_experts_per_tok must be between 1 and num_experts "
+                                f"{self.num_experts}, got {self.num_experts_per_tok!r}")
+            if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+                raise UserError(f"model config: moe_intermediate_size must be a positive integer, "
+                                f"got {self.moe_intermediate_size!r}")
+            if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step <= 0:
+                raise UserError(f"model config: decoder_sparse_step must be a positive integer, "
+                                f"got {self.decoder_sparse_step!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -120,6 +139,12 @@ class ModelConfig:
         if not self.sliding_window:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` routes its MLP over experts (else a dense SwiGLU MLP)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
 
 def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
@@ -170,5 +195,7 @@ def config_fingerprint(config: ModelConfig) -> str:
     """A short hash of what shapes the weights (the name is left out: a renamed copy is the same model)."""
     keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+    if config.num_experts:  # dense fingerprints stay as they were
+        keys += ("num_experts", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers")
     blob = json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
 from jaxmap.engine.blocks import attention, gated_mlp, rms_norm
+from jaxmap.engine.moe import moe_mlp
 from jaxmap.engine.rope import apply_rope, rope_cos_sin
 from jaxmap.families import LayerDesign, ModelDesign
 from jaxmap.quant import dense, dense_rows, take_rows
@@ -115,7 +116,7 @@ def decoder_layer(
 
     h = rms_norm(x, p["mlp_norm"], eps, plus_one)
     taps["mlp_in"] = h
-    out = gated_mlp(p, h, taps, design.mlp_act)
+    out = moe_mlp(p, h, config, taps) if design.moe else gated_mlp(p, h, taps, design.mlp_act)
     if design.post_norms:
         out = rms_norm(out, p["mlp_post_norm"], eps, plus_one)
     return x + out, k_cache, v_cache

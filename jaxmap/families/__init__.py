@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,17 @@ import yaml
 
 from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
 from jaxmap.errors import UserError
-from jaxmap.families import gemma3, llama, phi3, qwen3
+from jaxmap.families import gemma3, llama, mixtral, phi3, qwen3, qwen3_moe
 from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ModelDesign, ParamSpec, TensorDecl
 from jaxmap.families.wrapped import Wrapper
 
 __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
            "config_from_hf", "config_to_hf", "family_for_gguf", "fused_parts", "gguf_name_to_hf", "family_of",
            "layer_param_specs", "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count",
-           "preset_config", "read_config_json", "supported", "wrapper_of"]
+           "preset_config", "read_config_json", "stacked_experts", "supported", "wrapper_of"]
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY, mixtral.FAMILY,
+                                qwen3_moe.FAMILY)
 
 
 def supported() -> str:
@@ -46,8 +47,13 @@ def family_of(config: ModelConfig | str) -> Family:
     raise UserError(f"unsupported architecture {model_type!r}; jaxmap supports {supported()}")
 
 
-def family_for_gguf(arch: str, where: str) -> Family:
-    """The family that reads GGUF files of ``general.architecture = arch``."""
+def family_for_gguf(arch: str, where: str, get: Callable[[str, Any], Any] | None = None) -> Family:
+    """The family that reads GGUF files of ``general.architecture = arch``; ``get(key, default)`` reads the file's
+    metadata, for families that claim files by more than the architecture (Mixtral: ``llama`` with experts)."""
+    if get is not None:
+        for family in FAMILIES:
+            if family.gguf_claims is not None and family.gguf_claims(arch, get):
+                return family
     for family in FAMILIES:
         if arch in family.gguf_architectures:
             return family
@@ -153,6 +159,19 @@ def fused_parts(config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:
     """Tensors declared as rows of a stored fused one: part name -> (stored name, first row, end row, the stored
     tensor's rows); what every weight source presents as tensors of their own."""
     return family_of(config).fused_parts(config)
+
+
+def stacked_experts(config: ModelConfig) -> dict[str, list[str]]:
+    """Stacked expert tensors (``...experts.w1``, jaxmap's ``[E, in, out]``) -> the per-expert Hugging Face tensors
+    they stack (``...experts.{e}.w1.weight``, each ``[out, in]``), as Mixtral's and Qwen3-MoE's checkpoints store
+    them; empty for a dense model."""
+    out: dict[str, list[str]] = {}
+    for i in range(config.num_hidden_layers):
+        for spec in layer_param_specs(config, i).values():
+            if spec.role == "expert":
+                prefix, proj = spec.hf_name.rsplit(".experts.", 1)
+                out[spec.hf_name] = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
+    return out
 
 
 def param_count(config: ModelConfig) -> int:

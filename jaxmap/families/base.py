@@ -32,8 +32,8 @@ from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 from jaxmap.families.wrapped import Wrapper
 
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
-ROLES = ("embedding", "attention", "mlp", "norm", "head")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts")
+ROLES = ("embedding", "attention", "mlp", "expert", "router", "norm", "head")
 # Symbolic sizes a TensorDecl's shape is written in, read from the config.
 _DIMS: dict[str, Callable[[ModelConfig], int]] = {
     "vocab": lambda c: c.vocab_size,
@@ -42,6 +42,8 @@ _DIMS: dict[str, Callable[[ModelConfig], int]] = {
     "kv": lambda c: c.kv_size,
     "mlp": lambda c: c.intermediate_size,
     "head_dim": lambda c: c.head_dim,
+    "experts": lambda c: c.num_experts,
+    "moe_mlp": lambda c: c.moe_intermediate_size,
 }
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _ROPE_ALIASES = {"su": "longrope"}  # LongRoPE's first name, in Phi-3's early configs
@@ -106,10 +108,14 @@ class TensorDecl:
     unless: str | None = None
     gguf_offset: float = 0.0  # GGUF stores the value plus this (llama.cpp's Gemma norms hold 1 + weight)
     fused: tuple[str, str] | None = None  # (stored Hugging Face name, stored GGUF name) of the fused tensor
+    # Mixture-of-experts families: True on MoE layers only (experts, router), False on dense layers only (the dense
+    # MLP of Qwen3-MoE's mlp_only_layers), None on every layer.
+    moe: bool | None = None
 
-    def exists(self, config: ModelConfig) -> bool:
+    def exists(self, config: ModelConfig, layer: int | None = None) -> bool:
         return ((self.when is None or bool(getattr(config, self.when)))
-                and (self.unless is None or not getattr(config, self.unless)))
+                and (self.unless is None or not getattr(config, self.unless))
+                and (self.moe is None or layer is None or config.is_moe_layer(layer) == self.moe))
 
     def spec(self, config: ModelConfig, layer: int | None = None) -> ParamSpec:
         fill = {} if layer is None else {"i": layer}
@@ -139,6 +145,7 @@ class LayerDesign:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     window: int | None = None  # a sliding layer's window (keys attended, itself included); None: all
     rope_local: bool = False  # RoPE with the config's local base (sliding layers of Gemma 3)
+    moe: bool = False  # the MLP is a mixture of experts (jaxmap.engine.moe) rather than one gated MLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +206,11 @@ class Family:
     gguf_extra: Callable[[str, Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] | None = None
     # Checkpoint formats that wrap this family's text model with parts jaxmap leaves out (a vision tower).
     wrappers: tuple[Wrapper, ...] = ()
+    # GGUF files it claims by their metadata (``get(key, default)``) beyond general.architecture: Mixtral's say
+    # ``llama`` with ``llama.expert_count`` > 0; checked before the architecture strings.
+    gguf_claims: Callable[[str, Callable[[str, Any], Any]], bool] | None = None
+    # config.json keys of its own that become ModelConfig fields beyond the shared ones (the experts of a MoE).
+    config_extra: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
     # ---- config ---------------------------------------------------------------------------------------------------
     def read_config(self, raw: Mapping[str, Any], name: str = "") -> ModelConfig:
@@ -206,6 +218,8 @@ class Family:
         model_type = raw.get("model_type") or next(
             (self.architectures[a] for a in raw.get("architectures") or [] if a in self.architectures), None)
         config = read_common(raw, model_type, self.defaults.get(model_type, {}), name)
+        if self.config_extra is not None:
+            config = dataclasses.replace(config, **self.config_extra({**self.defaults.get(model_type, {}), **raw}))
         if self.check is not None:
             self.check(config, raw)
         return config
@@ -247,7 +261,7 @@ class Family:
     def layer_params(self, config: ModelConfig, layer: int) -> dict[str, ParamSpec]:
         """Decoder layer ``layer``'s parameters keyed by jaxmap's short names (heads-major projections, so equal
         splits of the ``heads`` / ``kv_heads`` axes fall on head boundaries)."""
-        return {t.key: t.spec(config, layer) for t in self.layer_tensors if t.exists(config)}
+        return {t.key: t.spec(config, layer) for t in self.layer_tensors if t.exists(config, layer)}
 
     def outer_params(self, config: ModelConfig) -> dict[str, ParamSpec]:
         """Embeddings, final norm and LM head (absent when tied)."""

@@ -112,7 +112,10 @@ class GGUFSource:
         self._reader: GGUFFile = gguf_reader.open_gguf(path)
         self._meta_cache: dict[str, Any] = {}
         arch = str(self._get("general.architecture", ""))
-        self.family = family_for_gguf(arch, self.path)
+        self.family = family_for_gguf(arch, self.path, self._get)
+        if any(t.role == "expert" for t in self.family.layer_tensors):
+            raise UserError(f"{self.path}: {self.family.label} GGUF files (stacked ffn_*_exps experts) are not "
+                            "supported yet; use the Hugging Face folder")
         self.architecture = arch
         self._tensors: dict[str, TensorInfo] = {}
         self.unmapped: list[str] = []  # GGUF tensors with no Hugging Face counterpart (kept for diagnostics)

@@ -28,6 +28,7 @@ from jaxmap.families import (
     missing_tensors,
     model_tensor_names,
     read_config_json,
+    stacked_experts,
     wrapper_of,
 )
 from jaxmap.families.wrapped import Wrapper
@@ -208,6 +209,11 @@ class SafetensorsSource:
             self._unwrap(wrapper)
         self._stored = set(self._entries)
         self._add_fused_parts()
+        # MoE experts stored one tensor per expert, presented stacked [E, in, out] under the family's name (a copy
+        # when read: one layer's experts at a time)
+        self._stacks = {name: parts for name, parts in stacked_experts(self.config).items()
+                        if all(p in self._entries for p in parts)}
+        self._stored |= set(self._stacks)
         self._maps: dict[Path, np.memmap] = {}
 
     def _add_fused_parts(self) -> None:
@@ -302,8 +308,8 @@ class SafetensorsSource:
 
     # ---- WeightSource --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Every stored tensor, and the parts of fused ones under the family's names for them."""
-        return list(self._entries)
+        """Every stored tensor, the parts of fused ones and stacks of per-expert ones under the family's names."""
+        return list(self._entries) + list(self._stacks)
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -313,16 +319,24 @@ class SafetensorsSource:
         return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._stacks:
+            parts = self._stacks[name]
+            return (len(parts), *reversed(self._entry(parts[0]).shape))
         return self._entry(name).shape
 
     def stored_nbytes(self, name: str) -> int:
+        if name in self._stacks:
+            return sum(self._entry(p).nbytes for p in self._stacks[name])
         return self._entry(name).nbytes
 
     def stored_type(self, name: str) -> str:
-        return self._entry(name).dtype_name
+        return self._entry(self._stacks[name][0] if name in self._stacks else name).dtype_name
 
     def view(self, name: str) -> np.ndarray:
-        """A read-only, zero-copy view of the tensor in its stored dtype (backed by the memory map)."""
+        """A read-only, zero-copy view of the tensor in its stored dtype (backed by the memory map); a stack of
+        per-expert tensors is a copy, each expert transposed to ``[in, out]``."""
+        if name in self._stacks:
+            return np.stack([self.view(p).T for p in self._stacks[name]])
         entry = self._entry(name)
         if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub" and name in self._weights:
             raise UserError(f"{entry.file}: tensor {name!r} is stored as {entry.dtype_name}; jaxmap reads "

@@ -17,7 +17,8 @@ RULES: dict[str, str | None] = {
     "heads": "tp",
     "kv_heads": "tp",
     "head_dim": None,
-    "mlp": "tp",
+    "mlp": "tp",  # an expert's intermediate dimension too: tensor parallelism inside experts
+    "experts": None,  # every device holds every expert (no expert-parallel axis yet)
     "layers": None,
 }
 

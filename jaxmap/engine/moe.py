@@ -1,0 +1,101 @@
+"""Mixture-of-experts MLP: a router picks ``k`` of ``E`` SwiGLU experts per token, and the token's output is the
+routed experts' outputs weighted by their router probabilities.
+
+Experts arrive stacked (``experts_gate`` / ``experts_up``: ``[E, D, I]``, ``experts_down``: ``[E, I, D]``). Two ways
+to compute, chosen per shape at trace time (both exact; the shapes are static under jit):
+
+- **gather** (decode, few tokens): take the routed experts' weight slices (``w[idx]``, ``[N, k, D, I]``) and
+  multiply each token by its own k experts. Only the routed experts' weights are read, so memory traffic per token
+  follows the active parameters, not the total.
+- **grouped** (prefill, many tokens): sort the N*k (token, expert) pairs by expert and run one
+  ``jax.lax.ragged_dot`` per projection over the contiguous groups: every expert's weights are read once and each
+  token's FLOPs are its k experts'.
+
+A third way, the dense all-experts product (every token through every expert, weights zero for the unrouted), was
+measured against these on CPU (``tests/test_moe.py::test_moe_paths_agree`` checks all three agree; the figures
+are in the README's MoE section) and won every prefill shape there, so it runs for prompts while its intermediate
+is small (``_DENSE_MAX_ELEMENTS``); ragged_dot is unmeasured on accelerators.
+
+Quantized (ISQ) experts: ISQ quantizes 2-D weights only, so stacked experts stay in the compute dtype (the plan
+shows them unquantized); the router, a plain 2-D projection, goes through :func:`jaxmap.quant.dense`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmap.config import ModelConfig
+from jaxmap.quant import dense
+
+# Gather while tokens x k <= E (decode, short prompts): the gathered slices then cost no more bytes than the stack.
+# Past that, the dense all-experts product was faster than ragged_dot on every CPU shape measured (README, MoE
+# section: N=256 E=64 k=8: dense 380 ms, grouped 2458 ms), so it runs while its [N, E, I] intermediate stays under
+# _DENSE_MAX_ELEMENTS; larger prompts take the grouped path, whose memory follows N x k.
+_DENSE_MAX_ELEMENTS = 1 << 26
+
+
+def route(logits: jnp.ndarray, k: int, renormalize: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(weights [N, k] float32, expert ids [N, k]): softmax over all experts, top-k, renormalised to sum to 1 when
+    asked (Mixtral always; Qwen3-MoE with ``norm_topk_prob``)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, idx = jax.lax.top_k(probs, k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, idx
+
+
+def _gather(x, weights, idx, wg, wu, wd):
+    """x [N, D]; per token its k experts' slices."""
+    g = jnp.einsum("nd,nkdi->nki", x, wg[idx])
+    u = jnp.einsum("nd,nkdi->nki", x, wu[idx])
+    act = jax.nn.silu(g) * u
+    out = jnp.einsum("nki,nkid->nkd", act, wd[idx])
+    return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights)
+
+
+def _grouped(x, weights, idx, wg, wu, wd):
+    """Sort (token, expert) pairs by expert and run each projection as one ragged_dot over the groups."""
+    n, k = idx.shape
+    e = wg.shape[0]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    tokens = order // k
+    xs = x[tokens]
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    g = jax.lax.ragged_dot(xs, wg, sizes)
+    u = jax.lax.ragged_dot(xs, wu, sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, sizes)
+    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[tokens].add(out)
+
+
+def _dense(x, weights, idx, wg, wu, wd):
+    """Every token through every expert; unrouted experts weighted zero."""
+    e = wg.shape[0]
+    full = jnp.zeros((x.shape[0], e), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(weights)
+    g = jnp.einsum("nd,edi->nei", x, wg)
+    u = jnp.einsum("nd,edi->nei", x, wu)
+    out = jnp.einsum("nei,eid->ned", jax.nn.silu(g) * u, wd)
+    return jnp.einsum("ned,ne->nd", out.astype(jnp.float32), full)
+
+
+PATHS = {"gather": _gather, "grouped": _grouped, "dense": _dense}
+
+
+def choose_path(n_tokens: int, config: ModelConfig) -> str:
+    k, e = config.num_experts_per_tok, config.num_experts
+    if n_tokens * k <= e:
+        return "gather"
+    return "dense" if n_tokens * e * config.moe_intermediate_size <= _DENSE_MAX_ELEMENTS else "grouped"
+
+
+def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str | None = None) -> jnp.ndarray:
+    """The MoE MLP over h [B, T, D] (already normed); ``path`` forces one computation (tests, benchmarks)."""
+    b, t, d = h.shape
+    x = h.reshape(b * t, d)
+    weights, idx = route(dense(x, p["router"]), config.num_experts_per_tok, config.norm_topk_prob)
+    taps["router_idx"] = idx
+    fn = PATHS[path or choose_path(b * t, config)]
+    wg, wu, wd = p["experts_gate"], p["experts_up"], p["experts_down"]
+    return fn(x, weights, idx, wg, wu, wd).astype(h.dtype).reshape(b, t, d)

@@ -1,0 +1,65 @@
+"""Mixtral (8x7B, 8x22B): the Mistral layer with its MLP replaced by a sparse mixture of 8 SwiGLU experts, each token
+routed to 2 of them (softmax over the two chosen router logits, the same as softmax over all then renormalising the
+top 2), and a sliding window where the config sets one.
+
+Experts are kept stacked, ``[experts, in, out]`` per layer (``experts_gate`` / ``experts_up`` / ``experts_down``), so
+the engine gathers the routed experts' slices (:mod:`jaxmap.engine.moe`). Hugging Face checkpoints store each expert
+on its own (``block_sparse_moe.experts.N.w1/w3/w2``); the stacked tensor's name here is that name without the expert
+index. llama.cpp's GGUF files keep them stacked (``blk.N.ffn_gate_exps`` ...) under ``general.architecture = llama``
+with ``llama.expert_count`` > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from jaxmap.families import llama
+from jaxmap.families.base import TensorDecl, config_design
+
+
+def moe_tensors(prefix: str, router: str, gate: str, up: str, down: str) -> tuple[TensorDecl, ...]:
+    """A MoE layer's router and stacked experts, named ``{prefix}.{router}.weight`` and
+    ``{prefix}.experts.{gate|up|down}`` in Hugging Face terms (the per-expert tensors without their index)."""
+    p = "model.layers.{i}." + prefix
+    return (
+        TensorDecl("router", f"{p}.{router}.weight", "blk.{i}.ffn_gate_inp.weight", ("hidden", "experts"),
+                   ("embed", "experts"), "router", transpose=True, moe=True),
+        TensorDecl("experts_gate", f"{p}.experts.{gate}", "blk.{i}.ffn_gate_exps.weight",
+                   ("experts", "hidden", "moe_mlp"), ("experts", "embed", "mlp"), "expert", moe=True),
+        TensorDecl("experts_up", f"{p}.experts.{up}", "blk.{i}.ffn_up_exps.weight",
+                   ("experts", "hidden", "moe_mlp"), ("experts", "embed", "mlp"), "expert", moe=True),
+        TensorDecl("experts_down", f"{p}.experts.{down}", "blk.{i}.ffn_down_exps.weight",
+                   ("experts", "moe_mlp", "hidden"), ("experts", "mlp", "embed"), "expert", moe=True),
+    )
+
+
+def _config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {"num_experts": int(raw.get("num_local_experts", 8)), "num_experts_per_tok": int(
+        raw.get("num_experts_per_tok", 2)), "moe_intermediate_size": int(raw["intermediate_size"]),
+        "norm_topk_prob": True}
+
+
+def _hf_extra(config) -> dict[str, Any]:
+    return {"num_local_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok}
+
+
+FAMILY = dataclasses.replace(
+    llama.FAMILY,
+    name="mixtral",
+    label="Mixtral",
+    model_types=("mixtral",),
+    architectures={"MixtralForCausalLM": "mixtral"},
+    gguf_architectures={},  # llama files with llama.expert_count > 0 (families.family_for_gguf)
+    layer_tensors=llama.ATTENTION_TENSORS + llama.MLP_TENSORS[:1]
+    + moe_tensors("block_sparse_moe", "gate", "w1", "w3", "w2"),
+    projection_inputs={**{k: v for k, v in llama.PROJECTION_INPUTS.items() if not k.startswith("w_")},
+                       "router": "mlp_in", "experts_gate": "mlp_in", "experts_up": "mlp_in"},
+    defaults={"mixtral": {"use_sliding_window": True}},
+    gguf_permuted_qk=("llama",),
+    design=lambda config, layer: config_design(config, layer, moe=config.is_moe_layer(layer)),
+    config_extra=_config,
+    hf_extra=_hf_extra,
+    gguf_claims=lambda arch, get: arch == "llama" and int(get("llama.expert_count", 0) or 0) > 0,
+)
