@@ -356,7 +356,7 @@ class Family:
                       if k not in self.layer_params(probe, 0)}
         head_names = {s.hf_name for s in self.outer_params(probe).values() if s.role == "head"}
         raw = {
-            "model_type": self.gguf_architectures[gguf_arch],
+            "model_type": self.gguf_architectures.get(gguf_arch, self.model_types[0]),  # Mixtral: a llama file
             "hidden_size": hidden,
             "intermediate_size": int(need("feed_forward_length")),
             "num_hidden_layers": int(need("block_count")),

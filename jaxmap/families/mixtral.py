@@ -45,6 +45,22 @@ def _hf_extra(config) -> dict[str, Any]:
     return {"num_local_experts": config.num_experts, "num_experts_per_tok": config.num_experts_per_tok}
 
 
+def gguf_experts(arch: str, get, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The expert counts of a MoE GGUF file (``{arch}.expert_count``, ``expert_used_count``) and the expert's
+    intermediate size: ``expert_feed_forward_length`` where the converter wrote it (qwen3moe), else
+    ``feed_forward_length`` (Mixtral's llama files: its experts are its only MLP)."""
+    used = get(f"{arch}.expert_used_count", None)
+    return {"num_experts": int(get(f"{arch}.expert_count", 0) or 0),
+            "num_experts_per_tok": int(used) if used is not None else None,
+            "moe_intermediate_size": int(get(f"{arch}.expert_feed_forward_length", raw["intermediate_size"]))}
+
+
+def _gguf_extra(arch: str, get, raw: Mapping[str, Any]) -> dict[str, Any]:
+    moe = gguf_experts(arch, get, raw)
+    return {"model_type": "mixtral", "num_local_experts": moe["num_experts"],
+            "num_experts_per_tok": moe["num_experts_per_tok"] or 2, "intermediate_size": moe["moe_intermediate_size"]}
+
+
 FAMILY = dataclasses.replace(
     llama.FAMILY,
     name="mixtral",
@@ -61,5 +77,6 @@ FAMILY = dataclasses.replace(
     design=lambda config, layer: config_design(config, layer, moe=config.is_moe_layer(layer)),
     config_extra=_config,
     hf_extra=_hf_extra,
+    gguf_extra=_gguf_extra,
     gguf_claims=lambda arch, get: arch == "llama" and int(get("llama.expert_count", 0) or 0) > 0,
 )

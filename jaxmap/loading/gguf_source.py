@@ -5,6 +5,14 @@ family that claims the file's ``general.architecture`` maps its tensor names to 
 ``[out, in]``, quantized blocks are dequantized with ``gguf.quants``, and where the family says llama.cpp's converter
 reordered the q/k rows (so that each RoPE pair sits in adjacent rows, for interleaved rotation) they are put back:
 jaxmap, like Hugging Face, rotates the two halves of each head.
+
+Mixtures of experts (Mixtral's ``llama`` files with ``llama.expert_count``, ``qwen3moe``): llama.cpp stacks each
+layer's experts into ``blk.N.ffn_{gate,up,down}_exps.weight`` (ggml dims ``[in, out, E]``, numpy ``[E, out, in]``)
+beside the router ``ffn_gate_inp``; they are served as jaxmap's stacks ``[E, in, out]`` (what a Hugging Face folder's
+per-expert tensors become), dequantized one expert at a time, and as raw quantized rows ``[E, out, bytes]`` for
+keeping them in their GGUF blocks. The expert counts and sizes come from ``{arch}.expert_count``,
+``expert_used_count`` and ``expert_feed_forward_length``; dense layers mixed into a MoE file are told by their
+tensors (no router, a dense ``ffn_gate``).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import numpy as np
 
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
-from jaxmap.families import config_from_hf, family_for_gguf, fused_parts, missing_tensors
+from jaxmap.families import config_from_hf, family_for_gguf, fused_parts, missing_tensors, stacked_experts
 from jaxmap.loading import gguf_reader
 from jaxmap.loading.gguf_reader import GGUFFile, TensorInfo
 from jaxmap.loading.safetensors_source import as_numpy_dtype
@@ -113,9 +121,6 @@ class GGUFSource:
         self._meta_cache: dict[str, Any] = {}
         arch = str(self._get("general.architecture", ""))
         self.family = family_for_gguf(arch, self.path, self._get)
-        if any(t.role == "expert" for t in self.family.layer_tensors):
-            raise UserError(f"{self.path}: {self.family.label} GGUF files (stacked ffn_*_exps experts) are not "
-                            "supported yet; use the Hugging Face folder")
         self.architecture = arch
         self._tensors: dict[str, TensorInfo] = {}
         self.unmapped: list[str] = []  # GGUF tensors with no Hugging Face counterpart (kept for diagnostics)
@@ -128,6 +133,11 @@ class GGUFSource:
                 self._tensors[name] = t
         self.config = self._build_config(by_gguf_name)
         self._parts = self._fused_parts()
+        # llama.cpp's stacked experts (ffn_{gate,up,down}_exps, numpy order [E, out, in]) are served in jaxmap's
+        # stacked layout [E, in, out], as a Hugging Face folder's per-expert tensors are (safetensors_source)
+        self._stacks = {name for name in stacked_experts(self.config) if name in self._tensors}
+        for name in self._stacks:
+            self._check_stack(name)
 
     def check_complete(self) -> None:
         """Refuse a file that lacks a tensor its metadata's model needs (before planning, not halfway through
@@ -150,6 +160,8 @@ class GGUFSource:
     def _build_config(self, by_gguf_name: dict[str, TensorInfo]) -> ModelConfig:
         arch = self.architecture
         raw = self.family.gguf_config(arch, self._get, set(self._tensors), self.path)
+        if raw.get("num_experts") or raw.get("num_local_experts"):
+            raw.update(self._dense_layers(int(raw["num_hidden_layers"])))
         longrope = self._longrope(by_gguf_name)  # partial rotary: the family's gguf_config reads dimension_count
         if longrope is not None:
             raw["rope_scaling"] = longrope
@@ -167,6 +179,22 @@ class GGUFSource:
         config = config_from_hf(raw, name=self._file.stem)  # the file name: what the user typed
         scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
         return config.with_changes(rope_scaling=scaling) if scaling else config
+
+    def _dense_layers(self, layers: int) -> dict[str, Any]:
+        """``mlp_only_layers`` of a MoE file, told by its tensors: a layer with no router (``ffn_gate_inp``) but a
+        dense ``ffn_gate`` keeps a dense MLP (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, which
+        llama.cpp's metadata does not carry)."""
+        names = self._reader.tensors
+        dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names
+                 and f"blk.{i}.ffn_gate.weight" in names]
+        return {"mlp_only_layers": dense, "decoder_sparse_step": 1} if dense else {}
+
+    def _check_stack(self, name: str) -> None:
+        t = self._tensors[name]
+        if len(t.shape) != 3 or t.shape[0] != self.config.num_experts:
+            raise UserError(f"{self.path}: tensor {t.name} has shape {t.shape}, the metadata's model expects "
+                            f"{self.config.num_experts} stacked experts ([experts, out, in]); the file does not "
+                            "match its metadata")
 
     def _longrope(self, by_gguf_name: dict[str, TensorInfo]) -> dict[str, Any] | None:
         """LongRoPE as llama.cpp's converter stores it (Phi-3 128k, Phi-3.5, Phi-4-mini): the per-frequency factors as
@@ -247,6 +275,8 @@ class GGUFSource:
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first ([in, out]); Hugging Face slowest-first ([out, in]).
         shape = self._tensor(name).shape
+        if name in self._stacks:  # stored [E, out, in]; jaxmap's stack is [E, in, out]
+            return (shape[0], shape[2], shape[1])
         if name in self._parts:
             _, r0, r1, _ = self._parts[name]
             return (r1 - r0, *shape[1:])
@@ -279,6 +309,8 @@ class GGUFSource:
         t = self._tensor(name)
         qtype = GGMLQuantizationType(t.ggml_type)
         target = as_numpy_dtype(dtype)
+        if name in self._stacks:
+            return self._read_stack(name, t, qtype, target)
         shape = self.shape(name)
         out = np.empty(shape, dtype=target)
         data = self._data(name)
@@ -303,6 +335,22 @@ class GGUFSource:
         self._drop_mapped_pages()
         return out
 
+    def _read_stack(self, name: str, t: TensorInfo, qtype: Any, target: np.dtype) -> np.ndarray:
+        """Stacked experts as ``[E, in, out]``, dequantized one expert at a time (the temporaries stay one expert's
+        size, not the stack's)."""
+        from gguf.quants import dequantize
+
+        experts, rows, cols = t.shape
+        out = np.empty((experts, cols, rows), dtype=target)
+        data = self._data(name)
+        try:
+            for e in range(experts):
+                out[e] = dequantize(data[e], qtype).reshape(rows, cols).T
+        except (NotImplementedError, ValueError) as exc:
+            raise UserError(f"{self.path}: cannot dequantize {name} ({t.type_name}): {exc}") from None
+        self._drop_mapped_pages()
+        return out
+
     def _drop_mapped_pages(self) -> None:
         """Let the kernel drop the file pages this read touched: they are clean, read again on demand, and would
         otherwise count in the process's resident memory until the file is closed (98 MiB for SmolLM2's GGUF)."""
@@ -310,7 +358,8 @@ class GGUFSource:
             self._reader.drop_pages()
 
     def raw(self, name: str) -> tuple[np.ndarray, str]:
-        """The stored bytes/values as rows of quantized blocks ([out, bytes per row]) and the ggml type name.
+        """The stored bytes/values as rows of quantized blocks ([out, bytes per row]; stacked experts
+        ``[E, out, bytes per row]``, each expert ``[out, in]`` as a QTensor stores it) and the ggml type name.
 
         q/k rows are already put back in Hugging Face order (quant blocks never straddle rows, so rows move whole).
         """
@@ -320,6 +369,8 @@ class GGUFSource:
             return np.ascontiguousarray(data[r0:r1]), type_name
         t = self._tensor(name)
         data = self._data(name)
+        if name in self._stacks:  # [E, out, bytes per row]: each expert's rows as a QTensor holds them
+            return np.array(data.reshape(t.shape[0], t.shape[1], -1), order="C", copy=True), t.type_name
         if data.ndim == 1 and len(self.shape(name)) == 2:
             data = data.reshape(self.shape(name)[0], -1)
         heads = self._q_k_heads(name)

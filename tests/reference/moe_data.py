@@ -1,0 +1,117 @@
+"""Torch-free loader for the tiny MoE models' transformers reference (written by make_tiny_moe.py), and a writer of
+their GGUF files as llama.cpp's converter lays them out, for the MoE tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "data"
+NAMES = ("tiny-mixtral-swa", "tiny-qwen3-moe", "tiny-qwen3-moe-norm")
+
+
+def load_moe_reference(name: str) -> dict[str, Any]:
+    """``folder``, ``input_ids`` (two prompts), ``greedy`` (10 tokens each) and ``logits`` (each prompt's [T, V])."""
+    if name not in NAMES:
+        raise KeyError(f"unknown MoE reference {name!r}; known: {', '.join(NAMES)}")
+    meta = json.loads((DATA_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    with np.load(DATA_DIR / f"{name}.npz") as npz:
+        logits = [np.asarray(npz[f"logits_{i}"], np.float32) for i in range(len(meta["prompts"]))]
+    return {"name": name, "folder": MODELS_DIR / name, "input_ids": [p["input_ids"] for p in meta["prompts"]],
+            "greedy": [p["greedy_ids"] for p in meta["prompts"]], "logits": logits, "meta": meta}
+
+
+# Hugging Face per-expert / per-layer names -> llama.cpp's (convert_hf_to_gguf.py's tensor map)
+_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+          "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+          "block_sparse_moe.gate": "ffn_gate_inp"}
+_EXPERT = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
+           "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+_OUTER = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+          "lm_head.weight": "output.weight"}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: each head's two RoPE halves interleaved row by row."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_moe_gguf(name: str, path: Path, qtype=None, expert_weights_norm: bool | None = None) -> Path:
+    """The tiny model ``name`` as a GGUF file: Mixtral as ``llama`` with ``llama.expert_count`` and permuted q/k rows,
+    Qwen3-MoE as ``qwen3moe``; per-expert tensors stacked ``[E, out, in]`` (numpy order) into
+    ``blk.N.ffn_{gate,up,down}_exps.weight``. ``qtype`` (a GGMLQuantizationType) stores every 2-D and 3-D
+    projection quantized (embeddings, norms and the router stay float32, as llama.cpp keeps the router in F32 for
+    small ones). ``expert_weights_norm`` writes ``{arch}.expert_weights_norm`` (llama.cpp's qwen3moe graph always
+    renormalises; the tiny Qwen3-MoE without norm_topk_prob needs it written false)."""
+    import gguf
+    from safetensors import safe_open
+
+    folder = MODELS_DIR / name
+    config = json.loads((folder / "config.json").read_text())
+    mixtral = config["model_type"] == "mixtral"
+    arch = "llama" if mixtral else "qwen3moe"
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    experts = config.get("num_local_experts", config.get("num_experts"))
+    tensors: dict[str, np.ndarray] = {}
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    with safe_open(str(folder / "model.safetensors"), "np") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no iteration)
+            array = f.get_tensor(key).astype(np.float32)
+            if key in _OUTER:
+                tensors[_OUTER[key]] = array
+                continue
+            parts = key.split(".")
+            layer, rest = parts[2], ".".join(parts[3:]).removesuffix(".weight")
+            if ".experts." in rest:
+                _, expert, proj = rest.rsplit(".", 2)
+                stacks.setdefault(f"blk.{layer}.{_EXPERT[proj]}.weight", {})[int(expert)] = array
+                continue
+            gname = f"blk.{layer}.{_LAYER[rest]}.weight"
+            if mixtral and rest == "self_attn.q_proj":
+                array = _permute(array, heads)
+            elif mixtral and rest == "self_attn.k_proj":
+                array = _permute(array, kv)
+            tensors[gname] = array
+    for gname, per_expert in stacks.items():
+        tensors[gname] = np.stack([per_expert[e] for e in range(experts)])
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(config["head_dim"])
+    w.add_value_length(config["head_dim"])
+    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_expert_count(experts)
+    w.add_expert_used_count(config["num_experts_per_tok"])
+    if not mixtral:
+        w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("sliding_window") and config.get("use_sliding_window", mixtral):
+        w.add_sliding_window(config["sliding_window"])
+    if expert_weights_norm is not None:
+        w.add_expert_weights_norm(expert_weights_norm)
+    w.add_bos_token_id(config["bos_token_id"])
+    w.add_eos_token_id(config["eos_token_id"])
+    w.add_vocab_size(config["vocab_size"])
+    for gname, array in tensors.items():
+        block = gguf.GGML_QUANT_SIZES[qtype][0] if qtype is not None else 0
+        quantize = (qtype is not None and array.ndim >= 2 and array.shape[-1] % block == 0
+                    and "token_embd" not in gname and "gate_inp" not in gname)
+        if quantize:
+            w.add_tensor(gname, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
