@@ -16,8 +16,11 @@ measured against these on CPU (``tests/test_moe.py::test_moe_paths_agree`` check
 are in the README's MoE section) and won every prefill shape there, so it runs for prompts while its intermediate
 is small (``_DENSE_MAX_ELEMENTS``); ragged_dot is unmeasured on accelerators.
 
-Quantized (ISQ) experts: ISQ quantizes 2-D weights only, so stacked experts stay in the compute dtype (the plan
-shows them unquantized); the router, a plain 2-D projection, goes through :func:`jaxmap.quant.dense`.
+Quantized experts (ISQ, or a GGUF's own blocks): a stack is one QTensor per expert stacked along a leading axis of
+every leaf (:func:`jaxmap.quant.stack`, each expert ``[out, in]``). Decode gathers the routed experts' blocks
+(``leaf[idx]``) and dequantizes only those (:func:`_take`), so it still reads the active experts' bytes only, in
+their quantized size; prefill dequantizes the whole stack once per layer (:func:`_float_stack`). The router, a plain
+2-D projection, goes through :func:`jaxmap.quant.dense`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
 from jaxmap.quant import dense
+from jaxmap.quant.kernels import dequantize
+from jaxmap.quant.qtensor import QTensor
 
 # Gather while tokens x k <= E (decode, short prompts): the gathered slices then cost no more bytes than the stack.
 # Past that, the dense all-experts product was faster than ragged_dot on every CPU shape measured (README, MoE
@@ -45,12 +50,30 @@ def route(logits: jnp.ndarray, k: int, renormalize: bool) -> tuple[jnp.ndarray, 
     return weights, idx
 
 
+def _take(w, idx: jnp.ndarray, dtype) -> jnp.ndarray:
+    """The routed experts' slices ``w[idx]`` (``[N, k, in, out]``): of a float stack, or of a quantized one by its
+    gathered blocks, dequantized (only the k experts of each token, never the whole stack)."""
+    if not isinstance(w, QTensor):
+        return w[idx]
+    picked = jax.tree.map(lambda a: a[idx], w)
+    flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), picked)
+    dense_w = jax.vmap(lambda q: dequantize(q, dtype))(flat)  # [N*k, out, in]
+    return jnp.swapaxes(dense_w, 1, 2).reshape(*idx.shape, *w.shape[::-1])
+
+
+def _float_stack(w, dtype):
+    """A whole stack as float ``[E, in, out]`` (prefill's dense and grouped paths)."""
+    if not isinstance(w, QTensor):
+        return w
+    return jnp.swapaxes(jax.vmap(lambda q: dequantize(q, dtype))(w), 1, 2)
+
+
 def _gather(x, weights, idx, wg, wu, wd):
     """x [N, D]; per token its k experts' slices."""
-    g = jnp.einsum("nd,nkdi->nki", x, wg[idx])
-    u = jnp.einsum("nd,nkdi->nki", x, wu[idx])
+    g = jnp.einsum("nd,nkdi->nki", x, _take(wg, idx, x.dtype))
+    u = jnp.einsum("nd,nkdi->nki", x, _take(wu, idx, x.dtype))
     act = jax.nn.silu(g) * u
-    out = jnp.einsum("nki,nkid->nkd", act, wd[idx])
+    out = jnp.einsum("nki,nkid->nkd", act, _take(wd, idx, x.dtype))
     return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights)
 
 
@@ -98,4 +121,6 @@ def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str 
     taps["router_idx"] = idx
     fn = PATHS[path or choose_path(b * t, config)]
     wg, wu, wd = p["experts_gate"], p["experts_up"], p["experts_down"]
+    if fn is not _gather:
+        wg, wu, wd = (_float_stack(w, x.dtype) for w in (wg, wu, wd))
     return fn(x, weights, idx, wg, wu, wd).astype(h.dtype).reshape(b, t, d)

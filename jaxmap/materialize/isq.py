@@ -36,7 +36,7 @@ from jaxmap import quant
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec
 from jaxmap.planning.isq_types import TensorType, flat_types, planned_types
-from jaxmap.quant.qtensor import leaf_shardings, split_of
+from jaxmap.quant.qtensor import is_stack, leaf_shardings, split_of
 from jaxmap.quant.types import NATIVE
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Quantizer:
         """The type this weight gets placed with ``sharding`` (None: float), as the plan says, and whether the
         source's stored blocks are kept as they are (the plan's type is the stored one); records fallbacks and
         requantizations."""
-        if len(spec.shape) != 2:
+        if len(spec.shape) != 2 and not is_stack(spec):
             return None, False
         out, n, _, _, in_shards, out_shards = split_of(spec, sharding)
         planned = self.type_for(spec, in_shards, out_shards)
@@ -171,7 +171,9 @@ class Quantizer:
         """The weight as a host QTensor (numpy leaves) of ``qtype`` laid out for ``sharding``'s split: what
         :meth:`place` places, and what the disk tier stores."""
         out, n, _, _, in_shards, _ = split_of(spec, sharding)
-        if keep and is_gguf(self.source):
+        if is_stack(spec):
+            qt = self._stack(spec, qtype, keep, out, n, in_shards)
+        elif keep and is_gguf(self.source):
             raw, _ = self.source.raw(spec.hf_name)
             qt = quant.from_gguf(raw, quant.QTYPES[qtype].gguf, (out, n))
         elif keep:  # a quantized jaxmap checkpoint, read on the host (loading restores it placed: read_placed)
@@ -189,6 +191,26 @@ class Quantizer:
         self.record(spec, qt)
         return qt
 
+    def _stack(self, spec: ParamSpec, qtype: str, keep: bool, out: int, n: int, in_shards: int):
+        """A layer's stacked experts, one ``[out, in]`` QTensor per expert stacked along a leading axis: a GGUF's own
+        blocks repacked expert by expert (``raw``: ``[E, out, bytes]``), else the float stack ``[E, in, out]``
+        quantized expert by expert (no importance matrix: llama.cpp's per-expert entries are not read yet)."""
+        if keep and is_gguf(self.source):
+            raw, _ = self.source.raw(spec.hf_name)
+            gguf_type = quant.QTYPES[qtype].gguf
+            return quant.stack([quant.from_gguf(raw[e], gguf_type, (out, n)) for e in range(raw.shape[0])])
+        if keep:
+            raise UserError(f"{self.source.path}: stacked experts {spec.hf_name} cannot be restored in their stored "
+                            f"type {qtype} from this checkpoint; load it with --isq none")
+        host = self.source.read(spec.hf_name, np.float32)
+        if tuple(host.shape) != spec.hf_shape:
+            raise UserError(f"{self.source.path}: tensor {spec.hf_name!r} has shape {tuple(host.shape)}, the "
+                            f"config expects {spec.hf_shape}; the checkpoint does not match its config")
+        self.unweighted.append(spec.hf_name)
+        parts = [quant.quantize(np.ascontiguousarray(host[e].T), qtype, in_shards) for e in range(host.shape[0])]
+        del host
+        return quant.stack(parts)
+
     def stored(self, spec: ParamSpec, qt) -> None:
         """A tensor quantized earlier (a reused disk-tier folder, whose name carries the imatrix): report it as if
         quantized now."""
@@ -198,7 +220,7 @@ class Quantizer:
         self.record(spec, qt)
 
     def record(self, spec: ParamSpec, qt) -> None:
-        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype, spec.layer)
+        self.bytes[spec.hf_name] = (qt.nbytes, spec.size * 4, qt.qtype, spec.layer)  # a stack: all its experts
 
     def _check(self, want: str, qtype: str, spec: ParamSpec, out: int, n: int, in_shards: int,
                out_shards: int) -> None:

@@ -1,12 +1,14 @@
 """Each weight's final ISQ type, decided once, by the planner: what the DeviceMap stores and everything else reads.
 
-Pure data, no jax. For every 2-D weight of a stage's layers (the families' ``layer_param_specs``) and of the outer
+Pure data, no jax. For every 2-D weight (and stack of MoE experts, each expert quantized as one ``[out, in]``
+weight) of a stage's layers (the families' ``layer_param_specs``) and of the outer
 placements (``outer_param_specs``): the *requested* type, then the split the rules table gives the weight at its
 stage's ``tp`` (:func:`~jaxmap.planning.rules.logical_to_spec`, heads counted in heads), then
 :func:`~jaxmap.quant.types.fitted_type` (the fallback chain). The rules for the requested type (the README's ISQ
 section):
 
-- a decoder-layer weight takes its layer's ``isq`` (a topology range's, else ``--isq``);
+- a decoder-layer weight takes its layer's ``isq`` (a topology range's, else ``--isq``), stacked MoE experts too
+  (expert by expert); a MoE router stays float (llama.cpp's quantizer skips ``ffn_gate_inp`` likewise);
 - the LM head keeps its precision unless a ``/regex/`` topology entry names a type for it, or the checkpoint is
   kept in its own types (``native``); with tied embeddings the shared table takes the head's type when it has one,
   else the embeddings' own entry;
@@ -69,9 +71,16 @@ def weight_split(spec: ParamSpec, tp: int, unit_counts: Mapping[str, int] | None
     """How a ``tp``-way stage splits ``spec`` (the rules table), in the QTensor's ``[out, in]`` orientation."""
     axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=unit_counts)
     shards = [tp if a else 1 for a in axes] + [1] * (2 - len(axes))
+    if _stacked(spec):  # each expert of a stack [E, in, out] is one [out, in] weight
+        return Split(spec.shape[2], spec.shape[1], shards[1], shards[2])
     if spec.transpose:
         return Split(spec.shape[1], spec.shape[0], shards[0], shards[1])
     return Split(spec.shape[0], spec.shape[1], shards[1], shards[0])
+
+
+def _stacked(spec: ParamSpec) -> bool:
+    """Stacked MoE experts ``[E, in, out]``: quantized expert by expert, each an ``[out, in]`` weight."""
+    return len(spec.shape) == 3 and spec.role == "expert"
 
 
 def is_native(isq: str | None) -> bool:
@@ -85,11 +94,13 @@ def parse(isq: str | None) -> str | None:
 
 def requested_type(spec: ParamSpec, isq: str | None, native_types: Mapping[str, str] | None) -> str | None:
     """The type ``isq`` asks for this weight (None: float); ``native`` asks the stored one."""
-    if len(spec.shape) != 2:
+    if len(spec.shape) != 2 and not _stacked(spec):
         return None
     want = parse(isq)
     if want == NATIVE and native_types is not None:
         return native_types.get(spec.hf_name)
+    if spec.role == "router" and want != NATIVE:  # as llama.cpp's quantizer never touches ffn_gate_inp: a small
+        return None  # tensor whose errors move every token's choice of experts
     return want
 
 
@@ -252,7 +263,8 @@ def weight_bytes(spec: ParamSpec, final: str | None, tp: int, unit_counts: Mappi
     if final is None or final == NATIVE:
         return spec.size * itemsize // shards
     split = weight_split(spec, tp, unit_counts)
-    return tensor_nbytes(final, (split.out, split.n), in_shards=split.in_shards) // shards
+    stacked = spec.shape[0] if _stacked(spec) else 1
+    return stacked * tensor_nbytes(final, (split.out, split.n), in_shards=split.in_shards) // shards
 
 
 def isq_label(isq: str | None, types: Mapping[str, str] | None) -> str:

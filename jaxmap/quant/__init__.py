@@ -23,7 +23,8 @@ _EXPORTS = {
         "gguf_to_jaxmap_type", "fitted_type",
     ),
     "jaxmap.quant.qtensor": (
-        "QTensor", "is_quantized", "shardings_for", "split_of", "leaf_shardings", "pack_np", "unpack_np",
+        "QTensor", "is_quantized", "shardings_for", "split_of", "leaf_shardings", "pack_np", "unpack_np", "is_stack",
+        "stack",
     ),
     "jaxmap.quant.host": (
         "_round", "importance_weights", "quantize", "_pad_to", "_from_gguf_simple", "host_threads", "_pool",

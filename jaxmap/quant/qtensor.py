@@ -66,23 +66,33 @@ def is_quantized(x) -> bool:
     return isinstance(x, QTensor)
 
 
-def shardings_for(qt: QTensor, out_axis, in_axis, mesh) -> QTensor:
+def shardings_for(qt: QTensor, out_axis, in_axis, mesh, lead: tuple = ()) -> QTensor:
     """A QTensor of NamedShardings: every array follows its weight's split (rows on ``out_axis``, groups on
-    ``in_axis``), so scales sit with the blocks they scale."""
+    ``in_axis``), so scales sit with the blocks they scale. ``lead``: the mesh axes of a stack's leading dimensions
+    (stacked experts: the experts axis, None while every device holds every expert)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     def spec(a):
-        return NamedSharding(mesh, PartitionSpec(out_axis, in_axis, *([None] * (a.ndim - 2))))
+        return NamedSharding(mesh, PartitionSpec(*lead, out_axis, in_axis, *([None] * (a.ndim - 2 - len(lead)))))
 
     return jax.tree_util.tree_map(spec, qt)
 
 
+def is_stack(spec) -> bool:
+    """A stack of 2-D weights quantized one by one (MoE experts, jaxmap's ``[E, in, out]``): each expert a QTensor
+    ``[out, in]``, stacked along a leading axis of every leaf (:func:`stack`)."""
+    return len(spec.shape) == 3 and getattr(spec, "role", None) == "expert"
+
+
 def split_of(spec, sharding) -> tuple[int, int, object, object, int, int]:
-    """``(out, in, out_axis, in_axis, in_shards, out_shards)`` of a 2-D weight placed with ``sharding`` (the
-    sharding of its float ``spec`` layout); a QTensor is ``[out, in]`` whatever the float layout."""
-    out, n = spec.hf_shape if spec.transpose else spec.shape
-    pspec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-    out_axis, in_axis = (pspec[1], pspec[0]) if spec.transpose else (pspec[0], pspec[1])
+    """``(out, in, out_axis, in_axis, in_shards, out_shards)`` of a 2-D weight (or of each weight of a stack,
+    :func:`is_stack`) placed with ``sharding`` (the sharding of its float ``spec`` layout); a QTensor is
+    ``[out, in]`` whatever the float layout."""
+    lead = len(spec.shape) - 2
+    shape = spec.shape[lead:]
+    out, n = tuple(reversed(shape)) if spec.transpose or lead else shape
+    pspec = (tuple(sharding.spec) + (None,) * (len(spec.shape) - len(sharding.spec)))[lead:]
+    out_axis, in_axis = (pspec[1], pspec[0]) if spec.transpose or lead else (pspec[0], pspec[1])
     mesh = sharding.mesh
     in_shards = mesh.shape[in_axis] if in_axis else 1
     out_shards = mesh.shape[out_axis] if out_axis else 1
@@ -92,7 +102,17 @@ def split_of(spec, sharding) -> tuple[int, int, object, object, int, int]:
 def leaf_shardings(spec, sharding, qt):
     """The shardings of ``qt``'s leaves for a weight whose float layout is placed with ``sharding``."""
     _, _, out_axis, in_axis, _, _ = split_of(spec, sharding)
-    return shardings_for(qt, out_axis, in_axis, sharding.mesh)
+    lead = len(spec.shape) - 2
+    axes = (tuple(sharding.spec) + (None,) * lead)[:lead]
+    return shardings_for(qt, out_axis, in_axis, sharding.mesh, axes)
+
+
+def stack(parts: Sequence[QTensor]) -> QTensor:
+    """QTensors of one type and shape (a layer's experts) as one, each leaf stacked along a new leading axis."""
+    first = parts[0]
+    if any(p.qtype != first.qtype or p.shape != first.shape or p.sub != first.sub for p in parts):
+        raise ValueError("stacked QTensors must share type, shape and sub-block")
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *parts)
 
 
 # ---- bit planes -----------------------------------------------------------------------------------------------------

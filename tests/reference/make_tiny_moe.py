@@ -94,25 +94,28 @@ def routing_gaps(model, config, ids: list[int]) -> float:
     return min(gaps)
 
 
-def greedy(model, ids: list[int], n: int) -> tuple[np.ndarray, list[int], list[int]]:
-    """Prompt logits [T, V], n greedy tokens over the KV cache, and every step's full sequence for the gap check."""
+def greedy(model, ids: list[int], n: int) -> tuple[np.ndarray, list[int], list[int], list[float]]:
+    """Prompt logits [T, V], n greedy tokens over the KV cache, the full sequence (for the routing gap check) and
+    each step's top-1 minus top-2 logit (quantized runs may flip a step whose margin is small)."""
     import torch
 
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), use_cache=True)
         logits = out.logits[0].float().numpy().copy()
         past, step = out.past_key_values, out.logits[0, -1]
-        new = []
+        new, margins = [], []
         for i in range(n):
             token = int(torch.argmax(step))
             new.append(token)
+            top = torch.topk(step.float(), 2).values
+            margins.append(float(top[0] - top[1]))
             if i + 1 < n:
                 out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 past, step = out.past_key_values, out.logits[0, -1]
         check = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
     if check != new[:len(check)]:  # generate stops at EOS; the loop runs on past it
         raise SystemExit(f"own greedy loop {new} disagrees with generate {check}")
-    return logits, new, ids + new
+    return logits, new, ids + new, margins
 
 
 def make(name: str, config) -> None:
@@ -125,7 +128,7 @@ def make(name: str, config) -> None:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
         randomize(model, seed)
         runs = [greedy(model, list(p), NEW) for p in PROMPTS]
-        gap = min(routing_gaps(model, config, full) for _, _, full in runs)
+        gap = min(routing_gaps(model, config, r[2]) for r in runs)
         if gap >= MIN_GAP:
             break
         print(f"{name}: seed {seed} routes a token within {gap:.2e} of a tie; next seed")
@@ -136,12 +139,13 @@ def make(name: str, config) -> None:
     model.save_pretrained(folder)
     REFERENCE.mkdir(parents=True, exist_ok=True)
     meta = {"name": name, "seed": seed, "min_routing_gap": gap, "max_new_tokens": NEW,
-            "prompts": [{"input_ids": list(p), "greedy_ids": g} for p, (_, g, _) in zip(PROMPTS, runs, strict=True)],
+            "prompts": [{"input_ids": list(p), "greedy_ids": r[1], "greedy_margins": r[3]}
+                        for p, r in zip(PROMPTS, runs, strict=True)],
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "made_by": "tests/reference/make_tiny_moe.py"}
     (REFERENCE / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     np.savez_compressed(REFERENCE / f"{name}.npz", **{f"logits_{i}": r[0] for i, r in enumerate(runs)})
-    print(f"{name}: seed {seed}, routing gap {gap:.2e}, greedy {[g for _, g, _ in runs]}")
+    print(f"{name}: seed {seed}, routing gap {gap:.2e}, greedy {[r[1] for r in runs]}")
 
 
 def main(argv: list[str]) -> None:

@@ -15,14 +15,16 @@ NAMES = ("tiny-mixtral-swa", "tiny-qwen3-moe", "tiny-qwen3-moe-norm")
 
 
 def load_moe_reference(name: str) -> dict[str, Any]:
-    """``folder``, ``input_ids`` (two prompts), ``greedy`` (10 tokens each) and ``logits`` (each prompt's [T, V])."""
+    """``folder``, ``input_ids`` (two prompts), ``greedy`` (10 tokens each), ``margins`` (each greedy step's top-1
+    minus top-2 logit) and ``logits`` (each prompt's [T, V])."""
     if name not in NAMES:
         raise KeyError(f"unknown MoE reference {name!r}; known: {', '.join(NAMES)}")
     meta = json.loads((DATA_DIR / f"{name}.json").read_text(encoding="utf-8"))
     with np.load(DATA_DIR / f"{name}.npz") as npz:
         logits = [np.asarray(npz[f"logits_{i}"], np.float32) for i in range(len(meta["prompts"]))]
     return {"name": name, "folder": MODELS_DIR / name, "input_ids": [p["input_ids"] for p in meta["prompts"]],
-            "greedy": [p["greedy_ids"] for p in meta["prompts"]], "logits": logits, "meta": meta}
+            "greedy": [p["greedy_ids"] for p in meta["prompts"]],
+            "margins": [p["greedy_margins"] for p in meta["prompts"]], "logits": logits, "meta": meta}
 
 
 # Hugging Face per-expert / per-layer names -> llama.cpp's (convert_hf_to_gguf.py's tensor map)
