@@ -359,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serving", action="store_true",
                         help="serving workload: a server on 127.0.0.1, 1/4/8 concurrent streaming clients against "
                              "the same requests one after another (aggregate tokens/s, TTFT p50/p99)")
-    parser.add_argument("--isq", default=None, help="with --serving: in-situ quantization type (e.g. Q8_0)")
+    parser.add_argument("--moe", action="store_true",
+                        help="MoE workload: decode tokens/s of two random Qwen3-MoE-shaped models with the same "
+                             "active size and 8 versus 64 experts (jaxmap.bench_moe)")
+    parser.add_argument("--isq", default=None, help="with --serving or --moe: in-situ quantization type (e.g. Q8_0)")
     parser.add_argument("--worker", choices=("jaxmap", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
     return parser
@@ -387,6 +390,8 @@ def run(args) -> int:
     parse_dtype(args.dtype)
     if args.serving:
         return run_serving(args)
+    if args.moe:
+        return run_moe(args)
     layouts = parse_layouts(args.layouts) if args.layouts else None
     check_model(args.model, args.compare_transformers, args.compare_llamacpp)
     if layouts:
@@ -416,6 +421,20 @@ def run_serving(args) -> int:
     rows = serving_bench(model, max_tokens=NEW_TOKENS)
     print(f"serving: model {args.model or 'default'}, dtype {args.dtype}, isq {args.isq or 'none'}, "
           f"{NEW_TOKENS} max tokens per request, 8 batch slots, {os.cpu_count()} CPUs")
+    print(format_rows(rows))
+    return 0
+
+
+def run_moe(args) -> int:
+    """The MoE decode workload, in this process (:mod:`jaxmap.bench_moe`)."""
+    from jaxmap.bench_moe import format_rows, moe_rows
+    from jaxmap.engine.compile_cache import enable_compile_cache
+
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    rows = moe_rows(NEW_TOKENS, REPEATS, dtype=args.dtype, isq=args.isq)
+    print(f"moe: {NEW_TOKENS} new tokens at batch 1, dtype {args.dtype}, isq {args.isq or 'none'}, "
+          f"{os.cpu_count()} CPUs, median of {REPEATS} timed runs")
     print(format_rows(rows))
     return 0
 
