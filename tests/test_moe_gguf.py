@@ -62,17 +62,21 @@ def _experts(model, layer=0):
     return model.engine.stages[0].params["layers"][layer]
 
 
-def test_gguf_q8_0_experts_stay_in_their_blocks(ref, tmp_path):
-    """Q8_0 expert stacks are kept as Q8_0 (one QTensor per expert, stacked) and run as the dequantized file does."""
-    path = _gguf(ref, tmp_path, gguf.GGMLQuantizationType.Q8_0)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gguf_quantized_experts_stay_in_their_blocks(ref, tmp_path, qtype, caplog):
+    """Q8_0 / Q4_0 expert stacks are kept in their blocks (one QTensor per expert, stacked) and run as the
+    dequantized file does; loaded as float, a line says the stacks were dequantized."""
+    path = _gguf(ref, tmp_path, gguf.GGMLQuantizationType[qtype])
     native = jaxmap.load(str(path), max_seq_len=64, progress=False, devices="0")
     moe_layer = next(i for i in range(native.config.num_hidden_layers) if native.config.is_moe_layer(i))
     stack = _experts(native, moe_layer)["experts_down"]
     config = native.config
-    assert stack.qtype == "Q8_0" and stack.shape == (config.hidden_size, config.moe_intermediate_size)
+    assert stack.qtype == qtype and stack.shape == (config.hidden_size, config.moe_intermediate_size)
     assert stack.q[0].shape[0] == config.num_experts
-    floats = jaxmap.load(str(path), max_seq_len=64, progress=False, devices="0", isq="none", dtype="float32")
+    with caplog.at_level("INFO", logger="jaxmap.loading.gguf_source"):
+        floats = jaxmap.load(str(path), max_seq_len=64, progress=False, devices="0", isq="none", dtype="float32")
     assert not hasattr(_experts(floats, moe_layer)["experts_down"], "qtype")
+    assert f"stacked experts stored as {qtype}" in caplog.text
     for a, b in zip(native.forward_logits(ref["input_ids"]), floats.forward_logits(ref["input_ids"]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     want = [r.token_ids for r in floats.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]

@@ -17,6 +17,7 @@ tensors (no router, a dense ``ffn_gate``).
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,10 +30,12 @@ from jaxmap.families import config_from_hf, family_for_gguf, fused_parts, missin
 from jaxmap.loading import gguf_reader
 from jaxmap.loading.gguf_reader import GGUFFile, TensorInfo
 from jaxmap.loading.safetensors_source import as_numpy_dtype
+from jaxmap.quant.types import GGUF_NATIVE
 
 if TYPE_CHECKING:
     from jaxmap.loading.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 GGUF_MAGIC = gguf_reader.MAGIC
 GGUF_VERSIONS = gguf_reader.VERSIONS
 # Pre-tokenizer regexes per ``tokenizer.ggml.pre``, applied one after another as llama.cpp does (each splits the
@@ -119,6 +122,7 @@ class GGUFSource:
         self._file = path
         self._reader: GGUFFile = gguf_reader.open_gguf(path)
         self._meta_cache: dict[str, Any] = {}
+        self._dequantized_types: set[str] = set()
         arch = str(self._get("general.architecture", ""))
         self.family = family_for_gguf(arch, self.path, self._get)
         self.architecture = arch
@@ -341,6 +345,11 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         experts, rows, cols = t.shape
+        if t.type_name not in ("F32", "F16", "BF16") and t.type_name not in self._dequantized_types:
+            self._dequantized_types.add(t.type_name)  # once per type: every layer's stacks share it
+            log.info("%s: stacked experts stored as %s (e.g. %s) are dequantized to %s (kept in their blocks only "
+                     "when loaded in native types, for %s)", self._file.name, t.type_name, t.name,
+                     np.dtype(target).name, ", ".join(GGUF_NATIVE))
         out = np.empty((experts, cols, rows), dtype=target)
         data = self._data(name)
         try:
