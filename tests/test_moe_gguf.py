@@ -129,3 +129,21 @@ def test_isq_quantizes_the_routed_experts(ref, isq):
         for tokens, want, margins in zip(got, ref["greedy"], ref["margins"], strict=True):
             sure = next((i for i, m in enumerate(margins) if m < 0.1), len(margins))
             assert tokens[:sure + 1] == want[:sure + 1] or sure == 0, (tokens, want, margins)
+
+
+def test_plan_types_and_counts_expert_stacks():
+    """The planner gives stacked experts the layer's ISQ type (each expert an [out, in] weight, split by tp on its
+    intermediate dimension) and counts E times one expert's quantized bytes; the router stays float."""
+    from jaxmap.families import layer_param_specs, preset_config
+    from jaxmap.planning.isq_types import layer_types, units, weight_bytes
+    from jaxmap.quant.types import tensor_nbytes
+
+    config = preset_config("qwen3-30b-a3b")
+    types = layer_types(config, 0, 2, "Q4K")
+    assert "router" not in types and types["wq"].final == "Q4K"
+    gate, down = types["experts_gate"], types["experts_down"]
+    assert (gate.final, gate.split.out, gate.split.n, gate.split.out_shards) == ("Q4K", 768, 2048, 2)
+    assert (down.split.out, down.split.n, down.split.in_shards) == (2048, 768, 2)
+    spec = layer_param_specs(config, 0)["experts_gate"]
+    one_expert = tensor_nbytes("Q4K", (768, 2048))
+    assert weight_bytes(spec, "Q4K", 2, units(config), 4) == 128 * one_expert // 2
