@@ -82,6 +82,12 @@ def make_mesh(names: list[str], live: dict[str, jax.Device]) -> Mesh:
 
 def stage_placements(device_map: DeviceMap, hardware: Hardware) -> list[StagePlacement]:
     """The engine's stages for a plan; embeddings or LM head placed away from their stage become 0-layer stages."""
+    if device_map.experts:
+        e = device_map.experts[0]
+        raise UserError(f"the plan keeps the routed experts of {len(device_map.experts)} layer(s) apart from their "
+                        f"layers (layer {e.layer}: {e.memory_kind} on {','.join(e.devices)}), which the engine does "
+                        "not run yet; give it more memory (--max-memory), quantize (--isq), or lay the layers out "
+                        "yourself (-n, --no-auto)")
     live = live_devices_by_name()
 
     def names(devices: list[str]) -> list[str]:  # "cpu" (the host) -> its full name

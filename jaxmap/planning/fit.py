@@ -29,7 +29,7 @@ from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
 from jaxmap.families import layer_param_specs
-from jaxmap.planning.device_map import DeviceMemory, Placement, Stage, format_bytes
+from jaxmap.planning.device_map import DeviceMemory, ExpertPlacement, Placement, Stage, format_bytes
 from jaxmap.planning.isq_types import NATIVE, is_native, layer_types, outer_spec, outer_type, units, weight_bytes
 from jaxmap.planning.memory import (
     CUDA_PINNED_POOL_DEFAULT_GB,
@@ -160,6 +160,23 @@ def types_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Map
                for k, p in layer_param_specs(config, layer).items())
 
 
+def expert_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Mapping[str, str],
+                 stored: Mapping[str, int] | None = None) -> int:
+    """One MoE layer's routed experts (the stacked ``experts_*`` tensors) on one device of a ``tp``-way stage; 0 on
+    a dense layer. Shared experts, router and attention are not counted: they stay with the layer."""
+    itemsize = parse_dtype(dtype).itemsize
+    counts = units(config)
+    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored)
+               for k, p in layer_param_specs(config, layer).items() if p.role == "expert")
+
+
+def moe_layers(config: ModelConfig) -> list[int]:
+    """The decoder layers with routed experts."""
+    if not getattr(config, "num_experts", 0):
+        return []
+    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+
+
 def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shards: int,
                 stored: Mapping[str, int] | None = None, native_types: Mapping[str, str] | None = None) -> int:
     """An outer placement's tensor on one of ``shards`` devices, with ``isq`` its requested type."""
@@ -175,9 +192,14 @@ def _outer_final_bytes(config: ModelConfig, key: str, dtype: str, final: str | N
 
 def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
             max_seq_len: int, max_batch_size: int, dtype: str, budgets: Budgets | None,
-            stored: Mapping[str, int] | None = None, prefill_chunk: int | None = None) -> list[DeviceMemory]:
-    """Bytes per memory under a plan: one row per device that holds or runs anything, then host and disk rows."""
+            stored: Mapping[str, int] | None = None, prefill_chunk: int | None = None,
+            experts: list[ExpertPlacement] | None = None) -> list[DeviceMemory]:
+    """Bytes per memory under a plan: one row per device that holds or runs anything, then host and disk rows.
+
+    ``experts``: MoE layers whose routed experts live apart from their layer: their bytes leave the layer's devices
+    for the memory named, and a layer device that has them streamed in keeps two layers' experts of buffers."""
     rows: dict[str, DeviceMemory] = {}
+    apart = {e.layer: e for e in experts or []}
 
     def row(name: str, kind: str = "device") -> DeviceMemory:
         if name not in rows:
@@ -190,11 +212,28 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
                  for i in range(s.start, s.end))
         widths = [types_bytes(config, i, s.tp, s.dtype, types, stored)
                   for i, types in zip(range(s.start, s.end), s.tensor_isq, strict=True)]
+        buffers = 0
+        for j, (i, types) in enumerate(zip(range(s.start, s.end), s.tensor_isq, strict=True)):
+            e = apart.get(i)
+            if e is None:
+                continue
+            here = expert_bytes(config, i, s.tp, s.dtype, types, stored)
+            widths[j] -= here
+            if e.memory_kind == "device":
+                whole = expert_bytes(config, i, len(e.devices), s.dtype, types, stored)
+                for d in e.devices:
+                    row(d).weights_bytes += whole
+            else:
+                tier = "host" if e.memory_kind in ("host", "cpu") else "disk"
+                row(tier, tier).weights_bytes += here * s.tp
+                if "stream" in (e.decode, e.prefill):
+                    buffers = max(buffers, 2 * here)
         for d in s.devices:
             r = row(d)
             r.kv_cache_bytes += kv
             r.activation_bytes = max(r.activation_bytes, activation_bytes(config, s.tp, itemsize, max_seq_len,
                                                                           max_batch_size, prefill_chunk))
+            r.streaming_bytes = max(r.streaming_bytes, buffers)
             if s.memory_kind == "device":
                 r.weights_bytes += sum(widths)
             else:
@@ -269,6 +308,8 @@ class FillCosts:
     usable: list[int]  # per pool device
     host_room: int  # the host tier, less embeddings kept there
     embed_on_host: bool = False
+    # per layer: buffers its device keeps for routed experts streamed in from host memory (empty: none)
+    buffers: list[int] = dataclasses.field(default_factory=list)
 
     def device_cost(self, start: int, end: int, streamed: int) -> int:
         """Bytes a device needs to run layers ``[start, end)``, the last ``streamed`` of them streamed."""
@@ -276,6 +317,8 @@ class FillCosts:
         out = self.activations + sum(self.kv[start:end]) + sum(self.weights[start:end - streamed])
         if streamed:
             out += 2 * max(self.weights[end - streamed:end])
+        if self.buffers:
+            out += max(self.buffers[start:end])
         if start == 0:
             out += self.embed
         if end == n:
@@ -297,7 +340,8 @@ class FillCosts:
 def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
          max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None,
          native_types: Mapping[str, str] | None = None, embed_on_host: bool = False,
-         prefill_chunk: int | None = None) -> Fill:
+         prefill_chunk: int | None = None, apart: Mapping[int, tuple[int, int]] | None = None,
+         apart_host: int = 0) -> Fill:
     """Layers on the pool's devices (one device per stage) while they fit, then streamed from host, then disk.
 
     A search, not a greedy fill (:func:`search`): over every split of the layers into runs per device (in pool
@@ -307,9 +351,11 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
     streaming buffers although another split fits (issue 17); the search refuses only when no split fits.
 
     ``embed_on_host``: the input embeddings live in host memory (the planner's choice when that frees accelerator
-    memory), so the first device does not hold them and the host tier has that much less room."""
+    memory), so the first device does not hold them and the host tier has that much less room. ``apart``: MoE
+    layers whose routed experts leave the accelerators, ``{layer: (their bytes, buffers the layer's device keeps
+    to stream them in)}``, ``apart_host`` the host memory they take."""
     costs = fill_costs(config, pool, budgets, dtype, isq, max_seq_len, max_batch_size, stored, native_types,
-                       embed_on_host, prefill_chunk)
+                       embed_on_host, prefill_chunk, apart, apart_host)
     best = search(costs, allow_disk)
     if best is None:
         raise UserError(_refusal(costs, pool, allow_disk, max_seq_len, max_batch_size))
@@ -335,7 +381,8 @@ def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, 
 def fill_costs(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
                max_seq_len: int, max_batch_size: int, stored: Mapping[str, int] | None = None,
                native_types: Mapping[str, str] | None = None, embed_on_host: bool = False,
-               prefill_chunk: int | None = None) -> FillCosts:
+               prefill_chunk: int | None = None, apart: Mapping[int, tuple[int, int]] | None = None,
+               apart_host: int = 0) -> FillCosts:
     """The per-layer and per-memory figures the fill's search weighs."""
     n_layers = config.num_hidden_layers
     itemsize = parse_dtype(dtype).itemsize
@@ -349,10 +396,13 @@ def fill_costs(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype:
     tied = config.tie_word_embeddings
     usable = [budgets.devices[d.name].usable for d in pool]
     host_room = budgets.host.usable
-    host_room = (1 << 62 if host_room is None else host_room) - (embed if embed_on_host else 0)
+    host_room = (1 << 62 if host_room is None else host_room) - (embed if embed_on_host else 0) - apart_host
+    apart = apart or {}
+    w = [wi - apart.get(i, (0, 0))[0] for i, wi in enumerate(w)]
+    buffers = [apart.get(i, (0, 0))[1] for i in range(n_layers)] if any(b for _, b in apart.values()) else []
     return FillCosts(w, kv, act, 0 if embed_on_host else embed, head + (0 if tied else lm_head),
                      lm_head if tied else 0, [1 << 62 if u is None else u for u in usable], host_room,
-                     embed_on_host)
+                     embed_on_host, buffers)
 
 
 def search(costs: FillCosts, allow_disk: bool) -> Layout | None:

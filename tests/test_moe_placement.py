@@ -1,0 +1,89 @@
+"""Routed experts as placement units (issue 17): the automatic fit moves experts off the accelerators before any
+layer, the last layers' first; the plan shows and saves them; pure data on hardware presets (no arrays)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxmap.cli.plan import main as plan_main
+from jaxmap.cli.plan import render_svg
+from jaxmap.config.hardware import Hardware
+from jaxmap.families import preset_config
+from jaxmap.planning.device_map import DeviceMap
+from jaxmap.planning.experts import OFFLOAD_MIN_BATCH, phases
+from jaxmap.planning.fit import moe_layers
+from jaxmap.planning.planner import plan
+from jaxmap.planning.wishes import make_wish
+
+QWEN30 = preset_config("qwen3-30b-a3b")
+MIXTRAL = preset_config("mixtral-8x7b")
+
+
+@pytest.fixture(scope="module")
+def qwen_plan():
+    return plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(isq="Q4K"), dtype="bf16")
+
+
+def test_experts_leave_first_and_every_layer_stays_resident(qwen_plan):
+    m = qwen_plan
+    assert all(s.memory_kind == "device" for s in m.stages) and all(r.fits for r in m.memory)
+    apart = sorted(e.layer for e in m.experts)
+    n = QWEN30.num_hidden_layers
+    assert apart and apart == list(range(n - len(apart), n))  # a suffix: the last layers' experts first
+    assert len(apart) < len(moe_layers(QWEN30))  # only as many as needed
+    kinds = {e.memory_kind for e in m.experts}
+    assert kinds <= {"cpu", "disk"} and "cpu" in kinds
+    # host memory holds the experts computed on the CPU: the last layers' ones
+    host = [e for e in m.experts if e.memory_kind == "cpu"]
+    assert max(e.layer for e in host) == n - 1 and all(e.devices == ["cpu[0]"] for e in host)
+    assert all((e.decode, e.prefill) == ("cpu", "stream") for e in host)
+    assert "routed experts leave the accelerators first" in m.reason and "attention and router on cuda[0]" in m.reason
+
+
+def test_experts_are_shown_saved_and_loaded(qwen_plan, tmp_path):
+    m = qwen_plan
+    table = m.render_table()
+    assert "experts: layers" in table and "computed on cpu[0]" in table and "prefill streamed to cuda[0]" in table
+    layers = m.to_json()["layers"]
+    last = layers[-1]["experts"]
+    assert last["memory_kind"] == "cpu" and last["bytes"] > 0 and layers[0]["experts"] is None
+    again = DeviceMap.from_yaml(m.to_yaml(), QWEN30)
+    assert again.experts == m.experts and again.render_table() == table
+    svg = render_svg(m)
+    assert svg.count("experts cpu on cpu[0]") == sum(e.memory_kind == "cpu" for e in m.experts)
+    assert "routed experts apart" in svg
+
+
+def test_host_memory_counts_the_experts(qwen_plan):
+    host = next(r for r in qwen_plan.memory if r.kind == "host")
+    assert host.weights_bytes >= sum(e.bytes for e in qwen_plan.experts if e.memory_kind == "cpu")
+    gpu = next(r for r in qwen_plan.memory if r.device == "cuda[0]")
+    # prefill streams host experts in: two layers' experts of buffers on the GPU
+    assert gpu.streaming_bytes == 2 * max(e.bytes for e in qwen_plan.experts)
+
+
+def test_mixtral_on_two_cards_keeps_attention_on_them():
+    m = plan(MIXTRAL, Hardware.from_preset("2x24gb"), dtype="bf16")
+    assert all(s.memory_kind == "device" for s in m.stages) and all(r.fits for r in m.memory)
+    assert {d for s in m.stages for d in s.devices} == {"cuda[0]", "cuda[1]"}
+    assert m.experts and max(e.layer for e in m.experts) == MIXTRAL.num_hidden_layers - 1
+
+
+def test_a_model_that_fits_keeps_its_experts():
+    m = plan(preset_config("qwen3-235b-a22b"), Hardware.from_preset("8xh100"), dtype="bf16")
+    assert m.experts == [] and m.strategy == "tensor_parallel"
+
+
+def test_phase_choice_follows_llamacpp_batch_threshold():
+    assert phases("cpu", 1, 2048) == ("cpu", "stream")
+    assert phases("cpu", 1, OFFLOAD_MIN_BATCH - 1) == ("cpu", "cpu")
+    assert phases("cpu", OFFLOAD_MIN_BATCH, 1) == ("stream", "stream")
+    assert phases("disk", 1, 1) == ("stream", "stream")
+
+
+def test_plan_json_lists_experts(capsys):
+    assert plan_main(["-m", "mixtral-8x7b", "--mesh", "2x24gb", "--dtype", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["experts"] and any(layer["experts"] for layer in out["layers"])
