@@ -87,3 +87,59 @@ def test_plan_json_lists_experts(capsys):
     assert plan_main(["-m", "mixtral-8x7b", "--mesh", "2x24gb", "--dtype", "bf16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["experts"] and any(layer["experts"] for layer in out["layers"])
+
+
+# ---- llama.cpp's flags ---------------------------------------------------------------------------------------------
+
+def test_cpu_moe_puts_every_layers_experts_on_the_cpu():
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(cpu_moe=True), dtype="bf16")
+    assert [e.layer for e in m.experts] == moe_layers(QWEN30)
+    assert {(e.memory_kind, e.source) for e in m.experts} == {("cpu", "--cpu-moe")}
+    assert all(s.memory_kind == "device" for s in m.stages) and all(r.fits for r in m.memory)
+
+
+def test_n_cpu_moe_takes_the_first_layers_and_ot_comes_first():
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(n_cpu_moe=40, override_tensor=[r"blk\.1\.=disk"]),
+             dtype="bf16")
+    by_layer = {e.layer: e for e in m.experts}
+    assert sorted(by_layer) == list(range(40))
+    assert by_layer[1].memory_kind == "disk" and by_layer[1].source == r"-ot blk\.1\.=disk"
+    assert by_layer[0].memory_kind == "cpu" and by_layer[0].source == "--n-cpu-moe 40"
+
+
+@pytest.mark.parametrize("ot", [
+    r"blk\.(4[0-7])\.ffn_(up|down|gate)_exps=CPU",  # a GGUF recipe, reaching a Hugging Face model's experts
+    r"layers\.(4[0-7])\.mlp\.experts\.\d+\.=cpu",  # the folder's own per-expert names
+    r"layers\.(4[0-7])\.mlp\.experts=cpu",  # jaxmap's stacked names
+])
+def test_ot_regex_reaches_the_same_tensors_by_any_name(ot):
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(override_tensor=ot), dtype="bf16")
+    assert [e.layer for e in m.experts] == list(range(40, 48)) and {e.memory_kind for e in m.experts} == {"cpu"}
+
+
+def test_ot_comma_separated_first_match_wins_and_buffer_names():
+    m = plan(MIXTRAL, Hardware.from_preset("2x24gb"), make_wish(override_tensor=r"blk\.31\.=CUDA0,exps=host"),
+             dtype="bf16")
+    by_layer = {e.layer: e for e in m.experts}
+    assert by_layer[31].memory_kind == "device" and by_layer[31].devices == ["cuda[0]"]
+    assert all(by_layer[i].memory_kind == "host" for i in range(31))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-ot", "exps[=cpu"], "is not a regular expression"),
+    (["-ot", "exps=gpu7"], "unknown place 'gpu7'"),
+    (["-ot", "nothing_like_this=cpu"], "matches no tensor"),
+    (["-ot", "attn_q=cpu"], "not a routed expert tensor"),
+    (["-ot", "exps"], "is not REGEX=PLACE"),
+    (["-ot", "exps=cuda[5]"], "names cuda[5]"),
+    (["--n-cpu-moe", "49"], "has 48 layers"),
+])
+def test_bad_expert_flags_are_one_line(flags, message, capsys):
+    assert plan_main(["-m", "qwen3-30b-a3b", "--mesh", "1x24gb", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cpu_moe_on_a_dense_model_is_refused(capsys):
+    assert plan_main(["-m", "llama-3-8b", "--mesh", "1x24gb", "--cpu-moe"]) == 2
+    assert "dense model" in capsys.readouterr().err

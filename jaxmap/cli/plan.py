@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxmap.cli.common import DEFAULT_MODEL, add_mapping_arguments, read_model_facts
+from jaxmap.cli.common import DEFAULT_MODEL, add_expert_arguments, add_mapping_arguments, expert_wish, read_model_facts
 from jaxmap.config.hardware import Hardware
 from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.planning.device_map import DeviceMap
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
     p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
     add_mapping_arguments(p)
+    add_expert_arguments(p)
     p.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16, float16; default float32, and a "
                                                  "GGUF keeps its quantized types as generate does)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -52,7 +53,7 @@ def make_plan(args: argparse.Namespace) -> DeviceMap:
     wish = make_wish(tp=args.tp, pp=args.pp, devices=args.devices or None, device_layers=args.device_layers,
                      topology=Path(args.topology) if args.topology else None,
                      isq=args.isq or ("native" if stored else None), max_memory=args.max_memory, auto=args.auto,
-                     allow_disk=args.allow_disk)
+                     allow_disk=args.allow_disk, **expert_wish(args))
     seq = args.max_seq_len if args.max_seq_len is not None else min(config.max_position_embeddings, 4096)
     return plan(config, hardware, wish, args.dtype or "float32", seq, args.max_batch_size, stored_bytes=stored,
                 native_types=facts.types, prefill_chunk=args.prefill_chunk)

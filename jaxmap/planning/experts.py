@@ -12,12 +12,15 @@ computes them on the CPU, and a larger one (a prompt chunk) has them copied in, 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Mapping
 
 from jaxmap.config import ModelConfig
 from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Hardware
 from jaxmap.errors import UserError
+from jaxmap.families import layer_param_specs, outer_param_specs, stacked_experts
 from jaxmap.planning.device_map import ExpertPlacement, format_bytes
 from jaxmap.planning.fit import Budgets, Fill, expert_bytes, moe_layers
 from jaxmap.planning.isq_types import layer_types
@@ -155,3 +158,117 @@ def _spans(layers: list[int]) -> str:
         else:
             out.append([i, i])
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+
+
+# ---- llama.cpp's flags: -ot / --override-tensor, --cpu-moe, --n-cpu-moe ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Forced:
+    """Routed experts of ``layer`` placed by a flag: ``place`` cpu, host, disk or a device name."""
+
+    layer: int
+    place: str
+    source: str
+
+
+def tensor_names(config: ModelConfig, spec, stacked: Mapping[str, list[str]] | None = None) -> list[str]:
+    """The names a placement regex is searched in for one tensor: jaxmap's (the Hugging Face name, stacked experts
+    without their index), the GGUF name ``plan --json`` shows, and for stacked experts every per-expert Hugging Face
+    name the folder stores (``...experts.7.gate_proj.weight``), so that a recipe written for either file reaches
+    the same tensors."""
+    stacked = stacked_experts(config) if stacked is None else stacked
+    names = [spec.hf_name, spec.gguf_name] + list(stacked.get(spec.hf_name, []))
+    return [n for n in names if n]
+
+
+def explicit_experts(config: ModelConfig, hardware: Hardware, wish) -> list[Forced]:
+    """The expert placements ``-ot``, ``--cpu-moe`` and ``--n-cpu-moe`` ask for (``-ot`` entries first, in order;
+    the first match wins), checked: one line for a flag the model or hardware cannot take."""
+    overrides, cpu_moe, n_cpu_moe = wish.overrides, wish.cpu_moe, wish.n_cpu_moe
+    if not overrides and not cpu_moe and n_cpu_moe is None:
+        return []
+    layers = moe_layers(config)
+    name = config.name or "the model"
+    n = config.num_hidden_layers
+    if (cpu_moe or n_cpu_moe is not None) and not layers:
+        flag = "--cpu-moe" if cpu_moe else "--n-cpu-moe"
+        raise UserError(f"{flag}: {name} is a dense model (no routed experts to place on the CPU)")
+    if n_cpu_moe is not None and (isinstance(n_cpu_moe, bool) or not isinstance(n_cpu_moe, int) or n_cpu_moe < 0
+                                  or n_cpu_moe > n):
+        raise UserError(f"--n-cpu-moe {n_cpu_moe}: {name} has {n} layers (write 0 to {n})")
+    for o in overrides:
+        if o.place not in ("cpu", "host", "disk") and hardware.find(o.place) is None:
+            raise UserError(f"-ot {o.text!r}: names {hardware.lacks(o.place)}")
+    expert_names: dict[int, list[str]] = {}
+    other_names: list[str] = []
+    stacked = stacked_experts(config)
+    for i in range(n):
+        for spec in layer_param_specs(config, i).values():
+            if spec.role == "expert":
+                expert_names.setdefault(i, []).extend(tensor_names(config, spec, stacked))
+            else:
+                other_names += tensor_names(config, spec, stacked)
+    other_names += [t for s in outer_param_specs(config).values() for t in tensor_names(config, s, stacked)]
+    out: dict[int, Forced] = {}
+    for o in overrides:
+        rx = re.compile(o.pattern)
+        hits = [i for i in layers if any(rx.search(t) for t in expert_names[i])]
+        if not hits:
+            other = next((t for t in other_names if rx.search(t)), None)
+            if other is not None:
+                raise UserError(f"-ot {o.text!r} matches {other}, which is not a routed expert tensor: jaxmap places "
+                                "routed experts by tensor, whole layers with -n or a topology")
+            sample = expert_names[layers[0]][:2] if layers else other_names[:2]
+            raise UserError(f"-ot {o.text!r} matches no tensor of {name} (names look like {', '.join(sample)})")
+        for i in hits:
+            out.setdefault(i, Forced(i, o.place, f"-ot {o.text}"))
+    if n_cpu_moe:
+        for i in layers:
+            if i < n_cpu_moe:
+                out.setdefault(i, Forced(i, "cpu", f"--n-cpu-moe {n_cpu_moe}"))
+    if cpu_moe:
+        for i in layers:
+            out.setdefault(i, Forced(i, "cpu", "--cpu-moe"))
+    return [out[i] for i in sorted(out)]
+
+
+def forced_apart(config: ModelConfig, forced: list[Forced], dtype: str, isq: list[str | None],
+                 native_types: Mapping[str, str] | None, stored: Mapping[str, int] | None, max_batch_size: int,
+                 chunk: int) -> tuple[dict[int, tuple[int, int]], int]:
+    """What the layer fill must know of forced placements: ``{layer: (bytes off the layer's device, buffers)}`` for
+    experts off their layer's device, and the host memory they take."""
+    apart, host = {}, 0
+    for f in forced:
+        if f.place not in ("cpu", "host", "disk") and not f.place.startswith("cpu["):
+            continue  # another accelerator: the fill does not weigh it (the plan's accounting does)
+        size = expert_bytes(config, f.layer, 1, dtype, {k: t.final for k, t in layer_types(
+            config, f.layer, 1, isq[f.layer], native_types).items()}, stored)
+        kind = _kind(f.place)
+        decode, prefill = phases(kind, max_batch_size, chunk)
+        apart[f.layer] = (size, 2 * size if "stream" in (decode, prefill) else 0)
+        host += size if kind in ("cpu", "host") else 0
+    return apart, host
+
+
+def _kind(place: str) -> str:
+    return place if place in ("cpu", "host", "disk") else "cpu" if place.startswith("cpu[") else "device"
+
+
+def finish(config: ModelConfig, hardware: Hardware, forced: list[Forced], stages, dtype: str,
+           stored: Mapping[str, int] | None, max_batch_size: int, chunk: int) -> list[ExpertPlacement]:
+    """Forced placements as the plan's entries, against the final stages (their devices and types); an expert
+    placed on its own layer's device needs no entry."""
+    out = []
+    for f in forced:
+        stage = next(s for s in stages if s.start <= f.layer < s.end)
+        types = stage.tensor_isq[f.layer - stage.start] if stage.tensor_isq is not None else {}
+        kind = _kind(f.place)
+        if kind == "device" and [hardware.find(f.place).name] == stage.devices:  # type: ignore[union-attr]
+            continue
+        devices = ([hardware.host.name] if f.place == "cpu" else [f.place] if kind in ("cpu", "device")
+                   else list(stage.devices))
+        tp = 1 if kind in ("cpu", "device") else stage.tp
+        size = expert_bytes(config, f.layer, tp, stage.dtype, types, stored) * tp
+        decode, prefill = phases(kind, max_batch_size, chunk)
+        out.append(ExpertPlacement(f.layer, devices, kind, size, decode, prefill, f.source))
+    return out

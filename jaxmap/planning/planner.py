@@ -32,7 +32,7 @@ from jaxmap.planning.device_map import (
     config_fingerprint,
     format_bytes,
 )
-from jaxmap.planning.experts import auto_experts
+from jaxmap.planning.experts import auto_experts, explain, explicit_experts, finish, forced_apart
 from jaxmap.planning.fit import Budgets, Fill, account, compute_budgets, fill, outer_bytes, pool_for
 from jaxmap.planning.isq_types import assign_types, global_of
 from jaxmap.planning.memory import kv_cache_bytes
@@ -313,16 +313,21 @@ def plan(
     embed_home: Device | None = None
     experts: list[ExpertPlacement] = []
     expert_notes: list[str] = []
+    forced = explicit_experts(config, hardware, wish)
     if wish.is_automatic and wish.auto and not placed_by_topology:
         trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
         trial_outer = _outer(trial, hardware, topology, config, [])
         assign_types(config, trial, trial_outer, wish.isq, native_types)
         memory = account(config, hardware, trial, trial_outer, max_seq_len, max_batch_size, dtype_name, budgets,
-                         stored_bytes, chunk)
+                         stored_bytes, chunk, finish(config, hardware, forced, trial, dtype_name, stored_bytes,
+                                                     max_batch_size, chunk))
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
             isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
-            moe = auto_experts(config, hardware, budgets, dtype_name, isq, native_types, stored_bytes,
+            apart, apart_host = forced_apart(config, forced, dtype_name, isq, native_types, stored_bytes,
+                                             max_batch_size, chunk)
+            moe = None if forced else auto_experts(
+                               config, hardware, budgets, dtype_name, isq, native_types, stored_bytes,
                                max_batch_size, chunk, wish.allow_disk,
                                lambda apart, used: _fill(config, hardware, pool, budgets, dtype_name, isq,
                                                          max_seq_len, max_batch_size, wish, stored_bytes,
@@ -331,7 +336,8 @@ def plan(
                 (filled, embed_home), experts, expert_notes = moe  # type: ignore[assignment]
             else:
                 filled, embed_home = _fill(config, hardware, pool, budgets, dtype_name, isq, max_seq_len,
-                                           max_batch_size, wish, stored_bytes, native_types, chunk)
+                                           max_batch_size, wish, stored_bytes, native_types, chunk, apart,
+                                           apart_host)
             notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
                          f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
             if embed_home is not None:
@@ -354,6 +360,9 @@ def plan(
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
     outer = _outer(stages, hardware, topology, config, base.warnings, embed_home)
     assign_types(config, stages, outer, wish.isq, native_types)
+    if forced:
+        experts = finish(config, hardware, forced, stages, dtype_name, stored_bytes, max_batch_size, chunk)
+        notes += explain(config, experts, None, dtype_name, max_batch_size, chunk)
     memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes,
                      chunk, experts)
     _check_fit(memory, budgets, wish, base.warnings)
