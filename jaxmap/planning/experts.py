@@ -25,6 +25,11 @@ from jaxmap.planning.device_map import ExpertPlacement, format_bytes
 from jaxmap.planning.fit import Budgets, Fill, expert_bytes, moe_layers
 from jaxmap.planning.isq_types import layer_types
 
+# The expert memory kinds the engine runs today (jaxmap.materialize.placement refuses the others at load): experts
+# streamed from host memory. Computing them on the CPU device and reading them from disk are planned and shown, not
+# run yet, so the automatic fit uses only these.
+RUNNABLE_KINDS = ("host",)
+
 # Tokens per step from which experts held in host memory are copied to the accelerator rather than computed on the
 # CPU (llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH, 32).
 OFFLOAD_MIN_BATCH = 32
@@ -42,12 +47,12 @@ def phases(kind: str, max_batch_size: int, chunk: int) -> tuple[str, str]:
 
 def moved_bytes(config: ModelConfig, how: str, tokens: int, experts: int, dtype: str) -> int:
     """Bytes one MoE layer moves over the host link in a step of ``tokens`` tokens: the hidden state there and back
-    when computed on the CPU, the routed experts' weights (at most all of them) when streamed."""
+    when computed on the CPU, the layer's expert stack when streamed (the engine copies the whole stack in; bringing
+    only the routed experts' slices is not built yet)."""
     if how == "cpu":
         return 2 * tokens * config.hidden_size * parse_dtype(dtype).itemsize
     if how == "stream":
-        routed = min(config.num_experts, tokens * config.num_experts_per_tok)
-        return experts * routed // config.num_experts
+        return experts
     return 0
 
 
@@ -63,8 +68,9 @@ def auto_experts(config: ModelConfig, hardware: Hardware, budgets: Budgets, dtyp
     layers = moe_layers(config)
     if not layers:
         return None
-    cpu_compute = hardware.default_platform != "cpu"
+    cpu_compute = hardware.default_platform != "cpu" and "cpu" in RUNNABLE_KINDS
     host_kind = "cpu" if cpu_compute else "host"
+    allow_disk = allow_disk and "disk" in RUNNABLE_KINDS
     room = budgets.host.usable
     room = 1 << 62 if room is None else room
     sizes = {i: expert_bytes(config, i, 1, dtype, {k: t.final for k, t in layer_types(
@@ -101,6 +107,10 @@ def auto_experts(config: ModelConfig, hardware: Hardware, budgets: Budgets, dtyp
         return result is not None and all(k == "device" for k in result[0][0].kinds)
 
     lo, hi = 1, len(layers)
+    while hi >= 1 and placed(hi) is None:  # host memory (and disk, where allowed) holds at most this many
+        hi -= 1
+    if hi < 1:
+        return None
     best = attempt(hi)
     if not resident(best):
         if best is None:
