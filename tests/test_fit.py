@@ -7,6 +7,8 @@ quarter per device at tp=4; Llama-3-8B's layer is 218e6 float32 weights = 0.81 G
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
@@ -167,3 +169,126 @@ def test_offload_plans_round_trip_and_have_no_n_string():
     again = DeviceMap.from_yaml(m.to_yaml(), L3_70B)
     assert again.to_dict() == m.to_dict() and again.render_table() == m.render_table()
     assert m.to_device_layers() is None and "streamed from disk" in m.to_topology()
+
+
+# ---- the fill's search against a brute-force oracle -----------------------------------------------------------------
+
+def _splits(n: int, parts: int):
+    """Every way to write n as an ordered sum of ``parts`` counts >= 0."""
+    if parts == 1:
+        yield (n,)
+        return
+    for first in range(n + 1):
+        for rest in _splits(n - first, parts - 1):
+            yield (first, *rest)
+
+
+def _oracle(costs, allow_disk: bool) -> int | None:
+    """The fewest streamed bytes over every layout of the fill's space (per device in pool order: resident layers,
+    then streamed ones), by brute force and its own arithmetic; None when no layout fits."""
+    n, k = len(costs.weights), len(costs.usable)
+    best = None
+    for split in _splits(n, 2 * k):
+        start, ok, streamed_w = 0, True, 0
+        for i in range(k):
+            r, s = split[2 * i], split[2 * i + 1]
+            if not r + s:
+                continue
+            end = start + r + s
+            need = costs.activations + sum(costs.kv[start:end]) + sum(costs.weights[start:start + r])
+            need += 2 * max(costs.weights[start + r:end]) if s else 0
+            need += costs.embed if start == 0 else 0
+            if end == n:
+                need += costs.head + (costs.tied_head if start != 0 or costs.embed_on_host else 0)
+            ok = ok and need <= costs.usable[i]
+            streamed_w += sum(costs.weights[start + r:end])
+            start = end
+        if ok and (allow_disk or streamed_w <= costs.host_room):
+            best = streamed_w if best is None else min(best, streamed_w)
+    return best
+
+
+def _costs(draw_ints, n: int, k: int):
+    from jaxmap.planning.fit import FillCosts
+
+    w = [draw_ints(50, 70) for _ in range(n)]  # within a factor 1.4: as layers of one model differ (ISQ, MoE)
+    kv = [draw_ints(1, 6) for _ in range(n)]
+    return FillCosts(w, kv, draw_ints(5, 20), draw_ints(10, 80), draw_ints(1, 80), draw_ints(0, 1) * 40,
+                     [draw_ints(120, 330) for _ in range(k)], draw_ints(0, 300), bool(draw_ints(0, 1)))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(data=st.data(), n=st.integers(1, 7), k=st.integers(1, 3), allow_disk=st.booleans())
+def test_search_finds_a_layout_whenever_one_exists(data, n, k, allow_disk):
+    """Layers of unequal size, random budgets: the search fits exactly when some layout does, with the fewest
+    streamed bytes, and what it returns fits."""
+    from jaxmap.planning.fit import search
+
+    costs = _costs(lambda lo, hi: data.draw(st.integers(lo, hi)), n, k)
+    found, fewest = search(costs, allow_disk), _oracle(costs, allow_disk)
+    assert (found is None) == (fewest is None)
+    if found is not None:
+        streamed = sum(w for w, kind in zip(costs.weights, found.kinds, strict=True) if kind != "device")
+        assert costs.fits(found) and streamed == fewest
+        assert allow_disk or "disk" not in found.kinds
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(devices=st.lists(st.floats(0.0, 7.0), min_size=1, max_size=3), host=st.floats(0.0, 5.0),
+       allow_disk=st.booleans(), tied=st.booleans())
+def test_plan_is_not_refused_when_some_layout_fits(devices, host, allow_disk, tied):
+    """Budgets in units of one layer's weights on virtual CPU devices: whenever a layout of the fill's space fits,
+    the plan is made, every memory of it fits, and it streams no more bytes than the oracle's best."""
+    from jaxmap.planning.fit import compute_budgets, fill_costs, pool_for
+
+    config = TINY.with_changes(tie_word_embeddings=tied)
+    hw = cpu_hw(len(devices))
+    w = layer_weight_bytes(config, 0, 1, "float32", None)
+    base = activation_bytes(config, 1, 4, 64, 1) + outer_bytes(config, "embed", "float32", None, 1)
+    caps = {str(i): int(base + f * w) for i, f in enumerate(devices)}
+    caps["host"] = max(1, int(host * w))
+    wish = make_wish(max_memory=caps, allow_disk=allow_disk)
+    pool = pool_for(hw, list(hw.devices), caps)
+    costs = fill_costs(config, pool, compute_budgets(hw, pool, caps), "float32", [None] * 4, 64, 1)
+    fewest = _oracle(costs, allow_disk)
+    try:
+        m = plan(config, hw, wish, max_seq_len=64)
+    except UserError as exc:
+        assert fewest is None, f"refused although a layout streaming {fewest} bytes fits: {exc}"
+        return
+    assert all(r.fits for r in m.memory)
+    streamed = sum(s.end - s.start for s in m.stages if s.memory_kind != "device")
+    assert fewest is not None and streamed * w == fewest
+
+
+def test_the_issue_17_layout_is_found_by_splitting_the_streamed_layers():
+    """Two 200 MiB devices and 120 MiB of host memory for SmolLM2 at float32: a greedy fill left cpu[1] no room for
+    the KV cache of the 26 layers it streamed; both devices streaming their share fits."""
+    smol = preset_config("smollm2-135m")
+    m = plan(smol, cpu_hw(2), make_wish(max_memory="0:200MiB,1:200MiB,host:120MiB"), max_seq_len=256,
+             max_batch_size=4)
+    assert all(r.fits for r in m.memory) and m.strategy == "offload"
+    assert {s.devices[0] for s in m.stages if s.memory_kind != "device"} == {"cpu[0]", "cpu[1]"}
+    assert layers_by_kind(m) == {"device": 1, "host": 8, "disk": 21}
+
+
+def test_two_devices_streaming_their_own_layers_give_the_same_logits():
+    """80 tiny layers whose KV cache is small beside their weights: neither device holds more than a few resident
+    layers, but each streams its half from host memory (the layout greedy filling could not make); the engine runs
+    it with the logits of the one-device model."""
+    import numpy as np
+
+    import jaxmap
+
+    deep = preset_config("tiny-deep")
+    w, kv = layer_weight_bytes(deep, 0, 1, "float32", None), kv_cache_bytes(deep, 1, 4, 64, 1)
+    act = activation_bytes(deep, 1, 4, 64, 1)
+    embed = outer_bytes(deep, "embed", "float32", None, 1)
+    head = outer_bytes(deep, "final_norm", "float32", None, 1) + outer_bytes(deep, "lm_head", "float32", None, 1)
+    caps = {"0": act + embed + 2 * w + 41 * kv, "1": act + head + 2 * w + 41 * kv, "host": 80 * w}
+    model = jaxmap.load("preset:tiny-deep", max_seq_len=64, progress=False, max_memory=caps)
+    assert [(s.start, s.end, s.devices, s.memory_kind) for s in model.device_map.stages] == [
+        (0, 39, ["cpu[0]"], "host"), (39, 80, ["cpu[1]"], "host")]
+    ref = jaxmap.load("preset:tiny-deep", max_seq_len=64, progress=False, devices="0")
+    prompt = [[1, 5, 9, 2, 7, 3, 11]]
+    np.testing.assert_allclose(model.forward_logits(prompt)[0], ref.forward_logits(prompt)[0], atol=1e-5)

@@ -73,6 +73,25 @@ def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
                                             "(default ~/.cache/jaxmap/offload)")
 
 
+def add_expert_arguments(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's flags for routed experts (mixtures of experts), same semantics (jaxmap.planning.experts)."""
+    p.add_argument("--cpu-moe", action="store_true",
+                   help="every layer's routed experts in host memory, computed on the CPU (shared experts stay)")
+    p.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
+                   help="the routed experts of the first N layers on the CPU")
+    p.add_argument("-ot", "--override-tensor", action="append", default=None, metavar="REGEX=PLACE",
+                   help="place the routed expert tensors whose name (as the file spells it, GGUF or Hugging Face, "
+                        "or the GGUF-style name plan --json shows) the regex finds: PLACE is cpu, host, disk or a "
+                        "device (cuda[1]; llama.cpp's CPU, CUDA0 too); repeatable or comma-separated, first match "
+                        "wins")
+
+
+def expert_wish(args: argparse.Namespace) -> dict:
+    """The make_wish keywords of :func:`add_expert_arguments`' flags."""
+    return {"override_tensor": getattr(args, "override_tensor", None), "cpu_moe": getattr(args, "cpu_moe", False),
+            "n_cpu_moe": getattr(args, "n_cpu_moe", None)}
+
+
 def add_distributed_arguments(parser) -> None:
     group = parser.add_argument_group("multi-host (jax.distributed)")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT",

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxmap.cli.common import DEFAULT_MODEL, add_mapping_arguments, read_model_facts
+from jaxmap.cli.common import DEFAULT_MODEL, add_expert_arguments, add_mapping_arguments, expert_wish, read_model_facts
 from jaxmap.config.hardware import Hardware
 from jaxmap.errors import ArgumentParser, UserError
 from jaxmap.planning.device_map import DeviceMap
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help=f"preset name, config.json folder or .gguf (default {DEFAULT_MODEL})")
     p.add_argument("--mesh", help="hardware preset name (meshes/*.yaml) or path; default: the live devices")
     add_mapping_arguments(p)
+    add_expert_arguments(p)
     p.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16, float16; default float32, and a "
                                                  "GGUF keeps its quantized types as generate does)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -52,7 +53,7 @@ def make_plan(args: argparse.Namespace) -> DeviceMap:
     wish = make_wish(tp=args.tp, pp=args.pp, devices=args.devices or None, device_layers=args.device_layers,
                      topology=Path(args.topology) if args.topology else None,
                      isq=args.isq or ("native" if stored else None), max_memory=args.max_memory, auto=args.auto,
-                     allow_disk=args.allow_disk)
+                     allow_disk=args.allow_disk, **expert_wish(args))
     seq = args.max_seq_len if args.max_seq_len is not None else min(config.max_position_embeddings, 4096)
     return plan(config, hardware, wish, args.dtype or "float32", seq, args.max_batch_size, stored_bytes=stored,
                 native_types=facts.types, prefill_chunk=args.prefill_chunk)
@@ -66,6 +67,11 @@ _PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#
             "#bab0ac")
 
 
+_EXPERT_MARK = {"cpu": "#000", "host": "#555", "disk": "#c00", "device": "#fff"}
+_EXPERT_LABEL = {"cpu": "in host memory, computed on the CPU", "host": "in host memory, streamed",
+                 "disk": "on disk, streamed", "device": "on another device"}
+
+
 def render_svg(device_map: DeviceMap) -> str:
     """Layers as cells coloured by device group (stripes for host/disk memory kinds), with a legend."""
     groups: list[str] = []
@@ -75,7 +81,7 @@ def render_svg(device_map: DeviceMap) -> str:
             groups.append(label)
     cell, pad, cols = 22, 10, 16
     rows = (device_map.num_layers + cols - 1) // cols
-    height = pad * 3 + rows * cell + 20 * (len(groups) + 2)
+    height = pad * 3 + rows * cell + 20 * (len(groups) + 2 + len({e.memory_kind for e in device_map.experts}))
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{pad * 2 + cols * cell}" height="{height}" '
            'font-family="sans-serif" font-size="11">',
            '<defs><pattern id="host" width="4" height="4" patternUnits="userSpaceOnUse">'
@@ -91,6 +97,11 @@ def render_svg(device_map: DeviceMap) -> str:
                        f"<title>{html.escape(title)}</title></rect>")
             if s.memory_kind != "device":
                 out.append(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" fill="url(#host)"/>')
+            experts = device_map.experts_of(layer)
+            if experts is not None:  # routed experts apart: a corner mark, its title says where
+                where = f"experts {experts.memory_kind} on {','.join(experts.devices)}"
+                out.append(f'<path d="M{x + cell - 10},{y} h8 v8 z" fill="{_EXPERT_MARK[experts.memory_kind]}">'
+                           f"<title>{html.escape(f'layer {layer}: {where}')}</title></path>")
             out.append(f'<text x="{x + 3}" y="{y + 14}" fill="#fff" font-size="9">{layer}</text>')
     y = pad * 3 + rows * cell
     for i, label in enumerate(groups):
@@ -99,6 +110,12 @@ def render_svg(device_map: DeviceMap) -> str:
     y += len(groups) * 20
     out.append(f'<rect x="{pad}" y="{y}" width="14" height="14" fill="url(#host)" stroke="#000"/>')
     out.append(f'<text x="{pad + 20}" y="{y + 11}">striped: host or disk memory; plain: device memory</text>')
+    kinds = sorted({e.memory_kind for e in device_map.experts})
+    for kind in kinds:
+        y += 20
+        out.append(f'<path d="M{pad},{y} h14 v14 z" fill="{_EXPERT_MARK[kind]}"/>')
+        out.append(f'<text x="{pad + 20}" y="{y + 11}">corner: routed experts apart, {html.escape(_EXPERT_LABEL[kind])}'
+                   "</text>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -113,6 +113,15 @@ def choose_path(n_tokens: int, config: ModelConfig) -> str:
     return "dense" if n_tokens * e * config.moe_intermediate_size <= _DENSE_MAX_ELEMENTS else "grouped"
 
 
+def in_device_memory(w):
+    """Experts the plan keeps in host memory (``pinned_host``) come into device memory for this step: inside jit a
+    copy XLA schedules (the whole stack: every expert a prompt chunk routes to; issue 17's streamed experts)."""
+    space = getattr(getattr(w, "aval", None), "memory_space", None)
+    if space is None or space == jax.memory.Space.Device:
+        return w
+    return jax.device_put(w, jax.memory.Space.Device)
+
+
 def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str | None = None) -> jnp.ndarray:
     """The MoE MLP over h [B, T, D] (already normed); ``path`` forces one computation (tests, benchmarks)."""
     b, t, d = h.shape
@@ -120,7 +129,7 @@ def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str 
     weights, idx = route(dense(x, p["router"]), config.num_experts_per_tok, config.norm_topk_prob)
     taps["router_idx"] = idx
     fn = PATHS[path or choose_path(b * t, config)]
-    wg, wu, wd = p["experts_gate"], p["experts_up"], p["experts_down"]
+    wg, wu, wd = (jax.tree.map(in_device_memory, p[k]) for k in ("experts_gate", "experts_up", "experts_down"))
     if fn is not _gather:
         wg, wu, wd = (_float_stack(w, x.dtype) for w in (wg, wu, wd))
     return fn(x, weights, idx, wg, wu, wd).astype(h.dtype).reshape(b, t, d)

@@ -21,7 +21,7 @@ from jaxmap.materialize import params as stage_params
 from jaxmap.materialize.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
 from jaxmap.materialize.isq import Quantizer, type_function
 from jaxmap.materialize.params import count_params, stage_param_specs
-from jaxmap.materialize.placement import stage_placements
+from jaxmap.materialize.placement import expert_memory_kind, stage_placements
 from jaxmap.planning.device_map import DeviceMap
 from jaxmap.progress import Progress
 from jaxmap.quant.qtensor import split_of
@@ -91,7 +91,8 @@ def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: 
         host_kind = "pinned_host" if kind == "host" else None
 
         def place_for(spec, p=placement, host_kind=host_kind):
-            return p.param_sharding(spec, config, host_kind if spec.layer is not None else None)
+            kind = host_kind if spec.layer is not None else None
+            return p.param_sharding(spec, config, expert_memory_kind(device_map, spec) or kind)
 
         params = stage_params.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
         streamed = kind in ("host", "disk") and placement.end > placement.start

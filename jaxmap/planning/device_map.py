@@ -21,6 +21,9 @@ from jaxmap.planning.memory import prefill_chunk
 
 STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu", "offload")
 MEMORY_KINDS = ("device", "host", "disk")
+# Where a MoE layer's routed experts may live: on their devices' memory, in host memory streamed to the layer's
+# device, on disk, or in host memory and computed by the host CPU (llama.cpp's --cpu-moe).
+EXPERT_KINDS = ("device", "host", "disk", "cpu")
 GIB = 1 << 30
 
 
@@ -84,6 +87,28 @@ class Placement:
 
 
 @dataclasses.dataclass
+class ExpertPlacement:
+    """Where one MoE layer's routed experts live when apart from the rest of their layer (attention, norms, router
+    and shared experts stay with the layer's stage).
+
+    ``memory_kind``: ``device`` (held by ``devices``, another accelerator than the layer's), ``host`` (pinned host
+    memory, streamed to the layer's device), ``disk``, or ``cpu`` (host memory, computed by the CPU device in
+    ``devices``: the hidden state goes there and back). ``decode`` / ``prefill`` say how each phase computes them
+    (``cpu``: on the CPU device; ``stream``: their weights moved to the layer's device; ``device``: where they
+    are), ``bytes`` their weights, ``source`` who put them there (``fit``, ``--cpu-moe``, ``--n-cpu-moe``, ``-ot
+    REGEX=PLACE``), ``isq`` a type asked for them alone (``-ot``/topology)."""
+
+    layer: int
+    devices: list[str]
+    memory_kind: str
+    bytes: int = 0
+    decode: str = "device"
+    prefill: str = "device"
+    source: str = "fit"
+    isq: str | None = None
+
+
+@dataclasses.dataclass
 class DeviceMemory:
     """What one memory must hold under the plan, after sharding.
 
@@ -135,6 +160,8 @@ class DeviceMap:
     prefill_chunk: int | None = None  # prompt tokens per prefill step; None (plans saved before it): the default
     from_topology: bool = False
     memory_notes: list[str] = dataclasses.field(default_factory=list)
+    # MoE layers whose routed experts live apart from their layer; a layer not listed keeps them with it
+    experts: list[ExpertPlacement] = dataclasses.field(default_factory=list)
 
     # ---- queries ---------------------------------------------------------------------------------------------------
     def stage_of(self, layer: int) -> Stage:
@@ -144,6 +171,10 @@ class DeviceMap:
     def chunk(self) -> int:
         """Prompt tokens per prefill step under this plan."""
         return prefill_chunk(self.max_seq_len, self.prefill_chunk)
+
+    def experts_of(self, layer: int) -> ExpertPlacement | None:
+        """The routed experts' placement of ``layer`` when apart from their layer, else None."""
+        return next((e for e in self.experts if e.layer == layer), None)
 
     def layer_devices(self) -> list[list[str]]:
         return [list(s.devices) for s in self.stages for _ in range(s.start, s.end)]
@@ -171,6 +202,7 @@ class DeviceMap:
             for key in ("embed", "final_norm", "lm_head"):
                 fields[key] = Placement(**raw[key])
             fields["memory"] = [DeviceMemory(**m) for m in raw.get("memory", [])]
+            fields["experts"] = [ExpertPlacement(**e) for e in raw.get("experts", None) or []]
             out = cls(**fields)
         except (KeyError, TypeError) as exc:
             raise UserError(f"the plan is malformed ({exc}); write it with --save-plan") from None
@@ -195,6 +227,14 @@ class DeviceMap:
             expected = s.end
         if expected != self.num_layers:
             raise UserError(f"the plan's stages cover {expected} layers but the model has {self.num_layers}")
+        seen: set[int] = set()
+        for e in self.experts:
+            if not 0 <= e.layer < self.num_layers or e.layer in seen:
+                raise UserError(f"plan experts entry for layer {e.layer}: not a layer of the model, or listed twice")
+            if e.memory_kind not in EXPERT_KINDS:
+                raise UserError(f"plan experts of layer {e.layer}: memory_kind must be one of "
+                                f"{', '.join(EXPERT_KINDS)}")
+            seen.add(e.layer)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -262,7 +302,8 @@ class DeviceMap:
         """Machine-readable form: one ``layers`` entry per decoder layer, in order."""
         layers = [{"layer": i, "stage": k, "devices": list(s.devices), "memory_kind": s.memory_kind, "dtype": s.dtype,
                    "isq": s.isq[i - s.start],
-                   "tensor_isq": dict(s.tensor_isq[i - s.start]) if s.tensor_isq is not None else None}
+                   "tensor_isq": dict(s.tensor_isq[i - s.start]) if s.tensor_isq is not None else None,
+                   "experts": _experts_json(self.experts_of(i))}
                   for k, s in enumerate(self.stages) for i in range(s.start, s.end)]
         out = self.to_dict()
         out["layers"] = layers
@@ -293,6 +334,8 @@ class DeviceMap:
                         format_bytes(m.total_bytes), format_bytes(m.headroom_bytes), cap))
         out += _columns(mem)
         out += [f"memory: {n}" for n in self.memory_notes]
+        for line in self.expert_lines():
+            out.append(f"experts: {line}")
         out.append(f"strategy: {self.strategy}: {self.reason}")
         if self.idle_devices:
             out.append(f"idle: {', '.join(self.idle_devices)}")
@@ -301,6 +344,40 @@ class DeviceMap:
             out.append("layer devices (topology):")
             out += [f"  layer {i}: {','.join(d)}" for i, d in enumerate(self.layer_devices())]
         return "\n".join(out)
+
+
+    def expert_lines(self) -> list[str]:
+        """Routed experts apart from their layers, one line per run of layers placed alike: ``layers 30-47: host
+        memory, 32.10 GiB; decode on cpu[0], prefill streamed to cuda[0] (fit)``."""
+        runs: list[tuple[int, int, ExpertPlacement, int]] = []
+        for e in sorted(self.experts, key=lambda e: e.layer):
+            key = (e.devices, e.memory_kind, e.decode, e.prefill, e.source, e.isq)
+            last = runs[-1] if runs else None
+            if last is not None and last[1] == e.layer and (last[2].devices, last[2].memory_kind, last[2].decode,
+                                                          last[2].prefill, last[2].source, last[2].isq) == key:
+                runs[-1] = (last[0], e.layer + 1, last[2], last[3] + e.bytes)
+            else:
+                runs.append((e.layer, e.layer + 1, e, e.bytes))
+        out = []
+        for start, end, e, total in runs:
+            where = {"device": f"on {','.join(e.devices)}", "host": "in host memory", "disk": "on disk",
+                     "cpu": f"in host memory, computed on {','.join(e.devices)}"}[e.memory_kind]
+            home = ",".join(self.stage_of(start).devices)
+            phases = "; ".join(f"{phase} {_phase(how, e, home)}" for phase, how in (("decode", e.decode),
+                                                                                     ("prefill", e.prefill)))
+            isq = f", isq {e.isq}" if e.isq else ""
+            layers = f"layer {start}" if end - start == 1 else f"layers {start}-{end - 1}"
+            out.append(f"{layers}: {where}, {format_bytes(total)}{isq}; {phases} ({e.source})")
+        return out
+
+
+def _phase(how: str, e: ExpertPlacement, home: str) -> str:
+    return {"cpu": f"on {','.join(e.devices)}", "stream": f"streamed to {home}",
+            "device": f"on {','.join(e.devices)}"}.get(how, how)
+
+
+def _experts_json(e: ExpertPlacement | None) -> dict[str, Any] | None:
+    return None if e is None else dataclasses.asdict(e)
 
 
 def _isq_runs(stage: Stage) -> list[tuple[int, int, str]]:

@@ -29,7 +29,7 @@ from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
 from jaxmap.families import layer_param_specs
-from jaxmap.planning.device_map import DeviceMemory, Placement, Stage, format_bytes
+from jaxmap.planning.device_map import DeviceMemory, ExpertPlacement, Placement, Stage, format_bytes
 from jaxmap.planning.isq_types import NATIVE, is_native, layer_types, outer_spec, outer_type, units, weight_bytes
 from jaxmap.planning.memory import (
     CUDA_PINNED_POOL_DEFAULT_GB,
@@ -160,6 +160,23 @@ def types_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Map
                for k, p in layer_param_specs(config, layer).items())
 
 
+def expert_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Mapping[str, str],
+                 stored: Mapping[str, int] | None = None) -> int:
+    """One MoE layer's routed experts (the stacked ``experts_*`` tensors) on one device of a ``tp``-way stage; 0 on
+    a dense layer. Shared experts, router and attention are not counted: they stay with the layer."""
+    itemsize = parse_dtype(dtype).itemsize
+    counts = units(config)
+    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored)
+               for k, p in layer_param_specs(config, layer).items() if p.role == "expert")
+
+
+def moe_layers(config: ModelConfig) -> list[int]:
+    """The decoder layers with routed experts."""
+    if not getattr(config, "num_experts", 0):
+        return []
+    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+
+
 def outer_bytes(config: ModelConfig, key: str, dtype: str, isq: str | None, shards: int,
                 stored: Mapping[str, int] | None = None, native_types: Mapping[str, str] | None = None) -> int:
     """An outer placement's tensor on one of ``shards`` devices, with ``isq`` its requested type."""
@@ -175,9 +192,14 @@ def _outer_final_bytes(config: ModelConfig, key: str, dtype: str, final: str | N
 
 def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer: dict[str, Placement],
             max_seq_len: int, max_batch_size: int, dtype: str, budgets: Budgets | None,
-            stored: Mapping[str, int] | None = None, prefill_chunk: int | None = None) -> list[DeviceMemory]:
-    """Bytes per memory under a plan: one row per device that holds or runs anything, then host and disk rows."""
+            stored: Mapping[str, int] | None = None, prefill_chunk: int | None = None,
+            experts: list[ExpertPlacement] | None = None) -> list[DeviceMemory]:
+    """Bytes per memory under a plan: one row per device that holds or runs anything, then host and disk rows.
+
+    ``experts``: MoE layers whose routed experts live apart from their layer: their bytes leave the layer's devices
+    for the memory named, and a layer device that has them streamed in keeps two layers' experts of buffers."""
     rows: dict[str, DeviceMemory] = {}
+    apart = {e.layer: e for e in experts or []}
 
     def row(name: str, kind: str = "device") -> DeviceMemory:
         if name not in rows:
@@ -190,11 +212,28 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
                  for i in range(s.start, s.end))
         widths = [types_bytes(config, i, s.tp, s.dtype, types, stored)
                   for i, types in zip(range(s.start, s.end), s.tensor_isq, strict=True)]
+        buffers = 0
+        for j, (i, types) in enumerate(zip(range(s.start, s.end), s.tensor_isq, strict=True)):
+            e = apart.get(i)
+            if e is None:
+                continue
+            here = expert_bytes(config, i, s.tp, s.dtype, types, stored)
+            widths[j] -= here
+            if e.memory_kind == "device":
+                whole = expert_bytes(config, i, len(e.devices), s.dtype, types, stored)
+                for d in e.devices:
+                    row(d).weights_bytes += whole
+            else:
+                tier = "host" if e.memory_kind in ("host", "cpu") else "disk"
+                row(tier, tier).weights_bytes += here * s.tp
+                if "stream" in (e.decode, e.prefill):
+                    buffers = max(buffers, 2 * here)
         for d in s.devices:
             r = row(d)
             r.kv_cache_bytes += kv
             r.activation_bytes = max(r.activation_bytes, activation_bytes(config, s.tp, itemsize, max_seq_len,
                                                                           max_batch_size, prefill_chunk))
+            r.streaming_bytes = max(r.streaming_bytes, buffers)
             if s.memory_kind == "device":
                 r.weights_bytes += sum(widths)
             else:
@@ -240,124 +279,246 @@ class Fill:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One candidate of the fill's search space, in layer order: ``pool[i]`` runs ``resident[i]`` layers held in
+    its memory, then ``streamed[i]`` layers whose weights it streams (from host memory or disk, ``kinds``).
+
+    The embeddings live with the first device that runs a layer, final norm and LM head with the last. A device
+    that streams layers holds their KV cache and two layers of streaming buffers."""
+
+    resident: tuple[int, ...]
+    streamed: tuple[int, ...]
+    kinds: tuple[str, ...]  # per layer: device, host or disk
+
+    def owners(self) -> list[int]:
+        return [i for i, (r, s) in enumerate(zip(self.resident, self.streamed, strict=True)) for _ in range(r + s)]
+
+
+@dataclasses.dataclass
+class FillCosts:
+    """What the fill's layouts cost, per memory: the arithmetic :func:`account` does for tp=1 stages, per layer."""
+
+    weights: list[int]  # one layer's weight bytes
+    kv: list[int]  # one layer's KV cache bytes
+    activations: int  # one prefill step's temporaries on a device that runs layers
+    embed: int  # the input embeddings (0 when they live in host memory)
+    head: int  # final norm and untied LM head
+    tied_head: int  # the tied LM head's own copy, needed when it is on another device than the embeddings
+    usable: list[int]  # per pool device
+    host_room: int  # the host tier, less embeddings kept there
+    embed_on_host: bool = False
+    # per layer: buffers its device keeps for routed experts streamed in from host memory (empty: none)
+    buffers: list[int] = dataclasses.field(default_factory=list)
+
+    def device_cost(self, start: int, end: int, streamed: int) -> int:
+        """Bytes a device needs to run layers ``[start, end)``, the last ``streamed`` of them streamed."""
+        n = len(self.weights)
+        out = self.activations + sum(self.kv[start:end]) + sum(self.weights[start:end - streamed])
+        if streamed:
+            out += 2 * max(self.weights[end - streamed:end])
+        if self.buffers:
+            out += max(self.buffers[start:end])
+        if start == 0:
+            out += self.embed
+        if end == n:
+            out += self.head + (self.tied_head if start != 0 or self.embed_on_host else 0)
+        return out
+
+    def fits(self, layout: Layout) -> bool:
+        """Whether every memory holds what ``layout`` puts in it (the brute-force oracle's check too)."""
+        n, start = len(self.weights), 0
+        for i, (r, s) in enumerate(zip(layout.resident, layout.streamed, strict=True)):
+            if r + s and self.device_cost(start, start + r + s, s) > self.usable[i]:
+                return False
+            start += r + s
+        if start != n or len(layout.kinds) != n:
+            return False
+        return sum(w for w, k in zip(self.weights, layout.kinds, strict=True) if k == "host") <= self.host_room
+
+
 def fill(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
          max_seq_len: int, max_batch_size: int, allow_disk: bool, stored: Mapping[str, int] | None = None,
          native_types: Mapping[str, str] | None = None, embed_on_host: bool = False,
-         prefill_chunk: int | None = None) -> Fill:
-    """Layers on the pool's devices (one device per stage) while they fit, then host, then disk.
+         prefill_chunk: int | None = None, apart: Mapping[int, tuple[int, int]] | None = None,
+         apart_host: int = 0) -> Fill:
+    """Layers on the pool's devices (one device per stage) while they fit, then streamed from host, then disk.
+
+    A search, not a greedy fill (:func:`search`): over every split of the layers into runs per device (in pool
+    order), each run resident layers then streamed ones, it takes one with the fewest streamed bytes, resident
+    layers in proportion to free memory when none is streamed; streamed layers go to host memory while it has room,
+    then to disk. Greedy filling could leave the device that runs offloaded layers no room for their KV cache and
+    streaming buffers although another split fits (issue 17); the search refuses only when no split fits.
 
     ``embed_on_host``: the input embeddings live in host memory (the planner's choice when that frees accelerator
-    memory), so the first device does not hold them and the host tier has that much less room."""
+    memory), so the first device does not hold them and the host tier has that much less room. ``apart``: MoE
+    layers whose routed experts leave the accelerators, ``{layer: (their bytes, buffers the layer's device keeps
+    to stream them in)}``, ``apart_host`` the host memory they take."""
+    costs = fill_costs(config, pool, budgets, dtype, isq, max_seq_len, max_batch_size, stored, native_types,
+                       embed_on_host, prefill_chunk, apart, apart_host)
+    best = search(costs, allow_disk)
+    if best is None:
+        raise UserError(_refusal(costs, pool, allow_disk, max_seq_len, max_batch_size))
+    devices = [pool[i] for i in best.owners()]
+    kinds = list(best.kinds)
+    used = [d for d, r, s in zip(pool, best.resident, best.streamed, strict=True) if r + s]
+    if not any(best.streamed):
+        split = ", ".join(f"{c} on {d.name}" for d, c in zip(pool, best.resident, strict=True) if c)
+        why = (f"the model does not fit the automatic layout; layers in proportion to free memory: {split}"
+               if len(used) > 1 else f"everything on {used[0].name}")
+        return Fill(devices, kinds, why)
+    runners = [d.name for d, s in zip(pool, best.streamed, strict=True) if s]
+    parts = [f"{kinds.count('device')} layers resident on {', '.join(d.name for d in used)}"]
+    if kinds.count("host"):
+        parts.append(f"{kinds.count('host')} streamed from host memory")
+    if kinds.count("disk"):
+        parts.append(f"{kinds.count('disk')} read from disk")
+    why = (f"the model does not fit the accelerators: {'; '.join(parts)}; offloaded layers run on "
+           f"{', '.join(runners)}, each layer's weights moved in while the previous one computes")
+    return Fill(devices, kinds, why)
+
+
+def fill_costs(config: ModelConfig, pool: list[Device], budgets: Budgets, dtype: str, isq: list[str | None],
+               max_seq_len: int, max_batch_size: int, stored: Mapping[str, int] | None = None,
+               native_types: Mapping[str, str] | None = None, embed_on_host: bool = False,
+               prefill_chunk: int | None = None, apart: Mapping[int, tuple[int, int]] | None = None,
+               apart_host: int = 0) -> FillCosts:
+    """The per-layer and per-memory figures the fill's search weighs."""
     n_layers = config.num_hidden_layers
     itemsize = parse_dtype(dtype).itemsize
     w = [layer_weight_bytes(config, i, 1, dtype, isq[i], stored, native_types) for i in range(n_layers)]
     kv = [kv_cache_bytes(config, 1, itemsize, max_seq_len, max_batch_size, layer=i) for i in range(n_layers)]
     act = activation_bytes(config, 1, itemsize, max_seq_len, max_batch_size, prefill_chunk)
-    first, last = pool[0], pool[-1]
     native = NATIVE if (stored or native_types) and any(is_native(t) for t in isq) else None
     embed = outer_bytes(config, "embed", dtype, native, 1, stored, native_types)
     head = outer_bytes(config, "final_norm", dtype, None, 1)
-    if not (config.tie_word_embeddings and first is last):
-        head += outer_bytes(config, "lm_head", dtype, native, 1, stored, native_types)
-    if embed_on_host and config.tie_word_embeddings and first is last:
-        head += outer_bytes(config, "lm_head", dtype, native, 1, stored, native_types)  # the head's own copy
-    free: dict[str, int] = {}
-    for d in pool:
-        usable = budgets.devices[d.name].usable
-        usable = 1 << 62 if usable is None else usable
-        on_first = embed if d is first and not embed_on_host else 0
-        free[d.name] = usable - act - on_first - (head if d is last else 0)
-    if free[first.name] < 0 or free[last.name] < 0:
-        short = first if free[first.name] < 0 else last
-        raise UserError(f"the model does not fit: {short.name} cannot even hold the embeddings/LM head and the "
-                        f"prefill activations ({format_bytes(embed + head + act)} with --max-seq-len {max_seq_len}, "
-                        f"--max-batch-size {max_batch_size}); lower those, raise --max-memory, or use more devices")
-
-    # 1. all resident, in proportion to free memory
-    counts = _proportional(w, kv, pool, free)
-    if counts is not None:
-        devices = [d for d, c in zip(pool, counts, strict=True) for _ in range(c)]
-        split = ", ".join(f"{c} on {d.name}" for d, c in zip(pool, counts, strict=True) if c)
-        why = (f"the model does not fit the automatic layout; layers in proportion to free memory: {split}"
-               if len(pool) > 1 else f"everything on {first.name}")
-        return Fill(devices, ["device"] * n_layers, why)
-
-    # 2. greedy on every device but the last, then the last runs the rest, streaming what it cannot hold
-    devices: list[Device] = []
-    for d in pool[:-1]:
-        room = free[d.name]
-        while len(devices) < n_layers and w[len(devices)] + kv[len(devices)] <= room:
-            room -= w[len(devices)] + kv[len(devices)]
-            devices.append(d)
-    placed = len(devices)
-    rest = n_layers - placed
-    room = free[last.name] - 2 * max(w[placed:]) - sum(kv[placed:])
-    if room < 0:
-        raise UserError(
-            f"the model does not fit: {last.name} runs the {rest} offloaded layers and needs "
-            f"{format_bytes(sum(kv[placed:]) + 2 * max(w[placed:]))} for their KV cache (--max-seq-len {max_seq_len} x "
-            f"--max-batch-size {max_batch_size}) and two streaming buffers but has {format_bytes(free[last.name])} "
-            "left; lower --max-seq-len or --max-batch-size, or raise --max-memory")
-    resident = 0
-    while placed + resident < n_layers and w[placed + resident] <= room:
-        room -= w[placed + resident]
-        resident += 1
-    devices += [last] * (n_layers - placed)
-    kinds = ["device"] * (placed + resident)
-    streamed = list(range(placed + resident, n_layers))
+    lm_head = outer_bytes(config, "lm_head", dtype, native, 1, stored, native_types)
+    tied = config.tie_word_embeddings
+    usable = [budgets.devices[d.name].usable for d in pool]
     host_room = budgets.host.usable
-    host_room = (1 << 62 if host_room is None else host_room) - (embed if embed_on_host else 0)
-    on_host = 0
-    while on_host < len(streamed) and w[streamed[on_host]] <= host_room:
-        host_room -= w[streamed[on_host]]
-        on_host += 1
-    on_disk = len(streamed) - on_host
-    if on_disk and not allow_disk:
-        missing = sum(w[i] for i in streamed[on_host:])
-        raise UserError(
-            f"the model does not fit: {on_disk} layer(s) ({format_bytes(missing)}) fit neither the accelerators nor "
-            f"host memory, and --no-disk forbids the disk tier; allow disk offload (drop --no-disk), raise "
-            f"--max-memory, lower --max-seq-len, or quantize (--isq Q4K stores about a quarter of float16's bytes)")
-    kinds += ["host"] * on_host + ["disk"] * on_disk
-    parts = [f"{kinds.count('device')} layers resident on {', '.join(d.name for d in pool)}"]
-    if on_host:
-        parts.append(f"{on_host} streamed from host memory")
-    if on_disk:
-        parts.append(f"{on_disk} read from disk")
-    why = (f"the model does not fit the accelerators: {'; '.join(parts)}; offloaded layers run on {last.name}, "
-           "each layer's weights moved in while the previous one computes")
-    return Fill(devices, kinds, why)
+    host_room = (1 << 62 if host_room is None else host_room) - (embed if embed_on_host else 0) - apart_host
+    apart = apart or {}
+    w = [wi - apart.get(i, (0, 0))[0] for i, wi in enumerate(w)]
+    buffers = [apart.get(i, (0, 0))[1] for i in range(n_layers)] if any(b for _, b in apart.values()) else []
+    return FillCosts(w, kv, act, 0 if embed_on_host else embed, head + (0 if tied else lm_head),
+                     lm_head if tied else 0, [1 << 62 if u is None else u for u in usable], host_room,
+                     embed_on_host, buffers)
 
 
-def _proportional(w: list[int], kv: list[int], pool: list[Device], free: dict[str, int]) -> list[int] | None:
-    """Layer counts per device in proportion to free memory, each within its device; None when they cannot all fit."""
-    n = len(w)
-    total_free = sum(max(0, free[d.name]) for d in pool)
-    if total_free <= 0:
+def search(costs: FillCosts, allow_disk: bool) -> Layout | None:
+    """The preferred layout that fits, or None.
+
+    Preferences: all layers resident in proportion to free memory; else all resident as they fit; else the fewest
+    streamed bytes (then the earlier devices fuller, the streamed layers on the later ones), in host memory while
+    it has room, the rest from disk. The fewest streamed bytes come from a dynamic programme over (device, layers
+    placed so far): a device's run of layers ``[j, j')`` needs at least one streamed layer more than ``[j, j'-1)``
+    once it streams any (drop the last layer of a split that fits: what is left fits), so a pointer finds each
+    run's fewest in O(layers) per start, O(devices x layers²) in all. Fewest streamed bytes is also what makes
+    ``--no-disk`` exact: a layout without disk exists iff the fewest streamed bytes fit host memory.
+    """
+    n, k = len(costs.weights), len(costs.usable)
+    proportional = _proportional(costs)
+    if proportional is not None:
+        return proportional
+    inf = (1 << 80, 0)
+    # the fewest streamed bytes placing layers [0, j) on pool[:i], then the fewest streamed layers on earlier devices
+    best: list[list[tuple[int, int]]] = [[inf] * (n + 1) for _ in range(k + 1)]
+    parent: list[list[tuple[int, int] | None]] = [[None] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = (0, 0)
+    tail = [0]  # tail[j]: the weights of layers [0, j)
+    for wi in costs.weights:
+        tail.append(tail[-1] + wi)
+    for i in range(k):
+        cap = costs.usable[i]
+        for j in range(n + 1):
+            if best[i][j] < inf and best[i][j] <= best[i + 1][j]:
+                best[i + 1][j], parent[i + 1][j] = best[i][j], (j, 0)  # pool[i] runs nothing
+        for j in range(n):
+            if best[i][j] >= inf:
+                continue
+            lower = 0  # the fewest streamed layers of [j, end) is at least this
+            for end in range(j + 1, n + 1):
+                s = lower
+                while s <= end - j and costs.device_cost(j, end, s) > cap:
+                    s += 1
+                if s > end - j:
+                    break  # no split of [j, end) fits pool[i]: nor will a longer run
+                lower = s + 1 if s else 0
+                total = (best[i][j][0] + tail[end] - tail[end - s], best[i][j][1] + s * (k - 1 - i))
+                if total <= best[i + 1][end]:
+                    best[i + 1][end], parent[i + 1][end] = total, (j, s)
+    if best[k][n] >= inf:
+        return None
+    resident, streamed, end = [0] * k, [0] * k, n
+    for i in range(k, 0, -1):
+        j, s = parent[i][end]  # type: ignore[misc]
+        resident[i - 1], streamed[i - 1] = end - j - s, s
+        end = j
+    kinds = _kinds(costs, resident, streamed, allow_disk)
+    return None if kinds is None else Layout(tuple(resident), tuple(streamed), kinds)
+
+
+def _kinds(costs: FillCosts, resident: list[int], streamed: list[int], allow_disk: bool) -> tuple[str, ...] | None:
+    """Per layer: resident ones on their device, streamed ones in host memory while it has room, then disk."""
+    out, room, start = [], costs.host_room, 0
+    for r, s in zip(resident, streamed, strict=True):
+        out += ["device"] * r
+        for layer in range(start + r, start + r + s):
+            if costs.weights[layer] <= room:
+                room -= costs.weights[layer]
+                out.append("host")
+            else:
+                out.append("disk")
+        start += r + s
+    if "disk" in out and not allow_disk:
+        return None
+    return tuple(out)
+
+
+def _proportional(costs: FillCosts) -> Layout | None:
+    """Every layer resident, in proportion to the devices' free memory (each within its device), when that fits."""
+    n, k = len(costs.weights), len(costs.usable)
+    outer = [costs.embed if i == 0 else 0 for i in range(k)]
+    outer[-1] += costs.head + (costs.tied_head if k > 1 or costs.embed_on_host else 0)
+    free = [max(0, u - costs.activations - o) for u, o in zip(costs.usable, outer, strict=True)]
+    total = sum(free)
+    if total <= 0:
         return None
     bounds, acc = [], 0
-    for d in pool:
-        acc += max(0, free[d.name])
-        bounds.append(round(n * acc / total_free))
-    counts, start = [], 0
-    for d, bound in zip(pool, bounds, strict=True):
-        room, end = free[d.name], start
-        while end < n and end < max(bound, start) and w[end] + kv[end] <= room:
-            room -= w[end] + kv[end]
+    for f in free:
+        acc += f
+        bounds.append(round(n * acc / total))
+    counts, start = [0] * k, 0
+    for i in range(k):
+        end = start
+        limit = n if i == k - 1 else max(bounds[i], start)
+        while end < limit and costs.device_cost(start, end + 1, 0) <= costs.usable[i]:
             end += 1
-        if d is pool[-1]:
-            while end < n and w[end] + kv[end] <= room:
-                room -= w[end] + kv[end]
-                end += 1
-        counts.append(end - start)
-        start = end
-    if start < n:  # proportional shares overflowed a device: fill greedily instead
-        counts, start = [], 0
-        for d in pool:
-            room, end = free[d.name], start
-            while end < n and w[end] + kv[end] <= room:
-                room -= w[end] + kv[end]
-                end += 1
-            counts.append(end - start)
-            start = end
-    return counts if start == n else None
+        counts[i], start = end - start, end
+    layout = Layout(tuple(counts), (0,) * k, ("device",) * n)
+    return layout if start == n and costs.fits(layout) else None
+
+
+def _refusal(costs: FillCosts, pool: list[Device], allow_disk: bool, max_seq_len: int, max_batch_size: int) -> str:
+    """Why no layout fits, with what would help."""
+    if not allow_disk and (best := search(costs, True)) is not None:
+        missing = sum(w for w, k in zip(costs.weights, best.kinds, strict=True) if k == "disk")
+        return (f"the model does not fit: {best.kinds.count('disk')} layer(s) ({format_bytes(missing)}) fit neither "
+                "the accelerators nor host memory, and --no-disk forbids the disk tier; allow disk offload (drop "
+                "--no-disk), raise --max-memory, lower --max-seq-len, or quantize (--isq Q4K stores about a quarter "
+                "of float16's bytes)")
+    outer = costs.embed + costs.head + costs.activations
+    big = max(range(len(pool)), key=lambda i: costs.usable[i])
+    if costs.usable[big] < outer:
+        return (f"the model does not fit: {pool[big].name} cannot even hold the embeddings/LM head and the "
+                f"prefill activations ({format_bytes(outer)} with --max-seq-len {max_seq_len}, --max-batch-size "
+                f"{max_batch_size}); lower those, raise --max-memory, or use more devices")
+    n = len(costs.weights)
+    kv, buffers = sum(costs.kv), 2 * max(costs.weights)
+    room = sum(max(0, u - outer - buffers) for u in costs.usable)
+    names = ", ".join(d.name for d in pool)
+    return (f"the model does not fit: streaming every layer still needs {format_bytes(kv)} of KV cache for the "
+            f"{n} layers (--max-seq-len {max_seq_len} x --max-batch-size {max_batch_size}) and two streaming "
+            f"buffers of {format_bytes(buffers // 2)} on each device that streams, but {names} have "
+            f"{format_bytes(room)} left for KV cache; lower --max-seq-len or --max-batch-size, or raise "
+            "--max-memory")

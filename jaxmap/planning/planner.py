@@ -23,7 +23,16 @@ from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
 from jaxmap.families import layer_param_specs, outer_param_specs
-from jaxmap.planning.device_map import DeviceMap, DeviceMemory, Placement, Stage, config_fingerprint, format_bytes
+from jaxmap.planning.device_map import (
+    DeviceMap,
+    DeviceMemory,
+    ExpertPlacement,
+    Placement,
+    Stage,
+    config_fingerprint,
+    format_bytes,
+)
+from jaxmap.planning.experts import auto_experts, explain, explicit_experts, finish, forced_apart
 from jaxmap.planning.fit import Budgets, Fill, account, compute_budgets, fill, outer_bytes, pool_for
 from jaxmap.planning.isq_types import assign_types, global_of
 from jaxmap.planning.memory import kv_cache_bytes
@@ -302,17 +311,33 @@ def plan(
     kinds = ["device"] * config.num_hidden_layers
     notes = list(budgets.notes)
     embed_home: Device | None = None
+    experts: list[ExpertPlacement] = []
+    expert_notes: list[str] = []
+    forced = explicit_experts(config, hardware, wish)
     if wish.is_automatic and wish.auto and not placed_by_topology:
         trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
         trial_outer = _outer(trial, hardware, topology, config, [])
         assign_types(config, trial, trial_outer, wish.isq, native_types)
         memory = account(config, hardware, trial, trial_outer, max_seq_len, max_batch_size, dtype_name, budgets,
-                         stored_bytes, chunk)
+                         stored_bytes, chunk, finish(config, hardware, forced, trial, dtype_name, stored_bytes,
+                                                     max_batch_size, chunk))
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
             isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
-            filled, embed_home = _fill(config, hardware, pool, budgets, dtype_name, isq, max_seq_len, max_batch_size,
-                                       wish, stored_bytes, native_types, chunk)
+            apart, apart_host = forced_apart(config, forced, dtype_name, isq, native_types, stored_bytes,
+                                             max_batch_size, chunk)
+            moe = None if forced else auto_experts(
+                               config, hardware, budgets, dtype_name, isq, native_types, stored_bytes,
+                               max_batch_size, chunk, wish.allow_disk,
+                               lambda apart, used: _fill(config, hardware, pool, budgets, dtype_name, isq,
+                                                         max_seq_len, max_batch_size, wish, stored_bytes,
+                                                         native_types, chunk, apart, used))
+            if moe is not None:
+                (filled, embed_home), experts, expert_notes = moe  # type: ignore[assignment]
+            else:
+                filled, embed_home = _fill(config, hardware, pool, budgets, dtype_name, isq, max_seq_len,
+                                           max_batch_size, wish, stored_bytes, native_types, chunk, apart,
+                                           apart_host)
             notes.append(f"the automatic layout ({strategy}) needs {format_bytes(over.total_bytes)} on {over.device}, "
                          f"which may use {format_bytes(max(0, (over.capacity_bytes or 0) - over.headroom_bytes))}")
             if embed_home is not None:
@@ -326,13 +351,20 @@ def plan(
             strategy = "offload" if any(k != "device" for k in kinds) else (
                 "pipeline" if len(used) > 1 else "single")
             reason = filled.reason
+            if experts:
+                reason = (f"routed experts leave the accelerators first, the last layers' first: "
+                          f"{expert_notes[0]}; then {reason}")
+                notes += expert_notes
     elif not wish.auto:
         notes.append("automatic memory fitting is off (--no-auto): the layout is kept even where it does not fit")
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
     outer = _outer(stages, hardware, topology, config, base.warnings, embed_home)
     assign_types(config, stages, outer, wish.isq, native_types)
+    if forced:
+        experts = finish(config, hardware, forced, stages, dtype_name, stored_bytes, max_batch_size, chunk)
+        notes += explain(config, experts, None, dtype_name, max_batch_size, chunk)
     memory = account(config, hardware, stages, outer, max_seq_len, max_batch_size, dtype_name, budgets, stored_bytes,
-                     chunk)
+                     chunk, experts)
     _check_fit(memory, budgets, wish, base.warnings)
     notes += _window_note(config, dtype_name, max_seq_len, max_batch_size)
     idle = [d.name for d in base.idle]
@@ -343,6 +375,7 @@ def plan(
         reason=reason, memory=memory, idle_devices=idle, warnings=base.warnings, dtype=dtype_name,
         max_seq_len=max_seq_len, max_batch_size=max_batch_size, prefill_chunk=chunk,
         from_topology=topology is not None and any(e.device for e in topology.ranges), memory_notes=notes,
+        experts=experts,
     )
 
 
@@ -418,14 +451,16 @@ def _layer_weight_names(config: ModelConfig) -> list[str]:
 
 def _fill(config: ModelConfig, hardware: Hardware, pool: list[Device], budgets: Budgets, dtype: str,
           isq: list[str | None], max_seq_len: int, max_batch_size: int, wish: Wish, stored: dict[str, int] | None,
-          native_types: dict[str, str] | None, prefill_chunk: int) -> tuple[Fill, Device | None]:
+          native_types: dict[str, str] | None, prefill_chunk: int, apart: dict[int, tuple[int, int]] | None = None,
+          apart_host: int = 0) -> tuple[Fill, Device | None]:
     """The automatic fill, and where the embeddings went: with the first device (None), or into host memory (the
     host device) when the layers do not all fit resident otherwise and moving the table frees accelerator memory."""
     host_helps = _host_embeddings_free_memory(config, hardware, pool, wish.topology)
 
     def run(on_host: bool) -> Fill:
         return fill(config, pool, budgets, dtype, isq, max_seq_len, max_batch_size, wish.allow_disk, stored,
-                    native_types, embed_on_host=on_host, prefill_chunk=prefill_chunk)
+                    native_types, embed_on_host=on_host, prefill_chunk=prefill_chunk, apart=apart,
+                    apart_host=apart_host)
 
     refusal: UserError | None = None
     try:

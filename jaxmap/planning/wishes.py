@@ -27,6 +27,59 @@ _LAYER_KEY = re.compile(r"^\s*(\d+)\s*$")
 _ENTRY_KEYS = ("isq", "device")
 
 
+# ---- -ot / --override-tensor (llama.cpp) ---------------------------------------------------------------------
+
+_LLAMACPP_BUFFER = re.compile(r"^(CUDA|ROCm|Vulkan|SYCL|Metal)(\d*)$", re.IGNORECASE)
+PLACES = ("cpu", "host", "disk")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorOverride:
+    """One ``-ot REGEX=PLACE``: ``place`` is ``cpu``, ``host``, ``disk`` or a device name (``cuda[1]``)."""
+
+    pattern: str
+    place: str
+    text: str  # as written, for messages and the plan's "source"
+
+
+def parse_place(text: str, what: str) -> str:
+    """``cpu``/``CPU`` -> cpu, ``host``, ``disk``, ``cuda[1]``, llama.cpp's buffer names ``CUDA1`` -> cuda[1]."""
+    place = text.strip()
+    if place.lower() in PLACES:
+        return place.lower()
+    if DEVICE_PATTERN.match(place.lower()):
+        return place.lower()
+    m = _LLAMACPP_BUFFER.match(place)
+    if m:
+        platform = {"cuda": "cuda", "rocm": "rocm", "metal": "metal"}.get(m.group(1).lower())
+        if platform is not None:
+            return f"{platform}[{m.group(2) or 0}]"
+    raise UserError(f"{what}: unknown place {place!r}; write cpu (held and computed on the CPU), host (host memory, "
+                    "streamed to the accelerator), disk, a device such as cuda[1], or llama.cpp's CPU / CUDA0")
+
+
+def parse_overrides(values: str | Sequence[str] | None) -> list[TensorOverride]:
+    """``-ot`` values (repeatable, each maybe comma-separated, as llama.cpp) in order: the first match wins."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    out = []
+    for value in values:
+        for part in str(value).split(","):
+            if not part.strip():
+                continue
+            pattern, sep, place = part.rpartition("=")
+            if not sep or not pattern:
+                raise UserError(f"-ot {part!r} is not REGEX=PLACE (e.g. -ot 'ffn_.*_exps=CPU')")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UserError(f"-ot {part!r}: {pattern!r} is not a regular expression ({exc})") from None
+            out.append(TensorOverride(pattern, parse_place(place, f"-ot {part!r}"), part.strip()))
+    return out
+
+
 # ---- -n / --device-layers --------------------------------------------------------------------------------------
 
 def parse_device_layers(spec: str | int | Sequence[str]) -> list[tuple[int | None, int]]:
@@ -295,6 +348,10 @@ class Wish:
     max_memory: dict[str, int] | None = None  # --max-memory, parsed (jaxmap.planning.memory.parse_max_memory)
     auto: bool = True  # False: --no-auto, keep the layout even where it does not fit
     allow_disk: bool = True  # False: --no-disk
+    # llama.cpp's expert flags (jaxmap.planning.experts): -ot REGEX=PLACE entries in order, --cpu-moe, --n-cpu-moe N
+    overrides: list[Any] = dataclasses.field(default_factory=list)
+    cpu_moe: bool = False
+    n_cpu_moe: int | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp)):
@@ -332,6 +389,9 @@ def make_wish(
     max_memory: str | Mapping[str, Any] | None = None,
     auto: bool = True,
     allow_disk: bool = True,
+    override_tensor: str | Sequence[str] | None = None,
+    cpu_moe: bool = False,
+    n_cpu_moe: int | None = None,
 ) -> Wish:
     """A :class:`Wish` from the forms the CLI and the Python API take (``"0,2"`` or ``[0, 2]``, ``"0:16;1:14"`` or
     ``["0:16", "1:14"]``, a topology path, YAML text or dict)."""
@@ -342,4 +402,5 @@ def make_wish(
     return Wish(tp=tp, pp=pp, devices=list(devices) if devices is not None else None,
                 device_layers=parse_device_layers(device_layers) if device_layers is not None else None,
                 topology=topology, isq=isq, max_memory=parse_max_memory(max_memory), auto=auto,
-                allow_disk=allow_disk)
+                allow_disk=allow_disk, overrides=parse_overrides(override_tensor), cpu_moe=cpu_moe,
+                n_cpu_moe=n_cpu_moe)
