@@ -46,10 +46,10 @@ class ApiError(Exception):
 
 
 class Server:
-    def __init__(self, model, name: str, max_batch_size: int, max_queue: int = 64):
+    def __init__(self, model, name: str, max_batch_size: int, max_queue: int = 64, prefix_cache: bool = True):
         self.model, self.name = model, name
         self.metrics = Metrics(max_batch_size, max_batch_size * model.max_seq_len)
-        self.batcher = Batcher(model, max_batch_size, max_queue, self.metrics)
+        self.batcher = Batcher(model, max_batch_size, max_queue, self.metrics, prefix_cache=prefix_cache)
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -316,17 +316,20 @@ def _number(body: dict, name: str, default: float):
 
 def _usage(done: dict) -> dict:
     p, c = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": done.get("cached_tokens", 0)}}
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, name: str | None = None,
-          max_queue: int = 64) -> None:
+          max_queue: int = 64, prefix_cache: bool = True) -> None:
     """Serve a loaded :class:`jaxmap.api.Model` until SIGTERM / Ctrl-C (running requests are drained first)."""
     import uvicorn
 
-    server = Server(model, name or "jaxmap", max_batch_size, max_queue)
-    log.info("serving %s on http://%s:%d/v1 (%d batch slots, context %d)", server.name, host, port, max_batch_size,
-             model.max_seq_len)
+    server = Server(model, name or "jaxmap", max_batch_size, max_queue, prefix_cache)
+    cache = server.batcher
+    log.info("serving %s on http://%s:%d/v1 (%d batch slots, context %d, prefill chunk %d, prefix cache %s)",
+             server.name, host, port, max_batch_size, model.max_seq_len, cache.chunk,
+             "on" if cache.prefix_cache else "off (sliding-window layers)" if prefix_cache else "off")
     def exit_cleanly(signum, frame):  # uvicorn drains, restores this handler and raises the signal again
         raise SystemExit(0)
 
