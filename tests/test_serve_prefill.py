@@ -98,6 +98,30 @@ def test_long_prompt_is_prefilled_between_decode_steps(model, batcher):
         assert log.tokens(tag) == _offline(model, ids, 40), tag
 
 
+def test_lone_slot_decodes_at_batch_one(model, batcher):
+    """A request running alone decodes in a batch-1 cache (offline generation's step); a newcomer sends it back to
+    the batched cache; both outputs are offline generation's."""
+    log = Log()
+    alone = _ids(21, 6)
+    log.submit(batcher, "alone", alone, 60)
+    for _ in range(2000):
+        if len(log.tokens("alone")) >= 5:
+            break
+        time.sleep(0.01)
+    assert batcher.solo is not None and batcher.slots[batcher.solo[0]].request.prompt_ids == alone
+    solo_steps = batcher.metrics.decode_steps["solo"]
+    assert solo_steps >= 4
+    other = _ids(22, 2 * CHUNK + 3)
+    log.submit(batcher, "other", other, 10)
+    log.final("other")
+    assert batcher.metrics.decode_steps["batch"] >= 9  # both ran in the batch
+    log.final("alone")
+    assert batcher.metrics.decode_steps["solo"] > solo_steps  # alone again after the other left
+    assert log.tokens("alone") == _offline(model, alone, 60)
+    assert log.tokens("other") == _offline(model, other, 10)
+    assert batcher.solo is None and batcher.in_use() == 0
+
+
 def test_prefix_cache_reuses_rows_and_keeps_output(model, batcher):
     """A prompt sharing 2.5 chunks with an earlier one reuses 2 chunks of its KV rows, from a finished request and
     from a running one; the output is offline generation's; the metrics count the hits."""

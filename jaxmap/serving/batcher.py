@@ -13,6 +13,10 @@ is in whole chunks, so the newcomer's remaining chunks are the very steps an unc
 output is the same. Models with sliding-window (ring buffer) layers do not cache: a ring's slots are overwritten as
 a row decodes past the window, and an idle row's decode write lands inside the ring.
 
+A slot running alone (nothing queued or being prefilled) decodes in a batch-1 cache instead: its rows are copied out
+once, and each step is the very step offline batch-1 generation runs (same shape, scalar position), at batch 1's
+cost instead of all slots'; the rows go back into the batched cache when a newcomer arrives.
+
 Greedy rows take the engine's in-step argmax (so a request's greedy output matches offline generation); rows that
 sample, want log-probabilities or a repetition penalty read that step's logits on the host."""
 
@@ -94,6 +98,7 @@ class Batcher:
         self.pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.slots: list[_Slot | None] = [None] * max_batch_size
         self.prefilling: _Prefill | None = None
+        self.solo: tuple[int, list] | None = None  # (row, its batch-1 cache) while one slot decodes alone
         # Prefix caching needs every layer to keep the whole context (see the module docstring).
         self.prefix_cache = prefix_cache and all(n >= self.max_seq_len for n in self.engine.kv_slots)
         self.prefixes: list[list[int] | None] = [None] * max_batch_size  # prompt tokens whose KV each row holds
@@ -135,6 +140,7 @@ class Batcher:
                 self._iteration()
             except Exception as exc:  # one request's failure never takes the server down
                 log.exception("batcher step failed")
+                self.solo = None  # its buffers may be gone with the failed step
                 for i, slot in enumerate(self.slots):
                     if slot is not None:
                         self._finish(i, "error", error=str(exc))
@@ -173,6 +179,7 @@ class Batcher:
                     self._count("cancelled")
                     continue
                 try:
+                    self._leave_solo()  # the newcomer's prefill takes the batch-1 cache; it joins the batch
                     pf = self.prefilling = self._begin(request, free)
                 except Exception as exc:
                     log.exception("prefill failed")
@@ -283,8 +290,47 @@ class Batcher:
         self._accept(row, int(np.asarray(pf.token)[0]), logits[0] if self._needs_logits(slot) else None)
         self._gauges()
 
+    def _enter_solo(self, row: int) -> None:
+        """Copy the lone running slot's rows into a batch-1 cache, where it decodes at batch 1's cost."""
+        caches = self.engine.extract_row(self.caches, row, self.engine.new_cache(1),
+                                         attend_bucket(self.slots[row].pos + 1, self.max_seq_len))
+        self.solo = (row, caches)
+
+    def _leave_solo(self, finished: bool = False) -> None:
+        """Back to batched decoding: the slot's rows go back into the batched cache (not when it has finished: its
+        prompt rows, which the prefix cache may use, are still there)."""
+        if self.solo is None:
+            return
+        (row, caches), self.solo = self.solo, None
+        if not finished:
+            self.caches = self.engine.insert_row(self.caches, caches, row,
+                                                 attend_bucket(self.slots[row].pos + 1, self.max_seq_len))
+        self.engine.release_cache(caches)
+
+    def _decode_solo(self, row: int) -> None:
+        """One decode step of the lone slot: offline batch-1 generation's step (scalar position, no padding)."""
+        slot = self.slots[row]
+        _, caches = self.solo
+        shape = StepShape(1, 1, attend_bucket(slot.pos + 1, self.max_seq_len), False, self._greedy.shape)
+        token, logits, caches, _ = self.engine.step(
+            caches, jnp.asarray([[slot.last]], jnp.int32), slot.pos, jnp.zeros(1, jnp.int32), 0, None,
+            self._values, self._key, shape)
+        self.solo = (row, caches)
+        if self.metrics is not None:
+            self.metrics.decode_steps["solo"] += 1
+        slot.pos += 1
+        self._accept(row, int(np.asarray(token)[0]), np.asarray(logits)[0] if self._needs_logits(slot) else None)
+
     def _decode(self) -> None:
         rows = [i for i, s in enumerate(self.slots) if s is not None]
+        alone = len(rows) == 1 and self.prefilling is None and self.pending.empty()
+        if self.solo is not None and not (alone and self.solo[0] == rows[0]):
+            self._leave_solo()
+        if alone:
+            if self.solo is None:
+                self._enter_solo(rows[0])
+            self._decode_solo(rows[0])
+            return
         tokens = np.zeros((self.batch, 1), np.int32)
         # An idle row still runs (the step shape is fixed); it writes its junk key at the last cache slot, which no
         # cached prefix covers and which a request writes itself before it reads it.
@@ -296,6 +342,8 @@ class Batcher:
         token, logits, self.caches, _ = self.engine.step(
             self.caches, jnp.asarray(tokens), jnp.asarray(starts), jnp.zeros(self.batch, jnp.int32), 0, None,
             self._values, self._key, shape)
+        if self.metrics is not None:
+            self.metrics.decode_steps["batch"] += 1
         host = np.asarray(token)
         host_logits = np.asarray(logits) if any(self._needs_logits(self.slots[i]) for i in rows) else None
         for i in rows:
@@ -369,6 +417,8 @@ class Batcher:
         return int(slot.rng.choice(len(probs), p=probs))
 
     def _finish(self, row: int, reason: str, error: str | None = None) -> None:
+        if self.solo is not None and self.solo[0] == row:
+            self._leave_solo(finished=True)
         slot = self.slots[row]
         self.slots[row] = None
         request = slot.request

@@ -34,6 +34,7 @@ class Metrics:
         self.finished: dict[str, int] = {}  # ok / cancelled / error
         self.prompt_tokens = 0
         self.prefix_requests = {"hit": 0, "miss": 0}  # admissions that found a cached prompt prefix, or not
+        self.decode_steps = {"batch": 0, "solo": 0}  # all slots at once, or a lone slot in its batch-1 cache
         self.prefix_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache instead of a prefill
         self.generated_tokens = 0
         self.ttft = Histogram()
@@ -52,6 +53,9 @@ class Metrics:
         lines += ["# HELP jaxmap_prefix_cache_requests_total prefix cache lookups by result",
                   "# TYPE jaxmap_prefix_cache_requests_total counter"]
         lines += [f'jaxmap_prefix_cache_requests_total{{result="{k}"}} {v}' for k, v in self.prefix_requests.items()]
+        lines += ["# HELP jaxmap_decode_steps_total decode steps: every slot (batch) or a lone slot at batch 1 (solo)",
+                  "# TYPE jaxmap_decode_steps_total counter"]
+        lines += [f'jaxmap_decode_steps_total{{rows="{k}"}} {v}' for k, v in self.decode_steps.items()]
         for name, value, kind, text in (
                 ("jaxmap_prompt_tokens_total", self.prompt_tokens, "counter", "prompt tokens (prefilled or reused)"),
                 ("jaxmap_prefix_cache_reused_tokens_total", self.prefix_reused_tokens, "counter",
