@@ -54,6 +54,8 @@ class Request:
     logprobs: int | None = None  # top-k alternatives per generated token (None: no log-probabilities)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     echo: bool = False  # also score the prompt: an event with each prompt token's log-probability first
+    index: int = 0  # the choice's index in its response
+    copy: int = 0  # which of the request's ``n`` copies of its prompt (sampling draws its own stream for each)
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -271,7 +273,9 @@ class Batcher:
             seen = np.zeros(self.model.config.vocab_size, bool)
             seen[ids] = True
         slot = _Slot(request, TextTracker(self.model.tokenizer, request.stop), pos=n, last=0,
-                     rng=np.random.default_rng(request.sampling.seed), seen=seen, cached=pf.cached)
+                     rng=np.random.default_rng(request.sampling.seed if request.copy == 0
+                                               else [request.sampling.seed, request.copy]),
+                     seen=seen, cached=pf.cached)
         self.slots[row] = slot
         if self.metrics is not None:
             self.metrics.prompt_tokens += n
