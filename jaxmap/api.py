@@ -161,27 +161,34 @@ class Model:
         a step's temporaries grow with the chunk, not with the prompt; only the last chunk is padded (to a prefill
         bucket) and samples. ``on_logits`` receives each chunk's logits of its real positions ([B, n, vocab],
         with ``all_logits``)."""
+        caches = self.engine.new_cache(tokens.shape[0])
+        token = logits = None
+        for start in range(0, tokens.shape[1], self.engine.prefill_chunk):
+            token, logits, caches, seen = self._prefill_chunk(caches, tokens, start, pads, seen, values, key, sampler,
+                                                              all_logits, on_logits)
+        return token, caches, seen, logits
+
+    def _prefill_chunk(self, caches, tokens: np.ndarray, start: int, pads, seen, values, key, sampler,
+                       all_logits: bool = False, on_logits: Callable[[np.ndarray], None] | None = None):
+        """One step of :meth:`_prefill`: the chunk of ``tokens`` [B, L] at slots ``start ..`` (``start`` a multiple
+        of ``engine.prefill_chunk``), into ``caches``; returns (token, logits, caches, seen). Only the last chunk
+        samples (and takes ``seen``); the server runs these one at a time between decode steps."""
         engine = self.engine
         batch, longest = tokens.shape
         chunk = engine.prefill_chunk
-        caches = engine.new_cache(batch)
+        real = min(chunk, longest - start)
+        last = start + real == longest
+        n_slots = real if not last else prefill_bucket(real, min(chunk, self.max_seq_len - start))
+        piece = np.zeros((batch, n_slots), np.int32)
+        piece[:, :real] = tokens[:, start:start + real]
+        history = 0 if start == 0 else attend_bucket(start, self.max_seq_len)
         greedy = SamplingParams().shape
-        token = None
-        for start in range(0, longest, chunk):
-            real = min(chunk, longest - start)
-            last = start + real == longest
-            n_slots = real if not last else prefill_bucket(real, min(chunk, self.max_seq_len - start))
-            piece = np.zeros((batch, n_slots), np.int32)
-            piece[:, :real] = tokens[:, start:start + real]
-            history = 0 if start == 0 else attend_bucket(start, self.max_seq_len)
-            shape = StepShape(batch, n_slots, n_slots, all_logits, sampler if last else greedy, history)
-            token, logits, caches, new_seen = engine.step(caches, jnp.asarray(piece), start, pads, real - 1,
-                                                          seen if last else None, values, key, shape)
-            if last:
-                seen = new_seen
-            if on_logits is not None:
-                on_logits(np.asarray(logits)[:, :real])
-        return token, caches, seen, logits
+        shape = StepShape(batch, n_slots, n_slots, all_logits, sampler if last else greedy, history)
+        token, logits, caches, new_seen = engine.step(caches, jnp.asarray(piece), start, pads, real - 1,
+                                                      seen if last else None, values, key, shape)
+        if on_logits is not None:
+            on_logits(np.asarray(logits)[:, :real])
+        return token, logits, caches, new_seen if last else seen
 
     def _check_prompts(self, batch_ids: list[list[int]]) -> int:
         if not batch_ids:

@@ -107,6 +107,10 @@ def test_stop_string(served):
     (b'{"prompt": "hi", "max_tokens": 100000}', 400),
     (b'{"prompt": "hi", "best_of": 3}', 400),
     (b'{"prompt": "hi", "n": 1, "user": "x", "presence_penalty": 0}', 200),
+    (b'{"prompt": "hi", "n": 0}', 400),
+    (b'{"prompt": ["a", "b"], "n": 9}', 400),
+    (b'{"prompt": [[1, 2], 3]}', 400),
+    (b'{"prompt": [1, 99999]}', 400),
 ])
 def test_bad_requests_are_error_objects(served, body, status):
     _, _, _, base = served
@@ -115,6 +119,56 @@ def test_bad_requests_are_error_objects(served, body, status):
     if status != 200:
         assert "message" in r.json()["error"]
     assert httpx.get(base + "/health").status_code == 200
+
+
+def test_prompt_list_and_n(served):
+    """Several prompts and ``n`` copies of each: choice ``i * n + j``, each offline generation's text; usage counts
+    each prompt once; streamed, the chunks carry their choice's index."""
+    model, _, client, _ = served
+    prompts = ["The sky is", "My name is"]
+    expected = [_offline(model, p, 6) for p in prompts]
+    out = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [expected[0], expected[0], expected[1], expected[1]]
+    assert out.usage.prompt_tokens == sum(len(model.encode(p)) for p in prompts)
+    parts: dict[int, list[str]] = {}
+    for c in client.completions.create(model="tiny", prompt=prompts, max_tokens=6, stream=True):
+        for choice in c.choices:
+            parts.setdefault(choice.index, []).append(choice.text)
+    assert {i: "".join(t) for i, t in parts.items()} == {0: expected[0], 1: expected[1]}
+    sampled = [[c.text for c in client.completions.create(model="tiny", prompt="Once", n=3, max_tokens=8,
+                                                          temperature=1.0, seed=5).choices] for _ in range(2)]
+    assert len(set(sampled[0])) > 1  # each copy draws its own samples
+    assert sampled[0] == sampled[1]  # and the same ones for the same seed
+
+
+def test_chat_logprobs(served):
+    """Chat ``logprobs`` / ``top_logprobs``: one entry per generated token, the greedy token first among the
+    alternatives, the first one equal to ``forward_logits``' at the prompt's end."""
+    import numpy as np
+
+    model, _, client, _ = served
+    messages = [{"role": "user", "content": "Count"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, logprobs=True,
+                                         top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    ids = model.encode("Count", chat=True)
+    logits = model.forward_logits([ids])[0][-1].astype(np.float64)
+    lp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    assert content[0].logprob == pytest.approx(lp.max(), abs=1e-4)
+    message = out.choices[0].message
+    assert "".join(e.token for e in content) in ((getattr(message, "reasoning_content", None) or "")
+                                                 + (message.content or ""),
+                                                 model.generate([ids], max_new_tokens=5)[0].text)
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, logprobs=True, stream=True) if c.choices]
+    assert sum(len(lp.content) for lp in streamed if lp) == len(content)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=messages, top_logprobs=2)
 
 
 def test_empty_messages_and_models(served):

@@ -1,4 +1,5 @@
-"""The server on a tensor-parallel layout (tp=2 over the test's virtual CPU devices): same answers as offline."""
+"""The server on a tensor-parallel layout (tp=2 over the test's virtual CPU devices) and on host-offloaded ones:
+same answers as offline."""
 
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ httpx = pytest.importorskip("httpx")
 TINY = Path(__file__).parent / "data" / "tiny-qwen3"
 
 
-def test_tp2_server_matches_offline():
-    import jaxmap
+def _serve_and_compare(model, prompts, max_tokens=10):
+    """Serve ``model`` on 127.0.0.1 (4 slots), send ``prompts`` at once through the openai client, compare each
+    answer with offline greedy generation."""
     from jaxmap.serving.app import Server
 
-    model = jaxmap.load(str(TINY), max_seq_len=128, max_batch_size=4, progress=False, tp=2, pp=1)
-    assert model.device_map is None or max(s.tp for s in model.device_map.stages) == 2
     server = Server(model, "tiny", 4)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,17 +39,47 @@ def test_tp2_server_matches_offline():
             except httpx.HTTPError:
                 time.sleep(0.05)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
-        prompts = [f"Item {i} is" for i in range(6)]
 
         def one(p):
-            return client.completions.create(model="tiny", prompt=p, max_tokens=10).choices[0].text
+            return client.completions.create(model="tiny", prompt=p, max_tokens=max_tokens).choices[0].text
 
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(one, prompts))
-        assert got == [model.generate([p], max_new_tokens=10)[0].text for p in prompts]
+        assert got == [model.generate([p], max_new_tokens=max_tokens)[0].text for p in prompts]
     finally:
         web.should_exit = True
         thread.join(30)
+    return server
+
+
+def test_tp2_server_matches_offline():
+    import jaxmap
+
+    model = jaxmap.load(str(TINY), max_seq_len=128, max_batch_size=4, progress=False, tp=2, pp=1)
+    assert model.device_map is None or max(s.tp for s in model.device_map.stages) == 2
+    _serve_and_compare(model, [f"Item {i} is" for i in range(6)])
+
+
+def test_host_offloaded_server_matches_offline():
+    """--max-memory leaves cpu[0] room for the streaming buffers and the KV cache only: the layers live in host
+    memory and stream in per layer. Prompts of several 16-token chunks sharing a prefix: chunked admission and
+    the prefix cache run on the streamed layers too."""
+    from memory_caps import caps
+
+    import jaxmap
+    from jaxmap.loading import open_source
+
+    source = open_source(TINY)
+    config = source.config
+    source.close()
+    max_memory = caps(config, 1, 3, seq=128)
+    max_memory["0"] += 400_000  # the KV cache of 4 rows, not caps' one
+    model = jaxmap.load(str(TINY), max_seq_len=128, max_batch_size=4, progress=False, prefill_chunk=16,
+                        max_memory=max_memory)
+    assert "host" in {s.memory_kind for s in model.device_map.stages}
+    head = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the old barn. "
+    server = _serve_and_compare(model, [head + tail for tail in ("Then", "After that", "Later, the fox", "So")])
+    assert server.metrics.prefix_requests["hit"] >= 1
 
 
 def test_batcher_on_host_and_disk_tiers_matches_offline(tmp_path):

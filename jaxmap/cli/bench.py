@@ -412,12 +412,13 @@ def run_serving(args) -> int:
     """The serving workload, in this process (it measures the server, not a worker's start-up)."""
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
+    from jaxmap.serving import SERVE_PREFILL_CHUNK
     from jaxmap.serving.bench import format_rows, serving_bench
 
     if not args.no_compile_cache:
         enable_compile_cache()
     model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, max_batch_size=8, progress=False,
-                 isq=args.isq)
+                 isq=args.isq, prefill_chunk=SERVE_PREFILL_CHUNK)  # as python -m jaxmap.serve runs
     rows = serving_bench(model, max_tokens=NEW_TOKENS)
     print(f"serving: model {args.model or 'default'}, dtype {args.dtype}, isq {args.isq or 'none'}, "
           f"{NEW_TOKENS} max tokens per request, 8 batch slots, {os.cpu_count()} CPUs")

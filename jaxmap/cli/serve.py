@@ -18,6 +18,7 @@ from jaxmap.cli.common import (
     setup_logging,
 )
 from jaxmap.errors import ArgumentParser, UserError
+from jaxmap.serving import SERVE_PREFILL_CHUNK
 
 log = logging.getLogger("jaxmap")
 
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: -m)")
     parser.add_argument("--seed", type=int, default=0, help="random weights' seed for preset:NAME models")
     parser.set_defaults(max_batch_size=8)  # batch slots: the KV cache is planned for this many requests at once
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="prefill every prompt whole instead of reusing a cached prompt prefix's KV rows")
+    parser.set_defaults(prefill_chunk=SERVE_PREFILL_CHUNK)  # see SERVE_PREFILL_CHUNK
+    for action in parser._actions:
+        if action.dest == "prefill_chunk":
+            action.help = (f"prompt tokens per prefill step (default {SERVE_PREFILL_CHUNK} for serve): a newcomer's "
+                           "prefill runs one chunk between two decode steps, and prefixes are cached in whole chunks")
     return parser
 
 
@@ -60,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
                  auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
-                 imatrix=args.imatrix)
+                 imatrix=args.imatrix, prefill_chunk=args.prefill_chunk)
     name = args.served_model_name or (str(args.model) if args.model else "jaxmap")
-    serve(model, host=args.host, port=args.port, max_batch_size=batch, name=name, max_queue=args.max_queue)
+    serve(model, host=args.host, port=args.port, max_batch_size=batch, name=name, max_queue=args.max_queue,
+          prefix_cache=not args.no_prefix_cache)
     return 0
 
 

@@ -171,6 +171,30 @@ class Engine:
             out.append(new)
         return out
 
+    def extract_row(self, caches: list, row: int, row_caches: list, n_slots: int) -> list:
+        """Copy the first ``n_slots`` cache slots of row ``row`` of a batched cache into a batch-1 cache, in place
+        (its buffers are donated); the server's prefix cache: a newcomer starts from a prompt prefix whose KV another
+        request's prefill left in that row."""
+        out = []
+        row_arr = jnp.asarray(row, jnp.int32)
+        for i, (stage_caches, dst_caches) in enumerate(zip(caches, row_caches, strict=True)):
+            new = []
+            for (kc, vc), (kd, vd) in zip(stage_caches, dst_caches, strict=True):
+                n = min(n_slots, kc.shape[2])
+                key = ("extract_row", i, kc.shape, n)
+                if key not in self._programs:
+                    def extract(dst_k, dst_v, src_k, src_v, at, n=n):
+                        zero = jnp.int32(0)
+                        part_k = jax.lax.dynamic_slice_in_dim(src_k, at, 1, axis=0)[:, :, :n]
+                        part_v = jax.lax.dynamic_slice_in_dim(src_v, at, 1, axis=0)[:, :, :n]
+                        return (jax.lax.dynamic_update_slice(dst_k, part_k, (zero, zero, zero, zero)),
+                                jax.lax.dynamic_update_slice(dst_v, part_v, (zero, zero, zero, zero)))
+
+                    self._programs[key] = jax.jit(extract, donate_argnums=(0, 1))
+                new.append(self._programs[key](kd, vd, kc, vc, put(row_arr, self.stages[i].activation_sharding)))
+            out.append(new)
+        return out
+
     def release_cache(self, caches: list) -> None:
         """Keep one set of buffers per batch size for the next generation (saves allocating and zeroing them)."""
         # the first stage may hold no layers (embeddings placed on their own devices): look past empty stages

@@ -30,7 +30,8 @@ COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p"
           "frequency_penalty"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice"}
-NO_OP = {"n": (1, None), "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
+MAX_CHOICES = 16  # n x prompts in one request: each choice takes a batch slot
+NO_OP = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
          "tools": ([], None), "tool_choice": ("none", "auto", None)}
 
 
@@ -46,10 +47,10 @@ class ApiError(Exception):
 
 
 class Server:
-    def __init__(self, model, name: str, max_batch_size: int, max_queue: int = 64):
+    def __init__(self, model, name: str, max_batch_size: int, max_queue: int = 64, prefix_cache: bool = True):
         self.model, self.name = model, name
         self.metrics = Metrics(max_batch_size, max_batch_size * model.max_seq_len)
-        self.batcher = Batcher(model, max_batch_size, max_queue, self.metrics)
+        self.batcher = Batcher(model, max_batch_size, max_queue, self.metrics, prefix_cache=prefix_cache)
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -85,16 +86,22 @@ class Server:
     async def _handle(self, http: HttpRequest, chat: bool):
         try:
             body = await self._body(http)
-            job = self._parse(body, chat)
+            jobs = self._parse(body, chat)
         except ApiError as exc:
             self._status(exc.status)
             return exc.response()
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        events: asyncio.Queue = asyncio.Queue()  # (job number, event) of every choice
+        for k, job in enumerate(jobs):
+            job.emit = lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev))
+        submitted = []
         try:
-            self.batcher.submit(job)
+            for job in jobs:
+                self.batcher.submit(job)
+                submitted.append(job)
         except QueueFull:
+            for job in submitted:
+                job.cancelled = True
             self._status(429)
             return ApiError(429, "the server's queue is full; retry later", "rate_limit_error").response()
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
@@ -102,89 +109,121 @@ class Server:
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             self._status(200)
-            return StreamingResponse(self._stream(job, events, meta, chat, usage), media_type="text/event-stream")
+            return StreamingResponse(self._stream(jobs, events, meta, chat, usage), media_type="text/event-stream")
         try:
-            text, logprobs, done = await self._collect(events)
+            results = await self._collect(jobs, events)
         except asyncio.CancelledError:
-            job.cancelled = True
+            for job in jobs:
+                job.cancelled = True
             raise
-        if done["type"] == "error":
+        failed = next((done for _, _, done in results if done["type"] == "error"), None)
+        if failed is not None:
+            for job in jobs:
+                job.cancelled = True
             self._status(500)
-            return ApiError(500, f"generation failed: {done['message']}", "server_error").response()
+            return ApiError(500, f"generation failed: {failed['message']}", "server_error").response()
         self._status(200)
-        usage = _usage(done)
-        if chat:
-            splitter = ThinkSplitter()
-            reasoning, content = splitter.push(text, final=True)
-            message = {"role": "assistant", "content": content}
-            if reasoning:
-                message["reasoning_content"] = reasoning
-            choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
-            return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage})
-        choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"],
-                  "logprobs": self._completion_logprobs(logprobs) if job.logprobs is not None else None}
-        return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": usage})
-
-    async def _collect(self, events):
-        text, logprobs = [], []
-        while True:
-            ev = await events.get()
-            if ev["type"] == "prompt":  # echo: the prompt's tokens and their log-probabilities come first
-                text.append(self.model.tokenizer.decode([e["token"] for e in ev["entries"]]))
-                logprobs.extend(ev["entries"])
-            elif ev["type"] == "token":
-                text.append(ev["text"])
-                logprobs.append(ev["logprob"])
+        usage = _usage(jobs, [done for _, _, done in results])
+        choices = []
+        for job, (text, logprobs, done) in zip(jobs, results, strict=True):
+            if chat:
+                reasoning, content = ThinkSplitter().push(text, final=True)
+                message = {"role": "assistant", "content": content}
+                if reasoning:
+                    message["reasoning_content"] = reasoning
+                choices.append({"index": job.index, "message": message, "finish_reason": done["finish_reason"],
+                                "logprobs": self._chat_logprobs(logprobs) if job.logprobs is not None else None})
             else:
-                text.append(ev.get("text", ""))
-                return "".join(text), logprobs, ev
+                choices.append({"index": job.index, "text": text, "finish_reason": done["finish_reason"],
+                                "logprobs": self._completion_logprobs(logprobs) if job.logprobs is not None
+                                else None})
+        kind = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": usage})
 
-    async def _stream(self, job: Request, events, meta: dict, chat: bool, include_usage: bool):
-        splitter = ThinkSplitter() if chat else None
+    async def _collect(self, jobs: list[Request], events) -> list[tuple[str, list, dict]]:
+        """Every choice's text, log-probability entries and final event (an error ends them all)."""
+        texts: list[list[str]] = [[] for _ in jobs]
+        logprobs: list[list] = [[] for _ in jobs]
+        finals: list[dict | None] = [None] * len(jobs)
+        while any(f is None for f in finals):
+            k, ev = await events.get()
+            if ev["type"] == "prompt":  # echo: the prompt's tokens and their log-probabilities come first
+                texts[k].append(self.model.tokenizer.decode([e["token"] for e in ev["entries"]]))
+                logprobs[k].extend(ev["entries"])
+            elif ev["type"] == "token":
+                texts[k].append(ev["text"])
+                logprobs[k].append(ev["logprob"])
+            else:
+                texts[k].append(ev.get("text", ""))
+                finals[k] = ev
+                if ev["type"] == "error":
+                    finals = [f or ev for f in finals]
+        return [("".join(t), lp, f) for t, lp, f in zip(texts, logprobs, finals, strict=True)]
+
+    async def _stream(self, jobs: list[Request], events, meta: dict, chat: bool, include_usage: bool):
+        splitters = [ThinkSplitter() for _ in jobs] if chat else None
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(piece: str, finish=None, final=False, logprob=None):
+        def data(choice: dict) -> str:
+            return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+
+        def chunk(k: int, piece: str, finish=None, final=False, logprob=None):
+            job = jobs[k]
             if chat:
-                reasoning, content = splitter.push(piece, final=final)
+                reasoning, content = splitters[k].push(piece, final=final)
                 delta = {}
                 if reasoning:
                     delta["reasoning_content"] = reasoning
                 if content or not delta:
                     delta["content"] = content
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": piece, "finish_reason": finish,
-                          "logprobs": self._completion_logprobs([logprob]) if logprob else None}
-            return f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+                return data({"index": job.index, "delta": delta, "finish_reason": finish,
+                             "logprobs": self._chat_logprobs([logprob]) if logprob else None})
+            return data({"index": job.index, "text": piece, "finish_reason": finish,
+                         "logprobs": self._completion_logprobs([logprob]) if logprob else None})
 
+        finals: list[dict | None] = [None] * len(jobs)
         try:
             if chat:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [first]})}\n\n"
-            while True:
-                ev = await events.get()
+                for job in jobs:
+                    yield data({"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None})
+            while any(f is None for f in finals):
+                k, ev = await events.get()
                 if ev["type"] == "prompt":
                     text = self.model.tokenizer.decode([e["token"] for e in ev["entries"]])
-                    choice = {"index": 0, "text": text, "finish_reason": None,
-                              "logprobs": self._completion_logprobs(ev["entries"]) if job.logprobs is not None
-                              else None}
-                    yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [choice]})}\n\n"
+                    yield data({"index": jobs[k].index, "text": text, "finish_reason": None,
+                                "logprobs": self._completion_logprobs(ev["entries"]) if jobs[k].logprobs is not None
+                                else None})
                     continue
                 if ev["type"] == "token":
                     if ev["text"] or ev["logprob"]:
-                        yield chunk(ev["text"], logprob=ev["logprob"])
+                        yield chunk(k, ev["text"], logprob=ev["logprob"])
                     continue
+                finals[k] = ev
                 if ev["type"] == "error":
                     err = {"error": {"message": f"generation failed: {ev['message']}", "type": "server_error"}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
-                yield chunk(ev.get("text", ""), finish=ev["finish_reason"], final=True)
+                yield chunk(k, ev.get("text", ""), finish=ev["finish_reason"], final=True)
+            else:  # every choice finished
                 if include_usage:
-                    yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': _usage(ev)})}\n\n"
-                break
+                    usage = {**meta, "object": kind, "choices": [], "usage": _usage(jobs, finals)}
+                    yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): a running request frees its slot at the next step
-            job.cancelled = True
+            for job in jobs:
+                job.cancelled = True
+
+    def _chat_logprobs(self, entries) -> dict:
+        """Chat's shape: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``."""
+        tok = self.model.tokenizer
+
+        def one(t: int, lp: float) -> dict:
+            piece = tok.decode([t])
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+        return {"content": [{**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                            for e in entries if e is not None]}
 
     def _completion_logprobs(self, entries) -> dict:
         tok = self.model.tokenizer
@@ -217,7 +256,9 @@ class Server:
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    def _parse(self, body: dict, chat: bool) -> Request:
+    def _parse(self, body: dict, chat: bool) -> list[Request]:
+        """The request's jobs: one per choice (``n`` per prompt; completions take a list of prompts), in choice
+        order; every check is done before any of them runs."""
         allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
         for field in body:
             if field not in allowed:
@@ -241,23 +282,23 @@ class Server:
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                         or not isinstance(m.get("content"), str):
                     raise ApiError(400, "each message needs a string role and a string content", param="messages")
-            if body.get("logprobs") not in (None, False):
-                raise ApiError(400, "field 'logprobs' is not supported for chat", param="logprobs")
+            want, top = body.get("logprobs"), body.get("top_logprobs")
+            if want not in (None, False, True):
+                raise ApiError(400, "logprobs must be true or false", param="logprobs")
+            if top is not None:
+                if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+                    raise ApiError(400, "top_logprobs must be a whole number from 0 to 20", param="top_logprobs")
+                if want is not True:
+                    raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            if want is True:
+                logprobs = top or 0
             try:
                 prompt = tokenizer.apply_chat_template(messages)
-                ids = tokenizer.encode(prompt, add_special_tokens=False)
+                prompts = [tokenizer.encode(prompt, add_special_tokens=False)]
             except UserError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                ids = tokenizer.encode(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                ids = prompt
-            else:
-                raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
+            prompts = _prompts(body.get("prompt"), tokenizer)
             lp = body.get("logprobs")
             if lp not in (None, False):
                 if not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= 20:
@@ -266,21 +307,43 @@ class Server:
             echo = body.get("echo", False)
             if not isinstance(echo, bool):
                 raise ApiError(400, "echo must be true or false", param="echo")
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
+        n = body.get("n")
+        n = 1 if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ApiError(400, f"n must be a whole number >= 1, got {n!r}", param="n")
+        if n * len(prompts) > MAX_CHOICES:
+            raise ApiError(400, f"{n * len(prompts)} choices (n x prompts) asked; at most {MAX_CHOICES} per request",
+                           param="n")
         context = self.model.max_seq_len
-        if len(ids) >= context:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {context}",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        vocab = self.model.config.vocab_size
+        for ids in prompts:
+            self._check_prompt(ids, context, vocab, chat)
+        longest = max(len(ids) for ids in prompts)
         field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = body.get(field)
         if max_tokens is None:
-            max_tokens = context - len(ids) if chat else 16
+            max_tokens = context - longest if chat else 16
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ApiError(400, f"{field} must be a whole number >= 1, got {max_tokens!r}", param=field)
-        if len(ids) + max_tokens > context:
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {field} ({max_tokens}) exceeds this server's "
+        if longest + max_tokens > context:
+            raise ApiError(400, f"the prompt ({longest} tokens) plus {field} ({max_tokens}) exceeds this server's "
                                 f"context of {context} tokens", param=field, code="context_length_exceeded")
+        settings = self._settings(body)
+        return [Request(list(ids), max_tokens, emit=lambda ev: None, logprobs=logprobs, echo=echo, index=i * n + j,
+                        copy=j, **settings) for i, ids in enumerate(prompts) for j in range(n)]
+
+    def _check_prompt(self, ids: list[int], context: int, vocab: int, chat: bool) -> None:
+        if not ids:
+            raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
+        if len(ids) >= context:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {context}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+
+    def _settings(self, body: dict) -> dict:
+        """Stop strings, sampling and ``ignore_eos``: what every choice of the request shares."""
         stop = body.get("stop")
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -298,11 +361,26 @@ class Server:
             raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
         if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
-        return Request(list(ids), max_tokens, sampling, stop, emit=lambda ev: None, logprobs=logprobs,
-                       echo=echo, ignore_eos=body.get("ignore_eos", False))
+        return {"sampling": sampling, "stop": stop, "ignore_eos": body.get("ignore_eos", False)}
 
     def _status(self, status: int) -> None:
         self.metrics.requests[status] = self.metrics.requests.get(status, 0) + 1
+
+
+def _prompts(prompt, tokenizer) -> list[list[int]]:
+    """Completions' ``prompt``: a string, a list of token ids, or a list of either (several prompts)."""
+    def one(p):
+        if isinstance(p, str):
+            return tokenizer.encode(p)
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return p
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a list of those", param="prompt")
+
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        return [one(p) for p in prompt]
+    return [one(prompt)]
 
 
 def _number(body: dict, name: str, default: float):
@@ -314,19 +392,25 @@ def _number(body: dict, name: str, default: float):
     return float(value)
 
 
-def _usage(done: dict) -> dict:
-    p, c = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(jobs: list[Request], finals: list[dict]) -> dict:
+    """Usage over every choice: each prompt counted once (as OpenAI does with ``n`` > 1), completions summed."""
+    firsts = [f for job, f in zip(jobs, finals, strict=True) if job.copy == 0]
+    p = sum(f.get("prompt_tokens", 0) for f in firsts)
+    c = sum(f.get("completion_tokens", 0) for f in finals)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": sum(f.get("cached_tokens", 0) for f in firsts)}}
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, name: str | None = None,
-          max_queue: int = 64) -> None:
+          max_queue: int = 64, prefix_cache: bool = True) -> None:
     """Serve a loaded :class:`jaxmap.api.Model` until SIGTERM / Ctrl-C (running requests are drained first)."""
     import uvicorn
 
-    server = Server(model, name or "jaxmap", max_batch_size, max_queue)
-    log.info("serving %s on http://%s:%d/v1 (%d batch slots, context %d)", server.name, host, port, max_batch_size,
-             model.max_seq_len)
+    server = Server(model, name or "jaxmap", max_batch_size, max_queue, prefix_cache)
+    cache = server.batcher
+    log.info("serving %s on http://%s:%d/v1 (%d batch slots, context %d, prefill chunk %d, prefix cache %s)",
+             server.name, host, port, max_batch_size, model.max_seq_len, cache.chunk,
+             "on" if cache.prefix_cache else "off (sliding-window layers)" if prefix_cache else "off")
     def exit_cleanly(signum, frame):  # uvicorn drains, restores this handler and raises the signal again
         raise SystemExit(0)
 

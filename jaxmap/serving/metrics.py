@@ -33,6 +33,9 @@ class Metrics:
         self.requests: dict[int, int] = {}  # HTTP status -> count
         self.finished: dict[str, int] = {}  # ok / cancelled / error
         self.prompt_tokens = 0
+        self.prefix_requests = {"hit": 0, "miss": 0}  # admissions that found a cached prompt prefix, or not
+        self.decode_steps = {"batch": 0, "solo": 0}  # all slots at once, or a lone slot in its batch-1 cache
+        self.prefix_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache instead of a prefill
         self.generated_tokens = 0
         self.ttft = Histogram()
         self.itl = Histogram()
@@ -47,8 +50,16 @@ class Metrics:
         lines += [f'jaxmap_requests_total{{status="{k}"}} {v}' for k, v in sorted(self.requests.items())]
         lines += ["# HELP jaxmap_generations_total generations by outcome", "# TYPE jaxmap_generations_total counter"]
         lines += [f'jaxmap_generations_total{{outcome="{k}"}} {v}' for k, v in sorted(self.finished.items())]
+        lines += ["# HELP jaxmap_prefix_cache_requests_total prefix cache lookups by result",
+                  "# TYPE jaxmap_prefix_cache_requests_total counter"]
+        lines += [f'jaxmap_prefix_cache_requests_total{{result="{k}"}} {v}' for k, v in self.prefix_requests.items()]
+        lines += ["# HELP jaxmap_decode_steps_total decode steps: every slot (batch) or a lone slot at batch 1 (solo)",
+                  "# TYPE jaxmap_decode_steps_total counter"]
+        lines += [f'jaxmap_decode_steps_total{{rows="{k}"}} {v}' for k, v in self.decode_steps.items()]
         for name, value, kind, text in (
-                ("jaxmap_prompt_tokens_total", self.prompt_tokens, "counter", "prompt tokens prefilled"),
+                ("jaxmap_prompt_tokens_total", self.prompt_tokens, "counter", "prompt tokens (prefilled or reused)"),
+                ("jaxmap_prefix_cache_reused_tokens_total", self.prefix_reused_tokens, "counter",
+                 "prompt tokens whose KV rows came from the prefix cache"),
                 ("jaxmap_generation_tokens_total", self.generated_tokens, "counter", "tokens generated"),
                 ("jaxmap_queue_depth", self.queue_depth, "gauge", "requests waiting for a slot"),
                 ("jaxmap_batch_slots_in_use", self.slots_in_use, "gauge", "batch slots running a request"),
