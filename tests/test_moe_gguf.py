@@ -147,3 +147,15 @@ def test_plan_types_and_counts_expert_stacks():
     spec = layer_param_specs(config, 0)["experts_gate"]
     one_expert = tensor_nbytes("Q4K", (768, 2048))
     assert weight_bytes(spec, "Q4K", 2, units(config), 4) == 128 * one_expert // 2
+
+
+def test_gguf_that_does_not_match_its_metadata_is_one_clear_error(tmp_path):
+    from jaxmap.errors import UserError
+
+    path = write_moe_gguf("tiny-qwen3-moe", tmp_path / "count.gguf", expert_count=6)
+    with pytest.raises(UserError, match=r"blk\.0\.ffn_\w+_exps\.weight has shape \(8, \d+, \d+\), the metadata's "
+                                        r"model expects 6 stacked experts"):
+        GGUFSource(path)
+    path = write_moe_gguf("tiny-mixtral-swa", tmp_path / "partial.gguf", drop=("blk.1.ffn_down_exps.weight",))
+    with pytest.raises(UserError, match=r"lacks the tensor blk\.1\.ffn_down_exps\.weight"):
+        jaxmap.load(str(path), max_seq_len=32, progress=False, devices="0")

@@ -46,8 +46,8 @@ def test_tp_splits_each_expert_on_its_intermediate_dimension(ref):
 @pytest.mark.parametrize("layout", ["tp2", "pp2xtp2"])
 def test_quantized_experts_split(ref, layout, tmp_path):
     """A Q8_0 GGUF's expert stacks on a tp split: the column-parallel gate/up keep Q8_0 (their output rows split),
-    the row-parallel down projection falls back where half its intermediate inputs are less than a 32-block; the
-    run matches the same file on one device."""
+    the row-parallel down projection falls back where half its intermediate inputs are less than a 32-block; prompt
+    logits and greedy decode match the same file on one device."""
     norm = False if ref["name"] == "tiny-qwen3-moe" else None
     path = write_moe_gguf(ref["name"], tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0, expert_weights_norm=norm)
     split = jaxmap.load(str(path), max_seq_len=64, progress=False, **LAYOUTS[layout])
@@ -57,3 +57,6 @@ def test_quantized_experts_split(ref, layout, tmp_path):
     assert layer["experts_gate"].qtype == "Q8_0"
     for a, b in zip(split.forward_logits(ref["input_ids"]), one.forward_logits(ref["input_ids"]), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-3, rtol=0)
+    # decode: the gathered experts' quantized blocks, split, through the quantized product
+    got = [r.token_ids for r in split.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]
+    assert got == [r.token_ids for r in one.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]

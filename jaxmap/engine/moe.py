@@ -18,9 +18,9 @@ is small (``_DENSE_MAX_ELEMENTS``); ragged_dot is unmeasured on accelerators.
 
 Quantized experts (ISQ, or a GGUF's own blocks): a stack is one QTensor per expert stacked along a leading axis of
 every leaf (:func:`jaxmap.quant.stack`, each expert ``[out, in]``). Decode gathers the routed experts' blocks
-(``leaf[idx]``) and dequantizes only those (:func:`_take`), so it still reads the active experts' bytes only, in
-their quantized size; prefill dequantizes the whole stack once per layer (:func:`_float_stack`). The router, a plain
-2-D projection, goes through :func:`jaxmap.quant.dense`.
+(``leaf[idx]``) and runs the quantized product on each (:func:`_qproject`), so it still reads the active experts'
+bytes only, at their quantized size; prefill dequantizes the whole stack once per layer (:func:`_float_stack`).
+The router, a plain 2-D projection, goes through :func:`jaxmap.quant.dense`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
 from jaxmap.quant import dense
-from jaxmap.quant.kernels import dequantize
+from jaxmap.quant.kernels import dequantize, qdot
 from jaxmap.quant.qtensor import QTensor
 
 # Gather while tokens x k <= E (decode, short prompts): the gathered slices then cost no more bytes than the stack.
@@ -50,15 +50,15 @@ def route(logits: jnp.ndarray, k: int, renormalize: bool) -> tuple[jnp.ndarray, 
     return weights, idx
 
 
-def _take(w, idx: jnp.ndarray, dtype) -> jnp.ndarray:
-    """The routed experts' slices ``w[idx]`` (``[N, k, in, out]``): of a float stack, or of a quantized one by its
-    gathered blocks, dequantized (only the k experts of each token, never the whole stack)."""
-    if not isinstance(w, QTensor):
-        return w[idx]
-    picked = jax.tree.map(lambda a: a[idx], w)
-    flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), picked)
-    dense_w = jax.vmap(lambda q: dequantize(q, dtype))(flat)  # [N*k, out, in]
-    return jnp.swapaxes(dense_w, 1, 2).reshape(*idx.shape, *w.shape[::-1])
+def _qproject(xs: jnp.ndarray, w: QTensor, idx: jnp.ndarray) -> jnp.ndarray:
+    """``xs [N, k, in]``, each (token, expert) pair through its own expert of a quantized stack: ``[N, k, out]``.
+    Only the routed experts' blocks are gathered (``leaf[idx]``), and each pair runs the quantized matrix-vector
+    product of :func:`jaxmap.quant.kernels.qdot` (vmapped), which dequantizes inside the product rather than
+    materialising the experts as float (measured faster than dequantize-then-multiply, README)."""
+    picked = jax.tree.map(lambda a: a[idx].reshape(-1, *a.shape[1:]), w)
+    flat = xs.reshape(-1, xs.shape[-1])
+    y = jax.vmap(lambda v, q: qdot(v[None], q)[0])(flat, picked)
+    return y.reshape(*idx.shape, -1)
 
 
 def _float_stack(w, dtype):
@@ -69,11 +69,15 @@ def _float_stack(w, dtype):
 
 
 def _gather(x, weights, idx, wg, wu, wd):
-    """x [N, D]; per token its k experts' slices."""
-    g = jnp.einsum("nd,nkdi->nki", x, _take(wg, idx, x.dtype))
-    u = jnp.einsum("nd,nkdi->nki", x, _take(wu, idx, x.dtype))
-    act = jax.nn.silu(g) * u
-    out = jnp.einsum("nki,nkid->nkd", act, _take(wd, idx, x.dtype))
+    """x [N, D]; per token its k experts' slices (of a quantized stack: :func:`_qproject`)."""
+    if isinstance(wg, QTensor):
+        xk = jnp.broadcast_to(x[:, None], (x.shape[0], idx.shape[1], x.shape[1]))
+        act = jax.nn.silu(_qproject(xk, wg, idx)) * _qproject(xk, wu, idx)
+        out = _qproject(act, wd, idx)
+    else:
+        g = jnp.einsum("nd,nkdi->nki", x, wg[idx])
+        u = jnp.einsum("nd,nkdi->nki", x, wu[idx])
+        out = jnp.einsum("nki,nkid->nkd", jax.nn.silu(g) * u, wd[idx])
     return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights)
 
 

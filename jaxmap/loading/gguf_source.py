@@ -139,7 +139,7 @@ class GGUFSource:
         self._parts = self._fused_parts()
         # llama.cpp's stacked experts (ffn_{gate,up,down}_exps, numpy order [E, out, in]) are served in jaxmap's
         # stacked layout [E, in, out], as a Hugging Face folder's per-expert tensors are (safetensors_source)
-        self._stacks = {name for name in stacked_experts(self.config) if name in self._tensors}
+        self._stacks = dict.fromkeys(name for name in stacked_experts(self.config) if name in self._tensors)
         for name in self._stacks:
             self._check_stack(name)
 

@@ -44,13 +44,15 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_moe_gguf(name: str, path: Path, qtype=None, expert_weights_norm: bool | None = None) -> Path:
+def write_moe_gguf(name: str, path: Path, qtype=None, expert_weights_norm: bool | None = None,
+                   expert_count: int | None = None, drop: tuple[str, ...] = ()) -> Path:
     """The tiny model ``name`` as a GGUF file: Mixtral as ``llama`` with ``llama.expert_count`` and permuted q/k rows,
     Qwen3-MoE as ``qwen3moe``; per-expert tensors stacked ``[E, out, in]`` (numpy order) into
     ``blk.N.ffn_{gate,up,down}_exps.weight``. ``qtype`` (a GGMLQuantizationType) stores every 2-D and 3-D
     projection quantized (embeddings, norms and the router stay float32, as llama.cpp keeps the router in F32 for
     small ones). ``expert_weights_norm`` writes ``{arch}.expert_weights_norm`` (llama.cpp's qwen3moe graph always
-    renormalises; the tiny Qwen3-MoE without norm_topk_prob needs it written false)."""
+    renormalises; the tiny Qwen3-MoE without norm_topk_prob needs it written false). ``expert_count`` writes another
+    count than the tensors hold and ``drop`` leaves tensors out (files that do not match their metadata)."""
     import gguf
     from safetensors import safe_open
 
@@ -93,7 +95,7 @@ def write_moe_gguf(name: str, path: Path, qtype=None, expert_weights_norm: bool 
     w.add_value_length(config["head_dim"])
     w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_expert_count(experts)
+    w.add_expert_count(experts if expert_count is None else expert_count)
     w.add_expert_used_count(config["num_experts_per_tok"])
     if not mixtral:
         w.add_expert_feed_forward_length(config["moe_intermediate_size"])
@@ -105,6 +107,8 @@ def write_moe_gguf(name: str, path: Path, qtype=None, expert_weights_norm: bool 
     w.add_eos_token_id(config["eos_token_id"])
     w.add_vocab_size(config["vocab_size"])
     for gname, array in tensors.items():
+        if gname in drop:
+            continue
         block = gguf.GGML_QUANT_SIZES[qtype][0] if qtype is not None else 0
         quantize = (qtype is not None and array.ndim >= 2 and array.shape[-1] % block == 0
                     and "token_embd" not in gname and "gate_inp" not in gname)
