@@ -62,9 +62,8 @@ def auto_experts(config: ModelConfig, hardware: Hardware, budgets: Budgets, dtyp
                  run: Callable[[dict[int, tuple[int, int]], int], tuple[Fill, object]]) -> tuple[
                      tuple[Fill, object], list[ExpertPlacement], list[str]] | None:
     """The fewest routed experts (last layers first) whose leaving the accelerators lets every layer stay resident
-    there; else every layer's experts apart and the layer fill streaming what still does not fit. ``run(apart,
-    apart_host)`` is the planner's layer fill. None when the model has no routed experts or moving them does not
-    help (the plain fill decides then)."""
+    there. ``run(apart, apart_host)`` is the planner's layer fill. None when the model has no routed experts or
+    when even the most experts host memory takes leave layers streaming (the plain layer fill decides then)."""
     layers = moe_layers(config)
     if not layers:
         return None
@@ -113,16 +112,16 @@ def auto_experts(config: ModelConfig, hardware: Hardware, budgets: Budgets, dtyp
         return None
     best = attempt(hi)
     if not resident(best):
-        if best is None:
-            return None
-    else:
-        while lo < hi:  # the fewest experts apart that keep every layer resident
-            mid = (lo + hi) // 2
-            trial = attempt(mid)
-            if resident(trial):
-                best, hi = trial, mid
-            else:
-                lo = mid + 1
+        # even every expert host memory holds leaves layers streaming: the plain layer fill decides (a streamed
+        # layer moves its experts with it; experts apart from a streamed layer are not run)
+        return None
+    while lo < hi:  # the fewest experts apart that keep every layer resident
+        mid = (lo + hi) // 2
+        trial = attempt(mid)
+        if resident(trial):
+            best, hi = trial, mid
+        else:
+            lo = mid + 1
     (filled, home), kinds = best  # type: ignore[misc]
     experts = []
     for i in sorted(kinds):
