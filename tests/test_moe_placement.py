@@ -190,3 +190,22 @@ def test_experts_computed_on_the_cpu_are_refused_at_load_for_now(tmp_path):
     (tmp_path / "plan.yaml").write_text(m.to_yaml())
     with pytest.raises(UserError, match="does not run yet"):
         jaxmap.load(f"preset:{preset}", progress=False, plan=str(tmp_path / "plan.yaml"))
+
+
+def test_topology_regex_entries_place_experts_last_match_wins():
+    topology = {r"/blk\.(4[4-7])\.ffn_.*_exps/": {"device": "host"},
+                r"/layers\.47\.mlp\.experts\.\d+\./": {"device": "disk"}}
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(topology=topology), dtype="bf16")
+    assert [(e.layer, e.memory_kind) for e in m.experts] == [(44, "host"), (45, "host"), (46, "host"), (47, "disk")]
+    assert m.experts[-1].source.startswith("topology /layers")
+    # -ot comes before the topology
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(topology=topology, override_tensor=r"blk\.47\.=cpu"),
+             dtype="bf16")
+    assert m.experts[-1].memory_kind == "cpu"
+
+
+def test_host_and_disk_are_places_for_regex_entries_only():
+    from jaxmap.errors import UserError
+
+    with pytest.raises(UserError, match="unknown device 'host'"):
+        make_wish(topology={"0-4": {"device": "host"}})

@@ -191,10 +191,12 @@ def tensor_names(config: ModelConfig, spec, stacked: Mapping[str, list[str]] | N
 
 
 def explicit_experts(config: ModelConfig, hardware: Hardware, wish) -> list[Forced]:
-    """The expert placements ``-ot``, ``--cpu-moe`` and ``--n-cpu-moe`` ask for (``-ot`` entries first, in order;
-    the first match wins), checked: one line for a flag the model or hardware cannot take."""
+    """The expert placements ``-ot``, a topology's ``/regex/`` entries with a device, ``--n-cpu-moe`` and
+    ``--cpu-moe`` ask for, in that precedence (``-ot``: the first match wins; a topology: its last match, as
+    documented), checked: one line for a flag the model or hardware cannot take."""
     overrides, cpu_moe, n_cpu_moe = wish.overrides, wish.cpu_moe, wish.n_cpu_moe
-    if not overrides and not cpu_moe and n_cpu_moe is None:
+    placing = wish.topology is not None and any(e.device for e in wish.topology.patterns)
+    if not overrides and not cpu_moe and n_cpu_moe is None and not (placing and moe_layers(config)):
         return []
     layers = moe_layers(config)
     name = config.name or "the model"
@@ -231,6 +233,16 @@ def explicit_experts(config: ModelConfig, hardware: Hardware, wish) -> list[Forc
             raise UserError(f"-ot {o.text!r} matches no tensor of {name} (names look like {', '.join(sample)})")
         for i in hits:
             out.setdefault(i, Forced(i, o.place, f"-ot {o.text}"))
+    topology = wish.topology
+    if topology is not None:  # /regex/ entries with a device: the last match wins, as for the outer weights
+        for i in layers:
+            entry = next((e for e in reversed(topology.patterns) if e.device is not None
+                          and any(re.search(e.pattern, t) for t in expert_names[i])), None)
+            if entry is not None:
+                place = entry.device
+                if place not in ("cpu", "host", "disk") and hardware.find(place) is None:
+                    raise UserError(f"{topology.source}: entry {entry.where} names {hardware.lacks(place)}")
+                out.setdefault(i, Forced(i, place, f"topology {entry.key}"))
     if n_cpu_moe:
         for i in layers:
             if i < n_cpu_moe:
