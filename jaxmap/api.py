@@ -368,6 +368,9 @@ def load(
     isq: str | None = None,
     imatrix: str | Path | dict | None = None,
     prefill_chunk: int | None = None,
+    override_tensor: str | list[str] | None = None,
+    cpu_moe: bool = False,
+    n_cpu_moe: int | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
@@ -388,7 +391,8 @@ def load(
         raise UserError(f"layer_mode must be one of {', '.join(LAYER_MODES)}, got {layer_mode!r}")
     if plan is not None:
         _check_plan_alone(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
-                          max_memory=max_memory, isq=isq, dtype=dtype, auto=auto, allow_disk=allow_disk)
+                          max_memory=max_memory, isq=isq, dtype=dtype, auto=auto, allow_disk=allow_disk,
+                          override_tensor=override_tensor, cpu_moe=cpu_moe or None, n_cpu_moe=n_cpu_moe)
     importance = None if imatrix is None else Imatrix.load(imatrix)
     source = resolve_source(model, seed=seed)
     try:
@@ -421,7 +425,8 @@ def load(
         np_dtype = parse_dtype(dtype) if dtype else default_dtype(hardware.default_platform)
         global_isq = isq_mod.default_isq(source, isq, dtype)
         wish = make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
-                         isq=global_isq, max_memory=max_memory, auto=auto, allow_disk=allow_disk)
+                         isq=global_isq, max_memory=max_memory, auto=auto, allow_disk=allow_disk,
+                         override_tensor=override_tensor, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe)
         if wish.topology is not None:
             isq_mod.check_types(None, [e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]])
             if global_isq == isq_mod.NATIVE and any(e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]):
@@ -459,7 +464,8 @@ def load(
 
 LAYER_MODES = ("auto", "unrolled", "per_layer")
 _PLAN_FIXES = {"tp": "--tp", "pp": "--pp", "devices": "--devices", "device_layers": "-n", "topology": "--topology",
-               "max_memory": "--max-memory", "isq": "--isq", "dtype": "--dtype"}
+               "max_memory": "--max-memory", "isq": "--isq", "dtype": "--dtype", "override_tensor": "-ot",
+               "cpu_moe": "--cpu-moe", "n_cpu_moe": "--n-cpu-moe"}
 
 
 def _check_plan_alone(auto: bool, allow_disk: bool, **wishes) -> None:

@@ -190,3 +190,54 @@ def test_experts_computed_on_the_cpu_are_refused_at_load_for_now(tmp_path):
     (tmp_path / "plan.yaml").write_text(m.to_yaml())
     with pytest.raises(UserError, match="does not run yet"):
         jaxmap.load(f"preset:{preset}", progress=False, plan=str(tmp_path / "plan.yaml"))
+
+
+def test_topology_regex_entries_place_experts_last_match_wins():
+    topology = {r"/blk\.(4[4-7])\.ffn_.*_exps/": {"device": "host"},
+                r"/layers\.47\.mlp\.experts\.\d+\./": {"device": "disk"}}
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(topology=topology), dtype="bf16")
+    assert [(e.layer, e.memory_kind) for e in m.experts] == [(44, "host"), (45, "host"), (46, "host"), (47, "disk")]
+    assert m.experts[-1].source.startswith("topology /layers")
+    # -ot comes before the topology
+    m = plan(QWEN30, Hardware.from_preset("1x24gb"), make_wish(topology=topology, override_tensor=r"blk\.47\.=cpu"),
+             dtype="bf16")
+    assert m.experts[-1].memory_kind == "cpu"
+
+
+def test_host_and_disk_are_places_for_regex_entries_only():
+    from jaxmap.errors import UserError
+
+    with pytest.raises(UserError, match="unknown device 'host'"):
+        make_wish(topology={"0-4": {"device": "host"}})
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "doctor"])
+def test_expert_flags_reach_generate_serve_and_doctor(command, capsys):
+    """The default SmolLM2 is dense: --cpu-moe is refused in one line before any weight is read."""
+    import importlib
+
+    main = importlib.import_module(f"jaxmap.cli.{command}").main
+    flags = ["--model", "--cpu-moe"] if command == "doctor" else ["--cpu-moe"]
+    assert main([*flags, *(["-p", "hi"] if command == "generate" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cpu-moe" in err and "dense model" in err and len(err.splitlines()) == 1
+
+
+def test_load_runs_experts_in_host_memory_and_refuses_cpu_compute(tmp_path):
+    """The Python API takes the flags too: -ot exps=host runs; --cpu-moe (CPU compute) is refused at load."""
+    import yaml
+    from test_moe import TINY_MIXTRAL
+
+    import jaxmap
+    from jaxmap.errors import UserError
+
+    preset = tmp_path / "tiny-moe.yaml"
+    preset.write_text(yaml.safe_dump(TINY_MIXTRAL))
+    kw = dict(max_seq_len=32, progress=False, devices="0", max_memory="host:1GiB")
+    model = jaxmap.load(f"preset:{preset}", override_tensor="exps=host", **kw)
+    assert {e.memory_kind for e in model.device_map.experts} == {"host"}
+    assert len(model.generate([[1, 2, 3]], max_new_tokens=3, temperature=0.0)[0].token_ids) == 3
+    with pytest.raises(UserError, match="does not run yet"):
+        jaxmap.load(f"preset:{preset}", cpu_moe=True, **kw)
+    with pytest.raises(UserError, match="-ot would be ignored"):
+        jaxmap.load(f"preset:{preset}", override_tensor="exps=host", plan=str(tmp_path / "none.yaml"))

@@ -191,8 +191,10 @@ def _verdict(args: argparse.Namespace):
     hardware = Hardware.from_jax()
     dtype = args.dtype or default_dtype(hardware.default_platform).name
     seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
+    from jaxmap.cli.common import expert_wish
+
     wish = make_wish(max_memory=args.max_memory, allow_disk=args.allow_disk,
-                     isq=args.isq or ("native" if stored else None))
+                     isq=args.isq or ("native" if stored else None), **expert_wish(args))
     return judge(config, hardware, wish, dtype, seq, args.max_batch_size, check_xla=args.xla_check, stored=stored,
                  prefill_chunk=args.prefill_chunk)
 
@@ -212,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--isq", help="plan with this in-situ quantization type")
     parser.add_argument("--no-xla-check", dest="xla_check", action="store_false",
                         help="skip compiling one layer for XLA's memory_analysis")
-    from jaxmap.cli.common import add_distributed_arguments
+    from jaxmap.cli.common import add_distributed_arguments, add_expert_arguments
+
+    add_expert_arguments(parser)
 
     add_distributed_arguments(parser)
     return guarded(run, parser.parse_args(argv))

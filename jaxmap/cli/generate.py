@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 from jaxmap.cli.common import (
     add_distributed_arguments,
+    add_expert_arguments,
     add_mapping_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    expert_wish,
     guarded,
     setup_logging,
 )
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m jaxmap.generate", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     add_mapping_arguments(parser)
+    add_expert_arguments(parser)
     add_distributed_arguments(parser)
     parser.add_argument("-p", "--prompt", action="append", default=None,
                         help="a prompt (repeat for a batch); read from standard input when absent")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
                  auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
-                 imatrix=args.imatrix, prefill_chunk=args.prefill_chunk)
+                 imatrix=args.imatrix, prefill_chunk=args.prefill_chunk, **expert_wish(args))
 
     stream = not args.json and len(prompts) == 1
     decoder = model.tokenizer.stream_decoder() if stream else None

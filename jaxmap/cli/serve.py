@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 from jaxmap.cli.common import (
     add_distributed_arguments,
+    add_expert_arguments,
     add_mapping_arguments,
     add_model_arguments,
+    expert_wish,
     guarded,
     setup_logging,
 )
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m jaxmap.serve", description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     add_mapping_arguments(parser)
+    add_expert_arguments(parser)
     add_distributed_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
                  auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
-                 imatrix=args.imatrix, prefill_chunk=args.prefill_chunk)
+                 imatrix=args.imatrix, prefill_chunk=args.prefill_chunk, **expert_wish(args))
     name = args.served_model_name or (str(args.model) if args.model else "jaxmap")
     serve(model, host=args.host, port=args.port, max_batch_size=batch, name=name, max_queue=args.max_queue,
           prefix_cache=not args.no_prefix_cache)

@@ -62,9 +62,8 @@ def auto_experts(config: ModelConfig, hardware: Hardware, budgets: Budgets, dtyp
                  run: Callable[[dict[int, tuple[int, int]], int], tuple[Fill, object]]) -> tuple[
                      tuple[Fill, object], list[ExpertPlacement], list[str]] | None:
     """The fewest routed experts (last layers first) whose leaving the accelerators lets every layer stay resident
-    there; else every layer's experts apart and the layer fill streaming what still does not fit. ``run(apart,
-    apart_host)`` is the planner's layer fill. None when the model has no routed experts or moving them does not
-    help (the plain fill decides then)."""
+    there. ``run(apart, apart_host)`` is the planner's layer fill. None when the model has no routed experts or
+    when even the most experts host memory takes leave layers streaming (the plain layer fill decides then)."""
     layers = moe_layers(config)
     if not layers:
         return None
@@ -113,16 +112,16 @@ def auto_experts(config: ModelConfig, hardware: Hardware, budgets: Budgets, dtyp
         return None
     best = attempt(hi)
     if not resident(best):
-        if best is None:
-            return None
-    else:
-        while lo < hi:  # the fewest experts apart that keep every layer resident
-            mid = (lo + hi) // 2
-            trial = attempt(mid)
-            if resident(trial):
-                best, hi = trial, mid
-            else:
-                lo = mid + 1
+        # even every expert host memory holds leaves layers streaming: the plain layer fill decides (a streamed
+        # layer moves its experts with it; experts apart from a streamed layer are not run)
+        return None
+    while lo < hi:  # the fewest experts apart that keep every layer resident
+        mid = (lo + hi) // 2
+        trial = attempt(mid)
+        if resident(trial):
+            best, hi = trial, mid
+        else:
+            lo = mid + 1
     (filled, home), kinds = best  # type: ignore[misc]
     experts = []
     for i in sorted(kinds):
@@ -192,10 +191,12 @@ def tensor_names(config: ModelConfig, spec, stacked: Mapping[str, list[str]] | N
 
 
 def explicit_experts(config: ModelConfig, hardware: Hardware, wish) -> list[Forced]:
-    """The expert placements ``-ot``, ``--cpu-moe`` and ``--n-cpu-moe`` ask for (``-ot`` entries first, in order;
-    the first match wins), checked: one line for a flag the model or hardware cannot take."""
+    """The expert placements ``-ot``, a topology's ``/regex/`` entries with a device, ``--n-cpu-moe`` and
+    ``--cpu-moe`` ask for, in that precedence (``-ot``: the first match wins; a topology: its last match, as
+    documented), checked: one line for a flag the model or hardware cannot take."""
     overrides, cpu_moe, n_cpu_moe = wish.overrides, wish.cpu_moe, wish.n_cpu_moe
-    if not overrides and not cpu_moe and n_cpu_moe is None:
+    placing = wish.topology is not None and any(e.device for e in wish.topology.patterns)
+    if not overrides and not cpu_moe and n_cpu_moe is None and not (placing and moe_layers(config)):
         return []
     layers = moe_layers(config)
     name = config.name or "the model"
@@ -232,6 +233,16 @@ def explicit_experts(config: ModelConfig, hardware: Hardware, wish) -> list[Forc
             raise UserError(f"-ot {o.text!r} matches no tensor of {name} (names look like {', '.join(sample)})")
         for i in hits:
             out.setdefault(i, Forced(i, o.place, f"-ot {o.text}"))
+    topology = wish.topology
+    if topology is not None:  # /regex/ entries with a device: the last match wins, as for the outer weights
+        for i in layers:
+            entry = next((e for e in reversed(topology.patterns) if e.device is not None
+                          and any(re.search(e.pattern, t) for t in expert_names[i])), None)
+            if entry is not None:
+                place = entry.device
+                if place not in ("cpu", "host", "disk") and hardware.find(place) is None:
+                    raise UserError(f"{topology.source}: entry {entry.where} names {hardware.lacks(place)}")
+                out.setdefault(i, Forced(i, place, f"topology {entry.key}"))
     if n_cpu_moe:
         for i in layers:
             if i < n_cpu_moe:

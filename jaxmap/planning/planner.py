@@ -446,7 +446,8 @@ def _outer_names(config: ModelConfig) -> dict[str, str]:
 
 def _layer_weight_names(config: ModelConfig) -> list[str]:
     """Every decoder layer's weight names (what a topology regex may match besides the outer weights)."""
-    return [s.hf_name for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
+    return [n for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()
+            for n in (s.hf_name, s.gguf_name) if n]
 
 
 def _fill(config: ModelConfig, hardware: Hardware, pool: list[Device], budgets: Budgets, dtype: str,
@@ -530,7 +531,7 @@ def _outer(stages: list[Stage], hardware: Hardware, topology: Topology | None, c
     if config.tie_word_embeddings and out["lm_head"].devices != out["embed"].devices:
         out["lm_head"].note = "its own copy of the tied embedding table"
     if topology is not None:
-        layer_names = [s.hf_name for s in layer_param_specs(config, 0).values()]
+        layer_names = [s.hf_name for s in layer_param_specs(config, 0).values() if s.role != "expert"]
         for e in topology.patterns:
             if not any(re.search(e.pattern, n) for n in [*names.values(), *_layer_weight_names(config)]):
                 warnings.append(f"topology: regex {e.where} matches no weight of this model, so it does nothing "

@@ -309,10 +309,13 @@ def _entry(key: str, index: int, line: int | None, value: Any, name: str, where:
         raise UserError(f"{name}: entry {where} has unknown key {str(unknown[0])!r}; allowed: isq, device")
     isq = None if value.get("isq") is None else str(value["isq"])
     device = None if value.get("device") is None else str(value["device"]).strip()
-    if device is not None and not DEVICE_PATTERN.match(device):
-        raise UserError(f"{name}: entry {where} has unknown device {device!r}; "
-                        "use cpu, cpu[N], cuda[N], rocm[N], metal[N] or tpu[N]")
     stripped = key.strip()
+    regex = len(stripped) >= 2 and stripped.startswith("/") and stripped.endswith("/")
+    # host and disk: places for routed expert tensors, which a /regex/ entry may name (jaxmap.planning.experts)
+    if device is not None and not DEVICE_PATTERN.match(device) and not (regex and device in ("host", "disk")):
+        raise UserError(f"{name}: entry {where} has unknown device {device!r}; "
+                        "use cpu, cpu[N], cuda[N], rocm[N], metal[N] or tpu[N] (and host or disk in a /regex/ "
+                        "entry for routed experts)")
     if len(stripped) >= 2 and stripped.startswith("/") and stripped.endswith("/"):
         pattern = stripped[1:-1]
         try:
