@@ -17,6 +17,7 @@ from jaxmap.config import ModelConfig, list_presets
 from jaxmap.config.dtypes import default_dtype, parse_dtype
 from jaxmap.config.hardware import Hardware
 from jaxmap.engine.engine import Engine, StepShape, attend_bucket, prefill_bucket
+from jaxmap.engine.phases import Phases, jax_totals, listen_to_jax
 from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
 from jaxmap.families import family_of, preset_config
@@ -75,6 +76,9 @@ class Model:
         self.tokenizer = tokenizer
         self.source_path = source_path
         self.device_map: DeviceMap | None = None
+        #: seconds per start-up phase (open, plan, load, engine), then each generate's (prefill, decode, jax's
+        #: trace / lower / compile); logged at DEBUG (``-v``)
+        self.phases = Phases()
 
     @property
     def max_seq_len(self) -> int:
@@ -222,6 +226,7 @@ class Model:
         pads_dev = jnp.asarray(pads)
 
         compile0 = engine.compile_stats.seconds
+        jax0 = jax_totals()
         t_start = time.perf_counter()
         token, caches, seen, _ = self._prefill(tokens, pads_dev, seen, values, key, shape)
         first = np.asarray(token)
@@ -266,6 +271,7 @@ class Model:
         engine.release_cache(caches)
 
         compile_total = engine.compile_stats.seconds - compile0
+        self._report_phases(t_start, t_first, t_end, jax0, compile_total)
         decode_compile = compile_total - prefill_compile
         prefill_time = max(t_first - t_start - prefill_compile, 1e-9)
         decode_time = max(t_end - t_first - decode_compile, 1e-9)
@@ -279,6 +285,21 @@ class Model:
             total_s=t_end - t_start,
         )
         return list(zip(outputs, reasons, strict=True)), stats
+
+    def _report_phases(self, t_start: float, t_first: float, t_end: float, jax0: dict, compile_total: float) -> None:
+        """One DEBUG line for this call: prefill (to the first token, its programs' first calls included), decode, and
+        of those, the first calls of programs (``programs``: trace, lower, compile or cache load, one run) with jax's
+        own trace / lower / backend-compile seconds."""
+        run = Phases()
+        run.add("prefill", t_first - t_start)
+        run.add("decode", t_end - t_first)
+        run.add("programs", compile_total)
+        now = jax_totals()
+        for name, total in now.items():
+            run.add(name, total - jax0.get(name, 0.0))
+        for name, seconds in run.seconds.items():
+            self.phases.seconds[name] = seconds
+        run.report("generate")
 
     def forward_logits(self, batch_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Float32 logits at every prompt position, one [len, vocab] array per prompt (for checks and scoring)."""
@@ -393,7 +414,10 @@ def load(
         _check_plan_alone(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
                           max_memory=max_memory, isq=isq, dtype=dtype, auto=auto, allow_disk=allow_disk,
                           override_tensor=override_tensor, cpu_moe=cpu_moe or None, n_cpu_moe=n_cpu_moe)
+    listen_to_jax()
+    phases = Phases()
     importance = None if imatrix is None else Imatrix.load(imatrix)
+    t_open = time.perf_counter()
     source = resolve_source(model, seed=seed)
     try:
         config = source.config
@@ -403,6 +427,8 @@ def load(
         _warn_unused_layers(source, config)
         if importance is not None:
             importance.check_model(config)
+        phases.add("open", time.perf_counter() - t_open)
+        t_plan = time.perf_counter()
         saved = _read_plan(plan, config) if plan is not None else None
         if saved is not None:
             dtype = saved.dtype
@@ -447,16 +473,21 @@ def load(
         for warning in device_map.warnings:
             log.warning("%s", warning)
         log.info("device map for %s:\n%s", source.path, device_map.render_table())
-        stages = materialize_model(source, device_map, hardware, np_dtype, importance, offload_folder, progress)
-        chunk = prefill_chunk if prefill_chunk is not None else device_map.chunk
-        engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode, chunk)
-        tokenizer = source.tokenizer()
+        phases.add("plan", time.perf_counter() - t_plan)
+        with phases.time("load"):
+            stages = materialize_model(source, device_map, hardware, np_dtype, importance, offload_folder, progress)
+        with phases.time("engine"):
+            chunk = prefill_chunk if prefill_chunk is not None else device_map.chunk
+            engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode, chunk)
+            tokenizer = source.tokenizer()
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
                  len(stages), jnp.dtype(np_dtype).name, seq)
         if save_plan is not None:
             _write_text(Path(save_plan), device_map.to_yaml())
         out = Model(config, engine, tokenizer, str(source.path))
         out.device_map = device_map
+        out.phases = phases
+        phases.report("load")
         return out
     finally:
         source.close()

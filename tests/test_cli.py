@@ -230,3 +230,30 @@ def test_malformed_flags_are_one_error_line(module):
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith(("error: unrecognized arguments", "error: the following arguments are required"))
     assert len(out.stderr.strip().splitlines()) == 1 and "usage:" not in out.stderr
+
+
+def test_verbose_reports_each_start_phase(main):
+    """``-v`` says where a start's time went: import, open, plan, load, engine, then prefill, decode and jax's trace /
+    lower / compile (the figures are not checked, only that every phase is named with seconds)."""
+    out = main("-m", str(TINY), "--prompt", "hello", "--max-new-tokens", "3", "--ignore-eos", "-v")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert any("import phase:" in line for line in lines), out.stderr
+    load = next(line for line in lines if "load phases:" in line)
+    gen = next(line for line in lines if "generate phases:" in line)
+    for phase in ("open", "plan", "load", "engine"):
+        assert f"{phase} " in load and " s" in load, load
+    for phase in ("prefill", "decode", "programs", "trace", "lower", "compile"):
+        assert f"{phase} " in gen, gen
+    quiet = main("-m", str(TINY), "--prompt", "hello", "--max-new-tokens", "2", "--ignore-eos")
+    assert "phases:" not in quiet.stderr  # only with -v
+
+
+def test_api_model_keeps_its_phases():
+    from jaxmap.api import load
+
+    model = load(str(TINY), progress=False)
+    assert {"open", "plan", "load", "engine"} <= set(model.phases.seconds)
+    model.generate(["hello"], max_new_tokens=2, stop_at_eos=False)
+    assert {"prefill", "decode", "trace", "compile"} <= set(model.phases.seconds)
+    assert all(s >= 0 for s in model.phases.seconds.values())

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from jaxmap.cli.common import (
@@ -52,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     if start_from_args(args):  # before any use of jax; processes other than 0 print nothing
         args.quiet = True
+    t_import = time.perf_counter()
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
     from jaxmap.engine.sampling import SamplingParams
 
+    log.debug("import phase: %.2f s (jax and jaxmap's engine)", time.perf_counter() - t_import)
     prompts = read_prompts(args.prompt)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     if args.max_new_tokens < 1:
