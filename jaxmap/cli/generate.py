@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         args.quiet = True
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
+    from jaxmap.engine.program_store import enable_program_store
     from jaxmap.engine.sampling import SamplingParams
 
     prompts = read_prompts(args.prompt)
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_type_flags(args.dtype, args.isq)
     check_tokenizer(args.model, args.chat)
     enable_compile_cache()
+    enable_program_store()
     batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
     model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
