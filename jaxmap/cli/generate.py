@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     t_import = time.perf_counter()
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
+    from jaxmap.engine.program_store import enable_program_store
     from jaxmap.engine.sampling import SamplingParams
 
     log.debug("import phase: %.2f s (jax and jaxmap's engine)", time.perf_counter() - t_import)
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_type_flags(args.dtype, args.isq)
     check_tokenizer(args.model, args.chat)
     enable_compile_cache()
+    enable_program_store()
     batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
     model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,

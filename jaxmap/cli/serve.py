@@ -62,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
     _check_before_loading(args)
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
+    from jaxmap.engine.program_store import enable_program_store
     from jaxmap.serving.app import serve
 
     enable_compile_cache()
+    enable_program_store()
     batch = args.max_batch_size
     model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,

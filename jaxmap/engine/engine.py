@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
-from jaxmap.engine import layers
+from jaxmap.engine import layers, program_store
 from jaxmap.engine.multihost import put, to_local
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
@@ -123,6 +123,7 @@ class Engine:
         self._programs: dict[tuple, Callable] = {}
         self._cache_pool: dict[int, list] = {}
         self._called: set[tuple] = set()
+        self._stored: dict[tuple, Callable | None] = {}  # first-called stage programs read from the program store
         self.multi_process = jax.process_count() > 1
 
     # ---- state ------------------------------------------------------------------------------------------------------
@@ -286,13 +287,34 @@ class Engine:
         first = key not in self._called
         t0 = time.perf_counter()
         with jax.default_matmul_precision(precision):
-            out = self._program(stage_index, shape, part, design)(*args)
+            stored = self._stored.get(key) if not first else self._store(stage_index, shape, part, design, args,
+                                                                          precision)
+            if stored is not None:
+                out = stored(*jax.tree.leaves(list(args)))
+            else:
+                out = self._program(stage_index, shape, part, design)(*args)
         if first:
             jax.block_until_ready(out)
             self._called.add(key)
             self.compile_stats.seconds += time.perf_counter() - t0
             self.compile_stats.programs += 1
         return out
+
+    def _store(self, stage_index: int, shape: StepShape, part: str, design, args, precision) -> Callable | None:
+        """A whole unrolled stage's step from the program store (see engine/program_store.py): a warm start reads
+        the traced program instead of tracing every layer again. Per-layer programs are small and stay traced."""
+        key = (stage_index, shape, part, design)
+        stored = None
+        if part == "stage" and program_store.store_root() is not None and not self.multi_process:
+            stage = self.stages[stage_index]
+            what = (repr(self.config), stage.start, stage.end, stage.is_first, stage.is_last, str(stage.dtype),
+                    shape, part, tuple(self.designs[stage.start:stage.end]), self.outer_design, self.max_seq_len,
+                    precision)
+            run = self._program(stage_index, shape, part, design).__wrapped__
+            # the stage program donates its caches and seen (arguments 2 and 6)
+            stored = program_store.load_or_export(program_store.program_key(what, args), run, args, donate=(2, 6))
+        self._stored[key] = stored
+        return stored
 
     def compiled_text(self, stage_index: int, batch: int = 1, n_tokens: int = 1, attend_len: int | None = None) -> str:
         """The optimised HLO of one stage's step program (for tests and for reading what XLA made of a layout)."""
