@@ -413,7 +413,7 @@ def run_serving(args) -> int:
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
     from jaxmap.serving import SERVE_PREFILL_CHUNK
-    from jaxmap.serving.bench import format_rows, serving_bench
+    from jaxmap.serving.bench import format_rows, format_stall, prefill_stall, serving_bench
 
     if not args.no_compile_cache:
         enable_compile_cache()
@@ -423,6 +423,14 @@ def run_serving(args) -> int:
     print(f"serving: model {args.model or 'default'}, dtype {args.dtype}, isq {args.isq or 'none'}, "
           f"{NEW_TOKENS} max tokens per request, 8 batch slots, {os.cpu_count()} CPUs")
     print(format_rows(rows))
+    stall = []
+    for chunk in (SERVE_PREFILL_CHUNK, 2048):  # serve's chunk, and generate's (a 1536-token prompt in one step)
+        long_model = load(args.model, dtype=args.dtype, max_seq_len=2048, max_batch_size=8, progress=False,
+                          isq=args.isq, prefill_chunk=chunk)
+        stall.append(prefill_stall(long_model))
+        del long_model
+    print("a 1536-token prompt joins 7 streams:")
+    print(format_stall(stall))
     return 0
 
 

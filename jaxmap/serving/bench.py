@@ -12,6 +12,8 @@ import statistics
 import threading
 import time
 
+import numpy as np
+
 
 def _request(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
     """One streamed completion: (time to first token, completion tokens)."""
@@ -78,4 +80,60 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def prefill_stall(model, streams: int = 7, prompt_tokens: int = 1536, max_tokens: int = 40) -> dict:
+    """``streams`` greedy streams decode; a prompt of ``prompt_tokens`` tokens joins them. Measures the streams'
+    longest gap between two tokens while it is prefilled (what chunked admission bounds), their median gap, and the
+    newcomer's time to first token. Run on the batcher directly (no HTTP), after a warm-up that compiles every
+    chunk's program."""
+    from jaxmap.engine.sampling import SamplingParams
+    from jaxmap.serving.batcher import Batcher, Request
+
+    batcher = Batcher(model, streams + 1, max_queue=64)
+    batcher.start()
+    long_ids = [int(t) for t in np.random.default_rng(0).integers(100, model.config.vocab_size, prompt_tokens)]
+
+    def run(ids: list[int], n: int) -> tuple[threading.Event, list[float]]:
+        done, times = threading.Event(), []
+
+        def emit(ev):
+            if ev["type"] == "token":
+                times.append(time.perf_counter())
+            elif ev["type"] in ("done", "error"):
+                done.set()
+
+        batcher.submit(Request(ids, n, SamplingParams(), [], emit=emit, ignore_eos=True))
+        return done, times
+
+    try:
+        for warm in (run(long_ids, 2), run([1, 2, 3], 2)):  # compile the chunks' and the decode programs
+            warm[0].wait(600)
+        running = [run([1 + i, 2, 3, 4], max_tokens) for i in range(streams)]
+        while not all(len(t) >= 3 for _, t in running):
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        done, first = run(long_ids, 1)
+        done.wait(600)
+        t1 = first[0]
+        for d, _ in running:
+            d.wait(600)
+    finally:
+        batcher.stop()
+    gaps_during, gaps = [], []
+    for _, times in running:
+        for a, b in zip(times, times[1:], strict=False):
+            gaps.append(b - a)
+            if b > t0 and a < t1:
+                gaps_during.append(b - a)
+    return {"chunk": model.engine.prefill_chunk, "prompt_tokens": prompt_tokens, "streams": streams,
+            "longest_gap_s": max(gaps_during), "median_gap_s": statistics.median(gaps), "ttft_s": t1 - t0}
+
+
+def format_stall(rows: list[dict]) -> str:
+    lines = ["| --prefill-chunk | streams' longest gap s | streams' median gap s | newcomer's TTFT s |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['chunk']} | {r['longest_gap_s']:.2f} | {r['median_gap_s']:.2f} | {r['ttft_s']:.2f} |")
     return "\n".join(lines)
