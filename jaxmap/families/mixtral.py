@@ -55,6 +55,15 @@ def gguf_experts(arch: str, get, raw: Mapping[str, Any]) -> dict[str, Any]:
             "moe_intermediate_size": int(get(f"{arch}.expert_feed_forward_length", raw["intermediate_size"]))}
 
 
+def gguf_dense_layers(gguf_names, layers: int) -> dict[str, Any]:
+    """``mlp_only_layers`` of a MoE GGUF file, told by its tensors: a layer with no router (``ffn_gate_inp``) but a
+    dense ``ffn_gate`` keeps a dense MLP (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, which
+    llama.cpp's metadata does not carry)."""
+    dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf_names
+             and f"blk.{i}.ffn_gate.weight" in gguf_names]
+    return {"mlp_only_layers": dense, "decoder_sparse_step": 1} if dense else {}
+
+
 def _gguf_extra(arch: str, get, raw: Mapping[str, Any]) -> dict[str, Any]:
     moe = gguf_experts(arch, get, raw)
     return {"model_type": "mixtral", "num_local_experts": moe["num_experts"],

@@ -27,6 +27,7 @@ import numpy as np
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 from jaxmap.families import config_from_hf, family_for_gguf, fused_parts, missing_tensors, stacked_experts
+from jaxmap.families.mixtral import gguf_dense_layers
 from jaxmap.loading import gguf_reader
 from jaxmap.loading.gguf_reader import GGUFFile, TensorInfo
 from jaxmap.loading.safetensors_source import as_numpy_dtype
@@ -165,7 +166,7 @@ class GGUFSource:
         arch = self.architecture
         raw = self.family.gguf_config(arch, self._get, set(self._tensors), self.path)
         if raw.get("num_experts") or raw.get("num_local_experts"):
-            raw.update(self._dense_layers(int(raw["num_hidden_layers"])))
+            raw.update(gguf_dense_layers(self._reader.tensors, int(raw["num_hidden_layers"])))
         longrope = self._longrope(by_gguf_name)  # partial rotary: the family's gguf_config reads dimension_count
         if longrope is not None:
             raw["rope_scaling"] = longrope
@@ -183,15 +184,6 @@ class GGUFSource:
         config = config_from_hf(raw, name=self._file.stem)  # the file name: what the user typed
         scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
         return config.with_changes(rope_scaling=scaling) if scaling else config
-
-    def _dense_layers(self, layers: int) -> dict[str, Any]:
-        """``mlp_only_layers`` of a MoE file, told by its tensors: a layer with no router (``ffn_gate_inp``) but a
-        dense ``ffn_gate`` keeps a dense MLP (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, which
-        llama.cpp's metadata does not carry)."""
-        names = self._reader.tensors
-        dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in names
-                 and f"blk.{i}.ffn_gate.weight" in names]
-        return {"mlp_only_layers": dense, "decoder_sparse_step": 1} if dense else {}
 
     def _check_stack(self, name: str) -> None:
         t = self._tensors[name]
