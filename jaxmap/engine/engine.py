@@ -154,45 +154,30 @@ class Engine:
     def insert_row(self, caches: list, row_caches: list, row: int, n_slots: int) -> list:
         """Copy the first ``n_slots`` cache slots of a batch-1 cache (a newcomer's prefill) into row ``row`` of a
         batched cache, in place (the batched buffers are donated); continuous batching's join."""
-        out = []
-        row_arr = jnp.asarray(row, jnp.int32)
-        for i, (stage_caches, src_caches) in enumerate(zip(caches, row_caches, strict=True)):
-            new = []
-            for (kc, vc), (ks, vs) in zip(stage_caches, src_caches, strict=True):
-                n = min(n_slots, kc.shape[2])
-                key = ("insert_row", i, kc.shape, n)
-                if key not in self._programs:
-                    def insert(dst_k, dst_v, src_k, src_v, at, n=n):
-                        zero = jnp.int32(0)
-                        return (jax.lax.dynamic_update_slice(dst_k, src_k[:, :, :n], (at, zero, zero, zero)),
-                                jax.lax.dynamic_update_slice(dst_v, src_v[:, :, :n], (at, zero, zero, zero)))
-
-                    self._programs[key] = jax.jit(insert, donate_argnums=(0, 1))
-                new.append(self._programs[key](kc, vc, ks, vs, put(row_arr, self.stages[i].activation_sharding)))
-            out.append(new)
-        return out
+        return self._copy_row("insert", caches, row_caches, row, n_slots)
 
     def extract_row(self, caches: list, row: int, row_caches: list, n_slots: int) -> list:
         """Copy the first ``n_slots`` cache slots of row ``row`` of a batched cache into a batch-1 cache, in place
         (its buffers are donated); the server's prefix cache: a newcomer starts from a prompt prefix whose KV another
         request's prefill left in that row."""
+        return self._copy_row("extract", caches, row_caches, row, n_slots)
+
+    def _copy_row(self, kind: str, batched: list, single: list, row: int, n_slots: int) -> list:
+        """Both directions between row ``row`` of a batched cache and a batch-1 cache; returns the destination
+        (``batched`` for "insert", ``single`` for "extract"), whose buffers the copy donates."""
         out = []
         row_arr = jnp.asarray(row, jnp.int32)
-        for i, (stage_caches, dst_caches) in enumerate(zip(caches, row_caches, strict=True)):
+        for i, (stage_batched, stage_single) in enumerate(zip(batched, single, strict=True)):
+            at = put(row_arr, self.stages[i].activation_sharding)
             new = []
-            for (kc, vc), (kd, vd) in zip(stage_caches, dst_caches, strict=True):
-                n = min(n_slots, kc.shape[2])
-                key = ("extract_row", i, kc.shape, n)
+            for (kb, vb), (ks, vs) in zip(stage_batched, stage_single, strict=True):
+                n = min(n_slots, kb.shape[2])
+                key = (f"{kind}_row", i, kb.shape, n)
                 if key not in self._programs:
-                    def extract(dst_k, dst_v, src_k, src_v, at, n=n):
-                        zero = jnp.int32(0)
-                        part_k = jax.lax.dynamic_slice_in_dim(src_k, at, 1, axis=0)[:, :, :n]
-                        part_v = jax.lax.dynamic_slice_in_dim(src_v, at, 1, axis=0)[:, :, :n]
-                        return (jax.lax.dynamic_update_slice(dst_k, part_k, (zero, zero, zero, zero)),
-                                jax.lax.dynamic_update_slice(dst_v, part_v, (zero, zero, zero, zero)))
-
-                    self._programs[key] = jax.jit(extract, donate_argnums=(0, 1))
-                new.append(self._programs[key](kd, vd, kc, vc, put(row_arr, self.stages[i].activation_sharding)))
+                    self._programs[key] = jax.jit(functools.partial(_copy_row_program, kind=kind, n=n),
+                                                  donate_argnums=(0, 1))
+                dst, src = ((kb, vb), (ks, vs)) if kind == "insert" else ((ks, vs), (kb, vb))
+                new.append(self._programs[key](*dst, *src, at))
             out.append(new)
         return out
 
@@ -443,6 +428,18 @@ def weights_from_raw(raw: dict, specs: dict, targets: dict, dtype) -> dict:
         w = (w.T if spec.transpose else w).reshape(spec.shape)
         p[name] = jax.lax.with_sharding_constraint(w, targets[name])
     return p
+
+
+def _copy_row_program(dst_k, dst_v, src_k, src_v, at, *, kind: str, n: int):
+    """The first ``n`` slots of a batch-1 cache into row ``at`` ("insert"), or of row ``at`` into a batch-1 cache
+    ("extract")."""
+    zero = jnp.int32(0)
+    if kind == "insert":
+        return tuple(jax.lax.dynamic_update_slice(d, s[:, :, :n], (at, zero, zero, zero))
+                     for d, s in ((dst_k, src_k), (dst_v, src_v)))
+    return tuple(jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice_in_dim(s, at, 1, axis=0)[:, :, :n],
+                                              (zero, zero, zero, zero))
+                 for d, s in ((dst_k, src_k), (dst_v, src_v)))
 
 
 def _outer(params: dict) -> dict:
