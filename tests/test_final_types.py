@@ -52,6 +52,28 @@ def test_plan_stores_fallbacks():
             m_config(m), 0, tp, "float32", s.isq[0])
 
 
+def test_regex_types_layer_weights_apart():
+    """A /regex/ entry with an isq types the decoder-layer weights it matches apart from their layer (by the file's
+    names or the GGUF ones), the last match winning; ``isq: none`` keeps them float; other weights keep the range's
+    type or --isq; the fill counts the bytes of the types given; the table shows the per-weight types."""
+    text = ("0-15:\n  isq: Q4K\n'/mlp\\.down_proj/':\n  isq: Q8_0\n'/blk\\.(2|3)\\.ffn_down/':\n  isq: Q6K\n"
+            "'/self_attn\\.o_proj/':\n  isq: none\n")
+    m = plan(SMOL, CPU8, make_wish(isq="Q4_0", devices="0", topology=yaml.safe_load(text)))
+    types = [t for s in m.stages for t in s.tensor_isq]
+    assert types[0] == {**dict.fromkeys(("wq", "wk", "wv", "w_gate", "w_up"), "Q4K"), "w_down": "Q8_0"}
+    assert types[2]["w_down"] == "Q6K" and types[3]["w_down"] == "Q6K" and types[4]["w_down"] == "Q8_0"
+    assert types[20] == {**dict.fromkeys(("wq", "wk", "wv", "w_gate", "w_up"), "Q4_0"), "w_down": "Q8_0"}
+    assert m.stages[0].isq[0] == "Q4K w_down=Q8_0 wo=none"
+    assert m.lm_head.tensor_isq is None  # a regex for layer weights leaves the head alone
+    table = m.render_table()
+    assert "Q4K w_down=Q8_0 wo=none" in table and "Q4_0 w_down=Q8_0 wo=none" in table
+    s = m.stages[0]
+    assert types_bytes(SMOL, 2, 1, "float32", s.tensor_isq[2]) == layer_weight_bytes(SMOL, 2, 1, "float32", s.isq[2])
+    again = DeviceMap.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again.stages[0].isq == s.isq and again.stages[0].tensor_isq == s.tensor_isq
+    assert "weights with types of their own" in m.to_topology()
+
+
 def m_config(device_map: DeviceMap):
     return SMOL if device_map.model == SMOL.name else TINY
 

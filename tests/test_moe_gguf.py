@@ -159,3 +159,29 @@ def test_gguf_that_does_not_match_its_metadata_is_one_clear_error(tmp_path):
     path = write_moe_gguf("tiny-mixtral-swa", tmp_path / "partial.gguf", drop=("blk.1.ffn_down_exps.weight",))
     with pytest.raises(UserError, match=r"lacks the tensor blk\.1\.ffn_down_exps\.weight"):
         jaxmap.load(str(path), max_seq_len=32, progress=False, devices="0")
+
+
+def test_topology_regex_types_experts_apart(tmp_path):
+    """A topology ``/regex/`` entry with an ``isq`` types the routed experts it matches apart from their layer's
+    attention (the GGUF names reach a Hugging Face folder's tensors); the run matches the float model holding the
+    same weights dequantized, and a saved plan keeps the per-weight types."""
+    ref = load_moe_reference("tiny-qwen3-moe")
+    topology = tmp_path / "topology.yaml"
+    topology.write_text("0-3:\n  isq: Q8_0\n'/ffn_(gate|up|down)_exps/':\n  isq: Q4_0\n")
+    load = dict(dtype="float32", max_seq_len=64, progress=False, devices="0")
+    model = jaxmap.load(str(ref["folder"]), topology=str(topology), save_plan=str(tmp_path / "plan.json"), **load)
+    config = model.config
+    for i in range(config.num_hidden_layers):
+        layer = _experts(model, i)
+        assert layer["wq"].qtype == "Q8_0"
+        if config.is_moe_layer(i):
+            assert {layer[k].qtype for k in ("experts_gate", "experts_up", "experts_down")} == {"Q4_0"}
+            assert not hasattr(layer["router"], "qtype")
+        else:
+            assert layer["w_down"].qtype == "Q8_0"
+    assert "Q8_0 experts_down=Q4_0" in model.device_map.render_table()
+    reference = _dequantized(model, jaxmap.load(str(ref["folder"]), **load))
+    for a, b in zip(model.forward_logits(ref["input_ids"]), reference.forward_logits(ref["input_ids"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    replay = jaxmap.load(str(ref["folder"]), plan=str(tmp_path / "plan.json"), max_seq_len=64, progress=False)
+    assert _experts(replay, 0)["experts_up"].qtype == "Q4_0" and _experts(replay, 0)["wk"].qtype == "Q8_0"

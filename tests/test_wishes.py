@@ -128,7 +128,7 @@ def test_overrides_are_recorded():
     (over,) = topo.overrides()
     assert over.layers == (4, 5, 6, 7) and over.winner.key == "4-12" and over.loser.key == "0-8"
     assert "'4-12' (line 3)" in over.message() and "ends later" in over.message()
-    (same,) = Topology.from_yaml("0-4:\n  isq: a\n2-4:\n  isq: b\n").overrides()
+    (same,) = Topology.from_yaml("0-4:\n  isq: Q4K\n2-4:\n  isq: Q6K\n").overrides()
     assert "written later" in same.message()
 
 
@@ -165,7 +165,9 @@ def test_dict_and_path_inputs(tmp_path):
     ("0-8: cpu\n", "line 1 must be a mapping"),
     ("0-8:\n  isq: [a, b]\n", "line 2 must be a single value"),
     ("'/(unclosed/':\n  device: cpu\n", "invalid regex"),
-    ("0-8:\n  isq: a\n0-8:\n  isq: b\n", "appears twice"),
+    ("'/mlp/':\n  isq: Q9X\n", "entry '/mlp/' (line 1) has unknown isq type 'Q9X'"),
+    ("0-8:\n  isq: q3\n", "'0-8' (line 1) has unknown isq type 'q3'"),
+    ("0-8:\n  isq: Q4K\n0-8:\n  isq: Q6K\n", "appears twice"),
 ])
 def test_topology_errors(text, fragment):
     with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as info:

@@ -16,7 +16,7 @@ import yaml
 
 from jaxmap.config import ModelConfig, config_fingerprint
 from jaxmap.errors import UserError
-from jaxmap.planning.isq_types import ensure_types, isq_label, parse
+from jaxmap.planning.isq_types import ensure_types, isq_label, parse, split_request
 from jaxmap.planning.memory import prefill_chunk
 
 STRATEGIES = ("single", "tensor_parallel", "pipeline", "pipeline_x_tensor", "manual", "cpu", "offload")
@@ -282,8 +282,12 @@ class DeviceMap:
                 if len(s.devices) == 1:
                     dev = s.devices[0]
                     body.append(f"  device: {'cpu' if dev == 'cpu[0]' and self.platform != 'cpu' else dev}")
-                if seg.isq is not None:
-                    body.append(f"  isq: {seg.isq}")
+                base, own = split_request(seg.isq)
+                if base is not None:
+                    body.append(f"  isq: {base}")
+                if own:  # a range types all its weights alike: the plan's per-weight types came from /regex/ entries
+                    lines.append(f"# {seg.start}-{seg.end}: weights with types of their own (write /regex/ entries "
+                                 f"for them): {', '.join(f'{k} {v}' for k, v in own.items())}")
                 if len(s.devices) > 1:
                     lines.append(f"# {seg.start}-{seg.end}: tensor parallel over {', '.join(s.devices)} "
                                  "(a topology names one device per layer)")

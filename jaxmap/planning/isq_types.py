@@ -9,6 +9,10 @@ section):
 
 - a decoder-layer weight takes its layer's ``isq`` (a topology range's, else ``--isq``), stacked MoE experts too
   (expert by expert); a MoE router stays float (llama.cpp's quantizer skips ``ffn_gate_inp`` likewise);
+- a topology ``/regex/`` entry with an ``isq`` types the decoder-layer weights it matches apart from their layer
+  (routed experts at Q4K beside attention at Q8_0, say): the layer's request then carries those weights' own types
+  after its base type, ``Q8_0 experts_gate=Q4K experts_up=Q4K`` (:func:`layer_request`), which is what
+  ``Stage.isq`` stores and saved plans keep; such an explicit type reaches a router too;
 - the LM head keeps its precision unless a ``/regex/`` topology entry names a type for it, or the checkpoint is
   kept in its own types (``native``); with tied embeddings the shared table takes the head's type when it has one,
   else the embeddings' own entry;
@@ -83,8 +87,39 @@ def _stacked(spec: ParamSpec) -> bool:
     return len(spec.shape) == 3 and spec.role == "expert"
 
 
+def split_request(isq: str | None) -> tuple[str | None, dict[str, str]]:
+    """A layer's request as ``(base type, {weight key: its own type})``: ``"Q8_0 experts_down=Q4K"`` ->
+    ``("Q8_0", {"experts_down": "Q4K"})``; a plain type has no per-weight part."""
+    if isq is None:
+        return None, {}
+    base, own = None, {}
+    for part in str(isq).split():
+        key, eq, value = part.partition("=")
+        if eq:
+            own[key] = value
+        else:
+            base = part
+    return base, own
+
+
+def layer_request(base: str | None, own: Mapping[str, str | None]) -> str | None:
+    """The request string for a layer whose weights ``own`` have types of their own (None there: float)."""
+    if not own:
+        return base
+    return " ".join([str(base if base is not None else "none"),
+                     *(f"{k}={'none' if v is None else v}" for k, v in sorted(own.items()))])
+
+
+def request_for(isq: str | None, key: str) -> str | None:
+    """The type a layer's request asks for one of its weights: its own where a regex gave it one, else the base."""
+    base, own = split_request(isq)
+    return own.get(key, base)
+
+
 def is_native(isq: str | None) -> bool:
-    return isq is not None and str(isq).strip().lower() == NATIVE
+    """Whether a type (or a layer's request, by its base type) asks for the checkpoint's stored types."""
+    base = split_request(isq)[0]
+    return base is not None and base.strip().lower() == NATIVE
 
 
 def parse(isq: str | None) -> str | None:
@@ -92,22 +127,25 @@ def parse(isq: str | None) -> str | None:
     return NATIVE if is_native(isq) else parse_isq(isq)
 
 
-def requested_type(spec: ParamSpec, isq: str | None, native_types: Mapping[str, str] | None) -> str | None:
-    """The type ``isq`` asks for this weight (None: float); ``native`` asks the stored one."""
+def requested_type(spec: ParamSpec, isq: str | None, native_types: Mapping[str, str] | None,
+                   explicit: bool = False) -> str | None:
+    """The type ``isq`` asks for this weight (None: float); ``native`` asks the stored one. ``explicit``: a
+    ``/regex/`` entry named this weight's type itself (it may then quantize a router)."""
     if len(spec.shape) != 2 and not _stacked(spec):
         return None
     want = parse(isq)
     if want == NATIVE and native_types is not None:
         return native_types.get(spec.hf_name)
-    if spec.role == "router" and want != NATIVE:  # as llama.cpp's quantizer never touches ffn_gate_inp: a small
-        return None  # tensor whose errors move every token's choice of experts
+    if spec.role == "router" and want != NATIVE and not explicit:  # as llama.cpp's quantizer never touches
+        return None  # ffn_gate_inp: a small tensor whose errors move every token's choice of experts
     return want
 
 
 def tensor_type(key: str, spec: ParamSpec, isq: str | None, tp: int, unit_counts: Mapping[str, int],
                 native_types: Mapping[str, str] | None = None) -> TensorType | None:
-    """The decision for one weight at a ``tp``-way stage (None: it stays float)."""
-    want = requested_type(spec, isq, native_types)
+    """The decision for one weight at a ``tp``-way stage (None: it stays float); ``isq`` is the request of the
+    weight's layer or placement."""
+    want = requested_type(spec, request_for(isq, key), native_types, explicit=key in split_request(isq)[1])
     if want is None:
         return None
     split = weight_split(spec, tp, unit_counts)
@@ -216,9 +254,9 @@ def planned_types(device_map, config: ModelConfig) -> dict[str, list[TensorType]
     for s in device_map.stages:
         for i, types in zip(range(s.start, s.end), s.tensor_isq, strict=True):
             specs = layer_param_specs(config, i)
-            want = parse(s.isq[i - s.start])
             for key, final in types.items():
                 spec = specs[key]
+                want = parse(request_for(s.isq[i - s.start], key))
                 out.setdefault(spec.hf_name, []).append(
                     TensorType(key, spec, want or final, final, weight_split(spec, s.tp, counts)))
     asked = outer_requests(config, device_map.embed.isq, device_map.lm_head.isq, global_of(device_map.stages))
@@ -273,15 +311,15 @@ def isq_label(isq: str | None, types: Mapping[str, str] | None) -> str:
     label = str(isq or "-")
     if not types:
         return label
-    try:
-        want = parse(isq)
-    except UserError:
-        want = isq
-    if want == NATIVE:
+    if is_native(isq):
         known = sorted({t for t in types.values() if t != NATIVE})
         return f"{label} ({'+'.join(known)})" if known else label
     by_type: dict[str, list[str]] = {}
     for key, final in types.items():
+        try:
+            want = parse(request_for(isq, key))
+        except UserError:
+            want = request_for(isq, key)
         if final != want:
             by_type.setdefault(final, []).append(key)
     if not by_type:

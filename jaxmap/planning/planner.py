@@ -22,7 +22,7 @@ from jaxmap.config import ModelConfig
 from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
-from jaxmap.families import layer_param_specs, outer_param_specs
+from jaxmap.families import layer_param_specs, outer_param_specs, stacked_experts
 from jaxmap.planning.device_map import (
     DeviceMap,
     DeviceMemory,
@@ -32,9 +32,9 @@ from jaxmap.planning.device_map import (
     config_fingerprint,
     format_bytes,
 )
-from jaxmap.planning.experts import auto_experts, explain, explicit_experts, finish, forced_apart
+from jaxmap.planning.experts import auto_experts, explain, explicit_experts, finish, forced_apart, tensor_names
 from jaxmap.planning.fit import Budgets, Fill, account, compute_budgets, fill, outer_bytes, pool_for
-from jaxmap.planning.isq_types import assign_types, global_of
+from jaxmap.planning.isq_types import assign_types, global_of, layer_request
 from jaxmap.planning.memory import kv_cache_bytes
 from jaxmap.planning.memory import prefill_chunk as prefill_chunk_for
 from jaxmap.planning.wishes import Topology, Wish, format_device_layers
@@ -323,7 +323,7 @@ def plan(
                                                      max_batch_size, chunk))
         if not all(m.fits for m in memory):
             over = next(m for m in memory if not m.fits)
-            isq = [_layer_isq(wish, i) for i in range(config.num_hidden_layers)]
+            isq = [_layer_isq(wish, i, config) for i in range(config.num_hidden_layers)]
             apart, apart_host = forced_apart(config, forced, dtype_name, isq, native_types, stored_bytes,
                                              max_batch_size, chunk)
             moe = None if forced else auto_experts(
@@ -393,8 +393,26 @@ def _window_note(config: ModelConfig, dtype: str, max_seq_len: int, max_batch_si
             f"not {format_bytes(n * full)}"]
 
 
-def _layer_isq(wish: Wish, layer: int) -> str | None:
-    return wish.topology.layer_isq(layer, wish.isq) if wish.topology is not None else wish.isq
+def _layer_isq(wish: Wish, layer: int, config: ModelConfig) -> str | None:
+    """A layer's ISQ request: its topology range's type (else ``--isq``), and the own types of the weights a
+    ``/regex/`` entry with an ``isq`` matches (the last match wins, as for the outer weights), searched in the names
+    ``-ot`` is searched in (the file's, the GGUF names ``plan --json`` shows, a folder's per-expert names)."""
+    if wish.topology is None:
+        return wish.isq
+    base = wish.topology.layer_isq(layer, wish.isq)
+    typing = [e for e in wish.topology.patterns if e.isq is not None]
+    if not typing:
+        return base
+    stacked = stacked_experts(config)
+    own: dict[str, str | None] = {}
+    for key, spec in layer_param_specs(config, layer).items():
+        if len(spec.shape) < 2:
+            continue  # norms and biases stay float whatever a regex says
+        names = tensor_names(config, spec, stacked)
+        entry = next((e for e in reversed(typing) if any(re.search(e.pattern, n) for n in names)), None)
+        if entry is not None and str(entry.isq).lower() != str(base).lower():
+            own[key] = entry.isq
+    return layer_request(base, own)
 
 
 def _check_fit(memory: list[DeviceMemory], budgets: Budgets, wish: Wish, warnings: list[str]) -> None:
@@ -419,7 +437,7 @@ def _stages(per_layer: list[tuple[Device, ...]], kinds: list[str], config: Model
     run float32."""
     stages: list[Stage] = []
     for layer, group in enumerate(per_layer):
-        isq = _layer_isq(wish, layer)
+        isq = _layer_isq(wish, layer, config)
         names = [d.name for d in group]
         if stages and stages[-1].devices == names and stages[-1].memory_kind == kinds[layer]:
             stages[-1].end = layer + 1

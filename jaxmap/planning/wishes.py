@@ -20,6 +20,7 @@ import yaml
 
 from jaxmap.errors import UserError
 from jaxmap.planning.memory import parse_max_memory
+from jaxmap.quant.types import NATIVE, QTYPES, parse_isq
 
 DEVICE_PATTERN = re.compile(r"^(cpu|(cpu|cuda|rocm|metal|tpu)\[(\d+)\])$")
 _RANGE_KEY = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -308,6 +309,12 @@ def _entry(key: str, index: int, line: int | None, value: Any, name: str, where:
     if unknown:
         raise UserError(f"{name}: entry {where} has unknown key {str(unknown[0])!r}; allowed: isq, device")
     isq = None if value.get("isq") is None else str(value["isq"])
+    if isq is not None and isq.strip().lower() != NATIVE:
+        try:
+            parse_isq(isq)
+        except UserError:
+            raise UserError(f"{name}: entry {where} has unknown isq type {isq!r}; known types: "
+                            f"{', '.join(QTYPES)} (or none)") from None
     device = None if value.get("device") is None else str(value["device"]).strip()
     stripped = key.strip()
     regex = len(stripped) >= 2 and stripped.startswith("/") and stripped.endswith("/")
