@@ -155,6 +155,24 @@ def test_quantized_checkpoint_metadata_and_host_reads(q8):
     np.testing.assert_allclose(src.read(name), ref.read(name, np.float32), atol=2e-3)  # dequantized, HF layout
 
 
+def test_quantized_moe_checkpoint_round_trips(tmp_path):
+    """A Q8_0 conversion of a mixture of experts (one QTensor per expert, stacked) restores its types, and with an
+    explicit dtype dequantizes each stack back to its [E, in, out] layout: the same logits either way."""
+    folder = Path(__file__).parent / "data" / "tiny-qwen3-moe"
+    out = tmp_path / "moe-q8"
+    convert(open_source(str(folder)), out, isq="Q8_0", progress=False)
+    native = jaxmap.load(str(out), progress=False, max_seq_len=32, devices="0")
+    assert native.engine.stages[0].params["layers"][0]["experts_up"].qtype == "Q8_0"
+    floats = jaxmap.load(str(out), progress=False, max_seq_len=32, devices="0", dtype="float32")
+    assert not hasattr(floats.engine.stages[0].params["layers"][0]["experts_up"], "qtype")
+    src = OrbaxSource(out)
+    stack = next(n for n in src.names() if n.endswith("experts.up_proj"))
+    assert src.read(stack).shape == open_source(str(folder)).shape(stack)
+    prompt = [[1, 5, 9, 14, 3]]
+    for a, b in zip(native.forward_logits(prompt), floats.forward_logits(prompt), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
 def test_isq_on_a_quantized_checkpoint_follows_the_gguf_rules(q8, caplog):
     def wq(**kw):
         return jaxmap.load(str(q8), progress=False, max_seq_len=32, devices="0", **kw).engine.stages[0].params[

@@ -314,6 +314,9 @@ class OrbaxSource:
 
             qt = self.read_qtensor(name)
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                if len(e["shape"]) == 3:  # stacked MoE experts: one [out, in] QTensor per expert -> [E, in, out]
+                    stack = jax.vmap(lambda q: quant.dequantize(q, np.float32))(qt)
+                    return np.asarray(np.swapaxes(np.asarray(stack), 1, 2)).astype(as_numpy_dtype(dtype), copy=False)
                 return np.asarray(quant.dequantize(qt, np.float32)).astype(as_numpy_dtype(dtype), copy=False)
         args = {e["key"]: ocp.RestoreArgs(restore_type=np.ndarray, dtype=as_numpy_dtype(dtype))}
         out = self._restore(e["item"], args)[e["key"]]
