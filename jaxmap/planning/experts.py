@@ -25,10 +25,9 @@ from jaxmap.planning.device_map import ExpertPlacement, format_bytes
 from jaxmap.planning.fit import Budgets, Fill, expert_bytes, moe_layers
 from jaxmap.planning.isq_types import layer_types
 
-# The expert memory kinds the engine runs today (jaxmap.materialize.placement refuses the others at load): experts
-# streamed from host memory. Computing them on the CPU device and reading them from disk are planned and shown, not
-# run yet, so the automatic fit uses only these.
-RUNNABLE_KINDS = ("host",)
+# The expert memory kinds the engine runs (jaxmap.engine.remote_experts) and the automatic fit may choose: computed
+# on the CPU device (decode) or streamed (prefill) from host memory, streamed from host memory, read from disk.
+RUNNABLE_KINDS = ("cpu", "host", "disk")
 
 # Tokens per step from which experts held in host memory are copied to the accelerator rather than computed on the
 # CPU (llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH, 32).
@@ -47,12 +46,13 @@ def phases(kind: str, max_batch_size: int, chunk: int) -> tuple[str, str]:
 
 def moved_bytes(config: ModelConfig, how: str, tokens: int, experts: int, dtype: str) -> int:
     """Bytes one MoE layer moves over the host link in a step of ``tokens`` tokens: the hidden state there and back
-    when computed on the CPU, the layer's expert stack when streamed (the engine copies the whole stack in; bringing
-    only the routed experts' slices is not built yet)."""
+    when computed on the CPU, the routed experts' slices when streamed while ``tokens x k < E`` (a decode step: the
+    engine moves one slice per (token, expert) pair), else the layer's whole expert stack (``experts`` bytes)."""
     if how == "cpu":
         return 2 * tokens * config.hidden_size * parse_dtype(dtype).itemsize
     if how == "stream":
-        return experts
+        pairs = tokens * config.num_experts_per_tok
+        return experts * pairs // config.num_experts if pairs < config.num_experts else experts
     return 0
 
 
