@@ -99,3 +99,25 @@ def test_bfloat16_experts_keep_their_type_on_the_cpu():
     model = jaxmap.load(str(ref["folder"]), **{**KW, "dtype": "bfloat16"}, cpu_moe=True)
     stacks = [w for a in _apart(model).values() for w in a.stacks.values()]
     assert stacks and {str(w.dtype) for w in stacks} == {"bfloat16"}
+
+
+def test_disk_experts_of_a_quantized_gguf_stay_quantized(tmp_path):
+    """A Q8_0 GGUF's experts on disk: written once to the offload folder in their Q8_0 blocks, the routed ones read
+    back per step; the same logits and greedy tokens as the file with everything on one device."""
+    import gguf
+    from reference.moe_data import write_moe_gguf
+
+    ref = load_moe_reference("tiny-mixtral-swa")
+    path = write_moe_gguf(ref["name"], tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+    kw = {k: v for k, v in KW.items() if k != "dtype"}
+    model = jaxmap.load(str(path), **kw, override_tensor=r"blk\.1\.ffn_.*_exps=disk",
+                        offload_folder=str(tmp_path / "offload"))
+    one = jaxmap.load(str(path), **kw)
+    files = list((tmp_path / "offload").rglob("experts-0001.safetensors"))
+    assert len(files) == 1 and _apart(model)[1].kind == "disk"
+    read = _apart(model)[1].read([2, 0])
+    assert all(isinstance(w, QTensor) and w.qtype == "Q8_0" for w in read.values())
+    for x, y in zip(model.forward_logits(ref["input_ids"]), one.forward_logits(ref["input_ids"]), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
+    got = [r.token_ids for r in model.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]
+    assert got == [r.token_ids for r in one.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]

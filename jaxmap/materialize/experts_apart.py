@@ -6,14 +6,19 @@
   bfloat16, a QTensor stack stays quantized), computed there.
 - ``host``: the stacks are arrays of the CPU device too (host memory), never computed there: each step moves the
   routed experts' slices (decode) or the whole stack (prefill) to the layer's devices.
-- ``disk``: nothing is read at load; each step reads the routed experts (or all of them) from the model's own
-  safetensors files through their memory map, a stack of per-expert tensors reading only the chosen ones.
+- ``disk``: nothing is held at load; each step reads the routed experts (or all of them) through a memory map:
+  from a Hugging Face folder's own per-expert safetensors (float experts), else from an offload folder file written
+  once with the layer's stacks as placed (a GGUF's or ISQ's quantized blocks stay quantized there).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,8 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec
-from jaxmap.loading.safetensors_source import SafetensorsSource, as_numpy_dtype
+from jaxmap.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsSource, as_numpy_dtype, parse_header
+from jaxmap.materialize.disk_tier import _identity, check_writable, default_offload_folder, write_safetensors
+from jaxmap.materialize.params import read_param
 from jaxmap.planning.device_map import DeviceMap, ExpertPlacement
+
+log = logging.getLogger(__name__)
 
 STACKS = ("experts_gate", "experts_up", "experts_down")
 
@@ -69,37 +78,83 @@ def pop_apart_specs(device_map: DeviceMap, specs: dict, start: int) -> dict[int,
 
 
 def load_apart(source, e: ExpertPlacement, specs: dict[str, ParamSpec], device: jax.Device | None, mesh,
-               dtype: np.dtype, load_stage: Callable, quantizer) -> ApartExperts:
+               dtype: np.dtype, load_stage: Callable, quantizer, folder: Path | None = None) -> ApartExperts:
     """Read and place one layer's apart experts (``load_stage(specs, place_for)``: the stage loader, quantizing
-    as the plan says); a disk layer gets its reader instead."""
+    as the plan says); a disk layer gets its reader instead (``folder``: the offload folder, where one is needed)."""
     if e.memory_kind == "disk":
-        return ApartExperts(e.layer, "disk", read=_disk_reader(source, e, specs, dtype, quantizer, mesh),
+        return ApartExperts(e.layer, "disk", read=_disk_reader(source, e, specs, dtype, quantizer, mesh, folder),
                             placement=e)
     sharding = NamedSharding(mesh, PartitionSpec())
     params = load_stage({"layers": [specs]}, lambda spec: sharding)
     return ApartExperts(e.layer, e.memory_kind, device, params["layers"][0], placement=e)
 
 
-def _disk_reader(source, e: ExpertPlacement, specs: dict[str, ParamSpec], dtype: np.dtype, quantizer, mesh):
-    where = f"layer {e.layer}'s routed experts on disk"
-    if not isinstance(source, SafetensorsSource):
-        raise UserError(f"{where}: read from a Hugging Face folder's safetensors only (this model comes from "
-                        f"{source.path}); place them in host memory (-ot REGEX=host) or on the CPU (--cpu-moe)")
+def _disk_reader(source, e: ExpertPlacement, specs: dict[str, ParamSpec], dtype: np.dtype, quantizer, mesh,
+                 folder: Path | None):
+    """``read(ids)`` for one layer's disk experts: a Hugging Face folder's own per-expert tensors when they are
+    floats, else an offload folder file holding the layer's stacks as placed (quantized stacks as QTensor leaves,
+    written once; a reused file is jaxmap's own cache, named by the source, dtype and types)."""
     sharding = NamedSharding(mesh, PartitionSpec())
-    if quantizer is not None and any(quantizer.decide(s, sharding)[0] is not None for s in specs.values()):
-        raise UserError(f"{where}: quantized experts on disk are not built (the folder stores them as floats); "
-                        "place them in host memory (-ot REGEX=host) or on the CPU (--cpu-moe) to quantize them")
-    parts = {k: source.expert_parts(s.hf_name) for k, s in specs.items()}
+    types = {k: quantizer.decide(s, sharding) if quantizer is not None else (None, False) for k, s in specs.items()}
     want = as_numpy_dtype(dtype)
+    if isinstance(source, SafetensorsSource) and all(t is None for t, _ in types.values()):
+        parts = {k: source.expert_parts(s.hf_name) for k, s in specs.items()}
 
-    def read(ids: list[int] | None) -> dict[str, np.ndarray]:
-        out = {}
-        for k, names in parts.items():
-            chosen = names if ids is None else [names[i] for i in ids]
-            out[k] = np.stack([np.asarray(source.view(n)).T for n in chosen]).astype(want, copy=False)
-        return out
+        def read(ids: list[int] | None) -> dict:
+            out = {}
+            for k, names in parts.items():
+                chosen = names if ids is None else [names[i] for i in ids]
+                out[k] = np.stack([np.asarray(source.view(n)).T for n in chosen]).astype(want, copy=False)
+            return out
 
-    return read
+        return read
+    from jaxmap.loading.orbax_checkpoint import qtensor_from, qtensor_leaves
+
+    variant = {k: t for k, (t, _) in types.items() if t is not None} or None
+    folder = folder if folder is not None else default_offload_folder()
+    check_writable(folder)
+    path = folder / _identity(source, source.config, dtype, variant) / f"experts-{e.layer:04d}.safetensors"
+    if not path.is_file():
+        tensors, metadata = {}, {}
+        for k, s in specs.items():
+            qtype, keep = types[k]
+            if qtype is None:
+                tensors[k] = np.ascontiguousarray(read_param(source, s, want))
+                continue
+            leaves, layout = qtensor_leaves(quantizer.host(s, sharding, qtype, keep))
+            layout["leaves"] = sorted(leaves)
+            metadata[k] = json.dumps(layout)
+            tensors.update({f"{k}:{leaf}": np.ascontiguousarray(v) for leaf, v in leaves.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            write_safetensors(tensors, tmp, metadata)
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write the offload folder {path.parent}: {exc.strerror or exc}") from None
+        log.info("disk tier: layer %d's routed experts written to %s", e.layer, path)
+    entries, metadata = parse_header(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def view(name: str) -> np.ndarray:
+        entry = entries[name]
+        return buf[entry.start:entry.start + entry.nbytes].view(SAFETENSORS_DTYPES[entry.dtype_name]).reshape(
+            entry.shape)
+
+    stacks = {}
+    for k in specs:
+        if k in metadata:
+            layout = json.loads(metadata[k])
+            stacks[k] = qtensor_from({leaf: view(f"{k}:{leaf}") for leaf in layout["leaves"]}, layout)
+        else:
+            stacks[k] = view(k)
+
+    def read_file(ids: list[int] | None) -> dict:
+        pick = (lambda a: np.array(a)) if ids is None else (lambda a: np.ascontiguousarray(a[np.asarray(ids)]))
+        return {k: jax.tree.map(pick, w) for k, w in stacks.items()}
+
+    return read_file
 
 
 def expert_bytes_of(stacks: dict) -> int:

@@ -114,7 +114,8 @@ def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: 
             mesh = make_mesh([name], live) if name is not None else placement.mesh
             held[layer] = load_apart(source, e, specs_of, live.get(name), mesh, stage_dtype,
                                      lambda sp, place, d=stage_dtype: stage_params.materialize_stage(
-                                         source, sp, d, place, bar, quantizer), quantizer)
+                                         source, sp, d, place, bar, quantizer), quantizer,
+                                     Path(offload_folder) if offload_folder is not None else None)
         stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
                             placement.cache_sharding(config), placement.is_first, placement.is_last,
                             dtype=stage_dtype,
