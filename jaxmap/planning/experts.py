@@ -155,7 +155,7 @@ def explain(config: ModelConfig, experts: list[ExpertPlacement], filled: Fill | 
             out.append(f"experts {phase} ({tokens} token{'s' if tokens != 1 else ''} a step): {what}, "
                        f"{format_bytes(moved)} moved per layer"
                        + (f" (the CPU computes steps under {OFFLOAD_MIN_BATCH} tokens, as llama.cpp)"
-                          if kind == "cpu" else ""))
+                          if kind == "cpu" and phase == "decode" else ""))
     return out
 
 
