@@ -24,6 +24,8 @@ CASES = {  # name: (reference, flags, {layer: (kind, holding device)})
     "host": ("tiny-mixtral-swa", dict(override_tensor="exps=host"), {0: ("host", "cpu:0"), 1: ("host", "cpu:0")}),
     "disk": ("tiny-qwen3-moe", dict(override_tensor=r"layers\.[02]\.mlp\.experts=disk"),
              {0: ("disk", None), 2: ("disk", None)}),
+    "tp2-cpu-moe": ("tiny-qwen3-moe", dict(cpu_moe=True, tp=2, devices="2,3"), {0: ("cpu", "cpu:0"),
+                                                                                 2: ("cpu", "cpu:0")}),
 }
 
 
@@ -31,7 +33,7 @@ CASES = {  # name: (reference, flags, {layer: (kind, holding device)})
 def case(request):
     name, flags, want = CASES[request.param]
     ref = load_moe_reference(name)
-    return request.param, ref, jaxmap.load(str(ref["folder"]), **KW, **flags), want
+    return request.param, ref, jaxmap.load(str(ref["folder"]), **{**KW, **flags}), want
 
 
 def _apart(model) -> dict:
@@ -50,7 +52,7 @@ def test_experts_apart_match_transformers(case):
             assert {str(d) for w in a.stacks.values() for d in jax_devices(w)} == {holder}
     layer_devices = {str(d) for st in model.engine.stages for p in st.params["layers"] for w in p.values()
                      for d in jax_devices(w)}
-    assert layer_devices == {"cpu:1"}, label
+    assert layer_devices == ({"cpu:2", "cpu:3"} if label.startswith("tp2") else {"cpu:1"}), label
     for logits, expected in zip(model.forward_logits(ref["input_ids"]), ref["logits"], strict=True):
         np.testing.assert_allclose(logits, expected, atol=2e-4, rtol=0, err_msg=label)
     got = model.generate(ref["input_ids"], max_new_tokens=len(ref["greedy"][0]), stop_at_eos=False)

@@ -135,7 +135,8 @@ def moved_bytes(apart, n_tokens: int, config, hidden_itemsize: int) -> int:
     way = how(apart, n_tokens, config)
     if way == "apart":
         return 2 * n_tokens * config.hidden_size * hidden_itemsize
-    stack = sum(int(leaf.nbytes) for w in (apart.stacks or {}).values() for leaf in jax.tree.leaves(w))
+    stack = (sum(int(leaf.nbytes) for w in apart.stacks.values() for leaf in jax.tree.leaves(w))
+             if apart.stacks is not None else apart.placement.bytes)
     if way == "slices":
         return stack * n_tokens * config.num_experts_per_tok // config.num_experts
     return stack

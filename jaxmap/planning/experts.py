@@ -5,9 +5,10 @@ Pure data, no jax. Experts are most of a mixture of experts' bytes and little of
 k of E), so when a model does not fit, the automatic fit moves routed experts off the accelerators first, the last
 layers' first, before any attention layer or KV cache leaves (issue 17); attention, norms, router and shared experts
 stay with their layer. Experts in host memory are either computed on the CPU device (the hidden state goes there and
-back: ``2 x batch x tokens x hidden`` bytes per layer) or streamed to the layer's device (the layer's expert weights
-per step); as llama.cpp does (its ``GGML_OP_OFFLOAD_MIN_BATCH``), a phase whose batch has fewer than 32 tokens
-computes them on the CPU, and a larger one (a prompt chunk) has them copied in, the CPU being too slow for it.
+back: ``2 x batch x tokens x hidden`` bytes per layer) or streamed to the layer's device (the routed experts' slices
+while tokens x k < E, else the layer's whole stack; jaxmap.engine.remote_experts runs both); as llama.cpp does (its
+``GGML_OP_OFFLOAD_MIN_BATCH``), a phase whose batch has fewer than 32 tokens computes them on the CPU, and a larger
+one (a prompt chunk) has them copied in, the CPU being too slow for it.
 """
 
 from __future__ import annotations
