@@ -65,3 +65,50 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         lines.append(f"ratio {rows[1]['experts']} / {rows[0]['experts']} experts: "
                      f"{rows[1]['decode_tps'] / rows[0]['decode_tps']:.2f}")
     return "\n".join(lines)
+
+
+# ---- --moe-apart: routed experts on the layer's device vs computed on another CPU device vs streamed ---------------
+
+APART = {  # row name: (what, load flags)
+    "device": ("experts on the layer's device (cpu[1])", {}),
+    "cpu": ("--cpu-moe: computed on cpu[0], hidden state there and back", {"cpu_moe": True}),
+    "host": ("-ot exps=host: held by cpu[0], streamed to cpu[1] (routed slices at decode)",
+             {"override_tensor": "exps=host"}),
+}
+
+
+def apart_rows(new_tokens: int, repeats: int, prompt: int = 128, experts: int = 64, dtype: str = "float32",
+               isq: str | None = None) -> list[dict[str, Any]]:
+    """One row per expert placement of the 64-expert model above, layers on cpu[1] (cpu[0] when only one CPU
+    device exists): prefill tokens/s of a ``prompt``-token prompt (at least 32 tokens, so ``--cpu-moe`` streams the
+    stacks for it, as llama.cpp does) and decode tokens/s at batch 1, medians of ``repeats`` timed runs after one
+    that compiles."""
+    import jax
+
+    from jaxmap.api import load
+
+    layer_device = "1" if len(jax.devices("cpu")) > 1 else "0"
+    ids = [[(7 * i + 3) % SHAPE["vocab_size"] for i in range(prompt)]]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"moe-{experts}x.yaml"
+        path.write_text(yaml.safe_dump({**SHAPE, "num_experts": experts}))
+        for name, (what, flags) in APART.items():
+            model = load(f"preset:{path}", dtype=dtype, isq=isq, max_seq_len=prompt + new_tokens + 8,
+                         progress=False, devices=layer_device, max_memory="host:8GiB", **flags)
+            model.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False)
+            stats = [model.generate(ids, max_new_tokens=new_tokens, stop_at_eos=False)[0].stats
+                     for _ in range(repeats)]
+            pre = sorted(s.prefill_tokens_per_s for s in stats)
+            dec = sorted(s.decode_tokens_per_s for s in stats)
+            rows.append({"placement": name, "what": what, "prefill_tps": pre[len(pre) // 2],
+                         "decode_tps": dec[len(dec) // 2]})
+            del model
+    return rows
+
+
+def format_apart(rows: list[dict[str, Any]]) -> str:
+    lines = ["placement  prefill tok/s  decode tok/s  what"]
+    for r in rows:
+        lines.append(f"{r['placement']:<9}  {r['prefill_tps']:>13.1f}  {r['decode_tps']:>12.1f}  {r['what']}")
+    return "\n".join(lines)

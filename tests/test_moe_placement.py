@@ -34,23 +34,23 @@ def test_experts_leave_first_and_every_layer_stays_resident(mixtral_plan):
     n = MIXTRAL.num_hidden_layers
     assert apart and apart == list(range(n - len(apart), n))  # a suffix: the last layers' experts first
     assert len(apart) < len(moe_layers(MIXTRAL))  # only as many as needed
-    # streamed from host memory, the kind the engine runs (CPU compute is planned by flags only, for now)
-    assert {(e.memory_kind, e.decode, e.prefill) for e in m.experts} == {("host", "stream", "stream")}
-    assert all(e.devices == ["cuda[1]"] for e in m.experts)
+    # in host memory: computed on the CPU device for decode, streamed to the layer's device for prefill chunks
+    assert {(e.memory_kind, e.decode, e.prefill) for e in m.experts} == {("cpu", "cpu", "stream")}
+    assert all(e.devices == ["cpu[0]"] for e in m.experts)
     assert "routed experts leave the accelerators first" in m.reason and "attention and router on cuda[0]" in m.reason
 
 
 def test_experts_are_shown_saved_and_loaded(mixtral_plan, tmp_path):
     m = mixtral_plan
     table = m.render_table()
-    assert "experts: layers" in table and "in host memory" in table and "prefill streamed to cuda[1]" in table
+    assert "experts: layers" in table and "in host memory" in table and "decode on cpu[0]" in table
     layers = m.to_json()["layers"]
     last = layers[-1]["experts"]
-    assert last["memory_kind"] == "host" and last["bytes"] > 0 and layers[0]["experts"] is None
+    assert last["memory_kind"] == "cpu" and last["bytes"] > 0 and layers[0]["experts"] is None
     again = DeviceMap.from_yaml(m.to_yaml(), MIXTRAL)
     assert again.experts == m.experts and again.render_table() == table
     svg = render_svg(m)
-    assert svg.count("experts host on cuda[1]") == len(m.experts) and "routed experts apart" in svg
+    assert svg.count("experts cpu on cpu[0]") == len(m.experts) and "routed experts apart" in svg
 
 
 def test_host_memory_counts_the_experts(mixtral_plan):
@@ -149,8 +149,9 @@ def test_cpu_moe_on_a_dense_model_is_refused(capsys):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_experts_in_host_memory_give_the_one_device_output(family, tmp_path):
-    """-ot ...=host keeps the last MoE layer's expert stack in pinned host memory; each step copies it into device
-    memory inside the layer's program: logits and greedy tokens equal the all-on-device model's."""
+    """-ot ...=host keeps the last MoE layer's expert stacks in host memory (arrays of the CPU device); each step
+    moves the routed experts' slices (decode) or the stack (prefill) to the layer's device: logits and greedy tokens
+    equal the all-on-device model's."""
     import numpy as np
     import yaml
     from test_moe import TINY_MIXTRAL, TINY_QWEN3_MOE
@@ -168,28 +169,15 @@ def test_experts_in_host_memory_give_the_one_device_output(family, tmp_path):
     assert [(e.layer, e.memory_kind) for e in m.experts] == [(layer, "host")]
     (tmp_path / "plan.yaml").write_text(m.to_yaml())
     model = jaxmap.load(f"preset:{preset}", progress=False, plan=str(tmp_path / "plan.yaml"))
-    kinds = {k: v.sharding.memory_kind for st in model.engine.stages for p in st.params["layers"][layer:layer + 1]
-             for k, v in p.items() if k.startswith("experts")}
-    assert set(kinds.values()) == {"pinned_host"}
+    apart = {i: a for st in model.engine.stages for i, a in st.apart.items()}
+    assert list(apart) == [layer] and apart[layer].kind == "host"
+    assert {d.platform for w in apart[layer].stacks.values() for d in w.devices()} == {"cpu"}
+    held = [p for st in model.engine.stages for j, p in enumerate(st.params["layers"]) if st.start + j == layer]
+    assert held and not any(k.startswith("experts") for k in held[0])
     ids = [3, 17, 5, 60, 22, 9, 41, 8, 70, 11, 4, 33]  # prefill: the dense path; decode: the gather path
     np.testing.assert_allclose(model.forward_logits([ids])[0], ref.forward_logits([ids])[0], atol=1e-5)
     got = model.generate([ids], max_new_tokens=4, temperature=0.0)[0].token_ids
     assert got == ref.generate([ids], max_new_tokens=4, temperature=0.0)[0].token_ids
-
-
-def test_experts_computed_on_the_cpu_are_refused_at_load_for_now(tmp_path):
-    import yaml
-    from test_moe import TINY_MIXTRAL
-
-    import jaxmap
-    from jaxmap.errors import UserError
-
-    preset = tmp_path / "tiny-moe.yaml"
-    preset.write_text(yaml.safe_dump(TINY_MIXTRAL))
-    m = plan(preset_config(str(preset)), Hardware.from_jax(), make_wish(cpu_moe=True, devices=[1]), max_seq_len=64)
-    (tmp_path / "plan.yaml").write_text(m.to_yaml())
-    with pytest.raises(UserError, match="does not run yet"):
-        jaxmap.load(f"preset:{preset}", progress=False, plan=str(tmp_path / "plan.yaml"))
 
 
 def test_topology_regex_entries_place_experts_last_match_wins():
@@ -223,8 +211,8 @@ def test_expert_flags_reach_generate_serve_and_doctor(command, capsys):
     assert "--cpu-moe" in err and "dense model" in err and len(err.splitlines()) == 1
 
 
-def test_load_runs_experts_in_host_memory_and_refuses_cpu_compute(tmp_path):
-    """The Python API takes the flags too: -ot exps=host runs; --cpu-moe (CPU compute) is refused at load."""
+def test_load_runs_experts_in_host_memory_and_on_the_cpu(tmp_path):
+    """The Python API takes the flags too: -ot exps=host and --cpu-moe (CPU compute) run."""
     import yaml
     from test_moe import TINY_MIXTRAL
 
@@ -237,7 +225,8 @@ def test_load_runs_experts_in_host_memory_and_refuses_cpu_compute(tmp_path):
     model = jaxmap.load(f"preset:{preset}", override_tensor="exps=host", **kw)
     assert {e.memory_kind for e in model.device_map.experts} == {"host"}
     assert len(model.generate([[1, 2, 3]], max_new_tokens=3, temperature=0.0)[0].token_ids) == 3
-    with pytest.raises(UserError, match="does not run yet"):
-        jaxmap.load(f"preset:{preset}", cpu_moe=True, **kw)
+    model = jaxmap.load(f"preset:{preset}", cpu_moe=True, **kw)
+    assert {e.memory_kind for e in model.device_map.experts} == {"cpu"}
+    assert len(model.generate([[1, 2, 3]], max_new_tokens=3, temperature=0.0)[0].token_ids) == 3
     with pytest.raises(UserError, match="-ot would be ignored"):
         jaxmap.load(f"preset:{preset}", override_tensor="exps=host", plan=str(tmp_path / "none.yaml"))

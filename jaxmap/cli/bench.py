@@ -362,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--moe", action="store_true",
                         help="MoE workload: decode tokens/s of two random Qwen3-MoE-shaped models with the same "
                              "active size and 8 versus 64 experts (jaxmap.bench_moe)")
-    parser.add_argument("--isq", default=None, help="with --serving or --moe: in-situ quantization type (e.g. Q8_0)")
+    parser.add_argument("--moe-apart", action="store_true",
+                        help="MoE placement workload: prefill and decode tokens/s of a random 64-expert model with "
+                             "its experts on the layer's device, computed on another CPU device (--cpu-moe) and "
+                             "streamed from host memory (-ot exps=host) (jaxmap.bench_moe)")
+    parser.add_argument("--isq", default=None,
+                        help="with --serving, --moe or --moe-apart: in-situ quantization type (e.g. Q8_0)")
     parser.add_argument("--worker", choices=("jaxmap", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--wish", default="", help=argparse.SUPPRESS)
     return parser
@@ -392,6 +397,8 @@ def run(args) -> int:
         return run_serving(args)
     if args.moe:
         return run_moe(args)
+    if args.moe_apart:
+        return run_moe_apart(args)
     layouts = parse_layouts(args.layouts) if args.layouts else None
     check_model(args.model, args.compare_transformers, args.compare_llamacpp)
     if layouts:
@@ -445,6 +452,22 @@ def run_moe(args) -> int:
     print(f"moe: {NEW_TOKENS} new tokens at batch 1, dtype {args.dtype}, isq {args.isq or 'none'}, "
           f"{os.cpu_count()} CPUs, median of {REPEATS} timed runs")
     print(format_rows(rows))
+    return 0
+
+
+def run_moe_apart(args) -> int:
+    """The MoE placement workload, in this process, on 2 virtual CPU devices where jax has not started yet."""
+    if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+    from jaxmap.bench_moe import apart_rows, format_apart
+    from jaxmap.engine.compile_cache import enable_compile_cache
+
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    rows = apart_rows(NEW_TOKENS, REPEATS, dtype=args.dtype, isq=args.isq)
+    print(f"moe-apart: 128-token prompt, {NEW_TOKENS} new tokens at batch 1, dtype {args.dtype}, isq "
+          f"{args.isq or 'none'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
+    print(format_apart(rows))
     return 0
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
-from jaxmap.engine import layers, program_store
+from jaxmap.engine import layers, program_store, remote_experts
 from jaxmap.engine.multihost import put, to_local
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
@@ -106,7 +106,9 @@ class Engine:
             stage.dtype = jnp.dtype(stage.dtype or self.dtype)
             # Streamed stages run one program per layer (it bounds device memory to about two layers); the others
             # unroll unless they are deep (see choose_layer_mode).
-            stage.mode = "per_layer" if stage.streamed else choose_layer_mode(stage.num_layers, layer_mode)
+            # Layers with routed experts apart run as several programs (engine/remote_experts.py): per layer too.
+            stage.mode = ("per_layer" if stage.streamed or getattr(stage, "apart", None)
+                          else choose_layer_mode(stage.num_layers, layer_mode))
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk_for(max_seq_len, prefill_chunk)  # prompt tokens per prefill step
         family = family_of(config)
@@ -256,6 +258,8 @@ class Engine:
             return jax.jit(raw_layer, donate_argnames=("k_cache", "v_cache"))
         if part == "leave":
             return jax.jit(leave, donate_argnames=("seen",))
+        if part in remote_experts.PARTS:
+            return remote_experts.build(part, shape, config, design, shape.history)
         raise ValueError(part)
 
     def _call(self, stage_index: int, shape: StepShape, part: str, *args, design: LayerDesign | None = None) -> Any:
@@ -355,9 +359,14 @@ class Engine:
                     x, new = self._streamed_layers(i, stage, shape, x, caches[i], start_i, ctx)
                 else:
                     new = []
-                    for p, (kc, vc), d in zip(stage.params["layers"], caches[i], self.designs[stage.start:stage.end],
-                                              strict=True):
-                        x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, ctx, design=d)
+                    apart = getattr(stage, "apart", None) or {}
+                    for j, (p, (kc, vc), d) in enumerate(zip(stage.params["layers"], caches[i],
+                                                             self.designs[stage.start:stage.end], strict=True)):
+                        if stage.start + j in apart:  # routed experts apart: engine/remote_experts.py
+                            x, kc, vc = remote_experts.run_layer(self, i, stage, shape, apart[stage.start + j], p, x,
+                                                                 kc, vc, start_i, ctx, d)
+                        else:
+                            x, kc, vc = self._call(i, shape, "layer", p, x, kc, vc, start_i, ctx, design=d)
                         new.append((kc, vc))
                         if stage.sync:
                             x.block_until_ready()

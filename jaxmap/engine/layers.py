@@ -21,7 +21,7 @@ from jaxmap.engine.rope import apply_rope, rope_cos_sin
 from jaxmap.families import LayerDesign, ModelDesign
 from jaxmap.quant import dense, dense_rows, take_rows
 
-__all__ = ["attention_context", "decoder_layer", "embed", "lm_head", "rms_norm"]
+__all__ = ["attention_context", "attention_half", "decoder_layer", "embed", "lm_head", "rms_norm"]
 
 
 def attention_context(start, pad, n_tokens: int, attend_len: int, inv_freq, local_inv_freq=None, end=None,
@@ -65,28 +65,11 @@ def lm_head(params: dict, x: jnp.ndarray, config: ModelConfig, design: ModelDesi
     return logits
 
 
-def decoder_layer(
-    p: dict,
-    x: jnp.ndarray,
-    k_cache: jnp.ndarray,
-    v_cache: jnp.ndarray,
-    start: jnp.ndarray,
-    ctx: dict,
-    attend_len: int,
-    config: ModelConfig,
-    design: LayerDesign,
-    taps: dict | None = None,
-    history: int = 0,
-) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """One decoder layer over ``T`` new tokens written at cache slot ``start``.
-
-    x: [B, T, D]; caches: [B, kv_heads, S, head_dim] (a ring of S slots for a sliding layer); ``ctx`` from
-    :func:`attention_context`. ``design`` picks the blocks: q/k/v biases, per-head query/key RMSNorm before RoPE,
-    norms after attention and MLP (Gemma's sandwich), ``1 + weight`` norms, the MLP's activation, the score scale,
-    soft-cap and window, and which RoPE base. ``taps``: a dict that receives each projection's input activation,
-    keyed as in the family's ``projection_inputs`` (for importance matrices; None in serving). ``history``: in a
-    prefill chunk after the first, how many cache slots earlier chunks wrote that it reads (a static bucket).
-    """
+def attention_half(p: dict, x: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray, start: jnp.ndarray,
+                   ctx: dict, attend_len: int, config: ModelConfig, design: LayerDesign, taps: dict | None = None,
+                   history: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The first half of :func:`decoder_layer`: attention and its residual (the MLP half follows). A layer whose
+    routed experts live apart runs this half and its MLP in separate programs (:mod:`jaxmap.engine.remote_experts`)."""
     b, t, _ = x.shape
     g, k_dim = config.num_key_value_heads, config.head_dim
     eps, plus_one = config.rms_norm_eps, design.norm_plus_one
@@ -112,8 +95,35 @@ def decoder_layer(
     out = dense(attn, p["wo"])
     if design.post_norms:
         out = rms_norm(out, p["attn_post_norm"], eps, plus_one)
-    x = x + out
+    return x + out, k_cache, v_cache
 
+
+def decoder_layer(
+    p: dict,
+    x: jnp.ndarray,
+    k_cache: jnp.ndarray,
+    v_cache: jnp.ndarray,
+    start: jnp.ndarray,
+    ctx: dict,
+    attend_len: int,
+    config: ModelConfig,
+    design: LayerDesign,
+    taps: dict | None = None,
+    history: int = 0,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One decoder layer over ``T`` new tokens written at cache slot ``start``.
+
+    x: [B, T, D]; caches: [B, kv_heads, S, head_dim] (a ring of S slots for a sliding layer); ``ctx`` from
+    :func:`attention_context`. ``design`` picks the blocks: q/k/v biases, per-head query/key RMSNorm before RoPE,
+    norms after attention and MLP (Gemma's sandwich), ``1 + weight`` norms, the MLP's activation, the score scale,
+    soft-cap and window, and which RoPE base. ``taps``: a dict that receives each projection's input activation,
+    keyed as in the family's ``projection_inputs`` (for importance matrices; None in serving). ``history``: in a
+    prefill chunk after the first, how many cache slots earlier chunks wrote that it reads (a static bucket).
+    """
+    x, k_cache, v_cache = attention_half(p, x, k_cache, v_cache, start, ctx, attend_len, config, design, taps,
+                                         history)
+    taps = {} if taps is None else taps
+    eps, plus_one = config.rms_norm_eps, design.norm_plus_one
     h = rms_norm(x, p["mlp_norm"], eps, plus_one)
     taps["mlp_in"] = h
     out = moe_mlp(p, h, config, taps) if design.moe else gated_mlp(p, h, taps, design.mlp_act)

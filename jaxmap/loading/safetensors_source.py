@@ -352,6 +352,13 @@ class SafetensorsSource:
         raw = mm[entry.start:entry.start + entry.nbytes]
         return raw.view(SAFETENSORS_DTYPES[entry.dtype_name]).reshape(entry.shape)
 
+    def expert_parts(self, name: str) -> list[str]:
+        """The per-expert tensors a stacked expert name stands for, in expert order (so a caller can read only the
+        experts it needs, each one ``[out, in]``: the disk tier's routed experts)."""
+        if name not in self._stacks:
+            raise UserError(f"{self.folder}: {name!r} is not stored one tensor per expert")
+        return list(self._stacks[name])
+
     def read(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
         return np.array(self.view(name), dtype=as_numpy_dtype(dtype), order="C", copy=True)
 

@@ -19,9 +19,10 @@ from jaxmap.config.hardware import Hardware
 from jaxmap.loading.safetensors_source import SafetensorsSource
 from jaxmap.materialize import params as stage_params
 from jaxmap.materialize.disk_tier import DiskQuantization, check_writable, default_offload_folder, open_disk_layers
+from jaxmap.materialize.experts_apart import holder_name, load_apart, pop_apart_specs
 from jaxmap.materialize.isq import Quantizer, type_function
 from jaxmap.materialize.params import count_params, stage_param_specs
-from jaxmap.materialize.placement import expert_memory_kind, stage_placements
+from jaxmap.materialize.placement import live_devices_by_name, make_mesh, stage_placements
 from jaxmap.planning.device_map import DeviceMap
 from jaxmap.progress import Progress
 from jaxmap.quant.qtensor import split_of
@@ -58,6 +59,9 @@ class Stage:
     memory_kind: str = "device"
     disk: Any = None  # jaxmap.materialize.disk_tier.DiskLayers for disk stages
     layer_shardings: dict | None = None  # device shardings of one layer's parameters (streamed stages)
+    # Layers whose routed experts live apart (DeviceMap.experts): layer -> ApartExperts
+    # (jaxmap.materialize.experts_apart); their ``params["layers"]`` entries hold no expert stacks.
+    apart: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -84,15 +88,17 @@ def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: 
     stage_specs = [stage_param_specs(config, p.start, p.end if p.memory_kind != "disk" else p.start,
                                                  p.is_first, p.is_last) for p in placements]
     bar = Progress(sum(count_params(s) for s in stage_specs), "loading weights", enabled=progress)
+    apart_specs = [pop_apart_specs(device_map, s, p.start) for p, s in zip(placements, stage_specs, strict=True)]
+    live, host_name = live_devices_by_name(), hardware.host.name
     stages = []
-    for placement, specs in zip(placements, stage_specs, strict=True):
+    for placement, specs, apart in zip(placements, stage_specs, apart_specs, strict=True):
         stage_dtype = _stage_dtype(device_map, placement, dtype)
         kind = placement.memory_kind
         host_kind = "pinned_host" if kind == "host" else None
 
         def place_for(spec, p=placement, host_kind=host_kind):
             kind = host_kind if spec.layer is not None else None
-            return p.param_sharding(spec, config, expert_memory_kind(device_map, spec) or kind)
+            return p.param_sharding(spec, config, kind)
 
         params = stage_params.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
         streamed = kind in ("host", "disk") and placement.end > placement.start
@@ -101,11 +107,20 @@ def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: 
         if kind == "disk" and streamed:
             disk = open_disk_layers(source, config, range(placement.start, placement.end), stage_dtype,
                                     offload_folder, _disk_quantization(quantizer, placement, config, importance))
+        held = {}
+        for layer, specs_of in apart.items():  # routed experts apart from their layer, in the stage's dtype
+            e = device_map.experts_of(layer)
+            name = holder_name(e, host_name)
+            mesh = make_mesh([name], live) if name is not None else placement.mesh
+            held[layer] = load_apart(source, e, specs_of, live.get(name), mesh, stage_dtype,
+                                     lambda sp, place, d=stage_dtype: stage_params.materialize_stage(
+                                         source, sp, d, place, bar, quantizer), quantizer,
+                                     Path(offload_folder) if offload_folder is not None else None)
         stages.append(Stage(placement.start, placement.end, params, placement.activation_sharding(),
                             placement.cache_sharding(config), placement.is_first, placement.is_last,
                             dtype=stage_dtype,
                             sync=placement.mesh.devices.size > 1 and placement.platform == "cpu",
-                            memory_kind=kind, disk=disk, layer_shardings=layer_shardings))
+                            memory_kind=kind, disk=disk, layer_shardings=layer_shardings, apart=held))
     bar.close()
     quantizer.report(np.dtype(dtype).itemsize)
     return stages

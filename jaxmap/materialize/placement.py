@@ -59,15 +59,6 @@ class StagePlacement:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-def expert_memory_kind(device_map: DeviceMap, spec: ParamSpec) -> str | None:
-    """``pinned_host`` for a routed expert tensor the plan keeps in host memory (streamed to its layer's device each
-    step, :func:`jaxmap.engine.moe.in_device_memory`), else None (the stage decides)."""
-    if spec.role != "expert" or spec.layer is None:
-        return None
-    e = device_map.experts_of(spec.layer)
-    return "pinned_host" if e is not None and e.memory_kind == "host" else None
-
-
 def live_devices_by_name() -> dict[str, jax.Device]:
     """jax devices by jaxmap name (``cuda[0]``, ``cpu[3]``), enumerated exactly as ``Hardware.from_jax`` names them.
 
@@ -91,13 +82,12 @@ def make_mesh(names: list[str], live: dict[str, jax.Device]) -> Mesh:
 
 def stage_placements(device_map: DeviceMap, hardware: Hardware) -> list[StagePlacement]:
     """The engine's stages for a plan; embeddings or LM head placed away from their stage become 0-layer stages."""
-    unrun = [e for e in device_map.experts if e.memory_kind != "host"]
-    if unrun:
-        e = unrun[0]
-        raise UserError(f"the plan keeps the routed experts of {len(unrun)} layer(s) apart from their layers (layer "
-                        f"{e.layer}: {e.memory_kind} on {','.join(e.devices)}), which the engine does not run yet "
-                        "(experts in host memory streamed to their layer's device, -ot REGEX=host, do run); give it "
-                        "more memory (--max-memory), quantize (--isq), or lay the layers out yourself (-n, --no-auto)")
+    for e in device_map.experts:  # experts apart run beside resident layers (jaxmap.engine.remote_experts)
+        stage = next((s for s in device_map.stages if s.start <= e.layer < s.end), None)
+        if stage is not None and stage.memory_kind != "device":
+            raise UserError(f"the plan keeps layer {e.layer} in {stage.memory_kind} memory and its routed experts "
+                            f"apart ({e.memory_kind}); experts apart run beside resident layers only (a streamed "
+                            "layer brings its experts with it): drop the expert placement for that layer")
     live = live_devices_by_name()
 
     def names(devices: list[str]) -> list[str]:  # "cpu" (the host) -> its full name

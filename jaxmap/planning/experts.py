@@ -5,9 +5,10 @@ Pure data, no jax. Experts are most of a mixture of experts' bytes and little of
 k of E), so when a model does not fit, the automatic fit moves routed experts off the accelerators first, the last
 layers' first, before any attention layer or KV cache leaves (issue 17); attention, norms, router and shared experts
 stay with their layer. Experts in host memory are either computed on the CPU device (the hidden state goes there and
-back: ``2 x batch x tokens x hidden`` bytes per layer) or streamed to the layer's device (the layer's expert weights
-per step); as llama.cpp does (its ``GGML_OP_OFFLOAD_MIN_BATCH``), a phase whose batch has fewer than 32 tokens
-computes them on the CPU, and a larger one (a prompt chunk) has them copied in, the CPU being too slow for it.
+back: ``2 x batch x tokens x hidden`` bytes per layer) or streamed to the layer's device (the routed experts' slices
+while tokens x k < E, else the layer's whole stack; jaxmap.engine.remote_experts runs both); as llama.cpp does (its
+``GGML_OP_OFFLOAD_MIN_BATCH``), a phase whose batch has fewer than 32 tokens computes them on the CPU, and a larger
+one (a prompt chunk) has them copied in, the CPU being too slow for it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from jaxmap.planning.device_map import ExpertPlacement, format_bytes
 from jaxmap.planning.fit import Budgets, Fill, expert_bytes, moe_layers
 from jaxmap.planning.isq_types import layer_types
 
-# The expert memory kinds the engine runs today (jaxmap.materialize.placement refuses the others at load): experts
-# streamed from host memory. Computing them on the CPU device and reading them from disk are planned and shown, not
-# run yet, so the automatic fit uses only these.
-RUNNABLE_KINDS = ("host",)
+# The expert memory kinds the engine runs (jaxmap.engine.remote_experts) and the automatic fit may choose: computed
+# on the CPU device (decode) or streamed (prefill) from host memory, streamed from host memory, read from disk.
+RUNNABLE_KINDS = ("cpu", "host", "disk")
 
 # Tokens per step from which experts held in host memory are copied to the accelerator rather than computed on the
 # CPU (llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH, 32).
@@ -47,12 +47,13 @@ def phases(kind: str, max_batch_size: int, chunk: int) -> tuple[str, str]:
 
 def moved_bytes(config: ModelConfig, how: str, tokens: int, experts: int, dtype: str) -> int:
     """Bytes one MoE layer moves over the host link in a step of ``tokens`` tokens: the hidden state there and back
-    when computed on the CPU, the layer's expert stack when streamed (the engine copies the whole stack in; bringing
-    only the routed experts' slices is not built yet)."""
+    when computed on the CPU, the routed experts' slices when streamed while ``tokens x k < E`` (a decode step: the
+    engine moves one slice per (token, expert) pair), else the layer's whole expert stack (``experts`` bytes)."""
     if how == "cpu":
         return 2 * tokens * config.hidden_size * parse_dtype(dtype).itemsize
     if how == "stream":
-        return experts
+        pairs = tokens * config.num_experts_per_tok
+        return experts * pairs // config.num_experts if pairs < config.num_experts else experts
     return 0
 
 
@@ -155,7 +156,7 @@ def explain(config: ModelConfig, experts: list[ExpertPlacement], filled: Fill | 
             out.append(f"experts {phase} ({tokens} token{'s' if tokens != 1 else ''} a step): {what}, "
                        f"{format_bytes(moved)} moved per layer"
                        + (f" (the CPU computes steps under {OFFLOAD_MIN_BATCH} tokens, as llama.cpp)"
-                          if kind == "cpu" else ""))
+                          if kind == "cpu" and phase == "decode" else ""))
     return out
 
 
