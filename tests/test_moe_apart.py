@@ -123,3 +123,22 @@ def test_disk_experts_of_a_quantized_gguf_stay_quantized(tmp_path):
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
     got = [r.token_ids for r in model.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]
     assert got == [r.token_ids for r in one.generate(ref["input_ids"], max_new_tokens=6, stop_at_eos=False)]
+
+
+def test_fit_uses_every_kind_that_runs():
+    """On an accelerator the fit computes host-memory experts on the CPU for decode (streamed for prefill) and,
+    when host memory is full, reads the earlier layers' experts from disk: every layer stays resident."""
+    from jaxmap.config.hardware import Hardware
+    from jaxmap.families import preset_config
+    from jaxmap.planning.experts import RUNNABLE_KINDS
+    from jaxmap.planning.planner import plan
+    from jaxmap.planning.wishes import make_wish
+
+    assert set(RUNNABLE_KINDS) == {"cpu", "host", "disk"}
+    m = plan(preset_config("qwen3-30b-a3b"), Hardware.from_preset("1x24gb"),
+             make_wish(max_memory={"host": 20 << 30}), dtype="bf16")
+    kinds = {(e.memory_kind, e.decode, e.prefill) for e in m.experts}
+    assert kinds == {("cpu", "cpu", "stream"), ("disk", "stream", "stream")}
+    on_disk = [e.layer for e in m.experts if e.memory_kind == "disk"]
+    in_host = [e.layer for e in m.experts if e.memory_kind == "cpu"]
+    assert max(on_disk) < min(in_host) and all(s.memory_kind == "device" for s in m.stages)

@@ -25,7 +25,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec
 from jaxmap.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsSource, as_numpy_dtype, parse_header
@@ -34,9 +33,6 @@ from jaxmap.materialize.params import read_param
 from jaxmap.planning.device_map import DeviceMap, ExpertPlacement
 
 log = logging.getLogger(__name__)
-
-STACKS = ("experts_gate", "experts_up", "experts_down")
-
 
 @dataclasses.dataclass
 class ApartExperts:
@@ -74,6 +70,9 @@ def pop_apart_specs(device_map: DeviceMap, specs: dict, start: int) -> dict[int,
         if e is None:
             continue
         out[start + j] = {k: layer_specs.pop(k) for k in list(layer_specs) if layer_specs[k].role == "expert"}
+        if not out[start + j]:  # a saved plan edited by hand
+            raise UserError(f"the plan places the routed experts of layer {start + j} apart, but that layer has "
+                            "no routed experts")
     return out
 
 
@@ -155,15 +154,3 @@ def _disk_reader(source, e: ExpertPlacement, specs: dict[str, ParamSpec], dtype:
         return {k: jax.tree.map(pick, w) for k, w in stacks.items()}
 
     return read_file
-
-
-def expert_bytes_of(stacks: dict) -> int:
-    return sum(int(leaf.nbytes) for w in stacks.values() for leaf in jax.tree.leaves(w))
-
-
-def check_config(config: ModelConfig, device_map: DeviceMap) -> None:
-    """Every apart entry names an MoE layer (a saved plan edited by hand may not)."""
-    for e in device_map.experts:
-        if not config.is_moe_layer(e.layer):
-            raise UserError(f"the plan places the routed experts of layer {e.layer} apart, but that layer of "
-                            f"{config.name or 'the model'} has no routed experts")

@@ -91,7 +91,7 @@ class ExpertPlacement:
     """Where one MoE layer's routed experts live when apart from the rest of their layer (attention, norms, router
     and shared experts stay with the layer's stage).
 
-    ``memory_kind``: ``device`` (held by ``devices``, another accelerator than the layer's), ``host`` (pinned host
+    ``memory_kind``: ``device`` (held by ``devices``, another accelerator than the layer's), ``host`` (host
     memory, streamed to the layer's device), ``disk``, or ``cpu`` (host memory, computed by the CPU device in
     ``devices``: the hidden state goes there and back). ``decode`` / ``prefill`` say how each phase computes them
     (``cpu``: on the CPU device; ``stream``: their weights moved to the layer's device; ``device``: where they
