@@ -25,6 +25,7 @@ from jaxmap.errors import UserError
 from jaxmap.families import (
     config_from_hf,
     fused_parts,
+    interleaved_parts,
     missing_tensors,
     model_tensor_names,
     read_config_json,
@@ -214,6 +215,10 @@ class SafetensorsSource:
         self._stacks = {name: parts for name, parts in stacked_experts(self.config).items()
                         if all(p in self._entries for p in parts)}
         self._stored |= set(self._stacks)
+        # Interleaved columns of a stored tensor (gpt-oss's gate and up in experts.gate_up_proj): strided views
+        self._strided = {name: part for name, part in interleaved_parts(self.config).items()
+                         if part[0] in self._entries}
+        self._stored |= set(self._strided)
         self._maps: dict[Path, np.memmap] = {}
 
     def _add_fused_parts(self) -> None:
@@ -309,7 +314,7 @@ class SafetensorsSource:
     # ---- WeightSource --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Every stored tensor, the parts of fused ones and stacks of per-expert ones under the family's names."""
-        return list(self._entries) + list(self._stacks)
+        return list(self._entries) + list(self._stacks) + list(self._strided)
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -319,17 +324,26 @@ class SafetensorsSource:
         return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._strided:
+            stored, first, step = self._strided[name]
+            *lead, cols = self._entry(stored).shape
+            return (*lead, len(range(first, cols, step)))
         if name in self._stacks:
             parts = self._stacks[name]
             return (len(parts), *reversed(self._entry(parts[0]).shape))
         return self._entry(name).shape
 
     def stored_nbytes(self, name: str) -> int:
+        if name in self._strided:
+            stored = self._strided[name][0]
+            return self._entry(stored).nbytes // math.prod(self._entry(stored).shape) * math.prod(self.shape(name))
         if name in self._stacks:
             return sum(self._entry(p).nbytes for p in self._stacks[name])
         return self._entry(name).nbytes
 
     def stored_type(self, name: str) -> str:
+        if name in self._strided:
+            return self._entry(self._strided[name][0]).dtype_name
         return self._entry(self._stacks[name][0] if name in self._stacks else name).dtype_name
 
     def view(self, name: str) -> np.ndarray:
@@ -337,6 +351,9 @@ class SafetensorsSource:
         per-expert tensors is a copy, each expert transposed to ``[in, out]``."""
         if name in self._stacks:
             return np.stack([self.view(p).T for p in self._stacks[name]])
+        if name in self._strided:  # a strided (non-contiguous) view; read() copies it
+            stored, first, step = self._strided[name]
+            return self.view(stored)[..., first::step]
         entry = self._entry(name)
         if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub" and name in self._weights:
             raise UserError(f"{entry.file}: tensor {name!r} is stored as {entry.dtype_name}; jaxmap reads "
