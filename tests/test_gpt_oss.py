@@ -50,7 +50,7 @@ def test_gate_and_up_are_the_interleaved_columns_of_gate_up_proj():
         fused = src.read("model.layers.1.mlp.experts.gate_up_proj")
         gate = src.read("model.layers.1.mlp.experts.gate_up_proj[gate]")
         up = src.read("model.layers.1.mlp.experts.gate_up_proj[up]")
-        assert src.shape("model.layers.1.mlp.experts.gate_up_proj[up]") == up.shape == (4, 64, 32)
+        assert src.shape("model.layers.1.mlp.experts.gate_up_proj[up]") == up.shape == (4, 64, 64)
         np.testing.assert_array_equal(gate, fused[..., 0::2])
         np.testing.assert_array_equal(up, fused[..., 1::2])
         bias = src.read("model.layers.1.mlp.experts.gate_up_proj_bias")
@@ -86,3 +86,32 @@ def test_moe_paths_agree_with_biases_and_clamp(one):
             for path in ("gather", "dense", "grouped")}
     np.testing.assert_allclose(outs["gather"], outs["dense"], atol=1e-5)
     np.testing.assert_allclose(outs["grouped"], outs["dense"], atol=1e-5)
+
+
+MXFP4_LAYOUTS = {"native": dict(devices="0", tp=1), "native-tp2": dict(tp=2, pp=1),
+                 "dequantized": dict(devices="0", tp=1, dtype="float32")}
+
+
+@pytest.mark.parametrize("layout", list(MXFP4_LAYOUTS))
+def test_mxfp4_checkpoint_matches_transformers(layout):
+    """The published checkpoints' layout (tests/data/tiny-gpt-oss-mxfp4: experts as ``*_blocks`` / ``*_scales``,
+    ``quant_method: mxfp4``): kept as MXFP4 (no ``--dtype``), split over tp=2, or dequantized by ``--dtype``; each
+    reproduces transformers' own dequantized run of the same file."""
+    from jaxmap.quant.qtensor import QTensor
+
+    ref_path = HERE / "reference" / "data" / "tiny-gpt-oss-mxfp4"
+    meta = json.loads(ref_path.with_suffix(".json").read_text(encoding="utf-8"))
+    with np.load(ref_path.with_suffix(".npz")) as npz:
+        want = [np.asarray(npz[f"logits_{i}"], np.float32) for i in range(len(meta["prompts"]))]
+    ids = [p["input_ids"] for p in meta["prompts"]]
+    kw = MXFP4_LAYOUTS[layout]
+    model = jaxmap.load(str(HERE / "data" / "tiny-gpt-oss-mxfp4"), max_seq_len=64, progress=False, **kw)
+    layer = model.engine.stages[0].params["layers"][0]
+    native = "dtype" not in kw
+    assert isinstance(layer["experts_gate"], QTensor) == native and not isinstance(layer["wq"], QTensor)
+    if native:
+        assert layer["experts_down"].qtype == "MXFP4"
+    for logits, ref in zip(model.forward_logits(ids), want, strict=True):
+        np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+    results = model.generate(ids, max_new_tokens=len(meta["prompts"][0]["greedy_ids"]), stop_at_eos=False)
+    assert [r.token_ids for r in results] == [p["greedy_ids"] for p in meta["prompts"]]

@@ -149,6 +149,8 @@ def missing_tensors(config: ModelConfig, present: set[str]) -> list[ParamSpec]:
     out, seen = [], set()
     strided = interleaved_parts(config)
     for s in specs:
+        if s.hf_name in present and s.hf_name in strided:  # a part the source holds (MXFP4 experts: not the whole)
+            continue
         if s.hf_name in strided:  # present when its stored tensor is; named by it when not
             name = strided[s.hf_name][0]
             if name not in present and name not in seen:

@@ -61,6 +61,15 @@ def from_blocks(blocks: np.ndarray, scales: np.ndarray) -> QTensor:
                    shape=(out, n_blocks * half * 2), sub=BLOCK)
 
 
+def dequantize_blocks(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Hugging Face MXFP4 ``blocks [..., out, in / 32, 16]`` and ``scales [..., out, in / 32]`` as float32 ``[...,
+    out, in]``."""
+    blocks = np.asarray(blocks, np.uint8)
+    values = np.stack([FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]], axis=-1).reshape(*blocks.shape[:-1], -1)
+    values *= np.ldexp(np.float32(1), np.asarray(scales).astype(np.int32) - 127)[..., None].astype(np.float32)
+    return values.reshape(*blocks.shape[:-2], -1)
+
+
 def dequantize_np(w: QTensor) -> np.ndarray:
     """The float32 ``[out, in]`` weight of an MXFP4 QTensor, in numpy (tests, reference comparisons)."""
     from jaxmap.quant.qtensor import unpack_np
