@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Mean absolute error relative to the mean |w| of a standard normal 64x512 matrix (measured, with headroom).
 ROUND_TRIP = {"Q4_0": 0.095, "Q4_1": 0.08, "Q5_0": 0.047, "Q5_1": 0.04, "Q8_0": 0.007, "Q2K": 0.32, "Q3K": 0.165,
-              "Q4K": 0.082, "Q5K": 0.041, "Q6K": 0.02, "Q8K": 0.009, "INT8": 0.009, "INT4": 0.14, "F8E4M3": 0.025}
+              "Q4K": 0.082, "Q5K": 0.041, "Q6K": 0.02, "Q8K": 0.009, "INT8": 0.009, "INT4": 0.14, "F8E4M3": 0.025,
+              "MXFP4": 0.12}
 
 
 def _dev(qt):

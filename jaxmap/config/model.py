@@ -60,6 +60,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1  # every n-th layer is MoE (Qwen3-MoE), the others dense
     mlp_only_layers: tuple[int, ...] = ()  # layers kept dense whatever the step says
+    # gpt-oss's clamped SwiGLU experts: (up + 1) * g * sigmoid(alpha * g), g clamped above at limit, up to +-limit
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -74,8 +77,8 @@ class ModelConfig:
             value = getattr(self, field)
             if not _is_positive_number(value):
                 raise UserError(f"model config: {field} must be a positive number, got {value!r}")
-        for field in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
-                      "sliding_window"):
+        for field in ("swiglu_alpha", "swiglu_limit", "rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcap",
+                      "final_logit_softcap", "sliding_window"):
             value = getattr(self, field)
             if value is not None and not _is_positive_number(value):
                 raise UserError(f"model config: {field} must be a positive number or null, got {value!r}")
@@ -168,6 +171,13 @@ def _check_rope_scaling(scaling: Mapping[str, Any] | None, rotary_dim: int) -> N
             value = scaling.get(key)
             if (value is not None or key == "original_max_position_embeddings") and not _is_positive_number(value):
                 raise UserError(f"model config: rope_scaling.{key} must be a positive number for longrope scaling, "
+                                f"got {value!r}")
+        return
+    if kind == "yarn":
+        for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"):
+            value = scaling.get(key)
+            if (value is not None or key == "original_max_position_embeddings") and not _is_positive_number(value):
+                raise UserError(f"model config: rope_scaling.{key} must be a positive number for yarn scaling, "
                                 f"got {value!r}")
         return
     if kind not in ("linear", "llama3"):

@@ -41,6 +41,17 @@ def _cap(scores: jnp.ndarray, softcap: float | None) -> jnp.ndarray:
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
+def _softmax(scores: jnp.ndarray, sinks: jnp.ndarray | None) -> jnp.ndarray:
+    """Softmax over the last axis of float32 scores [b, g, r, ...]; with ``sinks`` [g, r] (gpt-oss), one more logit
+    per head joins the denominator and its probability is dropped (it attends to nothing)."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink = sinks.astype(jnp.float32).reshape((1, *sinks.shape) + (1,) * (scores.ndim - 3))
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    e = jnp.exp(scores - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
 def ring_positions(start: jnp.ndarray, slots: int) -> jnp.ndarray:
     """The absolute cache slot each of a ring buffer's ``slots`` positions holds before slot ``start`` is written:
     the latest ``j < start`` with ``j % slots == r`` (negative where position ``r`` holds nothing yet)."""
@@ -49,7 +60,7 @@ def ring_positions(start: jnp.ndarray, slots: int) -> jnp.ndarray:
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history: int, scale: float, softcap: float | None,
-                       window: int | None) -> jnp.ndarray:
+                       window: int | None, sinks: jnp.ndarray | None = None) -> jnp.ndarray:
     """``T`` queries of a prefill chunk against the cache slots earlier chunks wrote and the chunk's own keys.
 
     q: [B, T, kv_heads, rep, head_dim]; k, v: [B, T, kv_heads, head_dim]. Keys are labelled with the slot they
@@ -77,7 +88,7 @@ def _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history: int, scal
     def block(qb, mb):  # queries [b, c, g, r, k] against every key; mask [b, c, n_keys]
         scores = jnp.einsum("btgrk,blgk->bgrtl", qb, keys).astype(jnp.float32) * scale
         scores = jnp.where(mb[:, None, None, :, :], _cap(scores, softcap), neg)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        probs = _softmax(scores, sinks).astype(values.dtype)
         return jnp.einsum("bgrtl,blgk->btgrk", probs, values)
 
     chunk = prefill_query_block(t, n_keys, b * g * rep)
@@ -97,7 +108,7 @@ def _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history: int, scal
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray,
               start: jnp.ndarray, mask: jnp.ndarray, attend_len: int, *, pad: jnp.ndarray | None = None,
               end: jnp.ndarray | None = None, scale: float | None = None, softcap: float | None = None,
-              window: int | None = None, history: int = 0):
+              window: int | None = None, history: int = 0, sinks: jnp.ndarray | None = None):
     """Causal grouped-query attention of ``T`` new queries, with the new keys/values written at cache slot ``start``.
 
     q: [B, T, kv_heads * rep, head_dim] and k, v: [B, T, kv_heads, head_dim], RoPE applied; caches: [B, kv_heads, S,
@@ -111,7 +122,8 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     query sees itself and the ``window - 1`` keys before it, and the cache is a ring buffer of ``S`` slots (slot
     ``j`` at position ``j % S``; ``S`` is ``min(window, max_seq_len)``), so decode reads ``min(attend_len, S)``
     positions; ``pad`` (each row's left padding) and ``end`` (the prefill's last real slot + 1: the ring keeps the
-    ``S`` keys before it, not the bucket's padding after it) are needed then.
+    ``S`` keys before it, not the bucket's padding after it) are needed then. ``sinks`` [heads]: gpt-oss's learned
+    per-head logit in each softmax's denominator.
     """
     b, t, heads, k_dim = q.shape
     g = k.shape[2]
@@ -120,6 +132,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     scale = k_dim**-0.5 if scale is None else scale
     neg = jnp.finfo(jnp.float32).min
     ring = k_cache.shape[2] if window is not None else None
+    sinks = None if sinks is None else sinks.reshape(g, rep)
     if t == 1:
         # Decode: attend to the cache as it was (slots before ``start``) plus the new key, and write the new
         # key/value only as outputs. Reading the updated cache made XLA fuse the update into the read and copy
@@ -144,12 +157,12 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
             old_mask = (held >= 0) & (held >= pad[:, None]) & (row_start - held < window)
         old = jnp.where(old_mask[:, None, None, :], _cap(old, softcap), neg)
         new = jnp.sum(q1 * k[:, 0, :, None, :], axis=-1).astype(jnp.float32)[..., None] * scale  # [b, g, r, 1]
-        probs = jax.nn.softmax(jnp.concatenate([old, _cap(new, softcap)], axis=-1), axis=-1).astype(values.dtype)
+        probs = _softmax(jnp.concatenate([old, _cap(new, softcap)], axis=-1), sinks).astype(values.dtype)
         attn = (jnp.sum(probs[..., :-1, None] * values[:, :, None, :, :], axis=-2)
                 + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
     else:
         pad = jnp.zeros(b, jnp.int32) if pad is None else pad
-        attn = _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history, scale, softcap, window)
+        attn = _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history, scale, softcap, window, sinks)
     attn = attn.reshape(b, t, g * rep * k_dim)
     # Make the in-place cache write depend on the reads above (``0 * attn`` is not folded away for floats), so
     # XLA orders the write after them instead of copying every donated cache buffer on every step; an

@@ -90,9 +90,12 @@ def attention_half(p: dict, x: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.n
     k = apply_rope(k, cos, sin)
     attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, ctx["mask"], attend_len, pad=ctx["pad"],
                                        end=ctx["end"], scale=design.attn_scale, softcap=design.attn_softcap,
-                                       window=design.window, history=history)
+                                       window=design.window, history=history,
+                                       sinks=p["sinks"] if design.attn_sinks else None)
     taps["attn_out"] = attn
     out = dense(attn, p["wo"])
+    if design.o_bias:
+        out = out + p["bo"]
     if design.post_norms:
         out = rms_norm(out, p["attn_post_norm"], eps, plus_one)
     return x + out, k_cache, v_cache
@@ -126,7 +129,7 @@ def decoder_layer(
     eps, plus_one = config.rms_norm_eps, design.norm_plus_one
     h = rms_norm(x, p["mlp_norm"], eps, plus_one)
     taps["mlp_in"] = h
-    out = moe_mlp(p, h, config, taps) if design.moe else gated_mlp(p, h, taps, design.mlp_act)
+    out = moe_mlp(p, h, config, taps, design=design) if design.moe else gated_mlp(p, h, taps, design.mlp_act)
     if design.post_norms:
         out = rms_norm(out, p["mlp_post_norm"], eps, plus_one)
     return x + out, k_cache, v_cache

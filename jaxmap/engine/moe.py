@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
+from jaxmap.engine.moe_activation import BIAS_KEYS, down_bias, expert_activation, router_logits, swiglu
+from jaxmap.families import LayerDesign
 from jaxmap.quant import dense
 from jaxmap.quant.kernels import dequantize, qdot
 from jaxmap.quant.qtensor import QTensor
@@ -68,20 +70,20 @@ def _float_stack(w, dtype):
     return jnp.swapaxes(jax.vmap(lambda q: dequantize(q, dtype))(w), 1, 2)
 
 
-def _gather(x, weights, idx, wg, wu, wd):
+def _gather(x, weights, idx, wg, wu, wd, act=swiglu):
     """x [N, D]; per token its k experts' slices (of a quantized stack: :func:`_qproject`)."""
     if isinstance(wg, QTensor):
         xk = jnp.broadcast_to(x[:, None], (x.shape[0], idx.shape[1], x.shape[1]))
-        act = jax.nn.silu(_qproject(xk, wg, idx)) * _qproject(xk, wu, idx)
-        out = _qproject(act, wd, idx)
+        h = act(_qproject(xk, wg, idx), _qproject(xk, wu, idx), idx)
+        out = _qproject(h, wd, idx)
     else:
         g = jnp.einsum("nd,nkdi->nki", x, wg[idx])
         u = jnp.einsum("nd,nkdi->nki", x, wu[idx])
-        out = jnp.einsum("nki,nkid->nkd", jax.nn.silu(g) * u, wd[idx])
+        out = jnp.einsum("nki,nkid->nkd", act(g, u, idx), wd[idx])
     return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights)
 
 
-def _grouped(x, weights, idx, wg, wu, wd):
+def _grouped(x, weights, idx, wg, wu, wd, act=swiglu):
     """Sort (token, expert) pairs by expert and run each projection as one ragged_dot over the groups."""
     n, k = idx.shape
     e = wg.shape[0]
@@ -92,18 +94,18 @@ def _grouped(x, weights, idx, wg, wu, wd):
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     g = jax.lax.ragged_dot(xs, wg, sizes)
     u = jax.lax.ragged_dot(xs, wu, sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, sizes)
+    out = jax.lax.ragged_dot(act(g, u, flat[order]), wd, sizes)
     out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[tokens].add(out)
 
 
-def _dense(x, weights, idx, wg, wu, wd):
+def _dense(x, weights, idx, wg, wu, wd, act=swiglu):
     """Every token through every expert; unrouted experts weighted zero."""
     e = wg.shape[0]
     full = jnp.zeros((x.shape[0], e), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(weights)
     g = jnp.einsum("nd,edi->nei", x, wg)
     u = jnp.einsum("nd,edi->nei", x, wu)
-    out = jnp.einsum("nei,eid->ned", jax.nn.silu(g) * u, wd)
+    out = jnp.einsum("nei,eid->ned", act(g, u, jnp.arange(e)[None, :]), wd)
     return jnp.einsum("ned,ne->nd", out.astype(jnp.float32), full)
 
 
@@ -126,14 +128,23 @@ def in_device_memory(w):
     return jax.device_put(w, jax.memory.Space.Device)
 
 
-def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str | None = None) -> jnp.ndarray:
-    """The MoE MLP over h [B, T, D] (already normed); ``path`` forces one computation (tests, benchmarks)."""
+def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str | None = None,
+            design: LayerDesign | None = None) -> jnp.ndarray:
+    """The MoE MLP over h [B, T, D] (already normed); ``path`` forces one computation (tests, benchmarks);
+    ``design`` says what the experts do besides SwiGLU (biases, gpt-oss's clamped activation:
+    :mod:`jaxmap.engine.moe_activation`)."""
     b, t, d = h.shape
     x = h.reshape(b * t, d)
-    weights, idx = route(dense(x, p["router"]), config.num_experts_per_tok, config.norm_topk_prob)
+    logits = router_logits(p, dense(x, p["router"]))
+    weights, idx = route(logits, config.num_experts_per_tok, config.norm_topk_prob)
     taps["router_idx"] = idx
     fn = PATHS[path or choose_path(b * t, config)]
     wg, wu, wd = (jax.tree.map(in_device_memory, p[k]) for k in ("experts_gate", "experts_up", "experts_down"))
     if fn is not _gather:
         wg, wu, wd = (_float_stack(w, x.dtype) for w in (wg, wu, wd))
-    return fn(x, weights, idx, wg, wu, wd).astype(h.dtype).reshape(b, t, d)
+    biases = {k: in_device_memory(p[k]) for k in BIAS_KEYS if k in p}
+    out = fn(x, weights, idx, wg, wu, wd, expert_activation(design, biases))
+    extra = down_bias(biases, weights, idx)
+    if extra is not None:
+        out = out + extra
+    return out.astype(h.dtype).reshape(b, t, d)

@@ -18,17 +18,17 @@ import yaml
 
 from jaxmap.config import PRESETS_DIR, ModelConfig, list_presets
 from jaxmap.errors import UserError
-from jaxmap.families import gemma3, llama, mixtral, phi3, qwen3, qwen3_moe
+from jaxmap.families import gemma3, gpt_oss, llama, mixtral, phi3, qwen3, qwen3_moe
 from jaxmap.families.base import LOGICAL_AXES, ROLES, Family, LayerDesign, ModelDesign, ParamSpec, TensorDecl
 from jaxmap.families.wrapped import Wrapper
 
 __all__ = ["FAMILIES", "LOGICAL_AXES", "ROLES", "Family", "LayerDesign", "ModelDesign", "ParamSpec", "TensorDecl",
            "config_from_hf", "config_to_hf", "family_for_gguf", "fused_parts", "gguf_name_to_hf", "family_of",
-           "layer_param_specs", "missing_tensors", "model_tensor_names", "outer_param_specs", "param_count",
-           "preset_config", "read_config_json", "stacked_experts", "supported", "wrapper_of"]
+           "interleaved_parts", "layer_param_specs", "missing_tensors", "model_tensor_names", "outer_param_specs",
+           "param_count", "preset_config", "read_config_json", "stacked_experts", "supported", "wrapper_of"]
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma3.FAMILY, gemma3.GEMMA2, phi3.FAMILY, mixtral.FAMILY,
-                                qwen3_moe.FAMILY)
+                                qwen3_moe.FAMILY, gpt_oss.FAMILY)
 
 
 def supported() -> str:
@@ -147,12 +147,27 @@ def missing_tensors(config: ModelConfig, present: set[str]) -> list[ParamSpec]:
     specs = [*outer_param_specs(config).values()]
     specs += [s for i in range(config.num_hidden_layers) for s in layer_param_specs(config, i).values()]
     out, seen = [], set()
+    strided = interleaved_parts(config)
     for s in specs:
+        if s.hf_name in present and s.hf_name in strided:  # a part the source holds (MXFP4 experts: not the whole)
+            continue
+        if s.hf_name in strided:  # present when its stored tensor is; named by it when not
+            name = strided[s.hf_name][0]
+            if name not in present and name not in seen:
+                seen.add(name)
+                out.append(dataclasses.replace(s, hf_name=name))
+            continue
         name = s.stored or s.hf_name
         if name not in present and name not in seen:
             seen.add(name)
             out.append(dataclasses.replace(s, hf_name=s.stored, gguf_name=s.stored_gguf) if s.stored else s)
     return out
+
+
+def interleaved_parts(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """Tensors declared as interleaved columns of a stored one (gpt-oss's gate and up in ``gate_up_proj``): part
+    name -> (stored name, first column, step) along the last axis."""
+    return family_of(config).interleaved_parts(config)
 
 
 def fused_parts(config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:

@@ -44,8 +44,9 @@ _DIMS: dict[str, Callable[[ModelConfig], int]] = {
     "head_dim": lambda c: c.head_dim,
     "experts": lambda c: c.num_experts,
     "moe_mlp": lambda c: c.moe_intermediate_size,
+    "heads": lambda c: c.num_attention_heads,
 }
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 _ROPE_ALIASES = {"su": "longrope"}  # LongRoPE's first name, in Phi-3's early configs
 _INTEGER_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "max_position_embeddings")
@@ -111,6 +112,10 @@ class TensorDecl:
     # Mixture-of-experts families: True on MoE layers only (experts, router), False on dense layers only (the dense
     # MLP of Qwen3-MoE's mlp_only_layers), None on every layer.
     moe: bool | None = None
+    # Columns of a stored tensor, interleaved: (stored Hugging Face name, first column, step) along the last axis
+    # in jaxmap's layout (gpt-oss's ``experts.gate_up_proj`` [E, hidden, 2 I]: gate the even columns, up the odd).
+    # ``hf`` is then jaxmap's name of the part; GGUF files store the parts apart (llama.cpp de-interleaves them).
+    interleaved: tuple[str, int, int] | None = None
 
     def exists(self, config: ModelConfig, layer: int | None = None) -> bool:
         return ((self.when is None or bool(getattr(config, self.when)))
@@ -146,6 +151,14 @@ class LayerDesign:
     window: int | None = None  # a sliding layer's window (keys attended, itself included); None: all
     rope_local: bool = False  # RoPE with the config's local base (sliding layers of Gemma 3)
     moe: bool = False  # the MLP is a mixture of experts (jaxmap.engine.moe) rather than one gated MLP
+    attn_sinks: bool = False  # a learned logit per head in each softmax's denominator (gpt-oss's ``sinks``)
+    o_bias: bool = False  # a bias on the attention output projection (gpt-oss)
+    moe_bias: bool = False  # biases on the router and on every expert's gate, up and down projections (gpt-oss)
+    # the experts' activation: "silu" (SwiGLU) or "clamped_swiglu" (gpt-oss: gate clamped above at swiglu_limit, up
+    # to +-swiglu_limit, (up + 1) * gate * sigmoid(swiglu_alpha * gate))
+    moe_act: str = "silu"
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +298,17 @@ class Family:
             for p in parts:
                 out[p.hf_name] = (p.stored, row, row + p.hf_shape[0], total)
                 row += p.hf_shape[0]
+        return out
+
+    def interleaved_parts(self, config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+        """Every tensor declared as interleaved columns of a stored one: part name -> (stored name, first column,
+        step), columns of the last axis in jaxmap's layout."""
+        out: dict[str, tuple[str, int, int]] = {}
+        for i in range(config.num_hidden_layers):
+            for t in self.layer_tensors:
+                if t.interleaved is not None and t.exists(config, i):
+                    stored, first, step = t.interleaved
+                    out[t.hf.format(i=i)] = (stored.format(i=i), first, step)
         return out
 
     def layer_design(self, config: ModelConfig, layer: int) -> LayerDesign:
@@ -538,7 +562,7 @@ def _rope_keys(raw: Mapping[str, Any], get: Callable[..., Any]) -> tuple[float, 
                             f"{', '.join(ROPE_TYPES)}")
         if kind == "default":
             scaling = None
-        elif kind == "longrope":
+        elif kind in ("longrope", "yarn"):
             scaling = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": kind}
     local_kind = local.get("rope_type", "default")
     if local_kind != "default":

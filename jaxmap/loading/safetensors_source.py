@@ -25,6 +25,8 @@ from jaxmap.errors import UserError
 from jaxmap.families import (
     config_from_hf,
     fused_parts,
+    interleaved_parts,
+    layer_param_specs,
     missing_tensors,
     model_tensor_names,
     read_config_json,
@@ -84,7 +86,8 @@ def check_not_prequantized(raw: object, folder: str | Path) -> None:
 
     Its weights are packed integers (GPTQ, AWQ, bitsandbytes...) or low-precision floats that only mean something
     with scales stored beside them (FP8, MXFP4...): read as plain floats they would load without complaint and make
-    nonsense. ``raw`` is the config.json object as parsed, before :class:`ModelConfig` sees it.
+    nonsense. ``raw`` is the config.json object as parsed, before :class:`ModelConfig` sees it. One format is read:
+    gpt-oss's MXFP4 experts (``quant_method: mxfp4`` on a ``gpt_oss`` config), kept as MXFP4.
     """
     if not isinstance(raw, dict):
         return
@@ -94,6 +97,8 @@ def check_not_prequantized(raw: object, folder: str | Path) -> None:
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method is None and isinstance(quant, dict) and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
         method = "bitsandbytes"  # configs written before transformers recorded quant_method
+    if isinstance(method, str) and method.strip().lower() == "mxfp4" and raw.get("model_type") == "gpt_oss":
+        return  # gpt-oss's published MXFP4 experts: read as they are (SafetensorsSource._add_mxfp4)
     if isinstance(method, str) and method.strip():
         key = method.strip()
         name = QUANT_METHOD_NAMES.get(key.lower(), key)
@@ -214,6 +219,12 @@ class SafetensorsSource:
         self._stacks = {name: parts for name, parts in stacked_experts(self.config).items()
                         if all(p in self._entries for p in parts)}
         self._stored |= set(self._stacks)
+        # Interleaved columns of a stored tensor (gpt-oss's gate and up in experts.gate_up_proj): strided views
+        self._strided = {name: part for name, part in interleaved_parts(self.config).items()
+                         if part[0] in self._entries}
+        self._stored |= set(self._strided)
+        self._mxfp4 = self._add_mxfp4()
+        self._stored |= set(self._mxfp4)
         self._maps: dict[Path, np.memmap] = {}
 
     def _add_fused_parts(self) -> None:
@@ -229,6 +240,47 @@ class SafetensorsSource:
             row = entry.nbytes // total
             self._entries[part] = _Entry(entry.file, entry.dtype_name, (r1 - r0, *entry.shape[1:]),
                                          entry.start + r0 * row, (r1 - r0) * row)
+
+    def _add_mxfp4(self) -> dict[str, tuple[str, str, int, int]]:
+        """Expert stacks stored in MXFP4 (gpt-oss's published checkpoints): ``<name>_blocks`` ``[E, out, in / 32,
+        16]`` uint8 and ``<name>_scales`` ``[E, out, in / 32]`` E8M0 in place of the float ``<name>`` ``[E, in,
+        out]``; an interleaved part (gate, up) is every ``step``-th output row of them. jaxmap name -> (blocks,
+        scales, first row, step)."""
+        out: dict[str, tuple[str, str, int, int]] = {}
+        for spec in (s for i in range(self.config.num_hidden_layers)
+                     for s in layer_param_specs(self.config, i).values() if s.role == "expert" and len(s.shape) == 3):
+            stored, first, step = interleaved_parts(self.config).get(spec.hf_name, (spec.hf_name, 0, 1))
+            blocks, scales = stored + "_blocks", stored + "_scales"
+            if stored in self._entries or blocks not in self._entries or scales not in self._entries:
+                continue
+            e, rows, n_blocks, half = self._entries[blocks].shape
+            if self._entries[scales].shape != (e, rows, n_blocks) or half != 16 or rows % step \
+                    or (e, n_blocks * 32, rows // step) != spec.shape:
+                raise UserError(f"{self.folder}: MXFP4 tensors {blocks!r} {self._entries[blocks].shape} and {scales!r} "
+                                f"{self._entries[scales].shape} do not hold {spec.hf_name} {spec.shape} [E, in, out]")
+            out[spec.hf_name] = (blocks, scales, first, step)
+        return out
+
+    def stored_qtype(self, name: str) -> str | None:
+        """``MXFP4`` for the expert stacks a checkpoint stores in it (kept as they are), None for the rest."""
+        return "MXFP4" if name in self._mxfp4 else None
+
+    def native_nbytes(self) -> dict[str, int]:
+        """Bytes of each tensor kept in its stored quantized type (the planner counts them so)."""
+        return {name: self.stored_nbytes(name) for name in self._mxfp4}
+
+    def _mxfp4_parts(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        blocks, scales, first, step = self._mxfp4[name]
+        return self.view(blocks)[:, first::step], self.view(scales)[:, first::step]
+
+    def read_qstack(self, name: str):
+        """An MXFP4 expert stack as a host QTensor stack (one ``[out, in]`` per expert), its blocks repacked, never
+        through float."""
+        from jaxmap.quant import stack
+        from jaxmap.quant.mxfp4 import from_blocks
+
+        blocks, scales = self._mxfp4_parts(name)
+        return stack([from_blocks(blocks[e], scales[e]) for e in range(blocks.shape[0])])
 
     def check_complete(self) -> None:
         """Refuse a folder that lacks a tensor its config's model needs (before planning, not halfway through
@@ -309,7 +361,7 @@ class SafetensorsSource:
     # ---- WeightSource --------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Every stored tensor, the parts of fused ones and stacks of per-expert ones under the family's names."""
-        return list(self._entries) + list(self._stacks)
+        return list(self._entries) + list(self._stacks) + list(self._strided) + list(self._mxfp4)
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -319,17 +371,34 @@ class SafetensorsSource:
         return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._mxfp4:
+            e, rows, n_blocks, _ = self._entry(self._mxfp4[name][0]).shape
+            return (e, n_blocks * 32, rows // self._mxfp4[name][3])
+        if name in self._strided:
+            stored, first, step = self._strided[name]
+            *lead, cols = self._entry(stored).shape
+            return (*lead, len(range(first, cols, step)))
         if name in self._stacks:
             parts = self._stacks[name]
             return (len(parts), *reversed(self._entry(parts[0]).shape))
         return self._entry(name).shape
 
     def stored_nbytes(self, name: str) -> int:
+        if name in self._mxfp4:
+            blocks, scales, _, step = self._mxfp4[name]
+            return (self._entry(blocks).nbytes + self._entry(scales).nbytes) // step
+        if name in self._strided:
+            stored = self._strided[name][0]
+            return self._entry(stored).nbytes // math.prod(self._entry(stored).shape) * math.prod(self.shape(name))
         if name in self._stacks:
             return sum(self._entry(p).nbytes for p in self._stacks[name])
         return self._entry(name).nbytes
 
     def stored_type(self, name: str) -> str:
+        if name in self._mxfp4:
+            return "MXFP4"
+        if name in self._strided:
+            return self._entry(self._strided[name][0]).dtype_name
         return self._entry(self._stacks[name][0] if name in self._stacks else name).dtype_name
 
     def view(self, name: str) -> np.ndarray:
@@ -337,6 +406,13 @@ class SafetensorsSource:
         per-expert tensors is a copy, each expert transposed to ``[in, out]``."""
         if name in self._stacks:
             return np.stack([self.view(p).T for p in self._stacks[name]])
+        if name in self._mxfp4:  # dequantized (a copy): [E, in, out]
+            from jaxmap.quant.mxfp4 import dequantize_blocks
+
+            return np.swapaxes(dequantize_blocks(*self._mxfp4_parts(name)), 1, 2)
+        if name in self._strided:  # a strided (non-contiguous) view; read() copies it
+            stored, first, step = self._strided[name]
+            return self.view(stored)[..., first::step]
         entry = self._entry(name)
         if SAFETENSORS_DTYPES[entry.dtype_name].kind in "iub" and name in self._weights:
             raise UserError(f"{entry.file}: tensor {name!r} is stored as {entry.dtype_name}; jaxmap reads "

@@ -80,6 +80,8 @@ def _native_type(source, hf_name: str) -> str | None:
 
 def native_bytes(source) -> dict[str, int]:
     """Bytes in the file of every tensor kept in its native quantized type (from the GGUF's tensor headers)."""
+    if hasattr(source, "native_nbytes"):  # a Hugging Face folder's MXFP4 experts
+        return source.native_nbytes()
     if not is_gguf(source):
         return {}  # other pre-quantized sources (jaxmap checkpoints) are planned at float size: conservative
     return {n: int(source.stored_nbytes(n)) for n in source.names() if _native_type(source, n)}
@@ -195,6 +197,8 @@ class Quantizer:
         """A layer's stacked experts, one ``[out, in]`` QTensor per expert stacked along a leading axis: a GGUF's own
         blocks repacked expert by expert (``raw``: ``[E, out, bytes]``), else the float stack ``[E, in, out]``
         quantized expert by expert (no importance matrix: llama.cpp's per-expert entries are not read yet)."""
+        if keep and hasattr(self.source, "read_qstack"):  # a Hugging Face folder's MXFP4 experts
+            return self.source.read_qstack(spec.hf_name)
         if keep and is_gguf(self.source):
             raw, _ = self.source.raw(spec.hf_name)
             gguf_type = quant.QTYPES[qtype].gguf

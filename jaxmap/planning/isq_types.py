@@ -131,8 +131,8 @@ def requested_type(spec: ParamSpec, isq: str | None, native_types: Mapping[str, 
                    explicit: bool = False) -> str | None:
     """The type ``isq`` asks for this weight (None: float); ``native`` asks the stored one. ``explicit``: a
     ``/regex/`` entry named this weight's type itself (it may then quantize a router)."""
-    if len(spec.shape) != 2 and not _stacked(spec):
-        return None
+    if len(spec.shape) != 2 and not _stacked(spec) or spec.role == "expert" and not _stacked(spec):
+        return None  # norms, biases (gpt-oss's expert biases [E, out] too) stay float
     want = parse(isq)
     if want == NATIVE and native_types is not None:
         return native_types.get(spec.hf_name)

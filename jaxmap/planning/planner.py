@@ -406,8 +406,8 @@ def _layer_isq(wish: Wish, layer: int, config: ModelConfig) -> str | None:
     stacked = stacked_experts(config)
     own: dict[str, str | None] = {}
     for key, spec in layer_param_specs(config, layer).items():
-        if len(spec.shape) < 2:
-            continue  # norms and biases stay float whatever a regex says
+        if len(spec.shape) < 2 or spec.role == "expert" and len(spec.shape) != 3:
+            continue  # norms and biases (gpt-oss's expert biases [E, out] too) stay float whatever a regex says
         names = tensor_names(config, spec, stacked)
         entry = next((e for e in reversed(typing) if any(re.search(e.pattern, n) for n in names)), None)
         if entry is not None and str(entry.isq).lower() != str(base).lower():

@@ -57,6 +57,10 @@ def quantize(w: np.ndarray, qtype: str, in_shards: int = 1, importance: np.ndarr
         return _from_gguf_simple(w, q, weights)
     if q.kind == "k":
         return _quantize_k(w, q, weights)
+    if q.kind == "mxfp4":
+        from jaxmap.quant import mxfp4
+
+        return mxfp4.quantize(w)
     if q.kind == "int4":
         g = w.reshape(out, n // q.block, q.block)
         if weights is not None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxmap.quant.mxfp4 import FP4_VALUES
 from jaxmap.quant.qtensor import QTensor
 from jaxmap.quant.types import QTYPES, _planes
 
@@ -96,6 +97,20 @@ def _ones_after(x: jax.Array, sub: int, dtype) -> jax.Array:
     return ((bits >> 16) >> 16).astype(dtype) + 1
 
 
+def _values(q, codes: jax.Array, dtype) -> jax.Array:
+    """Value codes as the numbers they stand for: ``code - offset``, or (MXFP4) the FP4 E2M1 value of each code."""
+    if q.kind == "mxfp4":
+        return jnp.asarray(FP4_VALUES, dtype)[codes]
+    return (codes - q.offset).astype(dtype)
+
+
+def _scale_values(q, d: jax.Array, dtype) -> jax.Array:
+    """Stored block scales as floats: MXFP4's E8M0 bytes are 2^(e - 127); the others are floats already."""
+    if q.kind == "mxfp4":
+        return jnp.ldexp(jnp.ones(d.shape, jnp.float32), d.astype(jnp.int32) - 127).astype(dtype)
+    return d.astype(dtype)
+
+
 def _codes(planes: Sequence[jax.Array], widths: Sequence[int]) -> jax.Array:
     """All codes (int32) in row order ``[rows, ...]``: each byte row broadcast over the rows it packs, shifted by an
     iota (a per-row constant, so the unpacking stays vectorised along the row)."""
@@ -124,7 +139,8 @@ def _block_scales(w: QTensor, dtype, ones: jax.Array | None) -> tuple[jax.Array,
         return a if ones is None else a * ones
 
     if q.kind != "k":  # Q8K on a short row stores one d per sub-block group: repeat it per sub-block
-        a = _per_sub(w.d.astype(dtype), None, max(1, q.block // w.sub), w.shape[1] // w.sub) if w.sub else w.d
+        d = _scale_values(q, w.d, dtype)
+        a = _per_sub(d, None, max(1, q.block // w.sub), w.shape[1] // w.sub) if w.sub else d
         return scaled(a.astype(dtype)), (None if w.m is None else w.m.astype(dtype))
     per, n_sub = q.block // w.sub, w.shape[1] // w.sub  # the last super-block may be short (see _per_sub)
     sc = (_codes(w.sc, _planes(q.scale_bits)) - q.scale_offset).astype(dtype).reshape(out, n_sub)
@@ -157,13 +173,13 @@ def _class_weight(w: QTensor, classes: int, r, dtype, a, b) -> jax.Array:
     if q.kind == "fp8":
         v = _class_rows(w.q[0], classes, r).astype(dtype)
     else:
-        v = (_class_codes(w.q, q.widths, classes, r) - q.offset).astype(dtype)
+        v = _values(q, _class_codes(w.q, q.widths, classes, r), dtype)
     return _apply_scales(v, _class_rows(a, classes, r), None if b is None else _class_rows(b, classes, r), w.sub)
 
 
 def _weight(w: QTensor, dtype, a, b) -> jax.Array:
     q = QTYPES[w.qtype]
-    v = w.q[0].astype(dtype) if q.kind == "fp8" else (_codes(w.q, q.widths) - q.offset).astype(dtype)
+    v = w.q[0].astype(dtype) if q.kind == "fp8" else _values(q, _codes(w.q, q.widths), dtype)
     return _apply_scales(v, a, b, w.sub)
 
 
@@ -263,8 +279,8 @@ def take_rows(w, ids: jax.Array, dtype) -> jax.Array:
     if q.kind == "fp8":
         v = jnp.take(w.q[0], ids, axis=0).astype(dtype)
     else:
-        v = (codes(w.q, q.widths) - q.offset).astype(dtype)
-    d = jnp.take(w.d, ids, axis=0).astype(dtype)
+        v = _values(q, codes(w.q, q.widths), dtype)
+    d = _scale_values(q, jnp.take(w.d, ids, axis=0), dtype)
     n_sub = n // w.sub
     if q.kind == "k":
         sc = (codes(w.sc, _planes(q.scale_bits)) - q.scale_offset).astype(dtype)

@@ -24,7 +24,9 @@ class QType:
     bits: int
     sub: int  # elements sharing one (a, b) pair
     block: int  # elements sharing one stored float scale (the GGUF block / super-block)
-    kind: str  # "simple" (float16 scale[/min] per block), "k" (d per block + codes per sub), "channel", "fp8"
+    # "simple" (float16 scale[/min] per block), "k" (d per block + codes per sub), "channel", "fp8", "mxfp4" (FP4
+    # E2M1 codes, an E8M0 scale byte per block)
+    kind: str
     offset: int = 0  # subtracted from the value code (symmetric types)
     has_min: bool = False
     scale_bits: int = 0  # K types: bits of a scale code
@@ -47,6 +49,8 @@ class QType:
             bits += (self.scale_bits + self.min_bits) / self.sub + (16 + (16 if self.has_min else 0)) / self.block
         elif self.kind == "int4":
             bits += 16 / self.block
+        elif self.kind == "mxfp4":
+            bits += 8 / self.block
         elif self.block:  # Q8K: float32 d per 256
             bits += 32 / self.block
         return bits
@@ -72,11 +76,13 @@ QTYPES: dict[str, QType] = {q.name: q for q in (
     QType("INT8", 8, 0, 0, "channel", offset=128),
     QType("INT4", 4, 128, 128, "int4", offset=8),
     QType("F8E4M3", 8, 0, 0, "fp8"),
+    QType("MXFP4", 4, 32, 32, "mxfp4", gguf="MXFP4"),
 )}
 # Where a type does not fit a tensor's (per-shard) input dimension (see fits): llama.cpp's fallbacks for K types (Q2K
 # and Q3K go to Q4_0 as jaxmap has no IQ4_NL), then Q8_0, then per-channel INT8 (fits any shape).
 FALLBACK = {"Q2K": "Q4_0", "Q3K": "Q4_0", "Q4K": "Q5_0", "Q5K": "Q5_1", "Q6K": "Q8_0", "Q8K": "Q8_0",
-            "Q4_0": "INT8", "Q4_1": "INT8", "Q5_0": "INT8", "Q5_1": "INT8", "Q8_0": "INT8", "INT4": "INT8"}
+            "Q4_0": "INT8", "Q4_1": "INT8", "Q5_0": "INT8", "Q5_1": "INT8", "Q8_0": "INT8", "INT4": "INT8",
+            "MXFP4": "INT8"}
 _ALIASES = {"Q2_K": "Q2K", "Q3_K": "Q3K", "Q4_K": "Q4K", "Q5_K": "Q5K", "Q6_K": "Q6K", "Q8_K": "Q8K",
             "FP8": "F8E4M3", "F8": "F8E4M3", "F8E4M3FN": "F8E4M3"}
 
@@ -133,7 +139,7 @@ def row_bits(qtype: str, n: int) -> int:
     counting a short last super-block's own ``d`` (and ``dmin``)."""
     q = QTYPES[qtype]
     blocks = -(-n // q.block)
-    floats = 32 if q.kind == "channel" else 16 + (16 if q.has_min else 0)
+    floats = 32 if q.kind == "channel" else 8 if q.kind == "mxfp4" else 16 + (16 if q.has_min else 0)
     codes = (n // q.sub) * (q.scale_bits + q.min_bits) if q.kind == "k" else 0
     return n * q.bits + codes + blocks * floats
 
