@@ -115,3 +115,20 @@ def test_mxfp4_checkpoint_matches_transformers(layout):
         np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
     results = model.generate(ids, max_new_tokens=len(meta["prompts"][0]["greedy_ids"]), stop_at_eos=False)
     assert [r.token_ids for r in results] == [p["greedy_ids"] for p in meta["prompts"]]
+
+
+APART = {"cpu3": dict(override_tensor=r"ffn_.*_exps=cpu[3]"), "host": dict(override_tensor="exps=host"),
+         "disk": dict(override_tensor=r"blk\.1\.ffn_.*_exps=disk")}
+
+
+@pytest.mark.parametrize("place", list(APART))
+def test_experts_apart_keep_their_biases_and_clamp(ref, place, tmp_path):
+    """gpt-oss's routed experts computed on another device, streamed from host memory or read from disk carry
+    their biases with them (the router's bias stays with the layer): transformers' logits and greedy tokens."""
+    model = jaxmap.load(str(FOLDER), dtype="float32", max_seq_len=64, progress=False, devices="0",
+                        offload_folder=str(tmp_path), **APART[place])
+    assert model.device_map.experts
+    for logits, want in zip(model.forward_logits(ref["input_ids"]), ref["logits"], strict=True):
+        np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+    results = model.generate(ref["input_ids"], max_new_tokens=len(ref["greedy"][0]), stop_at_eos=False)
+    assert [r.token_ids for r in results] == ref["greedy"]

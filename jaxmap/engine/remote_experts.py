@@ -29,6 +29,7 @@ import numpy as np
 from jaxmap.engine import layers
 from jaxmap.engine.blocks import rms_norm
 from jaxmap.engine.moe import PATHS, choose_path, route
+from jaxmap.engine.moe_activation import BIAS_KEYS, down_bias, expert_activation, router_logits
 from jaxmap.planning.experts import OFFLOAD_MIN_BATCH
 from jaxmap.quant import dense
 from jaxmap.quant.kernels import dequantize
@@ -51,13 +52,17 @@ def _float_stack(w, dtype):
     return jnp.swapaxes(jax.vmap(lambda q: dequantize(q, dtype))(w), 1, 2)
 
 
-def _mix(x, weights, idx, stacks, config, path: str | None = None):
-    """The routed experts' weighted sum for x [N, D] (moe_mlp's computation past the router)."""
+def _mix(x, weights, idx, stacks, config, path: str | None = None, design=None):
+    """The routed experts' weighted sum for x [N, D] (moe_mlp's computation past the router), with the experts'
+    biases and activation where the family has them (gpt-oss: they travel with the stacks)."""
     fn = PATHS[path or choose_path(x.shape[0], config)]
     wg, wu, wd = (stacks[k] for k in STACKS)
     if fn is not PATHS["gather"]:
         wg, wu, wd = (_float_stack(w, x.dtype) for w in (wg, wu, wd))
-    return fn(x, weights, idx, wg, wu, wd)
+    biases = {k: stacks[k] for k in BIAS_KEYS if k in stacks}
+    out = fn(x, weights, idx, wg, wu, wd, expert_activation(design, biases))
+    extra = down_bias(biases, weights, idx)
+    return out if extra is None else out + extra.astype(out.dtype)
 
 
 def build(part: str, shape, config, design, history: int):
@@ -75,13 +80,14 @@ def build(part: str, shape, config, design, history: int):
             x, k_cache, v_cache = layers.attention_half(p, x, k_cache, v_cache, start, ctx, shape.attend_len,
                                                         config, design, history=history)
             h = rms_norm(x, p["mlp_norm"], eps, plus_one).reshape(-1, x.shape[-1])
-            weights, idx = route(dense(h, p["router"]), config.num_experts_per_tok, config.norm_topk_prob)
+            weights, idx = route(router_logits(p, dense(h, p["router"])), config.num_experts_per_tok,
+                                 config.norm_topk_prob)
             return x, h, weights, idx, k_cache, v_cache
 
         return jax.jit(pre, donate_argnames=("k_cache", "v_cache"))
     if part == "apart_experts":  # on the device holding the experts; activations in float32
         def experts(h, weights, idx, stacks):
-            return _mix(h.astype(jnp.float32), weights, idx, stacks, config)
+            return _mix(h.astype(jnp.float32), weights, idx, stacks, config, design=design)
 
         return jax.jit(experts)
     if part == "apart_take":  # the routed experts' slices of each stack, on the device holding them
@@ -94,9 +100,9 @@ def build(part: str, shape, config, design, history: int):
         def mix(p, x, h, weights, idx, stacks, sliced):
             if sliced:  # stacks hold the N*k routed experts in order: pair (n, j) is expert n*k + j
                 idx = jnp.arange(idx.size, dtype=idx.dtype).reshape(idx.shape)
-                out = _mix(h, weights, idx, stacks, config, "gather")
+                out = _mix(h, weights, idx, stacks, config, "gather", design)
             else:
-                out = _mix(h, weights, idx, stacks, config)
+                out = _mix(h, weights, idx, stacks, config, design=design)
             return finish(x, out, p)
 
         return jax.jit(mix, static_argnames=("sliced",))

@@ -96,8 +96,13 @@ def _disk_reader(source, e: ExpertPlacement, specs: dict[str, ParamSpec], dtype:
     sharding = NamedSharding(mesh, PartitionSpec())
     types = {k: quantizer.decide(s, sharding) if quantizer is not None else (None, False) for k, s in specs.items()}
     want = as_numpy_dtype(dtype)
+    parts = None
     if isinstance(source, SafetensorsSource) and all(t is None for t, _ in types.values()):
-        parts = {k: source.expert_parts(s.hf_name) for k, s in specs.items()}
+        try:
+            parts = {k: source.expert_parts(s.hf_name) for k, s in specs.items()}
+        except UserError:  # fused stacks (gpt-oss's gate_up_proj), biases: the offload folder's copy below
+            parts = None
+    if parts is not None:
 
         def read(ids: list[int] | None) -> dict:
             out = {}
