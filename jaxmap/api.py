@@ -392,12 +392,14 @@ def load(
     override_tensor: str | list[str] | None = None,
     cpu_moe: bool = False,
     n_cpu_moe: int | None = None,
+    ep: int | None = None,
 ) -> Model:
     """Load a model and map it onto the devices present.
 
     ``model``: a Hugging Face folder, a GGUF file, ``preset:NAME`` (random weights) or None (the default SmolLM2).
     Placement wishes, as on the command line: ``device_layers="0:16;1:14"`` (or ``["0:16", "1:14"]``),
-    ``topology=`` a YAML path, text or dict, ``tp=``, ``pp=``, ``devices="0,2"``, or a saved ``plan=``.
+    ``topology=`` a YAML path, text or dict, ``tp=``, ``pp=``, ``ep=`` (a mixture of experts' routed experts split
+    over that many groups of a stage's devices), ``devices="0,2"``, or a saved ``plan=``.
     Memory: ``max_memory="0:20GiB,host:64GiB"`` (or a dict of sizes) caps what the plan may use; layers that do not
     fit the accelerators are streamed from host memory, then from disk (``offload_folder``, unless
     ``allow_disk=False``); ``auto=False`` keeps the layout even where it does not fit.
@@ -413,7 +415,7 @@ def load(
     if plan is not None:
         _check_plan_alone(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
                           max_memory=max_memory, isq=isq, dtype=dtype, auto=auto, allow_disk=allow_disk,
-                          override_tensor=override_tensor, cpu_moe=cpu_moe or None, n_cpu_moe=n_cpu_moe)
+                          override_tensor=override_tensor, cpu_moe=cpu_moe or None, n_cpu_moe=n_cpu_moe, ep=ep)
     listen_to_jax()
     phases = Phases()
     importance = None if imatrix is None else Imatrix.load(imatrix)
@@ -452,7 +454,7 @@ def load(
         global_isq = isq_mod.default_isq(source, isq, dtype)
         wish = make_wish(tp=tp, pp=pp, devices=devices, device_layers=device_layers, topology=topology,
                          isq=global_isq, max_memory=max_memory, auto=auto, allow_disk=allow_disk,
-                         override_tensor=override_tensor, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe)
+                         override_tensor=override_tensor, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ep=ep)
         if wish.topology is not None:
             isq_mod.check_types(None, [e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]])
             if global_isq == isq_mod.NATIVE and any(e.isq for e in [*wish.topology.ranges, *wish.topology.patterns]):
@@ -496,7 +498,7 @@ def load(
 LAYER_MODES = ("auto", "unrolled", "per_layer")
 _PLAN_FIXES = {"tp": "--tp", "pp": "--pp", "devices": "--devices", "device_layers": "-n", "topology": "--topology",
                "max_memory": "--max-memory", "isq": "--isq", "dtype": "--dtype", "override_tensor": "-ot",
-               "cpu_moe": "--cpu-moe", "n_cpu_moe": "--n-cpu-moe"}
+               "cpu_moe": "--cpu-moe", "n_cpu_moe": "--n-cpu-moe", "ep": "--ep"}
 
 
 def _check_plan_alone(auto: bool, allow_disk: bool, **wishes) -> None:

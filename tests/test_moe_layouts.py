@@ -12,7 +12,8 @@ from reference.moe_data import load_moe_reference, write_moe_gguf
 
 import jaxmap
 
-LAYOUTS = {"tp2": dict(tp=2, pp=1), "tp4": dict(tp=4, pp=1), "pp2": dict(pp=2, tp=1), "pp2xtp2": dict(pp=2, tp=2)}
+LAYOUTS = {"tp2": dict(tp=2, pp=1, ep=1), "tp4": dict(tp=4, pp=1, ep=1), "pp2": dict(pp=2, tp=1),
+           "pp2xtp2": dict(pp=2, tp=2, ep=1), "tp4_ep4": dict(tp=4, pp=1), "pp2xtp2_ep2": dict(pp=2, tp=2)}
 
 
 @pytest.fixture(scope="module", params=["tiny-mixtral-swa", "tiny-qwen3-moe"])
@@ -33,7 +34,7 @@ def test_layouts_match_transformers(ref, layout):
 
 
 def test_tp_splits_each_expert_on_its_intermediate_dimension(ref):
-    model = jaxmap.load(str(ref["folder"]), dtype="float32", max_seq_len=64, progress=False, tp=2)
+    model = jaxmap.load(str(ref["folder"]), dtype="float32", max_seq_len=64, progress=False, tp=2, ep=1)
     config = model.config
     layer = next(p for i, p in enumerate(model.engine.stages[0].params["layers"]) if config.is_moe_layer(i))
     gate, down = layer["experts_gate"], layer["experts_down"]

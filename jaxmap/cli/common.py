@@ -75,6 +75,10 @@ def add_mapping_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_expert_arguments(p: argparse.ArgumentParser) -> None:
     """llama.cpp's flags for routed experts (mixtures of experts), same semantics (jaxmap.planning.experts)."""
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert parallelism: split the routed experts over N groups of a stage's devices (which run "
+                        "attention tensor parallel); it must divide the expert count and the stage's devices; "
+                        "default: the largest such N when tensor parallel, 1 keeps tensor parallel inside experts")
     p.add_argument("--cpu-moe", action="store_true",
                    help="every layer's routed experts in host memory, computed on the CPU (shared experts stay)")
     p.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
@@ -89,7 +93,7 @@ def add_expert_arguments(p: argparse.ArgumentParser) -> None:
 def expert_wish(args: argparse.Namespace) -> dict:
     """The make_wish keywords of :func:`add_expert_arguments`' flags."""
     return {"override_tensor": getattr(args, "override_tensor", None), "cpu_moe": getattr(args, "cpu_moe", False),
-            "n_cpu_moe": getattr(args, "n_cpu_moe", None)}
+            "n_cpu_moe": getattr(args, "n_cpu_moe", None), "ep": getattr(args, "ep", None)}
 
 
 def add_distributed_arguments(parser) -> None:

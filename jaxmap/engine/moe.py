@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
+from jaxmap.engine import moe_parallel
 from jaxmap.engine.moe_activation import BIAS_KEYS, down_bias, expert_activation, router_logits, swiglu
 from jaxmap.families import LayerDesign
 from jaxmap.quant import dense
@@ -140,6 +141,12 @@ def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str 
     taps["router_idx"] = idx
     fn = PATHS[path or choose_path(b * t, config)]
     wg, wu, wd = (jax.tree.map(in_device_memory, p[k]) for k in ("experts_gate", "experts_up", "experts_down"))
+    ep_mesh = moe_parallel.expert_mesh_of(wg)
+    if ep_mesh is not None:  # experts split over devices: each computes its own, one all-reduce (moe_parallel.py)
+        out = moe_parallel.moe_mlp_ep(ep_mesh, x, weights, idx, dict(experts_gate=wg, experts_up=wu, experts_down=wd),
+                                      config, path, paths=PATHS,
+                                      float_stack=_float_stack, dense_max=_DENSE_MAX_ELEMENTS)
+        return out.astype(h.dtype).reshape(b, t, d)
     if fn is not _gather:
         wg, wu, wd = (_float_stack(w, x.dtype) for w in (wg, wu, wd))
     biases = {k: in_device_memory(p[k]) for k in BIAS_KEYS if k in p}

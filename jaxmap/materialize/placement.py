@@ -20,9 +20,11 @@ from jaxmap.config.hardware import Hardware, live_jax_devices
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec
 from jaxmap.planning.device_map import DeviceMap
+from jaxmap.planning.expert_parallel import axis_sizes
 from jaxmap.planning.rules import RULES, logical_to_spec
 
 TP = "tp"
+EP = "ep"
 
 
 @dataclasses.dataclass
@@ -35,6 +37,7 @@ class StagePlacement:
     is_first: bool
     is_last: bool
     memory_kind: str = "device"  # where the stage's layer weights live: device, host (pinned_host) or disk
+    ep: int = 1  # routed experts split over ep groups of the mesh's devices (jaxmap.planning.expert_parallel)
 
     @property
     def tp(self) -> int:
@@ -45,10 +48,13 @@ class StagePlacement:
         return self.mesh.devices.flat[0].platform
 
     def param_sharding(self, spec: ParamSpec, config: ModelConfig, memory_kind: str | None = None) -> NamedSharding:
-        """The parameter's sharding; ``memory_kind="pinned_host"`` for host-tier layers (moved in per step)."""
-        axes = logical_to_spec(spec.axes, RULES, spec.shape, {TP: self.tp}, name=spec.hf_name,
+        """The parameter's sharding; ``memory_kind="pinned_host"`` for host-tier layers (moved in per step). Routed
+        expert stacks of an ep stage are placed on :func:`expert_mesh`, the same devices as ``ep x tp/ep``."""
+        sizes = axis_sizes(spec.role, self.tp, self.ep)
+        axes = logical_to_spec(spec.axes, RULES, spec.shape, sizes, name=spec.hf_name,
                                units={"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads})
-        return NamedSharding(self.mesh, PartitionSpec(*axes), memory_kind=memory_kind)
+        mesh = expert_mesh(self.mesh, self.ep) if sizes["ep"] > 1 else self.mesh
+        return NamedSharding(mesh, PartitionSpec(*axes), memory_kind=memory_kind)
 
     def cache_sharding(self, config: ModelConfig) -> NamedSharding:
         """KV buffers [batch, kv_heads, slots, head_dim]: split on kv heads when they divide over tp."""
@@ -57,6 +63,14 @@ class StagePlacement:
 
     def activation_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
+
+
+def expert_mesh(mesh: Mesh, ep: int) -> Mesh:
+    """A stage's devices, in the same order, as ``(ep, tp / ep)``: the experts' view of the stage (vLLM's expert
+    parallelism), axes ``ep`` and ``tp``. jit takes arrays of both meshes in one program (the same device list), and
+    the MoE MLP finds ``ep`` on its stacks' mesh (jaxmap.engine.moe_parallel)."""
+    devices = np.asarray(mesh.devices).reshape(ep, -1)
+    return Mesh(devices, (EP, TP), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def live_devices_by_name() -> dict[str, jax.Device]:
@@ -99,7 +113,8 @@ def stage_placements(device_map: DeviceMap, hardware: Hardware) -> list[StagePla
     if embed_devices and embed_devices != stages[0].devices:
         out.append(StagePlacement(0, 0, make_mesh(names(embed_devices), live), True, False))
     for s in stages:
-        out.append(StagePlacement(s.start, s.end, make_mesh(names(s.devices), live), not out, False, s.memory_kind))
+        out.append(StagePlacement(s.start, s.end, make_mesh(names(s.devices), live), not out, False, s.memory_kind,
+                                  s.ep))
     head_devices = device_map.lm_head.devices
     if head_devices and head_devices != stages[-1].devices:
         end = device_map.num_layers

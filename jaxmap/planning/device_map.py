@@ -16,6 +16,7 @@ import yaml
 
 from jaxmap.config import ModelConfig, config_fingerprint
 from jaxmap.errors import UserError
+from jaxmap.planning.expert_parallel import check_plan as check_plan_ep
 from jaxmap.planning.isq_types import ensure_types, isq_label, parse, split_request
 from jaxmap.planning.memory import prefill_chunk
 
@@ -38,7 +39,8 @@ class Segment:
 
 @dataclasses.dataclass
 class Stage:
-    """Layers ``[start, end)`` on one device group, arranged as a mesh ``{"tp": n}``.
+    """Layers ``[start, end)`` on one device group, arranged as a mesh ``{"tp": n}``; ``{"tp": n, "ep": e}`` where
+    the routed experts split over ``e`` groups of the same devices (:mod:`jaxmap.planning.expert_parallel`).
 
     ``isq`` is each layer's requested type; ``tensor_isq`` each layer's quantized weights with the type they really
     get at this stage's split, fallbacks included (``{"wq": "Q4K", "w_down": "Q5_0", ...}``; a weight missing is
@@ -62,6 +64,11 @@ class Stage:
     @property
     def tp(self) -> int:
         return self.mesh.get("tp", 1)
+
+    @property
+    def ep(self) -> int:
+        """Expert-parallel ways for the routed experts (the same devices seen as ep x tp/ep for them; 1: none)."""
+        return self.mesh.get("ep", 1)
 
     def segments(self) -> list[Segment]:
         out: list[Segment] = []
@@ -209,6 +216,7 @@ class DeviceMap:
         out._validate()
         if config is not None:
             out.check_model(config)
+            check_plan_ep(config, out.stages)
             ensure_types(out, config)
         return out
 
@@ -222,6 +230,8 @@ class DeviceMap:
             if s.tensor_isq is not None and (not isinstance(s.tensor_isq, list) or len(s.tensor_isq) != len(s.isq)
                                              or not all(isinstance(t, dict) for t in s.tensor_isq)):
                 raise UserError(f"plan stage {s.start}-{s.end}: tensor_isq must hold one mapping per layer")
+            if s.ep < 1 or s.tp % s.ep:
+                raise UserError(f"plan stage {s.start}-{s.end}: ep={s.ep} must divide its tp={s.tp}")
             if s.memory_kind not in MEMORY_KINDS:
                 raise UserError(f"plan stage {s.start}-{s.end}: memory_kind must be one of {', '.join(MEMORY_KINDS)}")
             expected = s.end
@@ -320,7 +330,7 @@ class DeviceMap:
                 f"max_batch_size {self.max_batch_size}, prefill chunk {self.chunk})")
         rows = [("layers", "devices", "mesh", "memory", "dtype", "isq")]
         for s in self.stages:
-            mesh = " x ".join(f"{k}={v}" for k, v in s.mesh.items())
+            mesh = " x ".join(f"{k}={v}" for k, v in s.mesh.items() if k != "ep") + (f" ep={s.ep}" if s.ep > 1 else "")
             for start, end, isq in _isq_runs(s):
                 rows.append((f"{start}-{end - 1}", ",".join(s.devices), mesh, s.memory_kind, s.dtype, isq))
         out = [head, *_columns(rows)]

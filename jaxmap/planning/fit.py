@@ -152,21 +152,22 @@ def layer_weight_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, isq
 
 
 def types_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Mapping[str, str],
-                stored: Mapping[str, int] | None = None) -> int:
-    """One decoder layer's weight bytes on one device under its final types (``{weight key: type}``)."""
+                stored: Mapping[str, int] | None = None, ep: int = 1) -> int:
+    """One decoder layer's weight bytes on one device under its final types (``{weight key: type}``); with ``ep``
+    the routed experts' share is ``E / ep`` whole experts (over ``tp / ep`` inside each)."""
     itemsize = parse_dtype(dtype).itemsize
     counts = units(config)
-    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored)
+    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored, ep)
                for k, p in layer_param_specs(config, layer).items())
 
 
 def expert_bytes(config: ModelConfig, layer: int, tp: int, dtype: str, types: Mapping[str, str],
-                 stored: Mapping[str, int] | None = None) -> int:
+                 stored: Mapping[str, int] | None = None, ep: int = 1) -> int:
     """One MoE layer's routed experts (the stacked ``experts_*`` tensors) on one device of a ``tp``-way stage; 0 on
     a dense layer. Shared experts, router and attention are not counted: they stay with the layer."""
     itemsize = parse_dtype(dtype).itemsize
     counts = units(config)
-    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored)
+    return sum(weight_bytes(p, types.get(k), tp, counts, itemsize, stored, ep)
                for k, p in layer_param_specs(config, layer).items() if p.role == "expert")
 
 
@@ -210,14 +211,14 @@ def account(config: ModelConfig, hardware: Hardware, stages: list[Stage], outer:
         itemsize = parse_dtype(s.dtype).itemsize
         kv = sum(kv_cache_bytes(config, s.tp, itemsize, max_seq_len, max_batch_size, layer=i)
                  for i in range(s.start, s.end))
-        widths = [types_bytes(config, i, s.tp, s.dtype, types, stored)
+        widths = [types_bytes(config, i, s.tp, s.dtype, types, stored, s.ep)
                   for i, types in zip(range(s.start, s.end), s.tensor_isq, strict=True)]
         buffers = 0
         for j, (i, types) in enumerate(zip(range(s.start, s.end), s.tensor_isq, strict=True)):
             e = apart.get(i)
             if e is None:
                 continue
-            here = expert_bytes(config, i, s.tp, s.dtype, types, stored)
+            here = expert_bytes(config, i, s.tp, s.dtype, types, stored, s.ep)
             widths[j] -= here
             if e.memory_kind == "device":
                 whole = expert_bytes(config, i, len(e.devices), s.dtype, types, stored)

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from jaxmap.config import ModelConfig
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec, layer_param_specs, outer_param_specs
+from jaxmap.planning.expert_parallel import axis_sizes
 from jaxmap.planning.rules import RULES, logical_to_spec
 from jaxmap.quant.types import NATIVE, fitted_type, parse_isq, tensor_nbytes
 
@@ -71,10 +72,12 @@ def units(config: ModelConfig) -> dict[str, int]:
     return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
 
 
-def weight_split(spec: ParamSpec, tp: int, unit_counts: Mapping[str, int] | None = None) -> Split:
-    """How a ``tp``-way stage splits ``spec`` (the rules table), in the QTensor's ``[out, in]`` orientation."""
-    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=unit_counts)
-    shards = [tp if a else 1 for a in axes] + [1] * (2 - len(axes))
+def weight_split(spec: ParamSpec, tp: int, unit_counts: Mapping[str, int] | None = None, ep: int = 1) -> Split:
+    """How a ``tp``-way stage (routed experts split ``ep`` ways) splits ``spec`` (the rules table), in the QTensor's
+    ``[out, in]`` orientation."""
+    sizes = axis_sizes(spec.role, tp, ep)
+    axes = logical_to_spec(spec.axes, RULES, spec.shape, sizes, name=spec.hf_name, units=unit_counts)
+    shards = [sizes[a] if a else 1 for a in axes] + [1] * (2 - len(axes))
     if _stacked(spec):  # each expert of a stack [E, in, out] is one [out, in] weight
         return Split(spec.shape[2], spec.shape[1], shards[1], shards[2])
     if spec.transpose:
@@ -142,24 +145,24 @@ def requested_type(spec: ParamSpec, isq: str | None, native_types: Mapping[str, 
 
 
 def tensor_type(key: str, spec: ParamSpec, isq: str | None, tp: int, unit_counts: Mapping[str, int],
-                native_types: Mapping[str, str] | None = None) -> TensorType | None:
-    """The decision for one weight at a ``tp``-way stage (None: it stays float); ``isq`` is the request of the
-    weight's layer or placement."""
+                native_types: Mapping[str, str] | None = None, ep: int = 1) -> TensorType | None:
+    """The decision for one weight at a ``tp``-way stage with ``ep`` (None: it stays float); ``isq`` is the request
+    of the weight's layer or placement."""
     want = requested_type(spec, request_for(isq, key), native_types, explicit=key in split_request(isq)[1])
     if want is None:
         return None
-    split = weight_split(spec, tp, unit_counts)
+    split = weight_split(spec, tp, unit_counts, ep)
     final = want if want == NATIVE else fitted_type(want, split.out, split.n, split.in_shards, split.out_shards)
     return TensorType(key, spec, want, final, split)
 
 
 def layer_types(config: ModelConfig, layer: int, tp: int, isq: str | None,
-                native_types: Mapping[str, str] | None = None) -> dict[str, TensorType]:
-    """Every quantized weight of decoder layer ``layer`` on a ``tp``-way stage, by weight key."""
+                native_types: Mapping[str, str] | None = None, ep: int = 1) -> dict[str, TensorType]:
+    """Every quantized weight of decoder layer ``layer`` on a ``tp``-way stage with ``ep``, by weight key."""
     counts = units(config)
     out = {}
     for key, spec in layer_param_specs(config, layer).items():
-        t = tensor_type(key, spec, isq, tp, counts, native_types)
+        t = tensor_type(key, spec, isq, tp, counts, native_types, ep)
         if t is not None:
             out[key] = t
     return out
@@ -206,7 +209,7 @@ def assign_types(config: ModelConfig, stages, outer: Mapping, global_isq: str | 
     """Write every final type into ``stages[*].tensor_isq`` and the outer placements' ``tensor_isq``."""
     for s in stages:
         s.tensor_isq = [{k: t.final for k, t in layer_types(config, i, s.tp, s.isq[i - s.start],
-                                                             native_types).items()}
+                                                             native_types, s.ep).items()}
                         for i in range(s.start, s.end)]
     asked = outer_requests(config, outer["embed"].isq, outer["lm_head"].isq, global_isq)
     for key in OUTER_KEYS:
@@ -233,7 +236,7 @@ def resolve_native(device_map, config: ModelConfig, native_types: Mapping[str, s
         for i, types in zip(range(s.start, s.end), s.tensor_isq, strict=True):
             specs = layer_param_specs(config, i)
             for key in [k for k, t in types.items() if t == NATIVE]:
-                t = tensor_type(key, specs[key], NATIVE, s.tp, counts, native_types)
+                t = tensor_type(key, specs[key], NATIVE, s.tp, counts, native_types, s.ep)
                 if t is None:
                     del types[key]
                 else:
@@ -258,7 +261,7 @@ def planned_types(device_map, config: ModelConfig) -> dict[str, list[TensorType]
                 spec = specs[key]
                 want = parse(request_for(s.isq[i - s.start], key))
                 out.setdefault(spec.hf_name, []).append(
-                    TensorType(key, spec, want or final, final, weight_split(spec, s.tp, counts)))
+                    TensorType(key, spec, want or final, final, weight_split(spec, s.tp, counts, s.ep)))
     asked = outer_requests(config, device_map.embed.isq, device_map.lm_head.isq, global_of(device_map.stages))
     for key in OUTER_KEYS:
         place = getattr(device_map, key)
@@ -290,17 +293,18 @@ def flat_types(config: ModelConfig, global_isq: str | None,
 
 
 def weight_bytes(spec: ParamSpec, final: str | None, tp: int, unit_counts: Mapping[str, int], itemsize: int,
-                 stored: Mapping[str, int] | None = None) -> int:
+                 stored: Mapping[str, int] | None = None, ep: int = 1) -> int:
     """Bytes one device of a ``tp``-way stage holds of a parameter under its final type: the quantizers' own layout
     (short super-blocks and per-shard row scales included); a ``native`` placeholder its file size when known, else
     float; ``itemsize`` bytes per element when unquantized."""
-    axes = logical_to_spec(spec.axes, RULES, spec.shape, {"tp": tp}, name=spec.hf_name, units=unit_counts)
-    shards = math.prod(tp if a else 1 for a in axes)
+    sizes = axis_sizes(spec.role, tp, ep)
+    axes = logical_to_spec(spec.axes, RULES, spec.shape, sizes, name=spec.hf_name, units=unit_counts)
+    shards = math.prod(sizes[a] if a else 1 for a in axes)
     if final == NATIVE and stored and spec.hf_name in stored:
         return stored[spec.hf_name] // shards
     if final is None or final == NATIVE:
         return spec.size * itemsize // shards
-    split = weight_split(spec, tp, unit_counts)
+    split = weight_split(spec, tp, unit_counts, ep)
     stacked = spec.shape[0] if _stacked(spec) else 1
     return stacked * tensor_nbytes(final, (split.out, split.n), in_shards=split.in_shards) // shards
 

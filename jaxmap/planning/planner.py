@@ -23,6 +23,7 @@ from jaxmap.config.dtypes import parse_dtype
 from jaxmap.config.hardware import Device, Hardware
 from jaxmap.errors import UserError
 from jaxmap.families import layer_param_specs, outer_param_specs, stacked_experts
+from jaxmap.planning import expert_parallel
 from jaxmap.planning.device_map import (
     DeviceMap,
     DeviceMemory,
@@ -284,6 +285,7 @@ def plan(
     """
     wish = wish or Wish()
     dtype_name = parse_dtype(dtype).name
+    expert_parallel.check_wish(config, wish.ep)  # --ep on a dense model, or not dividing the experts: one line
     for flag, value in (("--max-seq-len", max_seq_len), ("--max-batch-size", max_batch_size)):
         if value <= 0:
             raise UserError(f"{flag} must be at least 1, got {value}")
@@ -316,6 +318,7 @@ def plan(
     forced = explicit_experts(config, hardware, wish)
     if wish.is_automatic and wish.auto and not placed_by_topology:
         trial = _stages(base.layers, kinds, config, hardware, wish, dtype_name, [])
+        expert_parallel.apply(config, trial, wish.ep)
         trial_outer = _outer(trial, hardware, topology, config, [])
         assign_types(config, trial, trial_outer, wish.isq, native_types)
         memory = account(config, hardware, trial, trial_outer, max_seq_len, max_batch_size, dtype_name, budgets,
@@ -358,6 +361,9 @@ def plan(
     elif not wish.auto:
         notes.append("automatic memory fitting is off (--no-auto): the layout is kept even where it does not fit")
     stages = _stages(base.layers, kinds, config, hardware, wish, dtype_name, base.warnings)
+    ep_reason = expert_parallel.apply(config, stages, wish.ep)  # MoE layers' experts over the stage's devices
+    if ep_reason:
+        reason = f"{reason}; {ep_reason}"
     outer = _outer(stages, hardware, topology, config, base.warnings, embed_home)
     assign_types(config, stages, outer, wish.isq, native_types)
     if forced:

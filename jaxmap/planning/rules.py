@@ -2,7 +2,9 @@
 
 Column-parallel q/k/v/gate/up split their output axis (``heads``, ``kv_heads``, ``mlp``) over ``tp``; row-parallel
 o/down split their input axis, which carries the same logical names, so the same rules cover them and XLA inserts
-the all-reduce after them. Embedding and LM head are vocabulary-parallel (``vocab`` -> ``tp``); ``embed`` (the
+the all-reduce after them. Routed expert stacks ``[E, in, out]`` split ``experts`` over ``ep``
+(:mod:`jaxmap.planning.expert_parallel`; size 1 without ep). Embedding and LM head are vocabulary-parallel
+(``vocab`` -> ``tp``); ``embed`` (the
 hidden size) is never split, so norms are replicated. Pure tuples come out: the engine turns them into
 ``jax.sharding.PartitionSpec``; the planner uses them to count bytes per device.
 """
@@ -18,7 +20,7 @@ RULES: dict[str, str | None] = {
     "kv_heads": "tp",
     "head_dim": None,
     "mlp": "tp",  # an expert's intermediate dimension too: tensor parallelism inside experts
-    "experts": None,  # every device holds every expert (no expert-parallel axis yet)
+    "experts": "ep",  # routed experts over the expert view of a stage's devices (planning/expert_parallel.py)
     "layers": None,
 }
 

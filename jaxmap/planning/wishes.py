@@ -351,6 +351,7 @@ class Wish:
 
     tp: int | None = None
     pp: int | None = None
+    ep: int | None = None  # --ep: expert-parallel ways for MoE layers (jaxmap.planning.expert_parallel)
     devices: list[int] | None = None
     device_layers: list[tuple[int | None, int]] | None = None
     topology: Topology | None = None
@@ -364,7 +365,7 @@ class Wish:
     n_cpu_moe: int | None = None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--tp", self.tp), ("--pp", self.pp)):
+        for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--ep", self.ep)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise UserError(f"{flag} must be a positive integer, got {value!r}")
         if self.devices is not None:
@@ -372,13 +373,14 @@ class Wish:
                 raise UserError(f"--devices must list device ordinals (0,2), got {self.devices!r}")
             if len(set(self.devices)) != len(self.devices):
                 raise UserError(f"--devices lists an ordinal twice: {','.join(map(str, self.devices))}")
-        if self.device_layers is not None and (self.tp or self.pp or self.devices):
-            raise UserError("-n/--device-layers places layers by hand; it cannot be combined with --tp, --pp or "
-                            "--devices")
+        if self.device_layers is not None and (self.tp or self.pp or self.devices or (self.ep or 1) > 1):
+            raise UserError("-n/--device-layers places layers by hand; it cannot be combined with --tp, --pp, --ep "
+                            "or --devices")
 
     @property
     def is_automatic(self) -> bool:
-        return self.device_layers is None and self.tp is None and self.pp is None and self.devices is None
+        return (self.device_layers is None and self.tp is None and self.pp is None and self.ep is None
+                and self.devices is None)
 
 
 def parse_devices(text: str) -> list[int]:
@@ -402,6 +404,7 @@ def make_wish(
     override_tensor: str | Sequence[str] | None = None,
     cpu_moe: bool = False,
     n_cpu_moe: int | None = None,
+    ep: int | None = None,
 ) -> Wish:
     """A :class:`Wish` from the forms the CLI and the Python API take (``"0,2"`` or ``[0, 2]``, ``"0:16;1:14"`` or
     ``["0:16", "1:14"]``, a topology path, YAML text or dict)."""
@@ -409,7 +412,7 @@ def make_wish(
         devices = parse_devices(devices)
     if topology is not None and not isinstance(topology, Topology):
         topology = Topology.from_yaml(topology)
-    return Wish(tp=tp, pp=pp, devices=list(devices) if devices is not None else None,
+    return Wish(tp=tp, pp=pp, ep=ep, devices=list(devices) if devices is not None else None,
                 device_layers=parse_device_layers(device_layers) if device_layers is not None else None,
                 topology=topology, isq=isq, max_memory=parse_max_memory(max_memory), auto=auto,
                 allow_disk=allow_disk, overrides=parse_overrides(override_tensor), cpu_moe=cpu_moe,
