@@ -434,6 +434,8 @@ def load(
         saved = _read_plan(plan, config) if plan is not None else None
         if saved is not None:
             dtype = saved.dtype
+            if layer_mode == "auto" and saved.layer_mode in LAYER_MODES:
+                layer_mode = saved.layer_mode  # a plan from tune replays its layer mode too
             max_seq_len, max_batch_size = _plan_sizes(saved, max_seq_len, max_batch_size)
         max_batch_size = 1 if max_batch_size is None else _whole(max_batch_size, "max_batch_size")
         if prefill_chunk is not None:
@@ -485,6 +487,8 @@ def load(
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
                  len(stages), jnp.dtype(np_dtype).name, seq)
         if save_plan is not None:
+            if layer_mode != "auto":
+                device_map.layer_mode = layer_mode  # replayed by --plan
             _write_text(Path(save_plan), device_map.to_yaml())
         out = Model(config, engine, tokenizer, str(source.path))
         out.device_map = device_map

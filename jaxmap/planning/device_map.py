@@ -169,6 +169,8 @@ class DeviceMap:
     memory_notes: list[str] = dataclasses.field(default_factory=list)
     # MoE layers whose routed experts live apart from their layer; a layer not listed keeps them with it
     experts: list[ExpertPlacement] = dataclasses.field(default_factory=list)
+    # the layer mode the plan was made to run with (tune's choice); None: the loader's own choice (auto)
+    layer_mode: str | None = None
 
     # ---- queries ---------------------------------------------------------------------------------------------------
     def stage_of(self, layer: int) -> Stage:
