@@ -499,7 +499,7 @@ def load(
         source.close()
 
 
-LAYER_MODES = ("auto", "unrolled", "per_layer")
+LAYER_MODES = ("auto", "unrolled", "per_layer", "scan")
 _PLAN_FIXES = {"tp": "--tp", "pp": "--pp", "devices": "--devices", "device_layers": "-n", "topology": "--topology",
                "max_memory": "--max-memory", "isq": "--isq", "dtype": "--dtype", "override_tensor": "-ot",
                "cpu_moe": "--cpu-moe", "n_cpu_moe": "--n-cpu-moe", "ep": "--ep"}

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxmap.cli.common import guarded
+from jaxmap.cli.common import LAYER_MODES, guarded
 from jaxmap.errors import ArgumentParser, UserError
 
 WORKLOAD = "16x1,128x1,16x8,128x8"  # PROMPT tokens x batch
@@ -294,6 +294,8 @@ def parse_layouts(items: Sequence[str]) -> dict[str, str]:
         try:
             keywords = parse_wish(wish)
             make_wish(**{k: v for k, v in keywords.items() if k in MAKE_WISH_KEYS})
+            if keywords.get("layer_mode", "auto") not in LAYER_MODES:
+                raise UserError(f"layer_mode must be one of {', '.join(LAYER_MODES)}, got {keywords['layer_mode']!r}")
         except UserError as exc:
             raise UserError(f"--layouts {name}: {exc}") from None
         layouts[name] = wish

@@ -14,6 +14,8 @@ from jaxmap.engine import multihost
 from jaxmap.errors import UserError
 from jaxmap.families import preset_config
 
+LAYER_MODES = ("auto", "unrolled", "per_layer", "scan")  # as jaxmap.api.LAYER_MODES
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model."""
@@ -27,8 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="prompt tokens per prefill step (default 2048): longer prompts are prefilled in "
                              "chunks, so prefill memory follows the chunk, not --max-seq-len")
-    parser.add_argument("--layer-mode", choices=("auto", "unrolled", "per_layer"), default="auto",
-                        help="run a stage's layers unrolled in one program or as one program per layer")
+    parser.add_argument("--layer-mode", choices=LAYER_MODES, default="auto",
+                        help="run a stage's layers unrolled in one program, as one program per layer, or as a scan "
+                             "over its alike layers in one program")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 

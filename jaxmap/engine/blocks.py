@@ -108,7 +108,8 @@ def _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history: int, scal
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray,
               start: jnp.ndarray, mask: jnp.ndarray, attend_len: int, *, pad: jnp.ndarray | None = None,
               end: jnp.ndarray | None = None, scale: float | None = None, softcap: float | None = None,
-              window: int | None = None, history: int = 0, sinks: jnp.ndarray | None = None):
+              window: int | None = None, history: int = 0, sinks: jnp.ndarray | None = None,
+              layer: jnp.ndarray | None = None):
     """Causal grouped-query attention of ``T`` new queries, with the new keys/values written at cache slot ``start``.
 
     q: [B, T, kv_heads * rep, head_dim] and k, v: [B, T, kv_heads, head_dim], RoPE applied; caches: [B, kv_heads, S,
@@ -124,6 +125,10 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     positions; ``pad`` (each row's left padding) and ``end`` (the prefill's last real slot + 1: the ring keeps the
     ``S`` keys before it, not the bucket's padding after it) are needed then. ``sinks`` [heads]: gpt-oss's learned
     per-head logit in each softmax's denominator.
+
+    ``layer``: the caches are a stack ``[L, B, kv_heads, S, head_dim]`` of alike layers (a scan over layers,
+    :mod:`jaxmap.engine.scan_stage`) and this layer is entry ``layer``: reads and writes address that entry in place,
+    so the scan's cache carry is never copied per layer (slicing the layer out and writing it back would copy it).
     """
     b, t, heads, k_dim = q.shape
     g = k.shape[2]
@@ -131,7 +136,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     q = q.reshape(b, t, g, rep, k_dim)
     scale = k_dim**-0.5 if scale is None else scale
     neg = jnp.finfo(jnp.float32).min
-    ring = k_cache.shape[2] if window is not None else None
+    ring = k_cache.shape[-2] if window is not None else None
     sinks = None if sinks is None else sinks.reshape(g, rep)
     if t == 1:
         # Decode: attend to the cache as it was (slots before ``start``) plus the new key, and write the new
@@ -146,8 +151,8 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         # out of the cache at the start of the step, and at batch 8 those copies (47 MB at 128 slots) spill the
         # caches: attention took 31 ms of 30 layers on one core, against 7 ms read this way, in order.
         at = (q1[0, 0, 0, 0] * 0).astype(jnp.int32)
-        keys = jax.lax.dynamic_slice_in_dim(k_cache, at, read, axis=2).astype(q.dtype)
-        values = jax.lax.dynamic_slice_in_dim(v_cache, at, read, axis=2).astype(q.dtype)
+        keys = _read_slots(k_cache, layer, at, read).astype(q.dtype)
+        values = _read_slots(v_cache, layer, at, read).astype(q.dtype)
         old = jnp.sum(q1[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1).astype(jnp.float32) * scale
         row_start = jnp.reshape(start, (-1, 1))  # [1, 1], or [b, 1] when each row decodes at its own slot
         if ring is None:
@@ -162,7 +167,8 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
                 + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
     else:
         pad = jnp.zeros(b, jnp.int32) if pad is None else pad
-        attn = _prefill_attention(q, k, v, k_cache, v_cache, start, pad, history, scale, softcap, window, sinks)
+        attn = _prefill_attention(q, k, v, _of_layer(k_cache, layer), _of_layer(v_cache, layer), start, pad, history,
+                                  scale, softcap, window, sinks)
     attn = attn.reshape(b, t, g * rep * k_dim)
     # Make the in-place cache write depend on the reads above (``0 * attn`` is not folded away for floats), so
     # XLA orders the write after them instead of copying every donated cache buffer on every step; an
@@ -176,19 +182,54 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         held = ring_positions(end, ring)
         fresh = (held >= start)[None, None, :, None]
         pick = jnp.clip(held - start, 0, t - 1)
-        k_cache = jnp.where(fresh, jnp.take(k, pick, axis=1).transpose(0, 2, 1, 3).astype(k_cache.dtype), k_cache)
-        v_cache = jnp.where(fresh, jnp.take(v, pick, axis=1).transpose(0, 2, 1, 3).astype(v_cache.dtype), v_cache)
-        return attn, k_cache, v_cache
+        def ring_write(cache, new):
+            old = _of_layer(cache, layer)
+            return _put_layer(cache, layer, jnp.where(
+                fresh, jnp.take(new, pick, axis=1).transpose(0, 2, 1, 3).astype(cache.dtype), old))
+
+        return attn, ring_write(k_cache, k), ring_write(v_cache, v)
     at = start if ring is None else jnp.remainder(start, ring)
     if jnp.ndim(at) == 1:  # decode with a slot per row (continuous batching): each row writes its own slot
-        return attn, _write_rows(k_cache, k, at), _write_rows(v_cache, v, at)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, at, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, at, 0))
-    return attn, k_cache, v_cache
+        return attn, _write_rows(k_cache, k, at, layer), _write_rows(v_cache, v, at, layer)
+    return attn, _write_slots(k_cache, k, layer, at), _write_slots(v_cache, v, layer, at)
 
 
-def _write_rows(cache: jnp.ndarray, new: jnp.ndarray, at: jnp.ndarray) -> jnp.ndarray:
-    """Write row ``b``'s new keys [B, 1, g, k] at its own slot ``at[b]`` of cache [B, g, S, k]."""
+def _of_layer(cache: jnp.ndarray, layer) -> jnp.ndarray:
+    """One layer's cache [B, g, S, k]: ``cache`` itself, or entry ``layer`` of a stack (a copy: prefill only)."""
+    return cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+
+
+def _put_layer(cache: jnp.ndarray, layer, value: jnp.ndarray) -> jnp.ndarray:
+    if layer is None:
+        return value
+    return jax.lax.dynamic_update_index_in_dim(cache, value, layer, 0)
+
+
+def _read_slots(cache: jnp.ndarray, layer, at, n: int) -> jnp.ndarray:
+    """Slots ``at .. at + n - 1`` of one layer's cache [B, g, n, k], read from a stack when ``layer`` is set."""
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(cache, at, n, axis=2)
+    zero = jnp.zeros((), jnp.int32)
+    _, b, g, _, k = cache.shape
+    return jax.lax.dynamic_slice(cache, (layer, zero, zero, at, zero), (1, b, g, n, k))[0]
+
+
+def _write_slots(cache: jnp.ndarray, new: jnp.ndarray, layer, at) -> jnp.ndarray:
+    """New keys [B, T, g, k] written at slot ``at`` of one layer's cache (of entry ``layer`` of a stack), in place."""
+    update = new.transpose(0, 2, 1, 3).astype(cache.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    if layer is None:
+        return jax.lax.dynamic_update_slice(cache, update, (zero, zero, at, zero))
+    return jax.lax.dynamic_update_slice(cache, update[None], (layer, zero, zero, at, zero))
+
+
+def _write_rows(cache: jnp.ndarray, new: jnp.ndarray, at: jnp.ndarray, layer=None) -> jnp.ndarray:
+    """Write row ``b``'s new keys [B, 1, g, k] at its own slot ``at[b]`` of cache [B, g, S, k] (or of entry ``layer``
+    of a stack [L, B, g, S, k])."""
+    if layer is not None:  # a scatter into the stack, one slot per row
+        rows = jnp.arange(cache.shape[1])
+        return cache.at[layer, rows, :, at].set(new[:, 0].astype(cache.dtype))
+
     def one(c, n, a):
         return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, a, 0))
 

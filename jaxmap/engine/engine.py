@@ -9,6 +9,8 @@ them with ``jax.device_put``. Within a stage the layers run in one of two ways, 
   compile time grows with depth.
 - ``per_layer``: one jitted layer function, compiled once and called for every layer. Compile time is independent of
   depth (an 80-layer model compiles as fast as a 2-layer one) for ~10-20% more per-token overhead on XLA:CPU.
+- ``scan``: one jit whose body is a ``jax.lax.scan`` over the stage's alike layers, their weights stacked and their
+  KV cache carried and written in place (:mod:`jaxmap.engine.scan_stage`): one layer traced, a small executable.
 
 ``auto`` unrolls stages of up to :data:`UNROLL_MAX_LAYERS` layers and runs deeper ones per layer, which keeps the
 prefill + decode compile of any preset bounded.
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmap.config import ModelConfig
-from jaxmap.engine import layers, program_store, remote_experts
+from jaxmap.engine import layers, program_store, remote_experts, scan_stage
 from jaxmap.engine.multihost import put, to_local
 from jaxmap.engine.sampling import SamplerShape, mark_seen, sample
 from jaxmap.families import LayerDesign, family_of
@@ -45,11 +47,11 @@ log = logging.getLogger(__name__)
 
 UNROLL_MAX_LAYERS = 48
 MIN_ATTEND_BUCKET = 128
-LayerMode = str  # "unrolled" | "per_layer"
+LayerMode = str  # "unrolled" | "per_layer" | "scan"
 
 
 def choose_layer_mode(num_layers: int, requested: str = "auto") -> LayerMode:
-    if requested in ("unrolled", "per_layer"):
+    if requested in ("unrolled", "per_layer", "scan"):
         return requested
     return "unrolled" if num_layers <= UNROLL_MAX_LAYERS else "per_layer"
 
@@ -121,6 +123,12 @@ class Engine:
             else None
         # Cache slots per layer: a sliding-window layer keeps a ring of its window, the others the whole context.
         self.kv_slots = [family.kv_slots(config, i, max_seq_len) for i in range(config.num_hidden_layers)]
+        for stage in self.stages:  # scan: the stage's alike layers stacked (engine/scan_stage.py), else unrolled
+            if stage.mode == "scan":
+                stage.scan = scan_stage.prepare(stage, self.designs[stage.start:stage.end], self.kv_slots)
+                if stage.scan is None:
+                    log.debug("stage %d-%d: no run of alike layers to scan; unrolled", stage.start, stage.end)
+                    stage.mode = "unrolled"
         self.compile_stats = CompileStats()
         self._programs: dict[tuple, Callable] = {}
         self._cache_pool: dict[int, list] = {}
@@ -140,6 +148,11 @@ class Engine:
             return pooled
         caches = []
         for i, stage in enumerate(self.stages):
+            if stage.mode == "scan":
+                caches.append(scan_stage.new_cache(
+                    stage.scan, stage, batch, self.config.num_key_value_heads, self.config.head_dim, self.kv_slots,
+                    functools.partial(self._zeros, i, stage.dtype)))
+                continue
             stage_caches = []
             for layer in range(stage.start, stage.end):
                 slots = self.kv_slots[layer]
@@ -152,6 +165,12 @@ class Engine:
                 stage_caches.append((make(), make()))
             caches.append(stage_caches)
         return caches
+
+    def _zeros(self, i: int, dtype, shape: tuple, sharding) -> jax.Array:
+        key = ("zeros", i, shape, dtype)
+        if key not in self._programs:
+            self._programs[key] = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+        return self._programs[key]()
 
     def insert_row(self, caches: list, row_caches: list, row: int, n_slots: int) -> list:
         """Copy the first ``n_slots`` cache slots of a batch-1 cache (a newcomer's prefill) into row ``row`` of a
@@ -173,7 +192,7 @@ class Engine:
             at = put(row_arr, self.stages[i].activation_sharding)
             new = []
             for (kb, vb), (ks, vs) in zip(stage_batched, stage_single, strict=True):
-                n = min(n_slots, kb.shape[2])
+                n = min(n_slots, kb.shape[-2])  # [batch, kv_heads, slots, head_dim], or a scan's stack of them
                 key = (f"{kind}_row", i, kb.shape, n)
                 if key not in self._programs:
                     self._programs[key] = jax.jit(functools.partial(_copy_row_program, kind=kind, n=n),
@@ -188,7 +207,7 @@ class Engine:
         # the first stage may hold no layers (embeddings placed on their own devices): look past empty stages
         first = next((stage_caches[0][0] for stage_caches in caches if stage_caches), None)
         if first is not None:
-            self._cache_pool[first.shape[0]] = caches
+            self._cache_pool[first.shape[-4]] = caches
 
     # ---- programs ---------------------------------------------------------------------------------------------------
     def _program(self, stage_index: int, shape: StepShape, part: str, design: LayerDesign | None = None) -> Callable:
@@ -237,6 +256,17 @@ class Engine:
                 return token, logits, new_caches, seen
 
             return jax.jit(run, donate_argnames=("caches", "seen"))
+        if part == "scan":  # the stage's alike layers in a lax.scan (engine/scan_stage.py), in one program
+            def run_scan(params, x, caches, start, pad, last_index, seen, values, key):
+                x, ctx = enter(params, x, start, pad, last_index)
+                x, new_caches = scan_stage.run_layers(stage.scan, params["segments"], caches, x, start, ctx,
+                                                      stage_designs, shape, config)
+                if not stage.is_last:
+                    return x, new_caches
+                token, logits, seen = leave(params, x, start, last_index, seen, values, key)
+                return token, logits, new_caches, seen
+
+            return jax.jit(run_scan, donate_argnames=("caches", "seen"))
         if part == "enter":
             return jax.jit(enter)
         if part == "layer":
@@ -294,11 +324,11 @@ class Engine:
         the traced program instead of tracing every layer again. Per-layer programs are small and stay traced."""
         key = (stage_index, shape, part, design)
         stored = None
-        if part == "stage" and program_store.store_root() is not None and not self.multi_process:
+        if part in ("stage", "scan") and program_store.store_root() is not None and not self.multi_process:
             stage = self.stages[stage_index]
             what = (repr(self.config), stage.start, stage.end, stage.is_first, stage.is_last, str(stage.dtype),
                     shape, part, tuple(self.designs[stage.start:stage.end]), self.outer_design, self.max_seq_len,
-                    precision)
+                    precision, *(scan_stage.key_parts(stage.scan) if part == "scan" else ()))
             run = self._program(stage_index, shape, part, design).__wrapped__
             # the stage program donates its caches and seen (arguments 2 and 6)
             stored = program_store.load_or_export(program_store.program_key(what, args), run, args, donate=(2, 6))
@@ -319,14 +349,22 @@ class Engine:
              else jnp.zeros((batch, n_tokens, self.config.hidden_size), stage.dtype))
         x = jax.device_put(x, stage.activation_sharding)
         put = functools.partial(jax.device_put, device=stage.activation_sharding)
-        args = [stage.params, x, caches, put(jnp.int32(0)), put(jnp.zeros(batch, jnp.int32))]
+        args = [self._stage_params(stage), x, caches, put(jnp.int32(0)), put(jnp.zeros(batch, jnp.int32))]
         if stage.is_last:
             args += [put(jnp.int32(0)), None, put(jnp.ones(3, jnp.float32)), put(jax.random.key(0))]
         else:
             args += [put(jnp.int32(0)), None, None, None]
-        if stage.mode != "unrolled":
-            raise ValueError("compiled reads unrolled stages; per-layer stages compile one program per part")
-        return self._program(stage_index, shape, "stage").lower(*args).compile()
+        if stage.mode not in ("unrolled", "scan"):
+            raise ValueError("compiled reads unrolled and scan stages; per-layer stages compile one program per part")
+        part = "scan" if stage.mode == "scan" else "stage"
+        return self._program(stage_index, shape, part).lower(*args).compile()
+
+    @staticmethod
+    def _stage_params(stage: Stage) -> dict:
+        """What a whole-stage program takes: the stage's parameters, a scan stage's by segment."""
+        if stage.mode != "scan":
+            return stage.params
+        return {**_outer(stage.params), "segments": stage.scan.params}
 
     # ---- steps ------------------------------------------------------------------------------------------------------
     def step(self, caches, inputs: jax.Array, start: int, pad: jax.Array, last_index: int, seen, values, key,
@@ -341,16 +379,17 @@ class Engine:
             x = put(x, stage.activation_sharding)
             stage_pad = put(pad, stage.activation_sharding)
             start_i = put(start_arr, stage.activation_sharding)
-            if stage.mode == "unrolled":
-                args = [stage.params, x, caches[i], start_i, stage_pad]
+            if stage.mode in ("unrolled", "scan"):
+                part = "scan" if stage.mode == "scan" else "stage"
+                args = [self._stage_params(stage), x, caches[i], start_i, stage_pad]
                 if stage.is_last:
                     seen = None if seen is None else put(seen, stage.activation_sharding)
                     token, logits, new, seen = self._call(
-                        i, shape, "stage", *args, put(last_arr, stage.activation_sharding), seen,
+                        i, shape, part, *args, put(last_arr, stage.activation_sharding), seen,
                         put(values, stage.activation_sharding),
                         put(key, stage.activation_sharding))
                 else:
-                    x, new = self._call(i, shape, "stage", *args, put(last_arr, stage.activation_sharding), None,
+                    x, new = self._call(i, shape, part, *args, put(last_arr, stage.activation_sharding), None,
                                         None, None)
             else:
                 x, ctx = self._call(i, shape, "enter", _outer(stage.params), x, start_i, stage_pad,
@@ -443,11 +482,12 @@ def _copy_row_program(dst_k, dst_v, src_k, src_v, at, *, kind: str, n: int):
     """The first ``n`` slots of a batch-1 cache into row ``at`` ("insert"), or of row ``at`` into a batch-1 cache
     ("extract")."""
     zero = jnp.int32(0)
+    lead = (zero,) * (dst_k.ndim - 4)  # a scan stage's caches are stacks [layers, batch, ...]
     if kind == "insert":
-        return tuple(jax.lax.dynamic_update_slice(d, s[:, :, :n], (at, zero, zero, zero))
+        return tuple(jax.lax.dynamic_update_slice(d, s[..., :n, :], (*lead, at, zero, zero, zero))
                      for d, s in ((dst_k, src_k), (dst_v, src_v)))
-    return tuple(jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice_in_dim(s, at, 1, axis=0)[:, :, :n],
-                                              (zero, zero, zero, zero))
+    return tuple(jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice_in_dim(s, at, 1, axis=s.ndim - 4)[..., :n, :],
+                                              (*lead, zero, zero, zero, zero))
                  for d, s in ((dst_k, src_k), (dst_v, src_v)))
 
 

@@ -67,7 +67,7 @@ def lm_head(params: dict, x: jnp.ndarray, config: ModelConfig, design: ModelDesi
 
 def attention_half(p: dict, x: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.ndarray, start: jnp.ndarray,
                    ctx: dict, attend_len: int, config: ModelConfig, design: LayerDesign, taps: dict | None = None,
-                   history: int = 0) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+                   history: int = 0, layer=None) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """The first half of :func:`decoder_layer`: attention and its residual (the MLP half follows). A layer whose
     routed experts live apart runs this half and its MLP in separate programs (:mod:`jaxmap.engine.remote_experts`)."""
     b, t, _ = x.shape
@@ -91,7 +91,7 @@ def attention_half(p: dict, x: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.n
     attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, ctx["mask"], attend_len, pad=ctx["pad"],
                                        end=ctx["end"], scale=design.attn_scale, softcap=design.attn_softcap,
                                        window=design.window, history=history,
-                                       sinks=p["sinks"] if design.attn_sinks else None)
+                                       sinks=p["sinks"] if design.attn_sinks else None, layer=layer)
     taps["attn_out"] = attn
     out = dense(attn, p["wo"])
     if design.o_bias:
@@ -113,6 +113,7 @@ def decoder_layer(
     design: LayerDesign,
     taps: dict | None = None,
     history: int = 0,
+    layer=None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder layer over ``T`` new tokens written at cache slot ``start``.
 
@@ -122,9 +123,10 @@ def decoder_layer(
     soft-cap and window, and which RoPE base. ``taps``: a dict that receives each projection's input activation,
     keyed as in the family's ``projection_inputs`` (for importance matrices; None in serving). ``history``: in a
     prefill chunk after the first, how many cache slots earlier chunks wrote that it reads (a static bucket).
+    ``layer``: the caches are a stack of alike layers' caches and this is entry ``layer`` (a scan over layers).
     """
     x, k_cache, v_cache = attention_half(p, x, k_cache, v_cache, start, ctx, attend_len, config, design, taps,
-                                         history)
+                                         history, layer)
     taps = {} if taps is None else taps
     eps, plus_one = config.rms_norm_eps, design.norm_plus_one
     h = rms_norm(x, p["mlp_norm"], eps, plus_one)

@@ -45,7 +45,8 @@ class Stage:
     cache_sharding: Any
     is_first: bool
     is_last: bool
-    mode: str = "unrolled"  # set by the engine: "unrolled" or "per_layer"
+    mode: str = "unrolled"  # set by the engine: "unrolled", "per_layer" or "scan"
+    scan: Any = None  # set by the engine for a scan stage: its segments and stacked weights (engine/scan_stage.py)
     dtype: Any = None  # compute dtype of this stage (CPU stages run float32); None: the engine's
     # Wait for each program before dispatching the next. XLA:CPU runs a multi-device program's collectives on a
     # shared thread pool: with several such programs in flight (one per layer) its rendezvous can deadlock
