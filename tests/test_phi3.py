@@ -178,7 +178,7 @@ def test_unknown_rope_scaling_is_one_line_exit_2(tmp_path, run_main):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if "wobbly" in line] == \
         ["error: model config: rope scaling 'wobbly' is not supported yet; supported: default, linear, llama3, "
-         "longrope"]
+         "longrope, yarn"]
 
 
 @pytest.mark.parametrize("raw, message", [
