@@ -12,8 +12,9 @@ from reference.moe_data import load_moe_reference, write_moe_gguf
 
 import jaxmap
 
-LAYOUTS = {"tp2": dict(tp=2, pp=1, ep=1), "tp4": dict(tp=4, pp=1, ep=1), "pp2": dict(pp=2, tp=1),
-           "pp2xtp2": dict(pp=2, tp=2, ep=1), "tp4_ep4": dict(tp=4, pp=1), "pp2xtp2_ep2": dict(pp=2, tp=2)}
+LAYOUTS = {"tp2": dict(tp=2, pp=1, ep=1), "pp2": dict(pp=2, tp=1),
+           "pp2xtp2": dict(pp=2, tp=2, ep=1), "tp4_ep4": dict(tp=4, pp=1), "tp4_ep2": dict(tp=4, pp=1, ep=2),
+           "pp2xtp2_ep2": dict(pp=2, tp=2)}
 
 
 @pytest.fixture(scope="module", params=["tiny-mixtral-swa", "tiny-qwen3-moe"])

@@ -228,8 +228,13 @@ class Engine:
             return x, ctx
 
         def layer(p, x, k_cache, v_cache, start, ctx, layer_design=design):
-            return layers.decoder_layer(p, x, k_cache, v_cache, start, ctx, shape.attend_len, config, layer_design,
-                                        history=shape.history)
+            x, k_cache, v_cache = layers.decoder_layer(p, x, k_cache, v_cache, start, ctx, shape.attend_len, config,
+                                                       layer_design, history=shape.history)
+            # the cache keeps the sharding it came in with: left to propagation, an expert-parallel layer's 2-D
+            # expert mesh (ep x tp/ep over the same devices) can make XLA pick one the stage's 1-D mesh cannot hold
+            if len(stage.cache_sharding.device_set) > 1:
+                k_cache, v_cache = jax.lax.with_sharding_constraint((k_cache, v_cache), stage.cache_sharding)
+            return x, k_cache, v_cache
 
         def leave(params, x, start, last_index, seen, values, key):
             h = x if shape.all_logits else jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
@@ -261,6 +266,7 @@ class Engine:
                 x, ctx = enter(params, x, start, pad, last_index)
                 x, new_caches = scan_stage.run_layers(stage.scan, params["segments"], caches, x, start, ctx,
                                                       stage_designs, shape, config)
+                new_caches = scan_stage.pin_caches(new_caches, stage)
                 if not stage.is_last:
                     return x, new_caches
                 token, logits, seen = leave(params, x, start, last_index, seen, values, key)

@@ -120,15 +120,6 @@ def choose_path(n_tokens: int, config: ModelConfig) -> str:
     return "dense" if n_tokens * e * config.moe_intermediate_size <= _DENSE_MAX_ELEMENTS else "grouped"
 
 
-def in_device_memory(w):
-    """Experts the plan keeps in host memory (``pinned_host``) come into device memory for this step: inside jit a
-    copy XLA schedules (the whole stack: every expert a prompt chunk routes to; issue 17's streamed experts)."""
-    space = getattr(getattr(w, "aval", None), "memory_space", None)
-    if space is None or space == jax.memory.Space.Device:
-        return w
-    return jax.device_put(w, jax.memory.Space.Device)
-
-
 def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str | None = None,
             design: LayerDesign | None = None) -> jnp.ndarray:
     """The MoE MLP over h [B, T, D] (already normed); ``path`` forces one computation (tests, benchmarks);
@@ -140,16 +131,16 @@ def moe_mlp(p: dict, h: jnp.ndarray, config: ModelConfig, taps: dict, path: str 
     weights, idx = route(logits, config.num_experts_per_tok, config.norm_topk_prob)
     taps["router_idx"] = idx
     fn = PATHS[path or choose_path(b * t, config)]
-    wg, wu, wd = (jax.tree.map(in_device_memory, p[k]) for k in ("experts_gate", "experts_up", "experts_down"))
+    wg, wu, wd = (p[k] for k in ("experts_gate", "experts_up", "experts_down"))
+    biases = {k: p[k] for k in BIAS_KEYS if k in p}
     ep_mesh = moe_parallel.expert_mesh_of(wg)
     if ep_mesh is not None:  # experts split over devices: each computes its own, one all-reduce (moe_parallel.py)
         out = moe_parallel.moe_mlp_ep(ep_mesh, x, weights, idx, dict(experts_gate=wg, experts_up=wu, experts_down=wd),
-                                      config, path, paths=PATHS,
-                                      float_stack=_float_stack, dense_max=_DENSE_MAX_ELEMENTS)
+                                      config, path, paths=PATHS, float_stack=_float_stack,
+                                      dense_max=_DENSE_MAX_ELEMENTS, biases=biases, design=design)
         return out.astype(h.dtype).reshape(b, t, d)
     if fn is not _gather:
         wg, wu, wd = (_float_stack(w, x.dtype) for w in (wg, wu, wd))
-    biases = {k: in_device_memory(p[k]) for k in BIAS_KEYS if k in p}
     out = fn(x, weights, idx, wg, wu, wd, expert_activation(design, biases))
     extra = down_bias(biases, weights, idx)
     if extra is not None:

@@ -28,12 +28,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxmap.config import ModelConfig
+from jaxmap.engine.moe_activation import Activation, down_bias, expert_activation
+from jaxmap.families import LayerDesign
 from jaxmap.quant.qtensor import QTensor
 
 EP, TP = "ep", "tp"
 # (out axis, in axis) of each stack's experts as QTensors ([out, in]) and as floats ([E, in, out]): gate/up are
 # column-parallel inside an expert (their intermediate output splits over tp), down row-parallel.
 _AXES = {"experts_gate": (TP, None), "experts_up": (TP, None), "experts_down": (None, TP)}
+# gate and up biases ([E, I]) split as their projections' outputs; the down bias ([E, D]) is added after the sum
+_BIAS_DIM = {"experts_gate_bias": 1, "experts_up_bias": 1}
 
 
 def expert_mesh_of(w):
@@ -76,7 +80,7 @@ def _local(w, out_axis, in_axis, tp: int):
     return dataclasses.replace(w, shape=(out // (tp if out_axis else 1), n // (tp if in_axis else 1)))
 
 
-def _grouped_local(x, weights, local, mine, e_local: int, wg, wu, wd):
+def _grouped_local(x, weights, local, mine, e_local: int, wg, wu, wd, act: Activation):
     """The grouped path over this device's experts: its (token, expert) pairs sorted by local expert, the others
     sorted past the last group (ragged_dot leaves rows outside every group zero) and weighted zero."""
     n, k = local.shape
@@ -87,18 +91,21 @@ def _grouped_local(x, weights, local, mine, e_local: int, wg, wu, wd):
     sizes = jnp.bincount(keys, length=e_local + 1)[:e_local].astype(jnp.int32)
     g = jax.lax.ragged_dot(xs, wg, sizes)
     u = jax.lax.ragged_dot(xs, wu, sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(g) * u, wd, sizes)
+    # rows past the last group are zeroed below: any expert's biases will do for them
+    out = jax.lax.ragged_dot(act(g, u, jnp.minimum(keys[order], e_local - 1)), wd, sizes)
     keep = mine.reshape(-1)[order][:, None]
     out = jnp.where(keep, out.astype(jnp.float32), 0.0) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[tokens].add(out)
 
 
 def moe_mlp_ep(mesh, x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, stacks: Mapping, config: ModelConfig,
-               path: str | None, *, paths: Mapping[str, Callable], float_stack: Callable,
-               dense_max: int) -> jnp.ndarray:
+               path: str | None, *, paths: Mapping[str, Callable], float_stack: Callable, dense_max: int,
+               biases: Mapping[str, jnp.ndarray] | None = None, design: LayerDesign | None = None) -> jnp.ndarray:
     """The routed experts' output ``[N, D]`` (float32) for tokens ``x [N, D]`` routed to ``idx`` with ``weights``
     (``[N, k]``, every device has them all), the stacks split over ``mesh``'s ``ep`` axis; ``path`` forces one
-    computation as in :func:`jaxmap.engine.moe.moe_mlp`."""
+    computation as in :func:`jaxmap.engine.moe.moe_mlp`. ``biases`` (by :data:`moe_activation.BIAS_KEYS` key) and
+    ``design`` carry gpt-oss's expert biases and clamped activation: the gate and up biases go to the devices
+    holding their experts (split as the projections' outputs), the down bias is added once after the sum."""
     ep, tp = mesh.shape[EP], mesh.shape.get(TP, 1)
     stage_mesh = jax.typeof(x).sharding.mesh  # the stage's 1-D mesh: (ep, tp) rows in device order
     e_local = config.num_experts // ep
@@ -109,20 +116,26 @@ def moe_mlp_ep(mesh, x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, sta
     keys = ("experts_gate", "experts_up", "experts_down")
     blocks = [jax.tree.map(lambda a, k=k: _by_device(a, ep, tp, _dim(stacks[k], *_AXES[k])), stacks[k])
               for k in keys]
+    biases = dict(biases or {})
+    inner = {k: _by_device(biases[k], ep, tp, dim) for k, dim in _BIAS_DIM.items() if k in biases}
 
-    def body(x, weights, idx, wg, wu, wd):
+    def body(x, weights, idx, inner, wg, wu, wd):
         wg, wu, wd = (_local(w, *_AXES[k], tp) for w, k in zip((wg, wu, wd), keys, strict=True))
+        act = expert_activation(design, {k: b[0] for k, b in inner.items()})
         local = idx - jax.lax.axis_index(TP) // tp * e_local
         mine = (local >= 0) & (local < e_local)
         w_mine = jnp.where(mine, weights, 0.0)
         if name != "gather":
             wg, wu, wd = (float_stack(w, x.dtype) for w in (wg, wu, wd))
         if name == "grouped":
-            out = _grouped_local(x, w_mine, local, mine, e_local, wg, wu, wd)
+            out = _grouped_local(x, w_mine, local, mine, e_local, wg, wu, wd, act)
         else:  # another device's experts: expert 0 here, weighted zero
-            out = paths[name](x, w_mine, jnp.where(mine, local, 0), wg, wu, wd)
+            out = paths[name](x, w_mine, jnp.where(mine, local, 0), wg, wu, wd, act)
         return jax.lax.psum(out, TP)
 
     specs = tuple(jax.tree.map(lambda _: P(TP), b) for b in blocks)
-    return jax.shard_map(body, mesh=stage_mesh, in_specs=(P(), P(), P(), *specs), out_specs=P())(
-        x, weights, idx, *blocks)
+    inner_specs = {k: P(TP) for k in inner}
+    out = jax.shard_map(body, mesh=stage_mesh, in_specs=(P(), P(), P(), inner_specs, *specs), out_specs=P())(
+        x, weights, idx, inner, *blocks)
+    extra = down_bias(biases, weights, idx)
+    return out if extra is None else out + extra

@@ -225,6 +225,17 @@ def run_layers(layout: ScanLayout, seg_params: Sequence[tuple], caches: Sequence
     return x, new_caches
 
 
+def pin_caches(caches: Sequence[tuple], stage) -> list:
+    """The stage's new KV buffers constrained to the shardings they were made with (stacks: the stacked one): on a
+    multi-device stage an expert-parallel layer's 2-D expert mesh can otherwise make XLA pick a cache sharding the
+    stage's 1-D mesh cannot express."""
+    if len(stage.cache_sharding.device_set) < 2:
+        return list(caches)
+    stacked = _stacked_sharding(stage.cache_sharding)
+    return [tuple(jax.lax.with_sharding_constraint(c, stacked if c.ndim == 5 else stage.cache_sharding)
+                  for c in pair) for pair in caches]
+
+
 def key_parts(layout: ScanLayout) -> tuple:
     """What of the layout goes into a stored program's key (beside the arguments' tree, which holds the stacks)."""
     return ("scan", layout.segments)

@@ -43,21 +43,13 @@ def _moe_in(config: ModelConfig, start: int, end: int) -> bool:
     return is_moe(config) and any(config.is_moe_layer(i) for i in range(start, end))
 
 
-def _biased_experts(config: ModelConfig) -> bool:
-    """gpt-oss's experts carry biases and a clamped activation, which the expert-parallel MLP does not apply yet:
-    such a model keeps tensor parallelism inside experts."""
-    return getattr(config, "swiglu_limit", None) is not None
-
-
 def valid_ep_sizes(config: ModelConfig, devices: int) -> list[int]:
     """The ``ep`` a stage of ``devices`` devices may take: dividing the devices and the experts, leaving an inner
     tensor-parallel split (``devices / ep``) the expert width divides."""
-    if not is_moe(config) or _biased_experts(config):
+    if not is_moe(config):
         return [1]
     width = config.moe_intermediate_size
-    # ep below the device count (tp inside each expert group) is planned but not run yet: the engine's 2-D expert
-    # view then makes XLA pick cache shardings the stage's 1-D mesh cannot express; only whole experts for now
-    return [e for e in (1, devices)
+    return [e for e in range(1, devices + 1)
             if devices % e == 0 and config.num_experts % e == 0 and width % (devices // e) == 0]
 
 
@@ -68,9 +60,6 @@ def check_wish(config: ModelConfig, ep: int | None) -> None:
     name = config.name or "the model"
     if not is_moe(config):
         raise UserError(f"--ep {ep}: {name} is not a mixture of experts (no routed experts to split); drop --ep")
-    if _biased_experts(config):
-        raise UserError(f"--ep {ep}: expert parallelism is not built for {name}'s biased, clamped experts yet; "
-                        "drop --ep (its experts run tensor parallel inside each expert)")
     if config.num_experts % ep:
         allowed = ", ".join(str(e) for e in range(1, config.num_experts + 1) if config.num_experts % e == 0)
         raise UserError(f"--ep {ep} does not divide the {config.num_experts} experts of {name}; ep in {{{allowed}}}")
