@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -21,38 +20,12 @@ from collections.abc import Sequence
 
 from jaxmap.cli.common import LAYER_MODES, guarded
 from jaxmap.errors import ArgumentParser, UserError
+from jaxmap.workload import median as _median
+from jaxmap.workload import parse_workload, peak_rss_mib, prompt_ids
 
 WORKLOAD = "16x1,128x1,16x8,128x8"  # PROMPT tokens x batch
 NEW_TOKENS = 128
 REPEATS = 3
-TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange grain, "
-        "salt and cloth. Over the centuries the town grew into a busy port with a cathedral, a university and a "
-        "famous market that drew merchants from every corner of the continent. ")
-
-
-def prompt_ids(tokenizer, n_tokens: int, batch: int) -> list[list[int]]:
-    """``batch`` prompts of exactly ``n_tokens`` ids each, cut from a fixed text (row i starts i words later)."""
-    words = (TEXT * 40).split()
-    rows = []
-    for i in range(batch):
-        ids = tokenizer(" ".join(words[i:]))[:n_tokens]
-        if len(ids) < n_tokens:  # a shorter row would make the table claim a prompt length it did not run
-            raise UserError(f"the bench's text gives only {len(ids)} tokens for prompt {i + 1} of {batch}, not "
-                            f"{n_tokens}; use a shorter PROMPT or a smaller BATCH in --workload")
-        rows.append(ids)
-    return rows
-
-
-def _median(values) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _worker_jaxmap(args) -> list[dict]:
     from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
@@ -237,18 +210,6 @@ WISH_INTS = ("tp", "pp")
 WISH_TEXTS = ("devices", "device_layers", "topology", "max_memory", "isq", "imatrix", "layer_mode", "offload_folder")
 WISH_COMMAS = ("devices", "max_memory")  # values such as devices=0,2 hold the separator
 MAKE_WISH_KEYS = ("tp", "pp", "devices", "device_layers", "topology", "max_memory")
-
-
-def parse_workload(text: str) -> list[tuple[int, int]]:
-    """``16x1,128x8`` -> ``[(16, 1), (128, 8)]``: prompt tokens and batch, both positive."""
-    rows = []
-    for item in text.split(","):
-        parts = [p.strip() for p in item.split("x")]
-        if len(parts) != 2 or not all(re.fullmatch(r"\d+", p) and int(p) > 0 for p in parts):
-            raise UserError(f"--workload item {item.strip()!r} is not PROMPTxBATCH with two positive whole numbers; "
-                            f"write e.g. --workload 16x1,128x8")
-        rows.append((int(parts[0]), int(parts[1])))
-    return rows
 
 
 def parse_wish(text: str) -> dict:
