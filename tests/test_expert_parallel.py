@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from reference.moe_data import load_moe_reference, write_moe_gguf
+from reference.moe_data import load_gpt_oss_reference, load_moe_reference, write_moe_gguf
 
 import jaxmap
 from jaxmap.cli.plan import main as plan_main
@@ -28,7 +28,6 @@ from jaxmap.planning.wishes import make_wish
 HERE = Path(__file__).resolve().parent
 MIXTRAL = preset_config("mixtral-8x7b")
 GPT_OSS = HERE / "data" / "tiny-gpt-oss"
-GPT_OSS_REF = HERE / "reference" / "data" / "tiny-gpt-oss"
 
 
 def _eps(m) -> list[int]:
@@ -154,11 +153,7 @@ def test_scan_mode_runs_expert_parallel():
 
 @pytest.fixture(scope="module")
 def oss_ref():
-    meta = json.loads(GPT_OSS_REF.with_suffix(".json").read_text(encoding="utf-8"))
-    with np.load(GPT_OSS_REF.with_suffix(".npz")) as npz:
-        logits = [np.asarray(npz[f"logits_{i}"], np.float32) for i in range(len(meta["prompts"]))]
-    return {"input_ids": [p["input_ids"] for p in meta["prompts"]],
-            "greedy": [p["greedy_ids"] for p in meta["prompts"]], "logits": logits}
+    return load_gpt_oss_reference()
 
 
 @pytest.mark.parametrize("tp, ep", [(2, 2), (4, 2)])

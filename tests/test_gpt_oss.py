@@ -10,22 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference.moe_data import load_gpt_oss_reference
 
 import jaxmap
 
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE / "data" / "tiny-gpt-oss"
-REF = HERE / "reference" / "data" / "tiny-gpt-oss"
 LAYOUTS = {"one": dict(devices="0", tp=1), "tp2": dict(tp=2, pp=1), "pp2": dict(pp=2, tp=1)}
 
 
 @pytest.fixture(scope="module")
 def ref():
-    meta = json.loads(REF.with_suffix(".json").read_text(encoding="utf-8"))
-    with np.load(REF.with_suffix(".npz")) as npz:
-        logits = [np.asarray(npz[f"logits_{i}"], np.float32) for i in range(len(meta["prompts"]))]
-    return {"input_ids": [p["input_ids"] for p in meta["prompts"]],
-            "greedy": [p["greedy_ids"] for p in meta["prompts"]], "logits": logits}
+    return load_gpt_oss_reference()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,15 @@ def load_moe_reference(name: str) -> dict[str, Any]:
             "margins": [p["greedy_margins"] for p in meta["prompts"]], "logits": logits, "meta": meta}
 
 
+def load_gpt_oss_reference() -> dict[str, Any]:
+    """tiny-gpt-oss's transformers reference (make_tiny_gpt_oss.py): ``input_ids``, ``greedy``, ``logits``."""
+    meta = json.loads((DATA_DIR / "tiny-gpt-oss.json").read_text(encoding="utf-8"))
+    with np.load(DATA_DIR / "tiny-gpt-oss.npz") as npz:
+        logits = [np.asarray(npz[f"logits_{i}"], np.float32) for i in range(len(meta["prompts"]))]
+    return {"input_ids": [p["input_ids"] for p in meta["prompts"]],
+            "greedy": [p["greedy_ids"] for p in meta["prompts"]], "logits": logits}
+
+
 # Hugging Face per-expert / per-layer names -> llama.cpp's (convert_hf_to_gguf.py's tensor map)
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
