@@ -84,11 +84,13 @@ def _spawn(spec: dict, label: str) -> dict:
 
 def run_candidates(model: str | None, candidates: list[Candidate], *, workload: list[tuple[int, int]],
                    new_tokens: int, repeats: int, max_seq_len: int, quality_tokens: int, max_kl: float,
-                   budget_s: float | None, progress: bool = True) -> tuple[list[dict], str | None]:
+                   budget_s: float | None, progress: bool = True,
+                   work_dir: str | Path | None = None) -> tuple[list[dict], str | None]:
     """Run the reference, then each fitting candidate until the budget is spent. Returns one row per candidate
-    (``verdict``: chosen, rejected, failed, refused or not tried) and the chosen one's plan file (a temporary path
-    the caller copies), or None when none passed."""
-    work = Path(tempfile.mkdtemp(prefix="jaxmap-tune-"))
+    (``verdict``: chosen, rejected, failed, refused or not tried) and the chosen one's plan file (in ``work_dir``,
+    where the reference logits and every candidate's plan are written: the caller copies the plan and removes the
+    folder; a new temporary folder when None), or None when none passed."""
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="jaxmap-tune-"))
     base = {"model": model, "max_seq_len": max_seq_len, "workload": workload, "new_tokens": new_tokens,
             "repeats": repeats, "quality_tokens": quality_tokens, "reference": str(work / "reference.npy")}
     t0 = time.perf_counter()

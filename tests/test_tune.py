@@ -58,7 +58,7 @@ def test_candidates_the_planner_refuses_are_kept_with_its_reason():
     assert all(c.refused and "needs 4 devices" in c.refused for c in two)
 
 
-def test_budget_stops_starting_candidates(monkeypatch):
+def test_budget_stops_starting_candidates(monkeypatch, tmp_path):
     """Past --budget no candidate starts (the table says so); the reference's time counts."""
     import jaxmap.tuning as tuning
 
@@ -74,7 +74,8 @@ def test_budget_stops_starting_candidates(monkeypatch):
     cands = [Candidate("float32", isq, "unrolled", 1, 1) for isq in ("Q4K", "none", "Q8_0")]
     cands.append(Candidate("float32", "none", "scan", 3, 1, refused="no"))
     rows, plan = tuning.run_candidates(None, cands, workload=[(8, 1)], new_tokens=4, repeats=1, max_seq_len=64,
-                                       quality_tokens=16, max_kl=0.05, budget_s=25.0, progress=False)
+                                       quality_tokens=16, max_kl=0.05, budget_s=25.0, progress=False,
+                                       work_dir=tmp_path)
     assert [r["verdict"] for r in rows] == ["rejected", "chosen", "not tried", "refused"]
     assert "--budget 25 s spent" in rows[2]["why"] and plan.endswith("plan-1.yaml")
 

@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from jaxmap.cli.common import LAYER_MODES, guarded, read_model_facts, setup_logging
@@ -85,12 +86,13 @@ def run(args) -> int:
     fixed = {"dtype": args.dtype, "isq": args.isq, "layer_mode": args.layer_mode, "tp": args.tp, "pp": args.pp}
     candidates = enumerate_candidates(facts.config, Hardware.from_jax(), fixed, isqs, gguf, args.max_seq_len,
                                       stored_bytes=facts.stored, native_types=facts.types)
-    rows, plan = run_candidates(args.model, candidates, workload=workload, new_tokens=args.new_tokens,
-                                repeats=args.repeats, max_seq_len=args.max_seq_len,
-                                quality_tokens=args.quality_tokens, max_kl=args.max_kl, budget_s=args.budget,
-                                progress=not args.quiet and not args.json)
-    if plan is not None and args.save_plan:
-        shutil.copyfile(plan, args.save_plan)
+    with tempfile.TemporaryDirectory(prefix="jaxmap-tune-") as work:  # reference logits, candidates' plans
+        rows, plan = run_candidates(args.model, candidates, workload=workload, new_tokens=args.new_tokens,
+                                    repeats=args.repeats, max_seq_len=args.max_seq_len,
+                                    quality_tokens=args.quality_tokens, max_kl=args.max_kl, budget_s=args.budget,
+                                    progress=not args.quiet and not args.json, work_dir=work)
+        if plan is not None and args.save_plan:
+            shutil.copyfile(plan, args.save_plan)
     for r in rows:
         r.pop("plan", None)
     if args.json:
