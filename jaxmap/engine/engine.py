@@ -230,10 +230,7 @@ class Engine:
         def layer(p, x, k_cache, v_cache, start, ctx, layer_design=design):
             x, k_cache, v_cache = layers.decoder_layer(p, x, k_cache, v_cache, start, ctx, shape.attend_len, config,
                                                        layer_design, history=shape.history)
-            # the cache keeps the sharding it came in with: left to propagation, an expert-parallel layer's 2-D
-            # expert mesh (ep x tp/ep over the same devices) can make XLA pick one the stage's 1-D mesh cannot hold
-            if len(stage.cache_sharding.device_set) > 1:
-                k_cache, v_cache = jax.lax.with_sharding_constraint((k_cache, v_cache), stage.cache_sharding)
+            (k_cache, v_cache), = scan_stage.pin_caches([(k_cache, v_cache)], stage)  # as they came in (ep)
             return x, k_cache, v_cache
 
         def leave(params, x, start, last_index, seen, values, key):

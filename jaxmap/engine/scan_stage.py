@@ -226,9 +226,9 @@ def run_layers(layout: ScanLayout, seg_params: Sequence[tuple], caches: Sequence
 
 
 def pin_caches(caches: Sequence[tuple], stage) -> list:
-    """The stage's new KV buffers constrained to the shardings they were made with (stacks: the stacked one): on a
-    multi-device stage an expert-parallel layer's 2-D expert mesh can otherwise make XLA pick a cache sharding the
-    stage's 1-D mesh cannot express."""
+    """The stage's new KV buffers constrained to the shardings they were made with (a scan's stacks: the stacked
+    one), for every layer mode: on a multi-device stage an expert-parallel layer's 2-D expert mesh (ep x tp/ep over
+    the same devices) can otherwise make XLA pick a cache sharding the stage's 1-D mesh cannot express."""
     if len(stage.cache_sharding.device_set) < 2:
         return list(caches)
     stacked = _stacked_sharding(stage.cache_sharding)
