@@ -22,6 +22,8 @@ from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
 from jaxmap.families import family_of, preset_config
 from jaxmap.loading import default_model_path, open_source
+from jaxmap.loading.harmony import check_reasoning_effort
+from jaxmap.loading.harmony import parse as parse_harmony
 from jaxmap.loading.imatrix_file import Imatrix
 from jaxmap.loading.packaged import PACKAGED, packaged_model_path
 from jaxmap.loading.random_source import RandomSource
@@ -55,9 +57,13 @@ class GenerationResult:
     text: str
     finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (max_seq_len reached)
     stats: GenerationStats
+    #: harmony chat replies (gpt-oss with chat=True) only: ``text`` is then the final channel, ``reasoning`` the
+    #: analysis channel and ``tool_calls`` the messages addressed to a tool ([{"name", "arguments"}])
+    reasoning: str | None = None
+    tool_calls: list[dict] | None = None
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "prompt": self.prompt,
             "prompt_ids": self.prompt_ids,
             "token_ids": self.token_ids,
@@ -65,6 +71,10 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "stats": dataclasses.asdict(self.stats),
         }
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
+            out["tool_calls"] = self.tool_calls
+        return out
 
 
 class Model:
@@ -89,11 +99,18 @@ class Model:
         return self.engine.dtype
 
     # ---- text in, text out ------------------------------------------------------------------------------------------
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode(self, prompt: str, chat: bool = False, reasoning_effort: str | None = None) -> list[int]:
+        """Token ids of ``prompt``; with ``chat`` wrapped in the chat template as one user message.
+        ``reasoning_effort`` (low, medium, high) goes to templates that read it (harmony, gpt-oss's)."""
         if self.tokenizer is None:
             raise UserError(f"{self.source_path} has no tokenizer; pass token ids instead of text")
+        if reasoning_effort is not None and not chat:
+            raise UserError("a reasoning effort needs the chat template: pass --chat (chat=True) too")
         if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            extra = {}
+            if check_reasoning_effort(reasoning_effort, self.tokenizer.chat_template) is not None:
+                extra["reasoning_effort"] = reasoning_effort
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **extra)
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         return self.tokenizer.encode(prompt)
 
@@ -111,11 +128,14 @@ class Model:
         chat: bool = False,
         stop_at_eos: bool = True,
         on_token: Callable[[int, int], None] | None = None,
+        reasoning_effort: str | None = None,
         **sampling_kwargs,
     ) -> list[GenerationResult]:
         """Generate for a batch of prompts (text, or lists of token ids) of any lengths; one result per prompt.
 
-        ``on_token(row, token_id)`` is called for every generated token as soon as it reaches the host.
+        ``on_token(row, token_id)`` is called for every generated token as soon as it reaches the host. With
+        ``chat`` on a harmony model (gpt-oss), each result's text is the reply's final channel and ``reasoning``
+        its analysis channel; ``reasoning_effort`` (low, medium, high) goes to the chat template.
         """
         if sampling is not None and sampling_kwargs:
             raise UserError(f"pass either sampling= or sampling keywords ({', '.join(sampling_kwargs)}), not both")
@@ -131,7 +151,7 @@ class Model:
         for p in _prompt_list(prompts):
             if isinstance(p, str):
                 texts.append(p)
-                batch_ids.append(self.encode(p, chat=chat))
+                batch_ids.append(self.encode(p, chat=chat, reasoning_effort=reasoning_effort))
             else:
                 texts.append(None)
                 batch_ids.append(_token_ids(p))
@@ -139,10 +159,16 @@ class Model:
             log.warning("chat=True formats text prompts only; token-id prompts are used as given")
         rows, stats = self._generate_ids(batch_ids, max_new_tokens, sampling, stop_at_eos, on_token)
         results = []
+        harmony = chat and self.tokenizer is not None and self.tokenizer.harmony
         for text, ids, (tokens, reason) in zip(texts, batch_ids, rows, strict=True):
             decoded = self.tokenizer.decode(tokens) if self.tokenizer is not None else ""
             row_stats = dataclasses.replace(stats, prompt_tokens=len(ids), generated_tokens=len(tokens))
-            results.append(GenerationResult(text, ids, tokens, decoded, reason, row_stats))
+            result = GenerationResult(text, ids, tokens, decoded, reason, row_stats)
+            if harmony and text is not None:
+                reply = parse_harmony(self.tokenizer.decode(tokens, skip_special_tokens=False))
+                result.text, result.reasoning = reply.content, reply.reasoning
+                result.tool_calls = [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+            results.append(result)
         return results
 
     # ---- token ids in, token ids out -------------------------------------------------------------------------------

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a prompt (repeat for a batch); read from standard input when absent")
     add_sampling_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
+                        help="with --chat on a harmony model (gpt-oss): the 'Reasoning:' level its template puts in "
+                             "the system message (the template's default is medium); refused for other templates")
+    parser.add_argument("--show-reasoning", action="store_true",
+                        help="with --chat on a harmony model: also print the analysis channel (the model's "
+                             "reasoning), to standard error, dimmed on a terminal; by default only the final answer "
+                             "is printed")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt (prompt, token_ids, text, stats) instead of text")
     return parser
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxmap.engine.compile_cache import enable_compile_cache
     from jaxmap.engine.program_store import enable_program_store
     from jaxmap.engine.sampling import SamplingParams
+    from jaxmap.loading.harmony import Delta, HarmonyStream
 
     log.debug("import phase: %.2f s (jax and jaxmap's engine)", time.perf_counter() - t_import)
     prompts = read_prompts(args.prompt)
@@ -65,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     check_type_flags(args.dtype, args.isq)
-    check_tokenizer(args.model, args.chat)
+    if args.reasoning_effort is not None and not args.chat:
+        raise UserError("--reasoning-effort needs --chat (it is a setting of the chat template)")
+    check_tokenizer(args.model, args.chat, args.reasoning_effort)
     enable_compile_cache()
     enable_program_store()
     batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
@@ -77,26 +87,56 @@ def run(args: argparse.Namespace) -> int:
                  imatrix=args.imatrix, prefill_chunk=args.prefill_chunk, **expert_wish(args))
 
     stream = not args.json and len(prompts) == 1
-    decoder = model.tokenizer.stream_decoder() if stream else None
+    harmony = args.chat and model.tokenizer.harmony
+    decoder = model.tokenizer.stream_decoder() if stream and not harmony else None
+    channels = HarmonyStream(model.tokenizer) if stream and harmony else None
 
     def on_token(row: int, token: int) -> None:
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
+        if channels is not None:
+            show_reply(channels.push(token), args.show_reasoning)
+        else:
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
 
     results = model.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, chat=args.chat,
-                             stop_at_eos=not args.ignore_eos, on_token=on_token if stream else None)
+                             stop_at_eos=not args.ignore_eos, on_token=on_token if stream else None,
+                             reasoning_effort=args.reasoning_effort)
     if args.json:
         for result in results:
             print(json.dumps(result.to_json(), ensure_ascii=False))
     elif stream:
-        sys.stdout.write(decoder.flush() + "\n")
+        if channels is not None:
+            show_reply(channels.finish(), args.show_reasoning)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(decoder.flush() + "\n")
     else:
         for i, result in enumerate(results):
             print(f"--- prompt {i + 1}: {result.prompt!r}")
-            print(result.text)
+            if harmony:
+                show_reply(Delta(result.reasoning or "", result.text), args.show_reasoning)
+                for call in result.tool_calls or ():
+                    print(f"[tool call {call['name']}: {call['arguments']}]")
+                print()
+            else:
+                print(result.text)
     if not args.json and not args.quiet:
         print(format_stats(results[0].stats if len(results) == 1 else _batch_stats(results)), file=sys.stderr)
     return 0
+
+
+def show_reply(delta, show_reasoning: bool) -> None:
+    """A harmony reply's pieces: the final channel to standard output, the reasoning to standard error (dimmed on
+    a terminal) when asked for, tool calls as one bracketed line each."""
+    if show_reasoning and delta.reasoning:
+        dim = sys.stderr.isatty()
+        sys.stderr.write(("\x1b[2m" if dim else "") + delta.reasoning + ("\x1b[0m" if dim else ""))
+        sys.stderr.flush()
+    if delta.content:
+        sys.stdout.write(delta.content)
+    for call in getattr(delta, "tool_calls", ()):
+        sys.stdout.write(f"\n[tool call {call.name}: {call.arguments}]\n")
+    sys.stdout.flush()
 
 
 def read_prompts(given: list[str] | None) -> list[str]:
@@ -129,10 +169,11 @@ def check_type_flags(dtype: str | None, isq: str | None) -> None:
         parse_isq(isq)
 
 
-def check_tokenizer(model, chat: bool) -> None:
-    """Text prompts need a tokenizer, and --chat its template: known from the source's small files, so say so
-    before the weights load rather than after."""
+def check_tokenizer(model, chat: bool, reasoning_effort: str | None = None) -> None:
+    """Text prompts need a tokenizer, --chat its template, and --reasoning-effort a template that reads it: known
+    from the source's small files, so say so before the weights load rather than after."""
     from jaxmap.api import resolve_source
+    from jaxmap.loading.harmony import check_reasoning_effort
 
     source = resolve_source(model)
     try:
@@ -143,6 +184,7 @@ def check_tokenizer(model, chat: bool) -> None:
             raise UserError(f"{source.path} has no tokenizer, so text prompts cannot be encoded ({how})")
         if chat and not tokenizer.chat_template:
             raise UserError(f"{source.path} has no chat template: drop --chat")
+        check_reasoning_effort(reasoning_effort, tokenizer.chat_template)
     finally:
         source.close()
 

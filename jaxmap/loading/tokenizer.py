@@ -17,6 +17,7 @@ from typing import Any
 import tokenizers
 
 from jaxmap.errors import UserError
+from jaxmap.loading import harmony
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -36,6 +37,11 @@ class Tokenizer:
     ):
         self.inner = inner
         self.bos_token_id = bos_token_id
+        #: speaks OpenAI's harmony chat format (gpt-oss): has its special tokens (see :mod:`jaxmap.loading.harmony`)
+        self.harmony = harmony.is_harmony(inner)
+        # harmony's turn-ending tokens stop generation too (gpt-oss's generation_config lists <|return|>, not
+        # <|call|>); appended, so the first eos (the template's ``eos_token``, the default pad) stays as declared
+        eos_token_ids = [*eos_token_ids, *harmony.stop_token_ids(inner)]
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
         self.pad_token_id = pad_token_id if pad_token_id is not None else (
             self.eos_token_ids[0] if self.eos_token_ids else None)

@@ -19,9 +19,10 @@ from starlette.routing import Route
 
 from jaxmap.engine.sampling import SamplingParams
 from jaxmap.errors import UserError
+from jaxmap.loading.harmony import check_reasoning_effort
 from jaxmap.serving.batcher import Batcher, QueueFull, Request
 from jaxmap.serving.metrics import Metrics
-from jaxmap.serving.text import ThinkSplitter
+from jaxmap.serving.text import HarmonySplitter, ThinkSplitter
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p"
           "repetition_penalty", "ignore_eos", "stream", "stream_options", "n", "user", "presence_penalty",
           "frequency_penalty"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
-CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice"}
+CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "reasoning_effort"}
 MAX_CHOICES = 16  # n x prompts in one request: each choice takes a batch slot
 NO_OP = {"presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None),
          "tools": ([], None), "tool_choice": ("none", "auto", None)}
@@ -127,11 +128,16 @@ class Server:
         choices = []
         for job, (text, logprobs, done) in zip(jobs, results, strict=True):
             if chat:
-                reasoning, content = ThinkSplitter().push(text, final=True)
+                splitter = self._splitter()
+                reasoning, content = splitter.push(text, final=True)
                 message = {"role": "assistant", "content": content}
                 if reasoning:
                     message["reasoning_content"] = reasoning
-                choices.append({"index": job.index, "message": message, "finish_reason": done["finish_reason"],
+                finish = done["finish_reason"]
+                if getattr(splitter, "new_calls", None):
+                    message["tool_calls"] = [_tool_call(c) for c in splitter.new_calls]
+                    finish = "tool_calls" if finish == "stop" else finish
+                choices.append({"index": job.index, "message": message, "finish_reason": finish,
                                 "logprobs": self._chat_logprobs(logprobs) if job.logprobs is not None else None})
             else:
                 choices.append({"index": job.index, "text": text, "finish_reason": done["finish_reason"],
@@ -161,7 +167,7 @@ class Server:
         return [("".join(t), lp, f) for t, lp, f in zip(texts, logprobs, finals, strict=True)]
 
     async def _stream(self, jobs: list[Request], events, meta: dict, chat: bool, include_usage: bool):
-        splitters = [ThinkSplitter() for _ in jobs] if chat else None
+        splitters = [self._splitter() for _ in jobs] if chat else None
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def data(choice: dict) -> str:
@@ -170,12 +176,20 @@ class Server:
         def chunk(k: int, piece: str, finish=None, final=False, logprob=None):
             job = jobs[k]
             if chat:
-                reasoning, content = splitters[k].push(piece, final=final)
+                splitter = splitters[k]
+                reasoning, content = splitter.push(piece, final=final)
                 delta = {}
                 if reasoning:
                     delta["reasoning_content"] = reasoning
                 if content or not delta:
                     delta["content"] = content
+                calls = getattr(splitter, "new_calls", None)
+                if calls:
+                    seen = getattr(splitter, "calls_sent", 0)
+                    delta["tool_calls"] = [{"index": seen + i, **_tool_call(c)} for i, c in enumerate(calls)]
+                    splitter.calls_sent = seen + len(calls)
+                if finish == "stop" and getattr(splitter, "any_calls", False):
+                    finish = "tool_calls"
                 return data({"index": job.index, "delta": delta, "finish_reason": finish,
                              "logprobs": self._chat_logprobs([logprob]) if logprob else None})
             return data({"index": job.index, "text": piece, "finish_reason": finish,
@@ -293,7 +307,11 @@ class Server:
             if want is True:
                 logprobs = top or 0
             try:
-                prompt = tokenizer.apply_chat_template(messages)
+                effort = check_reasoning_effort(body.get("reasoning_effort"), tokenizer.chat_template)
+            except UserError as exc:
+                raise ApiError(400, str(exc), param="reasoning_effort") from None
+            try:
+                prompt = tokenizer.apply_chat_template(messages, **({"reasoning_effort": effort} if effort else {}))
                 prompts = [tokenizer.encode(prompt, add_special_tokens=False)]
             except UserError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
@@ -329,8 +347,9 @@ class Server:
             raise ApiError(400, f"the prompt ({longest} tokens) plus {field} ({max_tokens}) exceeds this server's "
                                 f"context of {context} tokens", param=field, code="context_length_exceeded")
         settings = self._settings(body)
+        keep = chat and tokenizer.harmony  # the reply's channel markers are parsed, not dropped
         return [Request(list(ids), max_tokens, emit=lambda ev: None, logprobs=logprobs, echo=echo, index=i * n + j,
-                        copy=j, **settings) for i, ids in enumerate(prompts) for j in range(n)]
+                        copy=j, keep_special=keep, **settings) for i, ids in enumerate(prompts) for j in range(n)]
 
     def _check_prompt(self, ids: list[int], context: int, vocab: int, chat: bool) -> None:
         if not ids:
@@ -363,8 +382,19 @@ class Server:
             raise ApiError(400, "stream_options must be an object", param="stream_options")
         return {"sampling": sampling, "stop": stop, "ignore_eos": body.get("ignore_eos", False)}
 
+    def _splitter(self):
+        """How a chat reply splits into reasoning and content: harmony's channels for a tokenizer with harmony's
+        special tokens (gpt-oss), Qwen3's ``<think>`` block otherwise."""
+        return HarmonySplitter() if self.model.tokenizer.harmony else ThinkSplitter()
+
     def _status(self, status: int) -> None:
         self.metrics.requests[status] = self.metrics.requests.get(status, 0) + 1
+
+
+def _tool_call(call) -> dict:
+    """A harmony tool call in OpenAI's shape."""
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _prompts(prompt, tokenizer) -> list[list[int]]:

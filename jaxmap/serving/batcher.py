@@ -56,6 +56,7 @@ class Request:
     echo: bool = False  # also score the prompt: an event with each prompt token's log-probability first
     index: int = 0  # the choice's index in its response
     copy: int = 0  # which of the request's ``n`` copies of its prompt (sampling draws its own stream for each)
+    keep_special: bool = False  # text keeps special tokens (a harmony chat reply, split into channels afterwards)
     cancelled: bool = False
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -272,7 +273,7 @@ class Batcher:
         if request.sampling.repetition_penalty != 1.0:
             seen = np.zeros(self.model.config.vocab_size, bool)
             seen[ids] = True
-        slot = _Slot(request, TextTracker(self.model.tokenizer, request.stop), pos=n, last=0,
+        slot = _Slot(request, TextTracker(self.model.tokenizer, request.stop, request.keep_special), pos=n, last=0,
                      rng=np.random.default_rng(request.sampling.seed if request.copy == 0
                                                else [request.sampling.seed, request.copy]),
                      seen=seen, cached=pf.cached)

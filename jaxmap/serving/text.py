@@ -3,12 +3,15 @@ strings applied on that text, and the part that is safe to send (no half charact
 
 from __future__ import annotations
 
+from jaxmap.loading.harmony import HarmonyParser
+
 _REPLACEMENT = "\ufffd"
 
 
 class TextTracker:
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], keep_special: bool = False):
         self._tok = tokenizer
+        self._skip = not keep_special  # harmony replies keep their <|channel|>... markers for HarmonySplitter
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""
@@ -18,7 +21,7 @@ class TextTracker:
     def push(self, token_id: int) -> str:
         """Add one id; return the new text that is safe to send (empty while held back)."""
         self.ids.append(int(token_id))
-        self.text = self._tok.decode(self.ids) if self._tok is not None else ""
+        self.text = self._tok.decode(self.ids, skip_special_tokens=self._skip) if self._tok is not None else ""
         for s in self.stop:
             at = self.text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
@@ -81,6 +84,22 @@ class ThinkSplitter:
             content += self._buf
             self._buf = ""
             return reasoning, content
+
+
+class HarmonySplitter:
+    """ThinkSplitter's counterpart for harmony replies (gpt-oss; text with its special tokens kept): the analysis
+    channel is reasoning, the final channel content; ``new_calls`` holds the tool calls the last push completed."""
+
+    def __init__(self):
+        self._parser = HarmonyParser()
+        self.new_calls: list = []
+        self.any_calls = False
+
+    def push(self, piece: str, final: bool = False) -> tuple[str, str]:
+        delta = self._parser.push(piece, final=final)
+        self.new_calls = delta.tool_calls
+        self.any_calls = self.any_calls or bool(delta.tool_calls)
+        return delta.reasoning, delta.content
 
 
 def _partial_suffix(text: str, tag: str) -> int:
