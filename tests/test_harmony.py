@@ -167,7 +167,7 @@ def test_stream_over_token_ids(tok):
 def model(folder):
     import jaxmap
 
-    return jaxmap.load(str(folder), dtype="float32", max_seq_len=512, max_batch_size=2, progress=False,
+    return jaxmap.load(str(folder), dtype="float32", max_seq_len=1024, max_batch_size=2, progress=False,
                        devices="0", tp=1)
 
 
@@ -279,7 +279,7 @@ def main(run_main):
 def test_cli(folder, model, main, stopping):
     prompt, (_, cut, reply) = stopping
     out = main("--model", folder, "--dtype", "float32", "--devices", "0", "--tp", "1", "--chat", "-p", prompt,
-               "--max-new-tokens", NEW, "--max-seq-len", 512, "-q", "--show-reasoning", "--reasoning-effort",
+               "--max-new-tokens", NEW, "--max-seq-len", 1024, "-q", "--show-reasoning", "--reasoning-effort",
                "medium")
     assert out.returncode == 0, out.stderr
     assert out.stdout == reply.content + "".join(f"\n[tool call {c.name}: {c.arguments}]\n"
@@ -291,3 +291,30 @@ def test_cli(folder, model, main, stopping):
                  ("--model", DATA / "tiny-qwen3", "--chat", "-p", "hi", "--reasoning-effort", "low")):
         bad = main(*args)
         assert bad.returncode == 2 and bad.stderr.count("error:") == 1, bad.stderr
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "description": "the city"}},
+                                                "required": ["city"]}}}
+
+
+def test_server_tools_and_tool_turns_reach_the_template(model, served):
+    from jaxmap.loading.harmony import template_messages, template_tools
+
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    text = model.tokenizer.apply_chat_template(template_messages(messages), tools=template_tools([WEATHER]))
+    assert "namespace functions {\n\n// Weather in a city\ntype get_weather = (_: {\n// the city\ncity: string" in text
+    assert ('<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}'
+            '<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"sunny"<|end|>') in text
+    r = _post(served, {"messages": messages, "tools": [WEATHER], "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(model.tokenizer.encode(text, add_special_tokens=False))
+    r = _post(served, {"messages": messages[:1], "tools": [{"type": "function", "function": {}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    r = _post(served, {"messages": [{"role": "user", "content": None}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

@@ -236,3 +236,61 @@ class HarmonyStream:
 
     def finish(self) -> Delta:
         return self.parser.push(self.decoder.flush(), final=True)
+
+
+# ---- OpenAI-style requests -> the template's inputs ------------------------------------------------------------------
+def template_tools(tools) -> list[dict]:
+    """OpenAI's ``tools`` (``[{"type": "function", "function": {"name", "description", "parameters"}}]``) as
+    gpt-oss's template reads them; a malformed entry is a :class:`UserError`."""
+    if not isinstance(tools, list):
+        raise UserError("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    out = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise UserError("each tool needs type \"function\" and a function with a name")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise UserError(f"tool {fn['name']!r}: parameters must be a JSON schema object")
+        out.append({"type": "function", "function": {"name": fn["name"], "description": fn.get("description") or "",
+                                                      "parameters": params or {}}})
+    return out
+
+
+def template_messages(messages: list) -> list[dict]:
+    """Chat messages as gpt-oss's template reads them: an assistant turn may carry ``tool_calls`` (content then
+    optional; each call's JSON ``arguments`` string decoded, the template encodes it again) and a ``tool`` turn
+    answers the call before it. Every message needs a string role; content must be a string unless the message is
+    an assistant's tool call."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise UserError("each message needs a string role and a string content")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        content = m.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
+            raise UserError("each message needs a string role and a string content")
+        msg = {"role": m["role"], "content": content or ""} if isinstance(content, str) or not calls \
+            else {"role": m["role"]}
+        if calls:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      and isinstance(c["function"].get("name"), str) for c in calls):
+                raise UserError("an assistant's tool_calls must be [{\"function\": {\"name\", \"arguments\"}}]")
+            msg["tool_calls"] = [{"type": "function", "function": {"name": c["function"]["name"],
+                                                                    "arguments": _json_or_text(
+                                                                        c["function"].get("arguments", "{}"))}}
+                                 for c in calls]
+        out.append(msg)
+    return out
+
+
+def _json_or_text(value):
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from jaxmap.engine.sampling import SamplingParams
 from jaxmap.errors import UserError
-from jaxmap.loading.harmony import check_reasoning_effort
+from jaxmap.loading.harmony import check_reasoning_effort, template_messages, template_tools
 from jaxmap.serving.batcher import Batcher, QueueFull, Request
 from jaxmap.serving.metrics import Metrics
 from jaxmap.serving.text import HarmonySplitter, ThinkSplitter
@@ -277,7 +277,11 @@ class Server:
         for field in body:
             if field not in allowed:
                 raise ApiError(400, f"field {field!r} is not supported by jaxmap", param=field)
+        tokenizer = self.model.tokenizer
+        harmony = chat and tokenizer is not None and tokenizer.harmony
         for field, ok in NO_OP.items():
+            if field == "tools" and harmony:
+                continue  # harmony models take tools: their calls come back as tool_calls
             if field in body and body[field] not in ok:
                 raise ApiError(400, f"field {field!r} is supported only at its default ({ok[0]!r})", param=field)
         model = body.get("model")
@@ -292,9 +296,14 @@ class Server:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "messages must be a non-empty list", param="messages")
+            extra = {}
+            if harmony:  # assistant tool calls and tool results are messages too; tools go to the template
+                messages = _or_400(template_messages, messages, param="messages")
+                if body.get("tools") and body.get("tool_choice") != "none":
+                    extra["tools"] = _or_400(template_tools, body["tools"], param="tools")
             for m in messages:
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                        or not isinstance(m.get("content"), str):
+                        or not (isinstance(m.get("content"), str) or harmony and m.get("tool_calls")):
                     raise ApiError(400, "each message needs a string role and a string content", param="messages")
             want, top = body.get("logprobs"), body.get("top_logprobs")
             if want not in (None, False, True):
@@ -310,8 +319,10 @@ class Server:
                 effort = check_reasoning_effort(body.get("reasoning_effort"), tokenizer.chat_template)
             except UserError as exc:
                 raise ApiError(400, str(exc), param="reasoning_effort") from None
+            if effort:
+                extra["reasoning_effort"] = effort
             try:
-                prompt = tokenizer.apply_chat_template(messages, **({"reasoning_effort": effort} if effort else {}))
+                prompt = tokenizer.apply_chat_template(messages, **extra)
                 prompts = [tokenizer.encode(prompt, add_special_tokens=False)]
             except UserError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
@@ -389,6 +400,13 @@ class Server:
 
     def _status(self, status: int) -> None:
         self.metrics.requests[status] = self.metrics.requests.get(status, 0) + 1
+
+
+def _or_400(fn, value, param: str):
+    try:
+        return fn(value)
+    except UserError as exc:
+        raise ApiError(400, str(exc), param=param) from None
 
 
 def _tool_call(call) -> dict:
