@@ -318,3 +318,32 @@ def test_server_tools_and_tool_turns_reach_the_template(model, served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     r = _post(served, {"messages": [{"role": "user", "content": None}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_stream_shapes_tool_calls(model):
+    """The server's SSE shaping of a harmony reply with a tool call: the reply's text is hand-written and fed as
+    the batcher's token events (the random model does not write one), everything after that is the server's."""
+    import asyncio
+
+    from jaxmap.serving.app import Server
+    from jaxmap.serving.batcher import Request
+
+    server = Server(model, "tiny-gpt-oss", 1)
+    job = Request([1], 10, sampling=None, stop=[], emit=lambda ev: None, keep_special=True)
+    pieces = _split(TOOL_CALL[:-len("<|call|>")], [5, 17, 40, 41, 90, 120])  # <|call|> itself ends generation
+
+    async def run():
+        events: asyncio.Queue = asyncio.Queue()
+        for piece in pieces:
+            events.put_nowait((0, {"type": "token", "token": 0, "text": piece, "logprob": None}))
+        events.put_nowait((0, {"type": "done", "finish_reason": "stop", "text": ""}))
+        return [c async for c in server._stream([job], events, {"id": "x", "created": 0, "model": "m"}, True, False)]
+
+    chunks = [json.loads(c[6:]) for c in asyncio.run(run()) if c.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Need the weather."
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    [call] = [t for d in deltas for t in d.get("tool_calls", [])]
+    assert call["index"] == 0 and call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"location": "Tokyo"}'}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
