@@ -172,7 +172,7 @@ def model(folder):
 
 
 NEW = 80
-PROMPTS = ["What is 2+2?", "Hi", "Tell me a story", "x", "Why is the sky blue?"]
+PROMPTS = ["What is 2+2?", "Hi", "Tell me a story", "x", "Why is the sky blue?", "Name a colour", "ok", "2+2?"]
 
 
 def _reference(model, prompt: str, effort: str | None = None):
@@ -188,8 +188,13 @@ def _reference(model, prompt: str, effort: str | None = None):
 def stopping(model):
     """A prompt whose greedy reply hits a stop token within NEW tokens when there is one (the template's date
     changes the prompt daily), else the first."""
-    refs = [(p, _reference(model, p)) for p in PROMPTS]
-    return next(((p, r) for p, r in refs if len(r[1]) < NEW), refs[0])
+    first = None
+    for p in PROMPTS:
+        ref = _reference(model, p)
+        first = first or (p, ref)
+        if len(ref[1]) < NEW:
+            return p, ref
+    return first
 
 
 def test_generate_api_splits_and_stops(model, stopping):
