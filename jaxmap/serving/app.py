@@ -134,7 +134,7 @@ class Server:
                 if reasoning:
                     message["reasoning_content"] = reasoning
                 finish = done["finish_reason"]
-                if getattr(splitter, "new_calls", None):
+                if splitter.new_calls:
                     message["tool_calls"] = [_tool_call(c) for c in splitter.new_calls]
                     finish = "tool_calls" if finish == "stop" else finish
                 choices.append({"index": job.index, "message": message, "finish_reason": finish,
@@ -183,12 +183,10 @@ class Server:
                     delta["reasoning_content"] = reasoning
                 if content or not delta:
                     delta["content"] = content
-                calls = getattr(splitter, "new_calls", None)
-                if calls:
-                    seen = getattr(splitter, "calls_sent", 0)
-                    delta["tool_calls"] = [{"index": seen + i, **_tool_call(c)} for i, c in enumerate(calls)]
-                    splitter.calls_sent = seen + len(calls)
-                if finish == "stop" and getattr(splitter, "any_calls", False):
+                if splitter.new_calls:
+                    delta["tool_calls"] = [{"index": splitter.calls_before + i, **_tool_call(c)}
+                                           for i, c in enumerate(splitter.new_calls)]
+                if finish == "stop" and splitter.any_calls:
                     finish = "tool_calls"
                 return data({"index": job.index, "delta": delta, "finish_reason": finish,
                              "logprobs": self._chat_logprobs([logprob]) if logprob else None})

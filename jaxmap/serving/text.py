@@ -53,6 +53,9 @@ class ThinkSplitter:
     of the reply is reasoning (Qwen3's thinking), the rest content."""
 
     OPEN, CLOSE = "<think>", "</think>"
+    new_calls: tuple = ()  # Qwen3's tool calls are not parsed (HarmonySplitter's are)
+    calls_before = 0
+    any_calls = False
 
     def __init__(self):
         self._buf = ""
@@ -88,15 +91,18 @@ class ThinkSplitter:
 
 class HarmonySplitter:
     """ThinkSplitter's counterpart for harmony replies (gpt-oss; text with its special tokens kept): the analysis
-    channel is reasoning, the final channel content; ``new_calls`` holds the tool calls the last push completed."""
+    channel is reasoning, the final channel content; ``new_calls`` holds the tool calls the last push completed,
+    ``calls_before`` how many came before them."""
 
     def __init__(self):
         self._parser = HarmonyParser()
         self.new_calls: list = []
+        self.calls_before = 0
         self.any_calls = False
 
     def push(self, piece: str, final: bool = False) -> tuple[str, str]:
         delta = self._parser.push(piece, final=final)
+        self.calls_before += len(self.new_calls)
         self.new_calls = delta.tool_calls
         self.any_calls = self.any_calls or bool(delta.tool_calls)
         return delta.reasoning, delta.content
