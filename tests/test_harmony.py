@@ -308,13 +308,14 @@ def test_server_tools_and_tool_turns_reach_the_template(model, served):
     from jaxmap.loading.harmony import template_messages, template_tools
 
     messages = [{"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": None, "tool_calls": [
+                {"role": "assistant", "content": None, "reasoning_content": "Need Paris.", "tool_calls": [
                     {"id": "call_1", "type": "function",
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     text = model.tokenizer.apply_chat_template(template_messages(messages), tools=template_tools([WEATHER]))
     assert "namespace functions {\n\n// Weather in a city\ntype get_weather = (_: {\n// the city\ncity: string" in text
-    assert ('<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}'
+    assert ('<|start|>assistant<|channel|>analysis<|message|>Need Paris.<|end|>'
+            '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}'
             '<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"sunny"<|end|>') in text
     r = _post(served, {"messages": messages, "tools": [WEATHER], "max_tokens": 1})
     assert r.status_code == 200, r.text

@@ -261,8 +261,9 @@ def template_tools(tools) -> list[dict]:
 def template_messages(messages: list) -> list[dict]:
     """Chat messages as gpt-oss's template reads them: an assistant turn may carry ``tool_calls`` (content then
     optional; each call's JSON ``arguments`` string decoded, the template encodes it again) and a ``tool`` turn
-    answers the call before it. Every message needs a string role; content must be a string unless the message is
-    an assistant's tool call."""
+    answers the call before it; a tool-calling assistant turn's ``reasoning_content`` goes back as the
+    template's ``thinking`` (its analysis, which harmony keeps in the prompt until the final answer).
+    Every message needs a string role; content must be a string unless the message is an assistant's tool call."""
     out = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -281,6 +282,9 @@ def template_messages(messages: list) -> list[dict]:
                                                                     "arguments": _json_or_text(
                                                                         c["function"].get("arguments", "{}"))}}
                                  for c in calls]
+            thinking = m.get("reasoning_content")
+            if isinstance(thinking, str) and thinking and not content:
+                msg["thinking"] = thinking  # the analysis before a tool call stays in the prompt (harmony's rule)
         out.append(msg)
     return out
 
