@@ -41,6 +41,7 @@ REPLIES = [
     "<|message|>{}<|call|>",
     "plain text, no harmony <|at all",
     "<|channel|>analysis<|message|>cut off mid-thou",
+    "plain " * 60 + "<|message|>then a marker<|end|>",
 ]
 
 
@@ -75,6 +76,8 @@ def test_not_harmony_is_content_not_lost():
     assert parse("plain text <|at all").content == "plain text <|at all"
     assert parse("<|channel|>analysis<|message|>half").reasoning == "half"
     assert parse("stray<|end|>after").content == "strayafter"
+    parser, long = HarmonyParser(), "no harmony here " * 20
+    assert parser.push(long).content == long  # streamed once it cannot be a header, not held to the end
 
 
 @pytest.mark.parametrize("header,want", [

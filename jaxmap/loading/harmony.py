@@ -31,6 +31,7 @@ MARKERS = (START, END, MESSAGE, CHANNEL, RETURN, CALL, CONSTRAIN)
 #: the tokens that end the assistant's turn (``<|return|>`` after a final answer, ``<|call|>`` after a tool call)
 STOP_TOKENS = (RETURN, CALL)
 REASONING_EFFORTS = ("low", "medium", "high")
+MAX_HEADER = 256  # characters of header text without <|message|> after which it is taken as plain content
 
 
 def is_harmony(tokenizer) -> bool:
@@ -151,6 +152,9 @@ class HarmonyParser:
             return
         if self._state == "header":
             self._header_text += text
+            if len(self._header_text) > MAX_HEADER:  # no header is this long: the model is not writing harmony
+                out.content += self._header_text
+                self._state, self._header_text = "between", ""
         elif self._state == "body":
             kind = self._route()
             if kind == "tool":
