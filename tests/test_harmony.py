@@ -293,6 +293,10 @@ def test_cli(folder, model, main, stopping):
     assert out.stdout == reply.content + "".join(f"\n[tool call {c.name}: {c.arguments}]\n"
                                                  for c in reply.tool_calls) + "\n"
     assert reply.reasoning in out.stderr
+    out = main("--model", folder, "--dtype", "float32", "--devices", "0", "--tp", "1", "--chat", "-p", prompt,
+               "--max-new-tokens", NEW, "--max-seq-len", 1024, "-q", "--json")
+    row = json.loads(out.stdout)
+    assert (row["text"], row["reasoning"], row["token_ids"]) == (reply.content, reply.reasoning, cut)
     bad = main("--model", folder, "--chat", "-p", "hi", "--reasoning-effort", "extreme")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     for args in (("--model", folder, "-p", "hi", "--reasoning-effort", "low"),

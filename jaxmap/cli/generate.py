@@ -90,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
     harmony = args.chat and model.tokenizer.harmony
     decoder = model.tokenizer.stream_decoder() if stream and not harmony else None
     channels = HarmonyStream(model.tokenizer) if stream and harmony else None
+    show_reply = ReplyPrinter(args.show_reasoning, args.quiet)
 
     def on_token(row: int, token: int) -> None:
         if channels is not None:
-            show_reply(channels.push(token), args.show_reasoning)
+            show_reply(channels.push(token))
         else:
             sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_json(), ensure_ascii=False))
     elif stream:
         if channels is not None:
-            show_reply(channels.finish(), args.show_reasoning)
+            show_reply(channels.finish())
             sys.stdout.write("\n")
         else:
             sys.stdout.write(decoder.flush() + "\n")
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         for i, result in enumerate(results):
             print(f"--- prompt {i + 1}: {result.prompt!r}")
             if harmony:
-                show_reply(Delta(result.reasoning or "", result.text), args.show_reasoning)
+                show_reply(Delta(result.reasoning or "", result.text))
                 for call in result.tool_calls or ():
                     print(f"[tool call {call['name']}: {call['arguments']}]")
                 print()
@@ -125,18 +126,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_reply(delta, show_reasoning: bool) -> None:
+class ReplyPrinter:
     """A harmony reply's pieces: the final channel to standard output, the reasoning to standard error (dimmed on
-    a terminal) when asked for, tool calls as one bracketed line each."""
-    if show_reasoning and delta.reasoning:
-        dim = sys.stderr.isatty()
-        sys.stderr.write(("\x1b[2m" if dim else "") + delta.reasoning + ("\x1b[0m" if dim else ""))
-        sys.stderr.flush()
-    if delta.content:
-        sys.stdout.write(delta.content)
-    for call in getattr(delta, "tool_calls", ()):
-        sys.stdout.write(f"\n[tool call {call.name}: {call.arguments}]\n")
-    sys.stdout.flush()
+    a terminal) when asked for, else one hint there that the model is reasoning (on a terminal, unless quiet); tool
+    calls as one bracketed line each."""
+
+    def __init__(self, show_reasoning: bool, quiet: bool):
+        self.show, self.hint = show_reasoning, not quiet and sys.stderr.isatty()
+
+    def __call__(self, delta) -> None:
+        if delta.reasoning and self.show:
+            dim = sys.stderr.isatty()
+            sys.stderr.write(("\x1b[2m" if dim else "") + delta.reasoning + ("\x1b[0m" if dim else ""))
+            sys.stderr.flush()
+        elif delta.reasoning and self.hint:
+            sys.stderr.write("(reasoning; --show-reasoning prints it)\n")
+            sys.stderr.flush()
+            self.hint = False
+        if delta.content:
+            sys.stdout.write(delta.content)
+        for call in getattr(delta, "tool_calls", ()):
+            sys.stdout.write(f"\n[tool call {call.name}: {call.arguments}]\n")
+        sys.stdout.flush()
 
 
 def read_prompts(given: list[str] | None) -> list[str]:
