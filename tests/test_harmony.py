@@ -275,6 +275,11 @@ def test_server_reasoning_effort_reaches_the_template(model, served):
     assert tokens["high"] - tokens["low"] == 1  # one character a token: "high" is one longer than "low"
     r = _post(served, {"messages": messages, "reasoning_effort": "extreme"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
+    openai = pytest.importorskip("openai")  # the official client sends the field as it is
+    client = openai.OpenAI(base_url=served + "/v1", api_key="none", max_retries=0)
+    out = client.chat.completions.create(model="tiny-gpt-oss", messages=messages, max_tokens=1,
+                                         reasoning_effort="high")
+    assert out.usage.prompt_tokens == tokens["high"]
 
 
 @pytest.fixture
