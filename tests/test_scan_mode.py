@@ -141,3 +141,16 @@ def test_saved_plan_and_bench_layout(tmp_path):
     model = jaxmap.load("preset:tiny", max_seq_len=64, progress=False, plan=tmp_path / "plan.yaml", layer_mode="scan")
     assert [s.mode for s in model.engine.stages] == ["scan", "scan"]
     assert _run(model)[1] == _run(jaxmap.load("preset:tiny", max_seq_len=64, progress=False, devices="0"))[1]
+
+
+def test_auto_scans_quantized_cpu_stages_and_unrolls_float_ones():
+    """``auto``: a CPU stage with quantized projections scans (decode as fast, start several times sooner); a float
+    stage unrolls (scan would slice each float weight out of the stack at every step). The quantized stage gives
+    the same greedy tokens as the same weights unrolled."""
+    quant = jaxmap.load("preset:tiny", max_seq_len=64, isq="Q8_0", devices="0", progress=False)
+    assert [s.mode for s in quant.engine.stages] == ["scan"]
+    unrolled = jaxmap.load("preset:tiny", max_seq_len=64, isq="Q8_0", devices="0", layer_mode="unrolled",
+                           progress=False)
+    _assert_same(_run(quant), _run(unrolled))
+    plain = jaxmap.load("preset:tiny", max_seq_len=64, devices="0", progress=False)
+    assert [s.mode for s in plain.engine.stages] == ["unrolled"]

@@ -50,10 +50,26 @@ MIN_ATTEND_BUCKET = 128
 LayerMode = str  # "unrolled" | "per_layer" | "scan"
 
 
-def choose_layer_mode(num_layers: int, requested: str = "auto") -> LayerMode:
+def choose_layer_mode(num_layers: int, requested: str = "auto", quantized_on_cpu: bool = False) -> LayerMode:
+    """The layer mode of a resident stage. ``auto``: scan a stage whose layer weights are quantized and computed on
+    the CPU (measured on the default model's Q4_1 and Q8_0: decode as fast or faster, first token 3-8x sooner,
+    compile 8 s -> 0.6 s, less peak memory); unroll float stages (scan slices each layer's float weights out of the
+    stack at every step: float32 decode 35 -> 19 tokens/s) unless they are deep, then run them per layer."""
     if requested in ("unrolled", "per_layer", "scan"):
         return requested
+    if quantized_on_cpu:
+        return "scan"
     return "unrolled" if num_layers <= UNROLL_MAX_LAYERS else "per_layer"
+
+
+def _quantized_on_cpu(stage: Stage) -> bool:
+    """Whether the stage computes on CPU devices and its layers' projections are quantized (QTensors)."""
+    sharding = stage.activation_sharding
+    devices = sharding.device_set if hasattr(sharding, "device_set") else {sharding}
+    if not devices or any(getattr(d, "platform", None) != "cpu" for d in devices):
+        return False
+    layers = stage.params.get("layers") or []
+    return bool(layers) and any(is_quantized(v) for v in layers[0].values())
 
 
 def attend_bucket(length: int, max_seq_len: int) -> int:
@@ -107,10 +123,10 @@ class Engine:
         for stage in self.stages:
             stage.dtype = jnp.dtype(stage.dtype or self.dtype)
             # Streamed stages run one program per layer (it bounds device memory to about two layers); the others
-            # unroll unless they are deep (see choose_layer_mode).
+            # scan when quantized on the CPU, else unroll unless they are deep (see choose_layer_mode).
             # Layers with routed experts apart run as several programs (engine/remote_experts.py): per layer too.
             stage.mode = ("per_layer" if stage.streamed or getattr(stage, "apart", None)
-                          else choose_layer_mode(stage.num_layers, layer_mode))
+                          else choose_layer_mode(stage.num_layers, layer_mode, _quantized_on_cpu(stage)))
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk_for(max_seq_len, prefill_chunk)  # prompt tokens per prefill step
         family = family_of(config)
