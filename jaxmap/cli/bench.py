@@ -404,18 +404,24 @@ def run_serving(args) -> int:
     return 0
 
 
-def run_moe(args) -> int:
-    """The MoE decode workload, in this process (:mod:`jaxmap.bench_moe`)."""
-    from jaxmap.bench_moe import format_rows, moe_rows
+def _run_in_process(args, title: str, rows, fmt) -> int:
+    """One of the MoE workloads in this process: the compilation cache as asked, a header line, then its table."""
     from jaxmap.engine.compile_cache import enable_compile_cache
 
     if not args.no_compile_cache:
         enable_compile_cache()
-    rows = moe_rows(NEW_TOKENS, REPEATS, dtype=args.dtype, isq=args.isq)
-    print(f"moe: {NEW_TOKENS} new tokens at batch 1, dtype {args.dtype}, isq {args.isq or 'none'}, "
+    out = rows(NEW_TOKENS, REPEATS, dtype=args.dtype, isq=args.isq)
+    print(f"{title}{NEW_TOKENS} new tokens at batch 1, dtype {args.dtype}, isq {args.isq or 'none'}, "
           f"{os.cpu_count()} CPUs, median of {REPEATS} timed runs")
-    print(format_rows(rows))
+    print(fmt(out))
     return 0
+
+
+def run_moe(args) -> int:
+    """The MoE decode workload, in this process (:mod:`jaxmap.bench_moe`)."""
+    from jaxmap.bench_moe import format_rows, moe_rows
+
+    return _run_in_process(args, "moe: ", moe_rows, format_rows)
 
 
 def run_moe_apart(args) -> int:
@@ -423,15 +429,8 @@ def run_moe_apart(args) -> int:
     if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
     from jaxmap.bench_moe import apart_rows, format_apart
-    from jaxmap.engine.compile_cache import enable_compile_cache
 
-    if not args.no_compile_cache:
-        enable_compile_cache()
-    rows = apart_rows(NEW_TOKENS, REPEATS, dtype=args.dtype, isq=args.isq)
-    print(f"moe-apart: 128-token prompt, {NEW_TOKENS} new tokens at batch 1, dtype {args.dtype}, isq "
-          f"{args.isq or 'none'}, {os.cpu_count()} CPUs, median of {REPEATS} timed runs")
-    print(format_apart(rows))
-    return 0
+    return _run_in_process(args, "moe-apart: 128-token prompt, ", apart_rows, format_apart)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
