@@ -1,8 +1,8 @@
 """GGUF quantized blocks -> :class:`~jaxmap.quant.qtensor.QTensor`, by integer repacking (no float detour).
 
 The types in :data:`~jaxmap.quant.types.GGUF_NATIVE` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, MXFP4) keep GGUF's own
-codes, scales and mins, re-laid into the bit planes of :mod:`~jaxmap.quant.qtensor`: dequantized, a weight is what gguf's
-reference dequantizer gives.
+codes, scales and mins, re-laid into the bit planes of :mod:`~jaxmap.quant.qtensor`: dequantized, a weight is what
+gguf's reference dequantizer gives.
 """
 
 from __future__ import annotations
