@@ -1,8 +1,8 @@
 """GGUF quantized blocks -> :class:`~jaxmap.quant.qtensor.QTensor`, by integer repacking (no float detour).
 
-The types in :data:`~jaxmap.quant.types.GGUF_NATIVE` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) keep GGUF's own codes,
-scales and mins, re-laid into the bit planes of :mod:`~jaxmap.quant.qtensor`: dequantized, a weight is what gguf's
-reference dequantizer gives.
+The types in :data:`~jaxmap.quant.types.GGUF_NATIVE` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K, MXFP4) keep GGUF's own
+codes, scales and mins, re-laid into the bit planes of :mod:`~jaxmap.quant.qtensor`: dequantized, a weight is what
+gguf's reference dequantizer gives.
 """
 
 from __future__ import annotations
@@ -66,5 +66,9 @@ def from_gguf(raw: np.ndarray, gguf_type: str, shape: Sequence[int]) -> QTensor:
         return QTensor(pack_np(codes.reshape(out, n), q.widths), d, sc=pack_np((scales + 128).reshape(out, -1), (8,)),
                        qtype="Q6K", shape=(out, n),
                        sub=16)
+    if gguf_type == "MXFP4":  # gpt-oss's experts (ggml type 39): E8M0 byte + 16 bytes of FP4 codes per 32
+        from jaxmap.quant.mxfp4 import from_gguf_blocks
+
+        return from_gguf_blocks(raw, (out, n))
     raise UserError(f"GGUF type {gguf_type} cannot be loaded natively (supported: {', '.join(GGUF_NATIVE)})")
 

@@ -8,6 +8,12 @@ packed across output rows, like every 4-bit type here, and ``d`` holds the scale
 
 :func:`quantize` fits a block's exponent: the two candidates that bring its largest magnitude to [2, 4) or [4, 8)
 (the latter clamps values past 6) are both tried and the one with the lower squared error kept.
+
+GGUF (ggml type 39, llama.cpp's ``block_mxfp4``) stores the same codes and scales in 17-byte blocks: the E8M0 byte,
+then 16 bytes whose low nibbles are the block's first 16 values and whose high nibbles are its last 16 (the Hugging
+Face checkpoints instead pair neighbours: even value low, odd value high). ggml's table ``kvalues_mxfp4`` is
+:data:`FP4_VALUES` doubled and its scale ``2^(e - 128)`` half of ours, so the products are the same numbers:
+:func:`from_gguf_blocks` only moves nibbles.
 """
 
 from __future__ import annotations
@@ -59,6 +65,41 @@ def from_blocks(blocks: np.ndarray, scales: np.ndarray) -> QTensor:
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(out, n_blocks * half * 2)
     return QTensor(pack_np(codes, (4,)), np.ascontiguousarray(scales, np.uint8), qtype="MXFP4",
                    shape=(out, n_blocks * half * 2), sub=BLOCK)
+
+
+GGUF_BLOCK_BYTES = 17
+
+
+def from_gguf_blocks(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
+    """GGUF MXFP4 rows (``[out, in / 32 * 17]`` uint8) of a ``[out, in]`` weight -> a QTensor, no float detour."""
+    out, n = shape
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(out, n // BLOCK, GGUF_BLOCK_BYTES)
+    qs = blocks[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(out, n)  # per block: low nibbles, then high
+    return QTensor(pack_np(codes, (4,)), np.ascontiguousarray(blocks[..., 0]), qtype="MXFP4", shape=(out, n),
+                   sub=BLOCK)
+
+
+def dequantize_gguf(raw: np.ndarray, n: int) -> np.ndarray:
+    """GGUF MXFP4 rows ``[..., in / 32 * 17]`` as float32 ``[..., in]`` (E8M0 byte 255, NaN in the OCP format,
+    comes out as infinity)."""
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    blocks = raw.reshape(*raw.shape[:-1], n // BLOCK, GGUF_BLOCK_BYTES)
+    qs = blocks[..., 1:]
+    values = FP4_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)]
+    with np.errstate(over="ignore"):
+        scale = np.ldexp(np.float32(1), blocks[..., 0].astype(np.int32) - 127).astype(np.float32)
+    return (values * scale[..., None]).reshape(*raw.shape[:-1], n)
+
+
+def to_gguf_blocks(w: QTensor) -> np.ndarray:
+    """An MXFP4 QTensor ``[out, in]`` as GGUF rows ``[out, in / 32 * 17]`` (for writing test files)."""
+    from jaxmap.quant.qtensor import unpack_np
+
+    out, n = w.shape
+    codes = unpack_np(tuple(np.asarray(p) for p in w.q), (4,)).reshape(out, n // BLOCK, BLOCK).astype(np.uint8)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([np.asarray(w.d, np.uint8)[..., None], qs], axis=-1).reshape(out, -1)
 
 
 def dequantize_blocks(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

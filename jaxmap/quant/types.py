@@ -170,7 +170,7 @@ def row_classes(qtype: str) -> int:
 # (INT8, Q8K, F8E4M3) take their row's or block's largest value as the scale whatever the importance.
 IMPORTANCE_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "INT4")
 
-GGUF_NATIVE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
+GGUF_NATIVE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K", "MXFP4")
 
 
 def gguf_to_jaxmap_type(gguf_type: str) -> str | None:
