@@ -147,7 +147,7 @@ def byte_level_gguf(tmp_path: Path, pre: str) -> GGUFSource:
     return GGUFSource(path)
 
 
-@pytest.mark.parametrize("pre", ["smollm", "gpt2", "default", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["smollm", "gpt2", "default", "llama-bpe", "qwen2", "gpt-4o"])
 def test_gguf_byte_level_bpe(tmp_path: Path, pre: str) -> None:
     src = byte_level_gguf(tmp_path, pre)
     tok = src.tokenizer()
@@ -165,6 +165,27 @@ def test_gguf_byte_level_bpe(tmp_path: Path, pre: str) -> None:
     assert tok.add_bos == (pre == "llama-bpe")
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_start|>x"
     assert tok.eos_token_ids == (2,) and tok.bos_token_id == 1
+
+
+def test_gpt4o_pre_tokenizer_splits_as_o200k() -> None:
+    """``gpt-4o`` (gpt-oss's GGUF files): o200k's split, written out by hand: CamelCase words split before each
+    upper-case run that starts a new word, contractions of either case stay on their word, digits go in threes, a
+    "/" stays before the word it leads, CJK runs are one piece."""
+    from tokenizers import Regex
+
+    from jaxmap.loading.gguf_source import _PRE_TOKENIZERS
+
+    (regex,) = _PRE_TOKENIZERS["gpt-4o"]
+    split = pre_tokenizers.Split(Regex(regex), behavior="isolated")
+
+    def pieces(text):
+        return [p for p, _ in split.pre_tokenize_str(text)]
+
+    assert pieces("CamelCaseHTTPServer's test") == ["Camel", "Case", "HTTPServer's", " test"]
+    assert pieces("I'M here, they'll  go\n\n x") == ["I'M", " here", ",", " they'll", " ", " go", "\n\n", " x"]
+    assert pieces("12345 abc/def//") == ["123", "45", " abc", "/def", "//"]
+    assert pieces("日本語のテキスト 123") == ["日本語のテキスト", " ", "123"]
+    assert pieces("  leading\tTab") == [" ", " leading", "\tTab"]
 
 
 def test_gguf_unknown_pre_tokenizer_or_model(tmp_path: Path) -> None:
