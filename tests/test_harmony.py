@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from live_server import live_server
 
 from jaxmap.errors import UserError
 from jaxmap.loading.harmony import HarmonyParser, HarmonyStream, check_reasoning_effort, parse, parse_header
@@ -208,32 +206,17 @@ def test_generate_api_splits_and_stops(model, stopping):
     assert result.to_json()["reasoning"] == reply.reasoning
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(model):
-    httpx = pytest.importorskip("httpx")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
     from jaxmap.serving.app import Server
 
     server = Server(model, "tiny-gpt-oss", 2, max_queue=8)
-    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{web.config.port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base
-    web.should_exit = True
-    thread.join(30)
+    with live_server(server.app) as base:
+        yield base
 
 
 def _post(base: str, body: dict):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from live_server import live_server
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -18,10 +17,6 @@ TINY = Path(__file__).parent / "data" / "tiny-qwen3"
 BATCH = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +26,9 @@ def served():
 
     model = jaxmap.load(str(TINY), max_seq_len=256, max_batch_size=BATCH, progress=False)
     server = Server(model, "tiny", BATCH, max_queue=64)
-    port = _free_port()
-    config = uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning")
-    web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
-    yield model, server, client, base
-    web.should_exit = True
-    thread.join(30)
+    with live_server(server.app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        yield model, server, client, base
 
 
 def _offline(model, prompt: str, n: int) -> str:

@@ -4,12 +4,10 @@ same answers as offline."""
 from __future__ import annotations
 
 import concurrent.futures
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from live_server import live_server
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -24,20 +22,7 @@ def _serve_and_compare(model, prompts, max_tokens=10):
     from jaxmap.serving.app import Server
 
     server = Server(model, "tiny", 4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with live_server(server.app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
 
         def one(p):
@@ -46,9 +31,6 @@ def _serve_and_compare(model, prompts, max_tokens=10):
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(one, prompts))
         assert got == [model.generate([p], max_new_tokens=max_tokens)[0].text for p in prompts]
-    finally:
-        web.should_exit = True
-        thread.join(30)
     return server
 
 
