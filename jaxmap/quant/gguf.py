@@ -31,14 +31,16 @@ def from_gguf(raw: np.ndarray, gguf_type: str, shape: Sequence[int]) -> QTensor:
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0] if q.has_min else None
         payload = blocks[..., head + extra:]
+        # codes stay uint8 (every code is below 256): int32 temporaries made repacking the default model's 210
+        # Q4_1 tensors take 0.85 s of each start
         if q.bits == 8:
-            codes = (payload.view(np.int8).astype(np.int32) + 128)
+            codes = payload ^ np.uint8(0x80)  # int8 x + 128, as its unsigned byte
         else:
-            codes = np.concatenate([payload & 15, payload >> 4], axis=-1).astype(np.int32)
+            codes = np.concatenate([payload & np.uint8(15), payload >> np.uint8(4)], axis=-1)
             if q.bits == 5:
                 qh = blocks[..., head:head + 4].copy().view(np.uint32)[..., 0]
                 high = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
-                codes = codes | (high.astype(np.int32) << 4)
+                codes = codes | (high.astype(np.uint8) << np.uint8(4))
         return QTensor(pack_np(codes.reshape(out, n), q.widths), d, m=m, qtype=name, shape=(out, n), sub=32)
     if gguf_type == "Q4_K":
         q = QTYPES["Q4K"]

@@ -125,16 +125,19 @@ def pack_np(codes: np.ndarray, widths: Sequence[int]) -> tuple[np.ndarray, ...]:
     XLA:CPU fuses into the matrix-vector product (measured: 1.8 ms for a 49152x576 4-bit LM head against 10-20 ms
     for nibbles packed along the row, and 3.3 ms in float32).
     """
-    codes = codes.astype(np.uint8)
+    codes = codes.astype(np.uint8, copy=False)
     planes, shift = [], 0
     rows, n = codes.shape
     for w in widths:
         per = 8 // w
-        part = ((codes >> shift) & ((1 << w) - 1)).reshape(rows // per, per, n)
-        byte = np.zeros((rows // per, n), np.uint8)
-        for k in range(per):
-            byte |= (part[:, k] << (k * w)).astype(np.uint8)
-        planes.append(byte)
+        part = ((codes >> np.uint8(shift)) & np.uint8((1 << w) - 1)).reshape(rows // per, per, n)
+        if per == 1:
+            planes.append(np.ascontiguousarray(part[:, 0]))
+        else:
+            byte = part[:, 0].copy()
+            for k in range(1, per):
+                byte |= part[:, k] << np.uint8(k * w)
+            planes.append(byte)
         shift += w
     return tuple(planes)
 
