@@ -80,18 +80,6 @@ def from_gguf_blocks(raw: np.ndarray, shape: tuple[int, int]) -> QTensor:
                    sub=BLOCK)
 
 
-def dequantize_gguf(raw: np.ndarray, n: int) -> np.ndarray:
-    """GGUF MXFP4 rows ``[..., in / 32 * 17]`` as float32 ``[..., in]`` (E8M0 byte 255, NaN in the OCP format,
-    comes out as infinity)."""
-    raw = np.ascontiguousarray(raw).view(np.uint8)
-    blocks = raw.reshape(*raw.shape[:-1], n // BLOCK, GGUF_BLOCK_BYTES)
-    qs = blocks[..., 1:]
-    values = FP4_VALUES[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)]
-    with np.errstate(over="ignore"):
-        scale = np.ldexp(np.float32(1), blocks[..., 0].astype(np.int32) - 127).astype(np.float32)
-    return (values * scale[..., None]).reshape(*raw.shape[:-1], n)
-
-
 def to_gguf_blocks(w: QTensor) -> np.ndarray:
     """An MXFP4 QTensor ``[out, in]`` as GGUF rows ``[out, in / 32 * 17]`` (for writing test files)."""
     from jaxmap.quant.qtensor import unpack_np
