@@ -144,9 +144,10 @@ def test_saved_plan_and_bench_layout(tmp_path):
 
 
 def test_auto_scans_quantized_cpu_stages_and_unrolls_float_ones():
-    """``auto``: a CPU stage with quantized projections scans (decode as fast, start several times sooner); a float
-    stage unrolls (scan would slice each float weight out of the stack at every step). The quantized stage gives
-    the same greedy tokens as the same weights unrolled."""
+    """``auto``: a one-device CPU stage with quantized projections scans (decode as fast, start several times
+    sooner); a float stage unrolls (scan would slice each float weight out of the stack at every step), and so does a
+    tensor-parallel one (not measured). The quantized stage gives the same greedy tokens as the same weights
+    unrolled."""
     quant = jaxmap.load("preset:tiny", max_seq_len=64, isq="Q8_0", devices="0", progress=False)
     assert [s.mode for s in quant.engine.stages] == ["scan"]
     unrolled = jaxmap.load("preset:tiny", max_seq_len=64, isq="Q8_0", devices="0", layer_mode="unrolled",
@@ -154,3 +155,5 @@ def test_auto_scans_quantized_cpu_stages_and_unrolls_float_ones():
     _assert_same(_run(quant), _run(unrolled))
     plain = jaxmap.load("preset:tiny", max_seq_len=64, devices="0", progress=False)
     assert [s.mode for s in plain.engine.stages] == ["unrolled"]
+    tp = jaxmap.load("preset:tiny", max_seq_len=64, isq="Q8_0", tp=2, pp=1, progress=False)  # not measured: unrolled
+    assert [s.mode for s in tp.engine.stages] == ["unrolled"]

@@ -52,7 +52,7 @@ LayerMode = str  # "unrolled" | "per_layer" | "scan"
 
 def choose_layer_mode(num_layers: int, requested: str = "auto", quantized_on_cpu: bool = False) -> LayerMode:
     """The layer mode of a resident stage. ``auto``: scan a stage whose layer weights are quantized and computed on
-    the CPU (measured on the default model's Q4_1 and Q8_0: decode as fast or faster, first token 3-8x sooner,
+    one CPU device (measured on the default model's Q4_1 and Q8_0: decode as fast or faster, first token 3-8x sooner,
     compile 8 s -> 0.6 s, less peak memory); unroll float stages (scan slices each layer's float weights out of the
     stack at every step: float32 decode 35 -> 19 tokens/s) unless they are deep, then run them per layer."""
     if requested in ("unrolled", "per_layer", "scan"):
@@ -63,10 +63,11 @@ def choose_layer_mode(num_layers: int, requested: str = "auto", quantized_on_cpu
 
 
 def _quantized_on_cpu(stage: Stage) -> bool:
-    """Whether the stage computes on CPU devices and its layers' projections are quantized (QTensors)."""
+    """Whether the stage computes on one CPU device and its layers' projections are quantized (QTensors). One
+    device: what the scan-vs-unrolled measurements covered; tensor-parallel CPU stages keep unrolling until measured."""
     sharding = stage.activation_sharding
     devices = sharding.device_set if hasattr(sharding, "device_set") else {sharding}
-    if not devices or any(getattr(d, "platform", None) != "cpu" for d in devices):
+    if len(devices) != 1 or getattr(next(iter(devices)), "platform", None) != "cpu":
         return False
     layers = stage.params.get("layers") or []
     return bool(layers) and any(is_quantized(v) for v in layers[0].values())
