@@ -16,10 +16,14 @@ Hugging Face stores each layer's experts stacked and already ``[in, out]``: ``ml
 hidden, 2 I]`` with gate in the even columns and up in the odd ones (and ``gate_up_proj_bias`` ``[E, 2 I]``),
 ``down_proj`` ``[E, I, hidden]``. The gate and up stacks are declared as interleaved columns of the fused tensor
 (:attr:`~jaxmap.families.base.TensorDecl.interleaved`), so to the planner, the rules table and ISQ they are the two
-``[E, hidden, I]`` stacks every MoE family has, and tensor parallelism gives each device matching halves. llama.cpp
-(``general.architecture = gpt-oss``) stores them apart: ``blk.N.ffn_{gate,up,down}_exps.{weight,bias}``,
-``ffn_gate_inp.{weight,bias}``, ``attn_sinks.weight``, ``post_attention_norm``; GGUF gpt-oss files are not read yet
-(their MXFP4 experts, ggml type 39, need the MXFP4 type first).
+``[E, hidden, I]`` stacks every MoE family has, and tensor parallelism gives each device matching halves.
+
+llama.cpp (``general.architecture = gpt-oss``) stores them apart: ``blk.N.ffn_{gate,up,down}_exps.{weight,bias}``
+(experts in MXFP4, ggml type 39, kept so), ``ffn_gate_inp.{weight,bias}``, ``attn_sinks.weight``,
+``post_attention_norm``; converters run with ``--fuse-gate-up-exps`` write ``ffn_gate_up_exps`` instead (gate rows,
+then up rows: the GGUF source serves the halves). What its metadata leaves out is llama.cpp's constants for the
+architecture: even layers sliding (its SWA pattern 2), the SwiGLU's alpha 1.702 and limit 7, and YaRN without
+truncation (transformers' ``truncate: false``, as OpenAI's reference computes it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxmap.config import ModelConfig
-from jaxmap.families import llama
+from jaxmap.errors import UserError
+from jaxmap.families import llama, mixtral
 from jaxmap.families.base import Family, TensorDecl, config_design
 
 _L = "model.layers.{i}."
@@ -82,6 +87,29 @@ def _hf_extra(config: ModelConfig) -> dict[str, Any]:
             "swiglu_alpha": config.swiglu_alpha, "swiglu_limit": config.swiglu_limit}
 
 
+def _gguf_extra(arch: str, get, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``gpt-oss`` GGUF file's experts (``expert_feed_forward_length`` is the expert width) and llama.cpp's
+    constants for the architecture (see the module docstring); YaRN from ``rope.scaling.*``."""
+    moe = mixtral.gguf_experts(arch, get, raw)
+    layers = int(raw["num_hidden_layers"])
+    out: dict[str, Any] = {
+        "num_local_experts": moe["num_experts"], "num_experts_per_tok": moe["num_experts_per_tok"] or 4,
+        "intermediate_size": moe["moe_intermediate_size"], "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+        "use_sliding_window": True, "sliding_window": int(raw.get("sliding_window") or 128),
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]}
+    kind = get(f"{arch}.rope.scaling.type", None)
+    if kind == "yarn":
+        out["rope_scaling"] = {
+            "rope_type": "yarn", "factor": float(get(f"{arch}.rope.scaling.factor", 32.0)),
+            "original_max_position_embeddings": int(get(f"{arch}.rope.scaling.original_context_length", 4096)),
+            "beta_fast": float(get(f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(get(f"{arch}.rope.scaling.yarn_beta_slow", 1.0)), "truncate": False}
+    elif kind not in (None, "none"):
+        raise UserError(f"gpt-oss GGUF: rope scaling {kind!r} is not what gpt-oss uses (yarn); the file was written "
+                        "by a converter jaxmap does not know")
+    return out
+
+
 def _design(config: ModelConfig, layer: int):
     return config_design(config, layer, attn_sinks=True, o_bias=config.attention_bias, moe=True, moe_bias=True,
                          moe_act="clamped_swiglu", swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit)
@@ -92,7 +120,7 @@ FAMILY = Family(
     label="gpt-oss",
     model_types=("gpt_oss",),
     architectures={"GptOssForCausalLM": "gpt_oss"},
-    gguf_architectures={},  # gpt-oss GGUF files (MXFP4 experts) are not read yet
+    gguf_architectures={"gpt-oss": "gpt_oss"},
     layer_tensors=LAYER_TENSORS,
     outer_tensors=llama.OUTER_TENSORS,
     projection_inputs={"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "attn_out", "router": "mlp_in",
@@ -101,4 +129,5 @@ FAMILY = Family(
     design=_design,
     config_extra=_config,
     hf_extra=_hf_extra,
+    gguf_extra=_gguf_extra,
 )

@@ -145,9 +145,12 @@ class GGUFSource:
                 self._tensors[name] = t
         self.config = self._build_config(by_gguf_name)
         self._parts = self._fused_parts()
+        self._halves = self._gate_up_halves(by_gguf_name)
         # llama.cpp's stacked experts (ffn_{gate,up,down}_exps, numpy order [E, out, in]) are served in jaxmap's
-        # stacked layout [E, in, out], as a Hugging Face folder's per-expert tensors are (safetensors_source)
-        self._stacks = dict.fromkeys(name for name in stacked_experts(self.config) if name in self._tensors)
+        # stacked layout [E, in, out], as a Hugging Face folder's per-expert tensors are (safetensors_source); the
+        # experts' biases ([E, out], gpt-oss) are served as stored
+        self._stacks = dict.fromkeys(name for name in stacked_experts(self.config)
+                                     if name in self._tensors and len(self._tensors[name].shape) != 2)
         for name in self._stacks:
             self._check_stack(name)
 
@@ -192,6 +195,45 @@ class GGUFSource:
         scaling = self._rope_scaling(config, by_gguf_name.get("rope_freqs.weight"))
         return config.with_changes(rope_scaling=scaling) if scaling else config
 
+    def _gate_up_halves(self, by_gguf_name: dict[str, TensorInfo]) -> dict[str, int]:
+        """Expert gate and up stacks that a converter fused into one (``blk.N.ffn_gate_up_exps.{weight,bias}``, gate
+        rows then up rows, llama.cpp's ``--fuse-gate-up-exps``): each family name of the two -> its half (0: gate,
+        1: up), the fused tensor entered under both names."""
+        halves: dict[str, int] = {}
+        for i in range(self.config.num_hidden_layers):
+            specs = self.family.layer_params(self.config, i)
+            for kind in ("weight", "bias"):
+                fused = by_gguf_name.get(f"blk.{i}.ffn_gate_up_exps.{kind}")
+                if fused is None:
+                    continue
+                keys = ("experts_gate", "experts_up") if kind == "weight" else ("experts_gate_bias", "experts_up_bias")
+                if not all(k in specs for k in keys):
+                    continue  # a layer without experts: left in self.unmapped
+                rows = fused.shape[1] if len(fused.shape) > 1 else 0
+                if fused.shape[0] != self.config.num_experts or rows != 2 * self.config.moe_intermediate_size:
+                    raise UserError(f"{self.path}: tensor {fused.name} has shape {fused.shape}, the metadata's model "
+                                    f"expects {self.config.num_experts} experts of 2 x "
+                                    f"{self.config.moe_intermediate_size} rows (gate, then up); the file does not "
+                                    "match its metadata")
+                for half, key in enumerate(keys):
+                    name = specs[key].hf_name
+                    if name in self._tensors:
+                        raise UserError(f"{self.path} holds both {fused.name} and {specs[key].gguf_name}; a file "
+                                        "has its experts' gate and up fused or apart, not both")
+                    self._tensors[name] = fused
+                    halves[name] = half
+                self.unmapped.remove(fused.name)
+        return halves
+
+    def _half(self, name: str, data: np.ndarray) -> np.ndarray:
+        """``data`` (the stored tensor, or something with its rows on axis 1) cut to ``name``'s half when ``name``
+        is half of a fused gate/up stack."""
+        half = self._halves.get(name)
+        if half is None:
+            return data
+        rows = data.shape[1] // 2
+        return data[:, half * rows:(half + 1) * rows]
+
     def _check_stack(self, name: str) -> None:
         t = self._tensors[name]
         if len(t.shape) != 3 or t.shape[0] != self.config.num_experts:
@@ -226,8 +268,8 @@ class GGUFSource:
         """Rope scaling from ``{arch}.rope.scaling.*``, or llama3 scaling recovered from ``rope_freqs.weight``."""
         arch = self.architecture
         kind = self._get(f"{arch}.rope.scaling.type")
-        if config.rope_scaling and config.rope_scaling.get("rope_type") == "longrope":
-            return None  # read from its factor tensors (_longrope)
+        if config.rope_scaling and freqs is None:
+            return None  # read already: LongRoPE from its factor tensors (_longrope), or by the family (gpt-oss)
         if freqs is not None:
             factors = np.asarray(self._reader.tensor_data(freqs.name), dtype=np.float64).reshape(-1)
             return self._llama3_from_factors(config, factors)
@@ -238,7 +280,12 @@ class GGUFSource:
             return {"rope_type": "linear", "factor": factor}
         if kind == "yarn":
             original = int(self._get(f"{arch}.rope.scaling.original_context_length", config.max_position_embeddings))
-            return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+            out = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+            for key in ("beta_fast", "beta_slow"):
+                value = self._get(f"{arch}.rope.scaling.yarn_{key}")
+                if value is not None:
+                    out[key] = float(value)
+            return out
         raise UserError(f"{self.path}: rope scaling {kind!r} is not supported")
 
     def _llama3_from_factors(self, config: ModelConfig, factors: np.ndarray) -> dict[str, Any]:
@@ -278,6 +325,8 @@ class GGUFSource:
     def shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first ([in, out]); Hugging Face slowest-first ([out, in]).
         shape = self._tensor(name).shape
+        if name in self._halves:
+            shape = (shape[0], shape[1] // 2, *shape[2:])
         if name in self._stacks:  # stored [E, out, in]; jaxmap's stack is [E, in, out]
             return (shape[0], shape[2], shape[1])
         if name in self._parts:
@@ -289,7 +338,7 @@ class GGUFSource:
         if name in self._parts:
             _, r0, r1, total = self._parts[name]
             return self._tensor(name).nbytes * (r1 - r0) // total
-        return self._tensor(name).nbytes
+        return self._tensor(name).nbytes // (2 if name in self._halves else 1)
 
     def stored_type(self, name: str) -> str:
         return self._tensor(name).type_name
@@ -317,6 +366,10 @@ class GGUFSource:
         shape = self.shape(name)
         out = np.empty(shape, dtype=target)
         data = self._data(name)
+        if name in self._halves:  # a fused gate/up expert bias [E, 2 I] (stacks are read by _read_stack)
+            out[...] = self._half(name, np.asarray(dequantize(data, qtype)).reshape(shape[0], -1))
+            self._drop_mapped_pages()
+            return out
         rows = shape[0] if len(shape) == 2 and data.ndim == 2 and data.shape[0] == shape[0] else None
         # Dequantize a few MiB of rows at a time into the output: dequantizing a whole tensor at once held ~3x its
         # float32 size in temporaries (240 MiB for SmolLM2's embedding table), which set the loading peak.
@@ -344,6 +397,7 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         experts, rows, cols = t.shape
+        rows //= 2 if name in self._halves else 1
         if t.type_name not in ("F32", "F16", "BF16") and t.type_name not in self._dequantized_types:
             self._dequantized_types.add(t.type_name)  # once per type: every layer's stacks share it
             log.info("%s: stacked experts stored as %s (e.g. %s) are dequantized to %s (kept in their blocks only "
@@ -352,8 +406,10 @@ class GGUFSource:
         out = np.empty((experts, cols, rows), dtype=target)
         data = self._data(name)
         try:
+            half = self._halves.get(name)
             for e in range(experts):
-                out[e] = dequantize(data[e], qtype).reshape(rows, cols).T
+                expert = data[e] if half is None else data[e].reshape(2 * rows, -1)[half * rows:(half + 1) * rows]
+                out[e] = dequantize(expert, qtype).reshape(rows, cols).T
         except (NotImplementedError, ValueError) as exc:
             raise UserError(f"{self.path}: cannot dequantize {name} ({t.type_name}): {exc}") from None
         self._drop_mapped_pages()
@@ -378,7 +434,10 @@ class GGUFSource:
         t = self._tensor(name)
         data = self._data(name)
         if name in self._stacks:  # [E, out, bytes per row]: each expert's rows as a QTensor holds them
-            return np.array(data.reshape(t.shape[0], t.shape[1], -1), order="C", copy=True), t.type_name
+            rows = self._half(name, data.reshape(t.shape[0], t.shape[1], -1))
+            return np.array(rows, order="C", copy=True), t.type_name
+        if name in self._halves:  # half of a fused gate/up bias
+            return np.array(self._half(name, data.reshape(t.shape[0], -1)), order="C", copy=True), t.type_name
         if data.ndim == 1 and len(self.shape(name)) == 2:
             data = data.reshape(self.shape(name)[0], -1)
         heads = self._q_k_heads(name)

@@ -18,6 +18,10 @@ MXFP4 (``*_blocks`` [E, out, in / 32, 16] uint8, two FP4 codes a byte, the even 
 numpy (each block's exponent floor(log2(max)) - 2, values rounded to the nearest FP4), and transformers' logits and
 greedy tokens for it, loaded with ``Mxfp4Config(dequantize=True)`` and run in float32: a reader that lays out the
 blocks differently from transformers does not reproduce them.
+
+``--gguf-reference`` writes only ``tiny-gpt-oss-mxfp4-limit7``: transformers' logits and greedy tokens for that
+same MXFP4 folder run with ``swiglu_limit`` 7, the value llama.cpp's gpt-oss graph hard-codes (GGUF files carry no
+limit), which the GGUF tests (tests/test_gpt_oss_gguf.py) compare a GGUF written from the folder against.
 """
 
 from __future__ import annotations
@@ -159,6 +163,31 @@ def make_mxfp4(model) -> float:
     return gap
 
 
+def make_gguf_reference() -> None:
+    """tiny-gpt-oss-mxfp4 run with llama.cpp's SwiGLU limit (see the module docstring)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
+
+    name, folder = NAME + "-mxfp4-limit7", DATA.parent / (NAME + "-mxfp4")
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.swiglu_limit = 7.0
+    ref = AutoModelForCausalLM.from_pretrained(folder, config=cfg, quantization_config=Mxfp4Config(dequantize=True),
+                                               attn_implementation="eager").float().eval()
+    assert all(m.limit == 7.0 for n, m in ref.named_modules() if n.endswith("mlp.experts"))
+    runs = [greedy(ref, list(p), NEW) for p in PROMPTS]
+    gap = min(routing_gap(ref, ref.config.num_experts_per_tok, r[2]) for r in runs)
+    if gap < MIN_GAP / 2:  # the weights are fixed here (no seed to redraw); float32 runs agree to ~1e-6
+        raise SystemExit(f"{name}: a token is routed within {gap:.1e} of a tie; the GGUF test would be fragile")
+    meta = {"name": name, "min_routing_gap": gap, "swiglu_limit": 7.0, "max_new_tokens": NEW,
+            "prompts": [{"input_ids": list(p), "greedy_ids": r[1], "greedy_margins": r[3]}
+                        for p, r in zip(PROMPTS, runs, strict=True)],
+            "versions": {"torch": torch.__version__},
+            "made_by": "tests/reference/make_tiny_gpt_oss.py --gguf-reference"}
+    (REFERENCE / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    np.savez_compressed(REFERENCE / f"{name}.npz", **{f"logits_{i}": r[0] for i, r in enumerate(runs)})
+    print(f"{name}: routing gap {gap:.2e}, greedy {[r[1] for r in runs]}")
+
+
 def main() -> None:
     import torch
     import transformers
@@ -191,4 +220,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    make_gguf_reference() if "--gguf-reference" in sys.argv[1:] else main()
