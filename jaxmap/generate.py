@@ -1,8 +1,7 @@
 """``python -m jaxmap.generate``: the command lives in :mod:`jaxmap.cli.generate`."""
 
-import sys
-
+from jaxmap.cli.common import exit_process
 from jaxmap.cli.generate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,30 @@ from jaxmap.errors import UserError
 from jaxmap.families import preset_config
 
 LAYER_MODES = ("auto", "unrolled", "per_layer", "scan")  # as jaxmap.api.LAYER_MODES
+
+
+def exit_process(code: int | None) -> None:
+    """End a finished ``python -m jaxmap.<command>`` process without the interpreter's teardown.
+
+    Once the command has returned, tearing down the interpreter (its modules, the XLA client and its thread pools,
+    every array still referenced) took 0.25-0.3 s of a 3.5 s warm ``generate`` and does nothing a user sees: the
+    output is flushed, files are closed and logging is shut down first, and the atexit handlers still run (jax's
+    own among them). A multi-process run (``jax.distributed``) exits the ordinary way, so that its shutdown
+    barrier with the other processes takes place.
+    """
+    import atexit
+
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to deliver
+            pass
+    atexit._run_exitfuncs()  # noqa: SLF001 (the documented effect of a normal exit, without the teardown)
+    logging.shutdown()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
