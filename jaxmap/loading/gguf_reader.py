@@ -19,7 +19,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ class _Parsed:
     data_start: int
     header: bytes  # the bytes parsed, to check a cached parse still describes the file
     stamp: tuple[int, ...]
+    # what readers built from the metadata alone (the tokenizer), kept as long as this parse is
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 class GGUFFile:
@@ -111,6 +114,15 @@ class GGUFFile:
         self.data_start = parsed.data_start
         self._mmap: mmap.mmap | None = mapping
         self._bytes: np.ndarray | None = np.frombuffer(mapping, np.uint8)
+        self._parsed = parsed
+
+    def derived(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, built once per parse of the unchanged file: a process that opens the file twice (generate
+        checks the tokenizer before loading) builds what depends on the metadata only once."""
+        cache = self._parsed.derived
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def _data(self) -> np.ndarray:
         if self._bytes is None:

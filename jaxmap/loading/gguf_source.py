@@ -449,6 +449,10 @@ class GGUFSource:
         return np.array(data, order="C", copy=True), t.type_name
 
     def tokenizer(self) -> Tokenizer | None:
+        """The file's tokenizer (None without one), built once per process for the unchanged file."""
+        return self._reader.derived("tokenizer", self._build_tokenizer)
+
+    def _build_tokenizer(self) -> Tokenizer | None:
         from jaxmap.loading.tokenizer import Tokenizer
 
         model = self._get("tokenizer.ggml.model")
