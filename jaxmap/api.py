@@ -17,6 +17,7 @@ from jaxmap.config import ModelConfig, list_presets
 from jaxmap.config.dtypes import default_dtype, parse_dtype
 from jaxmap.config.hardware import Hardware
 from jaxmap.engine.engine import Engine, StepShape, attend_bucket, prefill_bucket
+from jaxmap.engine.host_memory import return_freed_heap
 from jaxmap.engine.phases import Phases, jax_totals, listen_to_jax
 from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
@@ -104,15 +105,7 @@ class Model:
         ``reasoning_effort`` (low, medium, high) goes to templates that read it (harmony, gpt-oss's)."""
         if self.tokenizer is None:
             raise UserError(f"{self.source_path} has no tokenizer; pass token ids instead of text")
-        if reasoning_effort is not None and not chat:
-            raise UserError("a reasoning effort needs the chat template: pass --chat (chat=True) too")
-        if chat:
-            extra = {}
-            if check_reasoning_effort(reasoning_effort, self.tokenizer.chat_template) is not None:
-                extra["reasoning_effort"] = reasoning_effort
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **extra)
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.tokenizer.encode(prompt)
+        return encode_prompt(self.tokenizer, prompt, chat, reasoning_effort)
 
     def eos_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids)
@@ -392,6 +385,32 @@ def default_max_seq_len(config: ModelConfig) -> int:
     return min(config.max_position_embeddings, 4096)
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool = False,
+                  reasoning_effort: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` (see :meth:`Model.encode`), for callers that have the tokenizer before the model."""
+    if reasoning_effort is not None and not chat:
+        raise UserError("a reasoning effort needs the chat template: pass --chat (chat=True) too")
+    if chat:
+        extra = {}
+        if check_reasoning_effort(reasoning_effort, tokenizer.chat_template) is not None:
+            extra["reasoning_effort"] = reasoning_effort
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **extra)
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+RUN_SEQ_LEN_MIN = 256
+
+
+def run_max_seq_len(config: ModelConfig, positions: int) -> int:
+    """KV slots for a run known to need ``positions`` (its longest prompt plus its new tokens): the next power of two
+    from 256, at most the model's context. Sizing the cache to the run, not to min(context, 4096), keeps a short
+    generate from holding a long cache (SmolLM2 at 4096 slots: 180 MiB of float32 cache for 21 positions); powers of
+    two let runs of similar length share compiled programs."""
+    want = max(RUN_SEQ_LEN_MIN, 1 << max(0, positions - 1).bit_length())
+    return min(config.max_position_embeddings, want)
+
+
 def load(
     model: str | Path | None = None,
     dtype: str | None = None,
@@ -510,6 +529,7 @@ def load(
             chunk = prefill_chunk if prefill_chunk is not None else device_map.chunk
             engine = Engine(config, stages, jnp.dtype(np_dtype), seq, layer_mode, chunk)
             tokenizer = source.tokenizer()
+            return_freed_heap()  # the load's temporaries: freed, but still resident until handed back
         log.info("loaded %s: %d layers in %d stage(s), %s, max_seq_len %d", source.path, config.num_hidden_layers,
                  len(stages), jnp.dtype(np_dtype).name, seq)
         if save_plan is not None:

@@ -200,7 +200,34 @@ def test_non_utf8_topology_and_missing_plan_model(tmp_path, main):
 def test_plan_defaults_to_the_models_context(main):
     out = main("-m", str(TINY), module="jaxmap.plan")
     assert out.returncode == 0, out.stderr
-    assert "max_seq_len 512" in out.stdout  # tiny-llama's context, as generate would use
+    assert "max_seq_len 512" in out.stdout  # tiny-llama's context, as generate uses when it saves a plan
+
+
+def test_run_max_seq_len_is_a_power_of_two_from_256_within_the_context():
+    from jaxmap.api import run_max_seq_len
+    from jaxmap.cli.common import config_from_model_arg
+
+    config = config_from_model_arg(str(TINY))  # context 512
+    assert [run_max_seq_len(config, n) for n in (1, 21, 256, 257, 511, 600)] == [256, 256, 256, 512, 512, 512]
+    assert run_max_seq_len(config.with_changes(max_position_embeddings=100), 21) == 100
+
+
+def test_generate_sizes_the_kv_cache_to_its_run(tmp_path, main):
+    """Without --max-seq-len, generate's cache holds its longest prompt plus --max-new-tokens (a power of two from
+    256), not the model's whole context; the tokens are those of a run with the full cache; a saved plan keeps the
+    model's default, and --max-seq-len is taken as given."""
+    args = ("-m", str(TINY), "--max-new-tokens", "4", "--ignore-eos", "--json")
+    short = main(*args, "-p", "hello")
+    assert "KV cache: 256 slots per sequence" in short.stderr and "max_seq_len 256" in short.stderr, short.stderr
+    full = main(*args, "-p", "hello", "--max-seq-len", "512")
+    assert "sized for this run" not in full.stderr and "max_seq_len 512" in full.stderr
+    assert json.loads(short.stdout)["token_ids"] == json.loads(full.stdout)["token_ids"]
+    long = main(*args, "-p", "hello " * 260, "-p", "hi")
+    assert "KV cache: 512 slots" in long.stderr and "max_seq_len 512" in long.stderr, long.stderr
+    plan = tmp_path / "plan.yaml"
+    saved = main(*args, "-p", "hello", "--save-plan", str(plan))
+    assert saved.returncode == 0 and "sized for this run" not in saved.stderr
+    assert "max_seq_len: 512" in plan.read_text()
 
 
 def test_imatrix_output_folder_is_refused_before_the_run(tmp_path, main):

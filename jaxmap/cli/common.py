@@ -50,7 +50,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, "
                                                       "bfloat16 on accelerators)")
     parser.add_argument("--max-seq-len", type=int, default=None,
-                        help="KV cache slots per sequence (default: min(model context, 4096))")
+                        help="KV cache slots per sequence (default: min(model context, 4096); generate sizes it to "
+                             "its longest prompt plus --max-new-tokens, a power of two from 256, unless it "
+                             "saves or replays a plan)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="prompt tokens per prefill step (default 2048): longer prompts are prefilled in "
                              "chunks, so prefill memory follows the chunk, not --max-seq-len")

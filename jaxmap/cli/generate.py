@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if start_from_args(args):  # before any use of jax; processes other than 0 print nothing
         args.quiet = True
     t_import = time.perf_counter()
-    from jaxmap.api import load
+    from jaxmap.api import encode_prompt, load, run_max_seq_len
     from jaxmap.engine.compile_cache import enable_compile_cache
     from jaxmap.engine.program_store import enable_program_store
     from jaxmap.engine.sampling import SamplingParams
@@ -75,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
     check_type_flags(args.dtype, args.isq)
     if args.reasoning_effort is not None and not args.chat:
         raise UserError("--reasoning-effort needs --chat (it is a setting of the chat template)")
-    check_tokenizer(args.model, args.chat, args.reasoning_effort)
+    tokenizer, config = check_tokenizer(args.model, args.chat, args.reasoning_effort)
     enable_compile_cache()
     enable_program_store()
     batch = max(len(prompts), args.max_batch_size) if args.plan is None else None  # a plan keeps its own
-    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, layer_mode=args.layer_mode,
+    seq = args.max_seq_len
+    if seq is None and args.plan is None and args.save_plan is None:  # a saved plan keeps the model's default
+        need = max(len(encode_prompt(tokenizer, p, args.chat, args.reasoning_effort)) for p in prompts)
+        seq = run_max_seq_len(config, need + args.max_new_tokens)
+        log.info("KV cache: %d slots per sequence, sized for this run (longest prompt %d tokens + %d new; "
+                 "--max-seq-len sets it)", seq, need, args.max_new_tokens)
+    model = load(args.model, dtype=args.dtype, max_seq_len=seq, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
@@ -180,9 +186,10 @@ def check_type_flags(dtype: str | None, isq: str | None) -> None:
         parse_isq(isq)
 
 
-def check_tokenizer(model, chat: bool, reasoning_effort: str | None = None) -> None:
+def check_tokenizer(model, chat: bool, reasoning_effort: str | None = None):
     """Text prompts need a tokenizer, --chat its template, and --reasoning-effort a template that reads it: known
-    from the source's small files, so say so before the weights load rather than after."""
+    from the source's small files, so say so before the weights load rather than after. Returns the tokenizer and
+    the model's config (what sizes the run's KV cache)."""
     from jaxmap.api import resolve_source
     from jaxmap.loading.harmony import check_reasoning_effort
 
@@ -196,6 +203,7 @@ def check_tokenizer(model, chat: bool, reasoning_effort: str | None = None) -> N
         if chat and not tokenizer.chat_template:
             raise UserError(f"{source.path} has no chat template: drop --chat")
         check_reasoning_effort(reasoning_effort, tokenizer.chat_template)
+        return tokenizer, source.config
     finally:
         source.close()
 
