@@ -119,3 +119,30 @@ def test_llamacpp_peer_runs_the_same_gguf():
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("llama.cpp")]
     assert len(rows) == 2 and float(rows[0][-2]) > 0 and "n/a" in rows[1]
     assert "ratio jaxmap / llama.cpp" in r.stdout
+
+
+def test_profile_sorts_a_decode_tokens_ops_by_kind(run_main):
+    """``--profile`` traces the decode (jax.profiler over XLA's thunks) and puts every op in a kind by the compiled
+    program: the tiny llama's projections (Q8_0, one scanned stage) and its LM head are found, per token; the
+    command prints the table (its own load: the default layout, unrolled float32)."""
+    from jaxmap.api import load
+    from jaxmap.bench_profile import KINDS, classify, decode_profile, format_profile
+    from jaxmap.cli import bench
+
+    assert classify("while.3", "(s32[], f32[1,1,8])", "while", "", 256) is None  # a container: its body counts
+    assert classify("copy_dot_fusion.3", "f32[256]{0}", "fusion", "%fused (p: u8[128,64]) -> f32[256] {", 256) == (
+        "LM head and sampling")
+    assert classify("ynn_fusion.1", "f32[1,3,3,128]", "fusion", "", 256) == "attention and KV cache"
+    assert classify("copy_dot_fusion.7", "f32[288]{0}", "fusion", "", 256) == "projections"
+    model = load(TINY_LLAMA, dtype="float32", max_seq_len=64, progress=False, devices="0", layer_mode="scan",
+                 isq="Q8_0")
+    profile = decode_profile(model, [1, 5, 9, 13], new_tokens=4)
+    kinds = profile.by_kind()
+    assert set(kinds) == set(KINDS) and profile.tokens == 3 and profile.wall_ms > 0
+    assert kinds["projections"][0] > 0 and kinds["projections"][1] >= 2 * model.config.num_hidden_layers
+    assert kinds["LM head and sampling"][0] > 0
+    assert "projections" in format_profile(profile)
+    out = run_main(bench.main, "-m", TINY_LLAMA, "--profile", "--workload", "4x1", "--max-seq-len", "64",
+                  "--new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("decode profile:") and "ms per decode token" in out.stdout, out.stdout

@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MoE placement workload: prefill and decode tokens/s of a random 64-expert model with "
                              "its experts on the layer's device, computed on another CPU device (--cpu-moe) and "
                              "streamed from host memory (-ot exps=host) (jaxmap.bench_moe)")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace the decode of the first --layouts entry (or the default layout) at batch 1 and "
+                             "print where a token's time goes, by kind of op (jax.profiler over XLA's thunks)")
     parser.add_argument("--isq", default=None,
                         help="with --serving, --moe or --moe-apart: in-situ quantization type (e.g. Q8_0)")
     parser.add_argument("--worker", choices=("jaxmap", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
@@ -362,6 +365,8 @@ def run(args) -> int:
         return run_moe(args)
     if args.moe_apart:
         return run_moe_apart(args)
+    if args.profile:
+        return run_profile(args)
     layouts = parse_layouts(args.layouts) if args.layouts else None
     check_model(args.model, args.compare_transformers, args.compare_llamacpp)
     if layouts:
@@ -431,6 +436,30 @@ def run_moe_apart(args) -> int:
     from jaxmap.bench_moe import apart_rows, format_apart
 
     return _run_in_process(args, "moe-apart: 128-token prompt, ", apart_rows, format_apart)
+
+
+def run_profile(args) -> int:
+    """Where a decode token's time goes (:mod:`jaxmap.bench_profile`), in this process."""
+    from jaxmap.api import load
+    from jaxmap.bench_profile import decode_profile, format_profile
+    from jaxmap.engine.compile_cache import enable_compile_cache
+
+    layouts = parse_layouts(args.layouts) if args.layouts else {"default": ""}
+    name, wish = next(iter(layouts.items()))
+    check_model(args.model, False)
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=False, **parse_wish(wish))
+    if model.tokenizer is None:
+        raise UserError(f"{model.source_path} has no tokenizer, so the bench cannot encode its prompt")
+    prompt = prompt_ids(lambda s: model.tokenizer.encode(s, add_special_tokens=False), args.workload[0][0], 1)[0]
+    profile = decode_profile(model, prompt, min(NEW_TOKENS, 64))
+    modes = ", ".join(sorted({s.mode for s in model.engine.stages}))
+    print(f"decode profile: model {args.model or 'SmolLM2-135M-Instruct (default GGUF)'}, layout {name} "
+          f"({wish or 'automatic'}; {modes}), dtype {args.dtype}, batch 1, {len(prompt)}-token prompt, "
+          f"{os.cpu_count()} CPUs")
+    print(format_profile(profile))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
