@@ -23,12 +23,11 @@ from jaxmap.engine.sampling import SamplingParams, mark_seen
 from jaxmap.errors import UserError
 from jaxmap.families import family_of, preset_config
 from jaxmap.loading import default_model_path, open_source
-from jaxmap.loading.harmony import check_reasoning_effort
 from jaxmap.loading.harmony import parse as parse_harmony
 from jaxmap.loading.imatrix_file import Imatrix
 from jaxmap.loading.packaged import PACKAGED, packaged_model_path
 from jaxmap.loading.random_source import RandomSource
-from jaxmap.loading.tokenizer import Tokenizer
+from jaxmap.loading.tokenizer import Tokenizer, encode_prompt
 from jaxmap.materialize import isq as isq_mod
 from jaxmap.materialize.model import materialize_model
 from jaxmap.planning.device_map import DeviceMap
@@ -383,32 +382,6 @@ def resolve_source(model: str | Path | None, seed: int = 0):
 
 def default_max_seq_len(config: ModelConfig) -> int:
     return min(config.max_position_embeddings, 4096)
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool = False,
-                  reasoning_effort: str | None = None) -> list[int]:
-    """Token ids of ``prompt`` (see :meth:`Model.encode`), for callers that have the tokenizer before the model."""
-    if reasoning_effort is not None and not chat:
-        raise UserError("a reasoning effort needs the chat template: pass --chat (chat=True) too")
-    if chat:
-        extra = {}
-        if check_reasoning_effort(reasoning_effort, tokenizer.chat_template) is not None:
-            extra["reasoning_effort"] = reasoning_effort
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **extra)
-        return tokenizer.encode(prompt, add_special_tokens=False)
-    return tokenizer.encode(prompt)
-
-
-RUN_SEQ_LEN_MIN = 256
-
-
-def run_max_seq_len(config: ModelConfig, positions: int) -> int:
-    """KV slots for a run known to need ``positions`` (its longest prompt plus its new tokens): the next power of two
-    from 256, at most the model's context. Sizing the cache to the run, not to min(context, 4096), keeps a short
-    generate from holding a long cache (SmolLM2 at 4096 slots: 180 MiB of float32 cache for 21 positions); powers of
-    two let runs of similar length share compiled programs."""
-    want = max(RUN_SEQ_LEN_MIN, 1 << max(0, positions - 1).bit_length())
-    return min(config.max_position_embeddings, want)
 
 
 def load(

@@ -1,7 +1,6 @@
 """``python -m jaxmap.generate``: the command lives in :mod:`jaxmap.cli.generate`."""
 
-from jaxmap.cli.common import exit_process
-from jaxmap.cli.generate import main
+from jaxmap.cli.generate import exit_process, main
 
 if __name__ == "__main__":
     exit_process(main())

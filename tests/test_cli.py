@@ -204,8 +204,8 @@ def test_plan_defaults_to_the_models_context(main):
 
 
 def test_run_max_seq_len_is_a_power_of_two_from_256_within_the_context():
-    from jaxmap.api import run_max_seq_len
     from jaxmap.cli.common import config_from_model_arg
+    from jaxmap.planning.context import run_max_seq_len
 
     config = config_from_model_arg(str(TINY))  # context 512
     assert [run_max_seq_len(config, n) for n in (1, 21, 256, 257, 511, 600)] == [256, 256, 256, 512, 512, 512]

@@ -173,7 +173,7 @@ def test_gpt4o_pre_tokenizer_splits_as_o200k() -> None:
     "/" stays before the word it leads, CJK runs are one piece."""
     from tokenizers import Regex
 
-    from jaxmap.loading.gguf_source import _PRE_TOKENIZERS
+    from jaxmap.loading.gguf_vocab import _PRE_TOKENIZERS
 
     (regex,) = _PRE_TOKENIZERS["gpt-4o"]
     split = pre_tokenizers.Split(Regex(regex), behavior="isolated")

@@ -18,6 +18,7 @@ from jaxmap.cli.common import (
     add_mapping_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    exit_process,  # noqa: F401 (the entry module's exit, re-exported)
     expert_wish,
     guarded,
     setup_logging,
@@ -61,11 +62,13 @@ def run(args: argparse.Namespace) -> int:
     if start_from_args(args):  # before any use of jax; processes other than 0 print nothing
         args.quiet = True
     t_import = time.perf_counter()
-    from jaxmap.api import encode_prompt, load, run_max_seq_len
+    from jaxmap.api import load
     from jaxmap.engine.compile_cache import enable_compile_cache
     from jaxmap.engine.program_store import enable_program_store
     from jaxmap.engine.sampling import SamplingParams
     from jaxmap.loading.harmony import Delta, HarmonyStream
+    from jaxmap.loading.tokenizer import encode_prompt
+    from jaxmap.planning.context import run_max_seq_len
 
     log.debug("import phase: %.2f s (jax and jaxmap's engine)", time.perf_counter() - t_import)
     prompts = read_prompts(args.prompt)
@@ -83,14 +86,15 @@ def run(args: argparse.Namespace) -> int:
     if seq is None and args.plan is None and args.save_plan is None:  # a saved plan keeps the model's default
         need = max(len(encode_prompt(tokenizer, p, args.chat, args.reasoning_effort)) for p in prompts)
         seq = run_max_seq_len(config, need + args.max_new_tokens)
-        log.info("KV cache: %d slots per sequence, sized for this run (longest prompt %d tokens + %d new; "
-                 "--max-seq-len sets it)", seq, need, args.max_new_tokens)
     model = load(args.model, dtype=args.dtype, max_seq_len=seq, layer_mode=args.layer_mode,
                  seed=args.seed, progress=not args.quiet, tp=args.tp, pp=args.pp, devices=args.devices,
                  device_layers=args.device_layers, topology=args.topology, plan=args.plan,
                  save_plan=args.save_plan, max_batch_size=batch, max_memory=args.max_memory,
                  auto=args.auto, allow_disk=args.allow_disk, offload_folder=args.offload_folder, isq=args.isq,
                  imatrix=args.imatrix, prefill_chunk=args.prefill_chunk, **expert_wish(args))
+    if seq is not None and args.max_seq_len is None:  # said once loaded: a failed start stays one error line
+        log.info("KV cache: %d slots per sequence, sized for this run (longest prompt %d tokens + %d new; "
+                 "--max-seq-len sets it)", seq, need, args.max_new_tokens)
 
     stream = not args.json and len(prompts) == 1
     harmony = args.chat and model.tokenizer.harmony

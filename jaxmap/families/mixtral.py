@@ -55,6 +55,12 @@ def gguf_experts(arch: str, get, raw: Mapping[str, Any]) -> dict[str, Any]:
             "moe_intermediate_size": int(get(f"{arch}.expert_feed_forward_length", raw["intermediate_size"]))}
 
 
+def gguf_fused_gate_up(layer: int, kind: str) -> str:
+    """The GGUF name of a layer's expert gate and up stacks fused into one (``kind`` ``weight`` or ``bias``), as
+    llama.cpp's converter writes them with ``--fuse-gate-up-exps``: gate rows, then up rows."""
+    return f"blk.{layer}.ffn_gate_up_exps.{kind}"
+
+
 def gguf_dense_layers(gguf_names, layers: int) -> dict[str, Any]:
     """``mlp_only_layers`` of a MoE GGUF file, told by its tensors: a layer with no router (``ffn_gate_inp``) but a
     dense ``ffn_gate`` keeps a dense MLP (Qwen3-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, which

@@ -266,3 +266,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
     return raw if isinstance(raw, dict) else {}
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool = False,
+                  reasoning_effort: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` (see :meth:`jaxmap.api.Model.encode`), for callers that have the tokenizer before
+    the model."""
+    if reasoning_effort is not None and not chat:
+        raise UserError("a reasoning effort needs the chat template: pass --chat (chat=True) too")
+    if chat:
+        extra = {}
+        if harmony.check_reasoning_effort(reasoning_effort, tokenizer.chat_template) is not None:
+            extra["reasoning_effort"] = reasoning_effort
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], **extra)
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    return tokenizer.encode(prompt)
