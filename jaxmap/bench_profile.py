@@ -109,8 +109,8 @@ def decode_profile(model, prompt: list[int], new_tokens: int = 32) -> DecodeProf
     if new_tokens < 2:
         raise ValueError("a decode profile needs at least 2 new tokens")
     engine = model.engine
-    untraced = model.generate([prompt], max_new_tokens=new_tokens, stop_at_eos=False)[0]  # compiles, then timed
-    model.generate([prompt], max_new_tokens=new_tokens, stop_at_eos=False)
+    model.generate([prompt], max_new_tokens=new_tokens, stop_at_eos=False)  # compiles every program it needs
+    untraced = model.generate([prompt], max_new_tokens=new_tokens, stop_at_eos=False)[0]  # the wall time per token
     with tempfile.TemporaryDirectory(prefix="jaxmap-profile-") as folder:
         started: list[bool] = []
 
