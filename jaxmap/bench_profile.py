@@ -81,7 +81,7 @@ def classify(name: str, shape: str, opcode: str, body: str, vocab: int) -> str |
         return "LM head and sampling"
     if len(dims) >= 4 or "dynamic-update-slice" in name or opcode == "dynamic-update-slice":
         return "attention and KV cache"  # decode's activations are [batch, tokens, features]; heads add axes
-    if "dot" in name or " dot(" in body:
+    if "dot" in name or " dot(" in body or "jaxmap_qmatvec" in body:  # XLA's products, or jaxmap's CPU kernel
         return "projections"
     return "other"
 

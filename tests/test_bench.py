@@ -134,6 +134,8 @@ def test_profile_sorts_a_decode_tokens_ops_by_kind(run_main):
         "LM head and sampling")
     assert classify("ynn_fusion.1", "f32[1,3,3,128]", "fusion", "", 256) == "attention and KV cache"
     assert classify("copy_dot_fusion.7", "f32[288]{0}", "fusion", "", 256) == "projections"
+    native = '%ffi_call.3 = f32[1,288]{1,0} custom-call(f32[1,64]{1,0} %x), custom_call_target="jaxmap_qmatvec"'
+    assert classify("ffi_call.3", "f32[1,288]{1,0}", "custom-call", native, 256) == "projections"
     model = load(TINY_LLAMA, dtype="float32", max_seq_len=64, progress=False, devices="0", layer_mode="scan",
                  isq="Q8_0")
     profile = decode_profile(model, [1, 5, 9, 13], new_tokens=4)

@@ -210,7 +210,10 @@ def test_native_gguf_layers_on_disk_keep_their_types(default_gguf, smollm2_nativ
     assert disk.read(min(disk.specs))["w_up"].qtype == "Q4_1"
     assert {r.device: r for r in model.device_map.memory}["offload"].weights_bytes == disk.stored_bytes()
     ids = [[1, 2, 3, 4, 5, 6, 7, 8]]
-    np.testing.assert_allclose(model.forward_logits(ids)[0], ref.forward_logits(ids)[0], atol=1e-4)
+    # the resident layers' products run in the native CPU kernel, the streamed ones in XLA: the same float32 sums in
+    # another order, 30 layers deep (measured 1.7e-5 of the largest logit)
+    want = ref.forward_logits(ids)[0]
+    np.testing.assert_allclose(model.forward_logits(ids)[0], want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
 def test_disk_layers_of_different_types_in_one_stage(tmp_path):

@@ -68,6 +68,7 @@ def collect() -> dict:
         "devices": devices,
         "local_device_count": jax.local_device_count(),
         "collectives": _collectives(jax),
+        "native_cpu_kernel": _native_kernel(),
         "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
         "advice": advice(devices, jax.process_count()),
     }
@@ -127,11 +128,19 @@ def advice(devices: list[dict], process_count: int) -> list[str]:
     return out
 
 
+def _native_kernel() -> str:
+    """Whether quantized decode products on CPU run in jaxmap's native kernel (built here now if need be)."""
+    from jaxmap.quant import native
+
+    return native.status()
+
+
 def render(report: dict) -> str:
     lines = ["jaxmap doctor", ""]
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     lines.append(f"default backend: {report['backend']}; process {report['process_index']} of "
                  f"{report['process_count']}; collectives: {report['collectives']}")
+    lines.append(f"native CPU kernel (quantized decode products): {report['native_cpu_kernel']}")
     lines.append("")
     lines.append(f"{'name':<10} {'id':>3} {'kind':<22} {'proc':>4} {'in use':>12} {'limit':>12}  memory kinds")
     for d in report["devices"]:

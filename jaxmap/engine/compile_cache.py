@@ -11,15 +11,10 @@ import logging
 import os
 from pathlib import Path
 
+from jaxmap.config.cache import cache_root
+
 log = logging.getLogger(__name__)
 _enabled: Path | None = None
-
-
-def cache_root() -> Path:
-    if os.environ.get("JAXMAP_CACHE_DIR"):
-        return Path(os.environ["JAXMAP_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jaxmap"
 
 
 def enable_compile_cache() -> Path | None:

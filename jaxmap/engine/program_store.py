@@ -40,7 +40,7 @@ def enable_program_store(root: Path | None = None) -> Path | None:
     if os.environ.get("JAXMAP_PROGRAM_STORE", "1") in ("0", "false", "no", "off"):
         return None
     if root is None:
-        from jaxmap.engine.compile_cache import cache_root
+        from jaxmap.config.cache import cache_root
 
         root = cache_root() / "programs"
     try:
@@ -142,7 +142,11 @@ def load_or_export(key: str, fn: Callable, args: Sequence[Any], donate: Sequence
 
         try:
             specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
-            exported = export.export(jax.jit(flat))(*specs)
+            from jaxmap.quant import native
+
+            # the native CPU kernel's custom call: registered by jaxmap itself before any stored program runs
+            checks = [export.DisabledSafetyCheck.custom_call(native.TARGET)]
+            exported = export.export(jax.jit(flat), disabled_checks=checks)(*specs)
             data = exported.serialize()
         except Exception as exc:
             log.debug("program not stored (%s: %s); tracing as usual", type(exc).__name__, exc)

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmap.engine import layers
+from jaxmap.quant import native
 
 log = logging.getLogger(__name__)
 MAX_PERIOD = 8  # longest repeating pattern looked for (Gemma 3's is 6)
@@ -221,9 +222,12 @@ def run_layers(layout: ScanLayout, seg_params: Sequence[tuple], caches: Sequence
                 new_caches.append((kc, vc))
             continue
 
-        def body(carry, xs, seg_designs=seg_designs):
+        sliced, rebuild = native.split_stacked(params)  # the native kernel's weights stay whole (read in place)
+
+        def body(carry, xs, seg_designs=seg_designs, rebuild=rebuild):
             h, cs = carry
             index, ps = xs
+            ps = rebuild(ps, index)
             out = []
             for p, (kc, vc), d in zip(ps, cs, seg_designs, strict=True):
                 h, kc, vc = layers.decoder_layer(p, h, kc, vc, start, ctx, shape.attend_len, config, d,
@@ -231,7 +235,7 @@ def run_layers(layout: ScanLayout, seg_params: Sequence[tuple], caches: Sequence
                 out.append((kc, vc))
             return (h, tuple(out)), None
 
-        (x, seg_caches), _ = jax.lax.scan(body, (x, seg_caches), (jnp.arange(seg.reps, dtype=jnp.int32), params))
+        (x, seg_caches), _ = jax.lax.scan(body, (x, seg_caches), (jnp.arange(seg.reps, dtype=jnp.int32), sliced))
         new_caches.extend(seg_caches)
     return x, new_caches
 

@@ -158,6 +158,10 @@ def _qfields():
     return dataclasses.fields(QTensor)
 
 
+# where a weight runs (chosen when it is placed), not what is stored
+_RUNTIME_FIELDS = ("kernel",)
+
+
 def qtensor_leaves(qt) -> tuple[dict[str, Any], dict]:
     """A QTensor's arrays by leaf name (``q0``, ``d``, ``sc1``...) and what rebuilds it (static fields, tuple sizes)."""
     leaves: dict[str, Any] = {}
@@ -165,6 +169,8 @@ def qtensor_leaves(qt) -> tuple[dict[str, Any], dict]:
     tuples: dict[str, int] = {}
     for f in _qfields():
         v = getattr(qt, f.name)
+        if f.name in _RUNTIME_FIELDS:
+            continue
         if f.metadata.get("static"):
             static[f.name] = list(v) if isinstance(v, tuple) else v
         elif isinstance(v, tuple):
@@ -180,6 +186,8 @@ def qtensor_from(leaves: dict[str, Any], layout: dict):
 
     kw: dict[str, Any] = {}
     for f in _qfields():
+        if f.name in _RUNTIME_FIELDS:
+            continue
         if f.metadata.get("static"):
             v = layout["static"][f.name]
             kw[f.name] = tuple(v) if isinstance(v, list) else v

@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
+from jaxmap.config.cache import cache_root
 from jaxmap.errors import UserError
 
 GEMMA3_270M = "gemma-3-270m-q4_k_m"
@@ -24,8 +25,7 @@ PACKAGED = {GEMMA3_270M: "Gemma 3 270M, Q4_K_M GGUF (253 MB; " + _GEMMA_INSTALL 
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("JAXMAP_CACHE_DIR")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "jaxmap") / "models"
+    return cache_root() / "models"
 
 
 def _package_files(package: str, hint: str) -> list[Path]:

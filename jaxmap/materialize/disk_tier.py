@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxmap.config import ModelConfig
+from jaxmap.config.cache import cache_root
 from jaxmap.errors import UserError
 from jaxmap.families import ParamSpec, config_to_hf, layer_param_specs
 from jaxmap.loading.safetensors_source import SAFETENSORS_DTYPES, SafetensorsSource, parse_header
@@ -40,9 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def default_offload_folder() -> Path:
-    base = os.environ.get("JAXMAP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxmap")
-    return Path(base) / "offload"
+    return cache_root() / "offload"
 
 
 def check_writable(folder: Path) -> None:

@@ -25,6 +25,7 @@ from jaxmap.materialize.params import count_params, stage_param_specs
 from jaxmap.materialize.placement import live_devices_by_name, make_mesh, stage_placements
 from jaxmap.planning.device_map import DeviceMap
 from jaxmap.progress import Progress
+from jaxmap.quant import native
 from jaxmap.quant.qtensor import split_of
 
 
@@ -102,6 +103,8 @@ def materialize_model(source, device_map: DeviceMap, hardware: Hardware, dtype: 
             return p.param_sharding(spec, config, kind)
 
         params = stage_params.materialize_stage(source, specs, stage_dtype, place_for, bar, quantizer)
+        if kind == "device" and placement.mesh.devices.size == 1 and placement.platform == "cpu":
+            params = native.mark(params)  # decode products in jaxmap's CPU kernel (jaxmap/quant/native)
         streamed = kind in ("host", "disk") and placement.end > placement.start
         layer_shardings = _device_shardings(params, placement, config) if streamed else None
         disk = None

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxmap.quant import native
 from jaxmap.quant.mxfp4 import FP4_VALUES
 from jaxmap.quant.qtensor import QTensor
 from jaxmap.quant.types import QTYPES, _planes
@@ -216,7 +217,13 @@ def qdot(x: jax.Array, w: QTensor) -> jax.Array:
       GEMM reads fastest (``x @ W.T`` transposes it, 1.5-2.5x slower at 8 rows); prefill takes ``x @ W.T``.
     """
     lead, n = x.shape[:-1], x.shape[-1]
+    if isinstance(w, native.LayerOf):  # one layer of a scanned stack, for the native kernel
+        if math.prod(lead) <= native.MAX_ROWS:
+            return native.qmatvec(x, w.stack, w.index)
+        w = w.sliced()
     rows, out = math.prod(lead), w.shape[0]
+    if w.kernel == native.KERNEL and rows <= native.MAX_ROWS:
+        return native.qmatvec(x, w)
     q = QTYPES[w.qtype]
     ones = _ones_after(x, w.sub, x.dtype) if rows > 1 or q.kind == "k" else None
     a, b = _block_scales(w, x.dtype, ones)
@@ -249,12 +256,12 @@ def qdot(x: jax.Array, w: QTensor) -> jax.Array:
 
 def dense(x: jax.Array, w) -> jax.Array:
     """``x @ w`` for a plain ``[in, out]`` weight, or the quantized product for a :class:`QTensor` ``[out, in]``."""
-    return qdot(x, w) if isinstance(w, QTensor) else x @ w
+    return qdot(x, w) if isinstance(w, (QTensor, native.LayerOf)) else x @ w
 
 
 def dense_rows(x: jax.Array, w) -> jax.Array:
     """``x @ w.T`` for a plain ``[out, in]`` weight (the tied LM head), or the quantized product."""
-    return qdot(x, w) if isinstance(w, QTensor) else jnp.einsum("...d,vd->...v", x, w.astype(x.dtype))
+    return qdot(x, w) if isinstance(w, (QTensor, native.LayerOf)) else jnp.einsum("...d,vd->...v", x, w.astype(x.dtype))
 
 
 def take_rows(w, ids: jax.Array, dtype) -> jax.Array:

@@ -41,6 +41,7 @@ class QTensor:
     block ``[out, n_block]`` (``n_block`` rounded up: a short last super-block has its own); ``m``: float16 min per
     block (Q4_1, Q5_1) ``[out, n_block]``; ``dmin``: K types' min scale ``[out, n_block]``; ``sc`` / ``mc``: K
     types' scale / min code planes ``[out * w / 8, n_sub]``, one code per sub-block of ``sub`` inputs.
+    ``kernel``: what multiplies it at decode (see :mod:`jaxmap.quant.native`).
     """
 
     q: tuple
@@ -52,6 +53,9 @@ class QTensor:
     qtype: str = dataclasses.field(default="Q8_0", metadata={"static": True})
     shape: tuple = dataclasses.field(default=(0, 0), metadata={"static": True})  # (out, in)
     sub: int = dataclasses.field(default=32, metadata={"static": True})  # elements per value group
+    # what runs its products at a few activation rows: "xla" (jnp, kernels.qdot) or "cpu" (jaxmap's native CPU
+    # kernel, jaxmap.quant.native; set where the weight is placed on one CPU device)
+    kernel: str = dataclasses.field(default="xla", metadata={"static": True})
 
     @property
     def nbytes(self) -> int:

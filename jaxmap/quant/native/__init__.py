@@ -1,0 +1,277 @@
+"""jaxmap's native CPU kernel for quantized products at decode (``qmatvec.cc``), called from jitted programs through
+``jax.ffi``.
+
+XLA:CPU runs a quantized matrix-vector product as a fused loop that unpacks and scales every code on its way into the
+multiply; for 4-bit GGUF models that loop, not memory, bounds decode. The kernel here unpacks 16 codes per vector
+instruction (a 4-bit plane's two rows per byte at once), multiplies them as floats with the (unquantized, float32)
+activation, scales each sub-block's partial sum once, and splits the output rows over XLA's intra-op thread pool.
+Results equal the dequantized product up to float summation order (an int16 activation, tried, cost SmolLM2 up to
+1% of a logit where its activations have outliers; the float form is as fast here).
+
+It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the
+XLA FFI headers jaxlib ships, ``-O3 -march=native``, into ``<jaxmap cache>/native/`` keyed by the source, jaxlib's
+version, the compiler and the CPU (about 2 s, once). Where there is no compiler or the build fails, quantized
+products stay XLA's (logged once at INFO; ``python -m jaxmap.doctor`` says why). ``JAXMAP_NATIVE_KERNELS=0`` turns
+the kernel off.
+
+Which products use it is decided where weights are placed (:func:`mark`): quantized ``[out, in]`` weights of a
+stage on one CPU device, for the block types of :func:`supports`. The choice is a static field of the
+:class:`~jaxmap.quant.qtensor.QTensor` (``kernel``), so it is part of every program's cache key.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from jaxmap.config.cache import cache_root
+from jaxmap.quant.qtensor import QTensor
+from jaxmap.quant.types import QTYPES, _planes
+
+log = logging.getLogger(__name__)
+
+TARGET = "jaxmap_qmatvec"
+KERNEL = "cpu"  # QTensor.kernel value of a weight whose decode products run here
+MAX_ROWS = 8  # activation rows sent to the kernel (decode batches); more go to XLA's GEMM (faster from 16 rows)
+THREADS = 0  # helper threads of a call: 0 = XLA's intra-op pool size (set lower only to measure)
+SOURCE = Path(__file__).with_name("qmatvec.cc")
+_WIDTHS = {(4,), (8,), (4, 1), (4, 2), (2,), (2, 1)}  # value plane widths the kernel unpacks
+
+
+@dataclasses.dataclass
+class _State:
+    library: Path | None = None
+    problem: str | None = None  # why the kernel is not available
+
+
+_state: _State | None = None
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get("JAXMAP_NATIVE_KERNELS", "1").lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the kernel is built (or was built before) and registered with XLA in this process."""
+    return _ensure().library is not None
+
+
+def status() -> str:
+    """One line for ``doctor``: the built library's path, or why quantized products stay XLA's."""
+    state = _ensure()
+    return f"built ({state.library})" if state.library else f"off: {state.problem}"
+
+
+def _ensure() -> _State:
+    global _state
+    if _state is None:
+        _state = _State()
+        try:
+            _state.library = _build_and_register()
+        except _Unavailable as exc:
+            _state.problem = str(exc)
+            log.info("native CPU kernel unavailable (%s); quantized products run in XLA", exc)
+    return _state
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise _Unavailable("no C++ compiler found (set CXX)")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the machine and its CPU's feature flags (a shared cache folder may be seen
+    from several machines)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build_and_register() -> Path:
+    if disabled_by_env():
+        raise _Unavailable("JAXMAP_NATIVE_KERNELS=0")
+    import jax
+    import jaxlib
+
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", "-I", include]
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise _Unavailable(f"{cxx} --version failed ({exc})") from None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
+                                     _cpu_identity().encode(), " ".join(flags).encode()])).hexdigest()[:20]
+    folder = cache_root() / "native"
+    library = folder / f"qmatvec-{key}.so"
+    if not library.exists():
+        _compile(cxx, flags, folder, library)
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(library))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxmapQMatvec), platform="cpu")
+    except (OSError, AttributeError, ValueError, RuntimeError) as exc:
+        raise _Unavailable(f"cannot load {library} ({exc})") from None
+    return library
+
+
+def _compile(cxx: str, flags: list[str], folder: Path, library: Path) -> None:
+    """Compile into a temporary file beside ``library`` and rename it over (a concurrent build is harmless)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=library.stem, suffix=".tmp.so")
+        os.close(fd)
+    except OSError as exc:
+        raise _Unavailable(f"cannot write {folder} ({exc.strerror})") from None
+    log.info("building jaxmap's native CPU kernel (once per machine and jaxlib version)")
+    try:
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise _Unavailable(f"{Path(cxx).name} failed: {last}")
+        os.replace(tmp, library)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise _Unavailable(f"{Path(cxx).name} failed ({exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- which weights ---------------------------------------------------------------------------------------------
+
+def supports(w: QTensor) -> bool:
+    """Whether the kernel takes this weight: a 2-D block type (simple or K) with float16 scales."""
+    q = QTYPES.get(w.qtype)
+    if q is None or q.kind not in ("simple", "k") or q.widths not in _WIDTHS or w.sub not in (16, 32):
+        return False
+    if w.q[0].ndim != 2 or w.shape[1] % 32 or w.d.dtype.name != "float16":
+        return False
+    mins = w.m if w.m is not None else w.dmin
+    return mins is None or mins.dtype.name == "float16"
+
+
+def mark(tree):
+    """``tree`` with every supported QTensor set to run its decode products here (when the kernel is available)."""
+    import jax
+
+    if not available():
+        return tree
+
+    def one(leaf):
+        if isinstance(leaf, QTensor) and supports(leaf):
+            return dataclasses.replace(leaf, kernel=KERNEL)
+        return leaf
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, QTensor))
+
+
+# ---- the product --------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _empty(dtype: str):
+    import numpy as np
+
+    return np.zeros((0,), dtype)
+
+
+@dataclasses.dataclass
+class LayerOf:
+    """One layer of a scanned stack of weights (``stack``'s arrays ``[layers, ...]``, ``index`` traced), read by the
+    kernel in place: sliced inside the scan, a weight would be copied out of its stack before every call (an XLA
+    product fuses the slice; a custom call takes whole buffers)."""
+
+    stack: QTensor
+    index: object
+
+    def sliced(self) -> QTensor:
+        import jax
+
+        return jax.tree.map(lambda a: a[self.index], self.stack)
+
+
+def _register_layer_of() -> None:
+    import jax
+
+    jax.tree_util.register_dataclass(LayerOf, data_fields=["stack", "index"], meta_fields=[])
+
+
+_register_layer_of()
+
+
+def is_native(leaf) -> bool:
+    return isinstance(leaf, QTensor) and leaf.kernel == KERNEL
+
+
+def split_stacked(stacked):
+    """A scanned segment's stacked parameters as (what the scan slices, the kernel's weights kept whole, a rebuild
+    function taking the sliced part and the layer index)."""
+    import jax
+
+    leaves, tree = jax.tree.flatten(stacked, is_leaf=lambda x: isinstance(x, QTensor))
+    whole = {i: leaf for i, leaf in enumerate(leaves) if is_native(leaf)}
+    sliced = [leaf for i, leaf in enumerate(leaves) if i not in whole]
+
+    def rebuild(sliced_leaves, index):
+        it = iter(sliced_leaves)
+        return jax.tree.unflatten(tree, [LayerOf(whole[i], index) if i in whole else next(it)
+                                         for i in range(len(leaves))])
+
+    return sliced, rebuild
+
+
+def qmatvec(x, w: QTensor, layer=None):
+    """``x [..., in] @ W.T`` for up to :data:`MAX_ROWS` rows of ``x``, in ``x``'s dtype (computed in float32).
+    ``layer``: the index of the weight in ``w``'s stacked arrays (``w`` one layer when None)."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if not available():  # a weight is only marked where it is; this registers the target in a fresh process
+        raise RuntimeError(f"jaxmap's native CPU kernel is unavailable: {_ensure().problem}")
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows, out = math.prod(lead), w.shape[0]
+    q = QTYPES[w.qtype]
+    k_type = q.kind == "k"
+
+    def planes(arrays, widths):
+        arrays, widths = list(arrays), list(widths)
+        return arrays + [_empty("uint8")] * (2 - len(arrays)), widths + [0] * (2 - len(widths))
+
+    values, vw = planes(w.q, q.widths)
+    scales, sw = planes(w.sc, _planes(q.scale_bits)) if k_type else planes((), ())
+    mins_planes, mw = planes(w.mc, _planes(q.min_bits)) if k_type and w.dmin is not None else planes((), ())
+    mins = w.m if not k_type else w.dmin
+    layers = 1 if layer is None else w.d.shape[0]
+    index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, out), jnp.float32), vmap_method="sequential")(
+        x.reshape(rows, n).astype(jnp.float32), index, *values, w.d, _empty("float16") if mins is None else mins,
+        *scales, *mins_planes,
+        w0=np.int64(vw[0]), w1=np.int64(vw[1]), offset=np.int64(q.offset), sub=np.int64(w.sub),
+        block=np.int64(q.block), k_type=np.int64(k_type), scw0=np.int64(sw[0]), scw1=np.int64(sw[1]),
+        scale_offset=np.int64(q.scale_offset), mcw0=np.int64(mw[0]), mcw1=np.int64(mw[1]), layers=np.int64(layers),
+        threads=np.int64(THREADS))
+    return y.reshape(*lead, out).astype(x.dtype)
