@@ -130,6 +130,17 @@ def test_switched_off_or_unbuildable_falls_back(tmp_path):
     assert not any((tmp_path / "native").iterdir())
 
 
+@pytest.mark.parametrize("machine,flags,why", [
+    ("aarch64", "Features: fp asimd", "needs an x86-64 CPU with AVX2 (this one is aarch64)"),
+    ("x86_64", "flags: fpu sse sse2 avx", "needs a CPU with AVX2, FMA and F16C (this one lacks avx2, fma, f16c)"),
+])
+def test_cpus_without_a_vector_path_keep_xla(monkeypatch, machine, flags, why):
+    monkeypatch.setattr(native.platform, "machine", lambda: machine)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
+    with pytest.raises(native._Unavailable, match=why.replace("(", r"\(").replace(")", r"\)")):
+        native._check_cpu()
+
+
 def test_mark_is_a_static_choice_in_the_tree():
     """The kernel is part of the pytree's structure, so a program (and a stored one's key) differs with it."""
     w = _weight("Q4_1", (32, 64))

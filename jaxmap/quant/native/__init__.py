@@ -4,15 +4,17 @@
 XLA:CPU runs a quantized matrix-vector product as a fused loop that unpacks and scales every code on its way into the
 multiply; for 4-bit GGUF models that loop, not memory, bounds decode. The kernel here unpacks 16 codes per vector
 instruction (a 4-bit plane's two rows per byte at once), multiplies them as floats with the (unquantized, float32)
-activation, scales each sub-block's partial sum once, and splits the output rows over XLA's intra-op thread pool.
-Results equal the dequantized product up to float summation order (an int16 activation, tried, cost SmolLM2 up to
-1% of a logit where its activations have outliers; the float form is as fast here).
+activation, scales each sub-block's partial sum once, prefetches the weight a few rows ahead (a decode streams every
+weight from memory once), and splits the output rows over XLA's intra-op thread pool. Results equal the dequantized
+product up to float summation order (an int16 activation, tried, cost SmolLM2 up to 1% of a logit where its
+activations have outliers; the float form is as fast here).
 
-It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the
-XLA FFI headers jaxlib ships, ``-O3 -march=native``, into ``<jaxmap cache>/native/`` keyed by the source, jaxlib's
-version, the compiler and the CPU (about 2 s, once). Where there is no compiler or the build fails, quantized
-products stay XLA's (logged once at INFO; ``python -m jaxmap.doctor`` says why). ``JAXMAP_NATIVE_KERNELS=0`` turns
-the kernel off.
+It has AVX-512 and AVX2 paths, so it is built only on x86-64 CPUs with AVX2, FMA and F16C (elsewhere XLA's products
+are the faster ones). It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
+``clang++``) against the XLA FFI headers jaxlib ships, ``-O3 -march=native``, into ``<jaxmap cache>/native/`` keyed
+by the source, jaxlib's version, the compiler and the CPU (about 2 s, once). Where there is no compiler or the build
+fails, quantized products stay XLA's (logged once at INFO; ``python -m jaxmap.doctor`` says why).
+``JAXMAP_NATIVE_KERNELS=0`` turns the kernel off.
 
 Which products use it is decided where weights are placed (:func:`mark`): quantized ``[out, in]`` weights of a
 stage on one CPU device, for the block types of :func:`supports`. The choice is a static field of the
@@ -94,24 +96,38 @@ def _compiler() -> str:
     raise _Unavailable("no C++ compiler found (set CXX)")
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: the machine and its CPU's feature flags (a shared cache folder may be seen
-    from several machines)."""
-    flags = ""
+def _cpu_flags() -> str:
+    """The CPU's feature flags line from /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    flags = line
-                    break
+                    return line
     except OSError:
         pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
+    return ""
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the machine and its CPU's feature flags (a shared cache folder may be seen
+    from several machines)."""
+    return f"{platform.machine()}|{platform.processor()}|{_cpu_flags()}"
+
+
+def _check_cpu() -> None:
+    """The kernel has AVX-512 and AVX2 paths only; elsewhere XLA's products are the faster ones."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise _Unavailable(f"needs an x86-64 CPU with AVX2 (this one is {platform.machine() or 'unknown'})")
+    flags = set(_cpu_flags().split(":", 1)[-1].split())
+    missing = [f for f in ("avx2", "fma", "f16c") if f not in flags]
+    if flags and missing:
+        raise _Unavailable(f"needs a CPU with AVX2, FMA and F16C (this one lacks {', '.join(missing)})")
 
 
 def _build_and_register() -> Path:
     if disabled_by_env():
         raise _Unavailable("JAXMAP_NATIVE_KERNELS=0")
+    _check_cpu()
     import jax
     import jaxlib
 
