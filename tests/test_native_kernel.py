@@ -84,7 +84,7 @@ def test_layer_of_a_stack_is_read_in_place():
 
 
 def test_model_on_one_cpu_device_runs_its_products_here(smollm2_native, default_gguf):
-    """The default GGUF on cpu[0]: every quantized weight marked, the decode program calls the kernel (no weight
+    """The default GGUF on cpu[0]: every quantized weight marked, the decode program calls the kernels (no weight
     copied out of a scanned stack), and its logits and greedy tokens equal those of XLA's products."""
     import jaxmap
     from jaxmap.quant.qtensor import QTensor
@@ -94,7 +94,7 @@ def test_model_on_one_cpu_device_runs_its_products_here(smollm2_native, default_
                  if isinstance(leaf, QTensor)]
     assert quantized and all(leaf.kernel == native.KERNEL for leaf in quantized)
     text = smollm2_native.engine.compiled_text(0)
-    assert native.TARGET in text
+    assert native.TARGET in text and native.ATTENTION_TARGET in text  # products and decode attention
 
     real = native.available
     native.available = lambda: False  # this load keeps XLA's products
@@ -145,3 +145,44 @@ def test_mark_is_a_static_choice_in_the_tree():
     """The kernel is part of the pytree's structure, so a program (and a stored one's key) differs with it."""
     w = _weight("Q4_1", (32, 64))
     assert jax.tree.structure(w) != jax.tree.structure(dataclasses.replace(w, kernel=native.KERNEL))
+
+
+# ---- decode attention ------------------------------------------------------------------------------------------
+
+def _attention_case(rng, b=2, g=3, r=2, k=64, slots=24, read=16, layers=None, dtype=jnp.float32):
+    stack = () if layers is None else (layers,)
+    q = jnp.asarray(rng.standard_normal((b, g, r, k)), jnp.float32)
+    caches = [jnp.asarray(rng.standard_normal((*stack, b, g, slots, k)), dtype) for _ in range(2)]
+    new = [jnp.asarray(rng.standard_normal((b, g, k)), jnp.float32) for _ in range(2)]
+    mask = jnp.asarray(rng.random((b, read)) < 0.7)
+    return q, caches, new, mask
+
+
+@pytest.mark.parametrize("case", [
+    dict(),  # grouped-query heads, a batch with its own mask per row, float32
+    dict(k=40, r=1, b=1),  # a head size off the vector width
+    dict(dtype=jnp.bfloat16, softcap=5.0),  # bfloat16 caches, Gemma 2's soft-capping
+    dict(layers=4, sinks=True),  # one layer of a stack read in place, gpt-oss's sinks
+    dict(read=0, b=1),  # nothing cached yet: only the new key
+])
+def test_decode_attention_equals_xla(case):
+    from jaxmap.engine.blocks import _decode_attention
+
+    case = dict(case)
+    softcap, sinks = case.pop("softcap", None), case.pop("sinks", False)
+    rng = np.random.default_rng(3)
+    q, (kc, vc), (kn, vn), mask = _attention_case(rng, **case)
+    g, r = q.shape[1], q.shape[2]
+    sink = jnp.asarray(rng.standard_normal((g, r)), jnp.float32) if sinks else None
+    layer = None if kc.ndim == 4 else jnp.int32(2)
+    read, scale = mask.shape[1], q.shape[-1] ** -0.5
+    got = jax.jit(lambda *a: native.decode_attention(*a, sink, scale, softcap))(q, kc, vc, layer, mask, kn, vn)
+    ref = _decode_attention(q, kn, vn, kc, vc, layer, mask, read, scale, softcap, sink)
+    _close(got, ref, tol=1e-5)
+
+
+def test_decode_attention_checks_the_layer_index():
+    q, (kc, vc), (kn, vn), mask = _attention_case(np.random.default_rng(0), layers=2)
+    with pytest.raises(Exception, match="layer index out of range"):
+        native.decode_attention(q, kc, vc, jnp.int32(2), mask, kn, vn, None, 0.125, None).block_until_ready()
+

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxmap.planning.memory import prefill_query_block
 from jaxmap.quant import dense
+from jaxmap.quant import native as native_kernels
 
 
 def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, plus_one: bool = False) -> jnp.ndarray:
@@ -109,7 +110,7 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
               start: jnp.ndarray, mask: jnp.ndarray, attend_len: int, *, pad: jnp.ndarray | None = None,
               end: jnp.ndarray | None = None, scale: float | None = None, softcap: float | None = None,
               window: int | None = None, history: int = 0, sinks: jnp.ndarray | None = None,
-              layer: jnp.ndarray | None = None):
+              layer: jnp.ndarray | None = None, native: bool = False):
     """Causal grouped-query attention of ``T`` new queries, with the new keys/values written at cache slot ``start``.
 
     q: [B, T, kv_heads * rep, head_dim] and k, v: [B, T, kv_heads, head_dim], RoPE applied; caches: [B, kv_heads, S,
@@ -135,7 +136,6 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     rep = heads // g
     q = q.reshape(b, t, g, rep, k_dim)
     scale = k_dim**-0.5 if scale is None else scale
-    neg = jnp.finfo(jnp.float32).min
     ring = k_cache.shape[-2] if window is not None else None
     sinks = None if sinks is None else sinks.reshape(g, rep)
     if t == 1:
@@ -146,25 +146,18 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
         # core: batch 8 7.4 vs 7.0 ms, batch 1 1.0 vs 0.7 ms; /work/scratch/attn_dyn.py); kept as it was.
         q1 = q[:, 0]  # [b, g, r, k]
         read = attend_len if ring is None else min(attend_len, ring)
-        # Read the bucket at a start index that depends on this layer's query (always 0: ``0 * q`` is not folded
-        # away for floats). A static slice depends on nothing, so XLA:CPU's executor copies every layer's bucket
-        # out of the cache at the start of the step, and at batch 8 those copies (47 MB at 128 slots) spill the
-        # caches: attention took 31 ms of 30 layers on one core, against 7 ms read this way, in order.
-        at = (q1[0, 0, 0, 0] * 0).astype(jnp.int32)
-        keys = _read_slots(k_cache, layer, at, read).astype(q.dtype)
-        values = _read_slots(v_cache, layer, at, read).astype(q.dtype)
-        old = jnp.sum(q1[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1).astype(jnp.float32) * scale
         row_start = jnp.reshape(start, (-1, 1))  # [1, 1], or [b, 1] when each row decodes at its own slot
         if ring is None:
             old_mask = mask[:, 0] & (jnp.arange(attend_len)[None, :] < row_start)  # [b, L]
         else:  # what each ring position holds: a slot of this generation, not padding, inside the window
             held = ring_positions(row_start, ring)[:, :read]
             old_mask = (held >= 0) & (held >= pad[:, None]) & (row_start - held < window)
-        old = jnp.where(old_mask[:, None, None, :], _cap(old, softcap), neg)
-        new = jnp.sum(q1 * k[:, 0, :, None, :], axis=-1).astype(jnp.float32)[..., None] * scale  # [b, g, r, 1]
-        probs = _softmax(jnp.concatenate([old, _cap(new, softcap)], axis=-1), sinks).astype(values.dtype)
-        attn = (jnp.sum(probs[..., :-1, None] * values[:, :, None, :, :], axis=-2)
-                + probs[..., -1:] * v[:, 0, :, None, :])[:, None]  # [b, 1, g, r, k]
+        if native and native_kernels.attention_supported(k_cache):
+            attn = native_kernels.decode_attention(q1, k_cache, v_cache, layer, jnp.broadcast_to(old_mask, (b, read)),
+                                                   k[:, 0], v[:, 0], sinks, scale, softcap)[:, None]
+        else:
+            attn = _decode_attention(q1, k[:, 0], v[:, 0], k_cache, v_cache, layer, old_mask, read, scale, softcap,
+                                     sinks)[:, None]  # [b, 1, g, r, k]
     else:
         pad = jnp.zeros(b, jnp.int32) if pad is None else pad
         attn = _prefill_attention(q, k, v, _of_layer(k_cache, layer), _of_layer(v_cache, layer), start, pad, history,
@@ -192,6 +185,26 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, k_cache: jnp.ndarr
     if jnp.ndim(at) == 1:  # decode with a slot per row (continuous batching): each row writes its own slot
         return attn, _write_rows(k_cache, k, at, layer), _write_rows(v_cache, v, at, layer)
     return attn, _write_slots(k_cache, k, layer, at), _write_slots(v_cache, v, layer, at)
+
+
+def _decode_attention(q1, k_new, v_new, k_cache, v_cache, layer, old_mask, read: int, scale: float,
+                      softcap: float | None, sinks):
+    """XLA's decode attention: queries q1 [b, g, r, k] against the first ``read`` cache slots where ``old_mask``
+    [b, read] shows them, and the new key / value [b, g, k]."""
+    neg = jnp.finfo(jnp.float32).min
+    # Read the bucket at a start index that depends on this layer's query (always 0: ``0 * q`` is not folded
+    # away for floats). A static slice depends on nothing, so XLA:CPU's executor copies every layer's bucket
+    # out of the cache at the start of the step, and at batch 8 those copies (47 MB at 128 slots) spill the
+    # caches: attention took 31 ms of 30 layers on one core, against 7 ms read this way, in order.
+    at = (q1[0, 0, 0, 0] * 0).astype(jnp.int32)
+    keys = _read_slots(k_cache, layer, at, read).astype(q1.dtype)
+    values = _read_slots(v_cache, layer, at, read).astype(q1.dtype)
+    old = jnp.sum(q1[:, :, :, None, :] * keys[:, :, None, :, :], axis=-1).astype(jnp.float32) * scale
+    old = jnp.where(old_mask[:, None, None, :], _cap(old, softcap), neg)
+    new = jnp.sum(q1 * k_new[:, :, None, :], axis=-1).astype(jnp.float32)[..., None] * scale  # [b, g, r, 1]
+    probs = _softmax(jnp.concatenate([old, _cap(new, softcap)], axis=-1), sinks).astype(values.dtype)
+    return (jnp.sum(probs[..., :-1, None] * values[:, :, None, :, :], axis=-2)
+            + probs[..., -1:] * v_new[:, :, None, :])
 
 
 def _of_layer(cache: jnp.ndarray, layer) -> jnp.ndarray:

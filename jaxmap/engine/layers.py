@@ -19,7 +19,7 @@ from jaxmap.engine.blocks import attention, gated_mlp, rms_norm
 from jaxmap.engine.moe import moe_mlp
 from jaxmap.engine.rope import apply_rope, rope_cos_sin
 from jaxmap.families import LayerDesign, ModelDesign
-from jaxmap.quant import dense, dense_rows, take_rows
+from jaxmap.quant import dense, dense_rows, native, take_rows
 
 __all__ = ["attention_context", "attention_half", "decoder_layer", "embed", "lm_head", "rms_norm"]
 
@@ -91,7 +91,8 @@ def attention_half(p: dict, x: jnp.ndarray, k_cache: jnp.ndarray, v_cache: jnp.n
     attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, start, ctx["mask"], attend_len, pad=ctx["pad"],
                                        end=ctx["end"], scale=design.attn_scale, softcap=design.attn_softcap,
                                        window=design.window, history=history,
-                                       sinks=p["sinks"] if design.attn_sinks else None, layer=layer)
+                                       sinks=p["sinks"] if design.attn_sinks else None, layer=layer,
+                                       native=native.runs_here(p["wq"]))
     taps["attn_out"] = attn
     out = dense(attn, p["wo"])
     if design.o_bias:

@@ -42,10 +42,12 @@ from jaxmap.quant.types import QTYPES, _planes
 log = logging.getLogger(__name__)
 
 TARGET = "jaxmap_qmatvec"
+ATTENTION_TARGET = "jaxmap_decode_attention"
 KERNEL = "cpu"  # QTensor.kernel value of a weight whose decode products run here
 MAX_ROWS = 8  # activation rows sent to the kernel (decode batches); more go to XLA's GEMM (faster from 16 rows)
 THREADS = 0  # helper threads of a call: 0 = XLA's intra-op pool size (set lower only to measure)
 SOURCE = Path(__file__).with_name("qmatvec.cc")
+ATTENTION_SOURCE = Path(__file__).with_name("attention.cc")
 _WIDTHS = {(4,), (8,), (4, 1), (4, 2), (2,), (2, 1)}  # value plane widths the kernel unpacks
 
 
@@ -138,22 +140,23 @@ def _build_and_register() -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise _Unavailable(f"{cxx} --version failed ({exc})") from None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), version.encode(),
+    sources = [SOURCE, ATTENTION_SOURCE]
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in sources), jaxlib.__version__.encode(), version.encode(),
                                      _cpu_identity().encode(), " ".join(flags).encode()])).hexdigest()[:20]
     folder = cache_root() / "native"
     library = folder / f"qmatvec-{key}.so"
     if not library.exists():
-        _compile(cxx, flags, folder, library)
+        _compile(cxx, flags, sources, folder, library)
     try:
         lib = ctypes.cdll.LoadLibrary(str(library))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxmapQMatvec), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxmapDecodeAttention), platform="cpu")
     except (OSError, AttributeError, ValueError, RuntimeError) as exc:
         raise _Unavailable(f"cannot load {library} ({exc})") from None
     return library
 
 
-def _compile(cxx: str, flags: list[str], folder: Path, library: Path) -> None:
+def _compile(cxx: str, flags: list[str], sources: list[Path], folder: Path, library: Path) -> None:
     """Compile into a temporary file beside ``library`` and rename it over (a concurrent build is harmless)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,7 @@ def _compile(cxx: str, flags: list[str], folder: Path, library: Path) -> None:
         raise _Unavailable(f"cannot write {folder} ({exc.strerror})") from None
     log.info("building jaxmap's native CPU kernel (once per machine and jaxlib version)")
     try:
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cxx, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise _Unavailable(f"{Path(cxx).name} failed: {last}")
@@ -291,3 +294,35 @@ def qmatvec(x, w: QTensor, layer=None):
         scale_offset=np.int64(q.scale_offset), mcw0=np.int64(mw[0]), mcw1=np.int64(mw[1]), layers=np.int64(layers),
         threads=np.int64(THREADS))
     return y.reshape(*lead, out).astype(x.dtype)
+
+
+# ---- decode attention ------------------------------------------------------------------------------------------
+
+def runs_here(w) -> bool:
+    """Whether weight ``w`` (a layer's QTensor, or one layer of a scanned stack) runs its products here: the sign that
+    its stage is one CPU device, where the decode attention kernel serves that layer too."""
+    return is_native(w.stack if isinstance(w, LayerOf) else w)
+
+
+def attention_supported(k_cache) -> bool:
+    return k_cache.dtype.name in ("float32", "bfloat16")
+
+
+def decode_attention(q, k_cache, v_cache, layer, mask, k_new, v_new, sinks, scale: float, softcap: float | None):
+    """One decode query per row against the cache in one call (``attention.cc``): q [b, g, r, k]; caches [b, g, S, k]
+    or a stack [L, b, g, S, k] read in place at ``layer``; mask [b, n] (which of the first n slots each row sees);
+    k_new, v_new [b, g, k] (always seen); sinks [g, r] or None. Returns [b, g, r, k] in q's dtype."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if not available():
+        raise RuntimeError(f"jaxmap's native CPU kernel is unavailable: {_ensure().problem}")
+    layers = 1 if layer is None else k_cache.shape[0]
+    index = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    f32 = jnp.float32
+    out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, f32), vmap_method="sequential")(
+        q.astype(f32), index, k_cache, v_cache, mask.astype(jnp.bool_), k_new.astype(f32), v_new.astype(f32),
+        _empty("float32") if sinks is None else sinks.astype(f32),
+        scale=np.float32(scale), softcap=np.float32(softcap or 0.0), layers=np.int64(layers))
+    return out.astype(q.dtype)
