@@ -97,10 +97,20 @@ struct Problem {
   Plane sc[2], mc[2];
   int scale_offset = 0;
   std::vector<float> xsum;  // [rows, n_sub]: the exact float sum of each sub-block of x
+  std::vector<float> x16, x32;  // [rows, in]: 16 x and 32 x (what a high-plane bit adds; AVX-512 pairs only)
 };
 
-// The float sums of x's sub-blocks (what a weight's constant term multiplies).
+// The float sums of x's sub-blocks (what a weight's constant term multiplies), and x scaled by what a high-plane bit
+// of a 5- or 6-bit code is worth.
 void sum_activation(Problem& p) {
+  if (p.q[0].width == 4 && p.q[1].width) {
+    p.x16.resize(p.rows * p.in);
+    p.x32.resize(p.rows * p.in);
+    for (int64_t i = 0; i < p.rows * p.in; ++i) {
+      p.x16[i] = 16.f * p.x[i];
+      p.x32[i] = 32.f * p.x[i];
+    }
+  }
   p.xsum.assign(p.rows * p.n_sub, 0.f);
   for (int64_t t = 0; t < p.rows; ++t)
     for (int64_t s = 0; s < p.n_sub; ++s) {
@@ -142,23 +152,40 @@ inline Acc block32(Acc acc, const uint8_t* p0, const uint8_t* p1, int shift0, in
   const __m512 v = _mm512_fmadd_ps(h0, _mm512_set1_ps(lo), acc.v);
   return {_mm512_fmadd_ps(_mm512_mul_ps(h1, _mm512_loadu_ps(x + 16)), _mm512_set1_ps(hi), v)};
 }
-template <int SUBS>
-inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const float* x, float lo0, float hi0, float lo1, float hi1) {
-  const __m512i mask = _mm512_set1_epi32(15);
-  const __m512i c0 = widen16(p), c1 = widen16(p + 16);
-  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-  const __m512 l0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c0, mask)), x0);
-  const __m512 l1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c1, mask)), x1);
-  const __m512 u0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c0, 4)), x0);
-  const __m512 u1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c1, 4)), x1);
+// Two rows sharing a 4-bit plane's bytes p (row A the low nibbles, row B the high ones), and for 5- and 6-bit codes
+// their high bits in plane h (W1 bits per row, row A's at bit mask `ha`, row B's at `hb`). A high bit adds 16 x (32 x
+// for a 6-bit code's second) to the lanes where it is set, under a mask tested straight from the bytes (a 16-float
+// table lookup for the nibbles, tried, was slower: it competes with the widening for the same port).
+template <int W1>
+inline __m512 high_bits(__m512 v, const __m128i bytes, int bit, const float* x16, const float* x32) {
+  if (W1 >= 1) v = _mm512_mask_add_ps(v, _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(bit))), v, _mm512_loadu_ps(x16));
+  if (W1 == 2) v = _mm512_mask_add_ps(v, _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(bit << 1))), v, _mm512_loadu_ps(x32));
+  return v;
+}
+template <int W1, int SUBS>
+inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const uint8_t* h, int ha, int hb, const float* x,
+                   const float* x16, const float* x32, float lo0, float hi0, float lo1, float hi1) {
+  __m512 l[2], u[2];
+  for (int q = 0; q < 2; ++q) {
+    const __m512i c = widen16(p + 16 * q);
+    const __m512 xv = _mm512_loadu_ps(x + 16 * q);
+    l[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), xv);
+    u[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), xv);
+    if (W1) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 16 * q));
+      l[q] = high_bits<W1>(l[q], bytes, ha, x16 + 16 * q, x32 + 16 * q);
+      u[q] = high_bits<W1>(u[q], bytes, hb, x16 + 16 * q, x32 + 16 * q);
+    }
+  }
   if (SUBS == 1) {
-    a0.v = _mm512_fmadd_ps(_mm512_add_ps(l0, l1), _mm512_set1_ps(lo0), a0.v);
-    a1.v = _mm512_fmadd_ps(_mm512_add_ps(u0, u1), _mm512_set1_ps(lo1), a1.v);
+    a0.v = _mm512_fmadd_ps(_mm512_add_ps(l[0], l[1]), _mm512_set1_ps(lo0), a0.v);
+    a1.v = _mm512_fmadd_ps(_mm512_add_ps(u[0], u[1]), _mm512_set1_ps(lo1), a1.v);
   } else {
-    a0.v = _mm512_fmadd_ps(l1, _mm512_set1_ps(hi0), _mm512_fmadd_ps(l0, _mm512_set1_ps(lo0), a0.v));
-    a1.v = _mm512_fmadd_ps(u1, _mm512_set1_ps(hi1), _mm512_fmadd_ps(u0, _mm512_set1_ps(lo1), a1.v));
+    a0.v = _mm512_fmadd_ps(l[1], _mm512_set1_ps(hi0), _mm512_fmadd_ps(l[0], _mm512_set1_ps(lo0), a0.v));
+    a1.v = _mm512_fmadd_ps(u[1], _mm512_set1_ps(hi1), _mm512_fmadd_ps(u[0], _mm512_set1_ps(lo1), a1.v));
   }
 }
+constexpr bool kHighPairs = true;  // pair32 takes 5- and 6-bit codes (AVX2 reads those row by row)
 #else  // AVX2
 struct Acc {
   __m256 v;
@@ -195,8 +222,10 @@ inline Acc block32(Acc acc, const uint8_t* p0, const uint8_t* p1, int shift0, in
   if (SUBS == 1) return {_mm256_fmadd_ps(_mm256_add_ps(part[0], part[1]), _mm256_set1_ps(lo), acc.v)};
   return {_mm256_fmadd_ps(part[1], _mm256_set1_ps(hi), _mm256_fmadd_ps(part[0], _mm256_set1_ps(lo), acc.v))};
 }
-template <int SUBS>
-inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const float* x, float lo0, float hi0, float lo1, float hi1) {
+constexpr bool kHighPairs = false;
+template <int W1, int SUBS>
+inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const uint8_t*, int, int, const float* x, const float*,
+                   const float*, float lo0, float hi0, float lo1, float hi1) {
   const __m256i mask = _mm256_set1_epi32(15);
   __m256 l[2], u[2];
   for (int h = 0; h < 2; ++h) {
@@ -324,29 +353,38 @@ void rows_range(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
-// One 4-bit plane alone (Q4_0, Q4_1, Q4_K): rows 2i and 2i+1 from the same bytes, read and widened once.
-template <int R, int SUBS>
+// A 4-bit plane (Q4_0, Q4_1, Q4_K; with a W1-bit high plane Q5_0, Q5_1, Q5_K, Q6_K): rows 2i and 2i+1 from the
+// same bytes, read and widened once.
+template <int W1, int R, int SUBS>
 void pair_range(const Problem& p, int64_t r0, int64_t r1) {
   const int rows = R ? R : static_cast<int>(p.rows);
-  const int64_t in = p.in, n32 = in / 32;
+  const int64_t in = p.in, n32 = in / 32, per1 = W1 ? 8 / W1 : 1;
   std::vector<float> scales(4 * p.n_sub);
   float *a0 = scales.data(), *c0 = a0 + p.n_sub, *a1 = c0 + p.n_sub, *c1 = a1 + p.n_sub;
   for (int64_t r = r0; r < r1; r += 2) {
     if (r % 2 || r + 1 >= r1) {  // a chunk never starts on an odd row; an odd last row goes alone
-      rows_range<4, 0, R, SUBS>(p, r, std::min(r1, r + 1));
+      rows_range<4, W1, R, SUBS>(p, r, std::min(r1, r + 1));
       r -= 1;
       continue;
     }
     row_scales(p, r, a0, c0);
     row_scales(p, r + 1, a1, c1);
     const uint8_t* base = p.q[0].data + (r / 2) * in;
+    const uint8_t* high = W1 ? p.q[1].data + (r / per1) * in : nullptr;
+    const int ha = W1 ? 1 << ((r % per1) * W1) : 0, hb = W1 ? 1 << (((r + 1) % per1) * W1) : 0;
     for (int t = 0; t < rows; ++t) {
       const float* x = p.x + t * in;
+      const float* x16 = W1 ? p.x16.data() + t * in : nullptr;
+      const float* x32 = W1 ? p.x32.data() + t * in : nullptr;
       Acc acc0 = zero(), acc1 = zero();
       for (int64_t j = 0; j < n32; ++j) {
-        if (t == 0 && (j & 1) == 0) prefetch(base + kAhead * in + 32 * j);
-        pair32<SUBS>(acc0, acc1, base + 32 * j, x + 32 * j, a0[j * SUBS], a0[j * SUBS + SUBS - 1], a1[j * SUBS],
-                     a1[j * SUBS + SUBS - 1]);
+        if (t == 0 && (j & 1) == 0) {
+          prefetch(base + kAhead * in + 32 * j);
+          if (W1 && (r / 2) % (per1 / 2) == 0) prefetch(high + kAhead * in + 32 * j);
+        }
+        pair32<W1, SUBS>(acc0, acc1, base + 32 * j, W1 ? high + 32 * j : nullptr, ha, hb, x + 32 * j,
+                         W1 ? x16 + 32 * j : nullptr, W1 ? x32 + 32 * j : nullptr, a0[j * SUBS],
+                         a0[j * SUBS + SUBS - 1], a1[j * SUBS], a1[j * SUBS + SUBS - 1]);
       }
       const float* xsum = p.xsum.data() + t * p.n_sub;
       p.y[t * p.out + r] = hsum(tail(acc0, c0, xsum, p.n_sub));
@@ -359,7 +397,7 @@ using RangeFn = void (*)(const Problem&, int64_t, int64_t);
 
 template <int W0, int W1, int SUBS>
 RangeFn pick_rows(int64_t rows) {
-  if (W0 == 4 && W1 == 0) return rows == 1 ? &pair_range<1, SUBS> : &pair_range<0, SUBS>;
+  if (W0 == 4 && (W1 == 0 || kHighPairs)) return rows == 1 ? &pair_range<W1, 1, SUBS> : &pair_range<W1, 0, SUBS>;
   return rows == 1 ? &rows_range<W0, W1, 1, SUBS> : &rows_range<W0, W1, 0, SUBS>;
 }
 
