@@ -129,7 +129,8 @@ def advice(devices: list[dict], process_count: int) -> list[str]:
 
 
 def _native_kernel() -> str:
-    """Whether quantized decode products on CPU run in jaxmap's native kernel (built here now if need be)."""
+    """Whether quantized decode products and decode attention on CPU run in jaxmap's native kernels (built now if
+    need be)."""
     from jaxmap.quant import native
 
     return native.status()
@@ -140,7 +141,7 @@ def render(report: dict) -> str:
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     lines.append(f"default backend: {report['backend']}; process {report['process_index']} of "
                  f"{report['process_count']}; collectives: {report['collectives']}")
-    lines.append(f"native CPU kernel (quantized decode products): {report['native_cpu_kernel']}")
+    lines.append(f"native CPU kernels (quantized decode products, decode attention): {report['native_cpu_kernel']}")
     lines.append("")
     lines.append(f"{'name':<10} {'id':>3} {'kind':<22} {'proc':>4} {'in use':>12} {'limit':>12}  memory kinds")
     for d in report["devices"]:
