@@ -44,12 +44,14 @@ def test_equals_dequantized_product(qtype, shape):
     marked = native.mark({"w": w})["w"]
     assert marked.kernel == native.KERNEL
     rng = np.random.default_rng(1)
-    for lead in ((1,), (3,), (2, 4)):  # decode at batch 1, a few rows, a [batch, tokens] activation
+    most = native.max_rows(marked)
+    # decode at batch 1, a few rows, a [batch, tokens] activation, rows in chunks of 8 + 4 + 1, the most it takes
+    for lead in ((1,), (3,), (2, 4), (13,), (most,)):
         x = jnp.asarray(rng.standard_normal((*lead, shape[1])).astype(np.float32) * 3)
         ref = x @ dequantize(w).T
         _close(jax.jit(qdot)(x, marked), ref)
-    x16 = jnp.asarray(rng.standard_normal((native.MAX_ROWS + 1, shape[1])), jnp.float32)  # more rows: XLA's GEMM
-    _close(jax.jit(qdot)(x16, marked), x16 @ dequantize(w).T)
+    x_more = jnp.asarray(rng.standard_normal((most + 1, shape[1])), jnp.float32)  # more rows: XLA's GEMM
+    _close(jax.jit(qdot)(x_more, marked), x_more @ dequantize(w).T)
 
 
 def test_bfloat16_activation_comes_back_in_its_dtype():

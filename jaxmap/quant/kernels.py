@@ -218,11 +218,11 @@ def qdot(x: jax.Array, w: QTensor) -> jax.Array:
     """
     lead, n = x.shape[:-1], x.shape[-1]
     if isinstance(w, native.LayerOf):  # one layer of a scanned stack, for the native kernel
-        if math.prod(lead) <= native.MAX_ROWS:
+        if math.prod(lead) <= native.max_rows(w.stack):
             return native.qmatvec(x, w.stack, w.index)
         w = w.sliced()
     rows, out = math.prod(lead), w.shape[0]
-    if w.kernel == native.KERNEL and rows <= native.MAX_ROWS:
+    if w.kernel == native.KERNEL and rows <= native.max_rows(w):
         return native.qmatvec(x, w)
     q = QTYPES[w.qtype]
     ones = _ones_after(x, w.sub, x.dtype) if rows > 1 or q.kind == "k" else None

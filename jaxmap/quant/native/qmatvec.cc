@@ -34,6 +34,11 @@
 #endif
 #include <immintrin.h>
 
+// The AVX-512 code uses byte and word masks (BW) at 128 and 256 bits (VL) besides the foundation.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define JAXMAP_AVX512 1
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,8 +46,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 
-constexpr int kMaxRows = 16;
-constexpr int64_t kAhead = 8;  // weight byte rows prefetched ahead of the one being read  // activation rows one call takes (the caller checks)
+constexpr int kMaxRows = 32;  // activation rows one call takes (the caller checks: jaxmap.quant.native.max_rows)
+constexpr int64_t kAhead = 8;  // weight byte rows prefetched ahead of the one being read
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -65,7 +70,7 @@ struct RowCodes {
     }
     width0 = planes[0].width;
   }
-#if defined(__AVX512F__)
+#if defined(JAXMAP_AVX512)
   // codes of columns col..col+15 (lanes past `k` zero), as 32-bit lanes
   __m512i at16(int64_t col, __mmask16 k) const {
     __m512i code = _mm512_setzero_si512();
@@ -125,7 +130,7 @@ void sum_activation(Problem& p) {
 // partial sums are scaled into the row's accumulator once, with one scale for columns 0-15 and one for 16-31 (the two
 // sub-blocks of a 16-element type; the same scale otherwise, SUBS = 1). pair32 serves two rows that share a 4-bit
 // plane's bytes (low and high nibbles), widening them once.
-#if defined(__AVX512F__)
+#if defined(JAXMAP_AVX512)
 struct Acc {
   __m512 v;
 };
@@ -186,6 +191,38 @@ inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const uint8_t* h, int ha,
   }
 }
 constexpr bool kHighPairs = true;  // pair32 takes 5- and 6-bit codes (AVX2 reads those row by row)
+
+// Several activation rows (batched decode): the two weight rows' codes of a 32-column block become floats once
+// (high bits folded in as +16 / +32) and meet NT activation rows, so unpacking is paid once per weight, not per row.
+template <int W1>
+inline void pair_codes(const uint8_t* p, const uint8_t* h, int ha, int hb, __m512* a, __m512* b) {
+  for (int q = 0; q < 2; ++q) {
+    const __m512i c = widen16(p + 16 * q);
+    a[q] = _mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15)));
+    b[q] = _mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4));
+    if (W1) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 16 * q));
+      const __m512 sixteen = _mm512_set1_ps(16.f), thirty_two = _mm512_set1_ps(32.f);
+      a[q] = _mm512_mask_add_ps(a[q], _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(ha))), a[q], sixteen);
+      b[q] = _mm512_mask_add_ps(b[q], _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(hb))), b[q], sixteen);
+      if (W1 == 2) {
+        a[q] = _mm512_mask_add_ps(a[q], _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(ha << 1))), a[q],
+                                  thirty_two);
+        b[q] = _mm512_mask_add_ps(b[q], _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(hb << 1))), b[q],
+                                  thirty_two);
+      }
+    }
+  }
+}
+
+template <int SUBS>
+inline __m512 block_dot(__m512 acc, const __m512* codes, const float* x, float lo, float hi) {
+  const __m512 h0 = _mm512_mul_ps(codes[0], _mm512_loadu_ps(x));
+  if (SUBS == 1) return _mm512_fmadd_ps(_mm512_fmadd_ps(codes[1], _mm512_loadu_ps(x + 16), h0), _mm512_set1_ps(lo), acc);
+  return _mm512_fmadd_ps(_mm512_mul_ps(codes[1], _mm512_loadu_ps(x + 16)), _mm512_set1_ps(hi),
+                         _mm512_fmadd_ps(h0, _mm512_set1_ps(lo), acc));
+}
+
 #else  // AVX2
 struct Acc {
   __m256 v;
@@ -255,7 +292,7 @@ void row_scales(const Problem& p, int64_t r, float* a, float* c) {
   const float offset = static_cast<float>(p.offset);
   if (!p.k_type) {  // one float16 scale (and min) per sub-block
     int64_t s0 = 0;
-#if defined(__AVX512F__)
+#if defined(JAXMAP_AVX512)
     const __m512 off = _mm512_set1_ps(offset);
     for (; s0 < p.n_sub; s0 += 16) {
       const __mmask16 k = p.n_sub - s0 >= 16 ? 0xffff : static_cast<__mmask16>((1u << (p.n_sub - s0)) - 1);
@@ -275,7 +312,7 @@ void row_scales(const Problem& p, int64_t r, float* a, float* c) {
   while ((p.sub << per_shift) < p.block) ++per_shift;
   const RowCodes sc(p.sc, r, p.n_sub), mc(p.mc, r, p.n_sub);
   int64_t s0 = 0;
-#if defined(__AVX512F__)
+#if defined(JAXMAP_AVX512)
   // 16 sub-blocks span at most two super-blocks: their two scales are picked per lane from one load
   const __m512 off = _mm512_set1_ps(offset);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -308,7 +345,7 @@ void row_scales(const Problem& p, int64_t r, float* a, float* c) {
 
 // acc + c . xsum (a row's constant terms), folded into the vector accumulator before its one reduction.
 inline Acc tail(Acc acc, const float* c, const float* xsum, int64_t n) {
-#if defined(__AVX512F__)
+#if defined(JAXMAP_AVX512)
   for (int64_t s = 0; s < n; s += 16) {
     const __mmask16 k = n - s >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - s)) - 1);
     acc.v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, c + s), _mm512_maskz_loadu_ps(k, xsum + s), acc.v);
@@ -353,6 +390,36 @@ void rows_range(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+#if defined(JAXMAP_AVX512)
+// Rows r, r+1 of the weight against activation rows t0 .. t0+NT-1; results into y.
+template <int W1, int SUBS, int NT>
+void pair_rows(const Problem& p, int64_t r, int t0, const uint8_t* base, const uint8_t* high, int ha, int hb,
+               const float* a0, const float* c0, const float* a1, const float* c1, bool first) {
+  const int64_t in = p.in, n32 = in / 32, per1 = W1 ? 8 / W1 : 1;
+  __m512 acc0[NT], acc1[NT];
+  for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n32; ++j) {
+    if (first && (j & 1) == 0) {
+      prefetch(base + kAhead * in + 32 * j);
+      if (W1 && (r / 2) % (per1 / 2) == 0) prefetch(high + kAhead * in + 32 * j);
+    }
+    __m512 ca[2], cb[2];
+    pair_codes<W1>(base + 32 * j, W1 ? high + 32 * j : nullptr, ha, hb, ca, cb);
+    const float lo0 = a0[j * SUBS], hi0 = a0[j * SUBS + SUBS - 1], lo1 = a1[j * SUBS], hi1 = a1[j * SUBS + SUBS - 1];
+    for (int t = 0; t < NT; ++t) {
+      const float* x = p.x + (t0 + t) * in + 32 * j;
+      acc0[t] = block_dot<SUBS>(acc0[t], ca, x, lo0, hi0);
+      acc1[t] = block_dot<SUBS>(acc1[t], cb, x, lo1, hi1);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    const float* xsum = p.xsum.data() + (t0 + t) * p.n_sub;
+    p.y[(t0 + t) * p.out + r] = hsum(tail({acc0[t]}, c0, xsum, p.n_sub));
+    p.y[(t0 + t) * p.out + r + 1] = hsum(tail({acc1[t]}, c1, xsum, p.n_sub));
+  }
+}
+#endif
+
 // A 4-bit plane (Q4_0, Q4_1, Q4_K; with a W1-bit high plane Q5_0, Q5_1, Q5_K, Q6_K): rows 2i and 2i+1 from the
 // same bytes, read and widened once.
 template <int W1, int R, int SUBS>
@@ -372,6 +439,17 @@ void pair_range(const Problem& p, int64_t r0, int64_t r1) {
     const uint8_t* base = p.q[0].data + (r / 2) * in;
     const uint8_t* high = W1 ? p.q[1].data + (r / per1) * in : nullptr;
     const int ha = W1 ? 1 << ((r % per1) * W1) : 0, hb = W1 ? 1 << (((r + 1) % per1) * W1) : 0;
+#if defined(JAXMAP_AVX512)
+    if (rows > 1) {  // up to eight activation rows at a time against the pair's unpacked codes
+      int t = 0;
+      for (; t + 8 <= rows; t += 8) pair_rows<W1, SUBS, 8>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
+      for (; t + 4 <= rows; t += 4) pair_rows<W1, SUBS, 4>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
+      if (rows - t == 3) pair_rows<W1, SUBS, 3>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
+      if (rows - t == 2) pair_rows<W1, SUBS, 2>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
+      if (rows - t == 1) pair_rows<W1, SUBS, 1>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
+      continue;
+    }
+#endif
     for (int t = 0; t < rows; ++t) {
       const float* x = p.x + t * in;
       const float* x16 = W1 ? p.x16.data() + t * in : nullptr;
@@ -453,7 +531,7 @@ ffi::Error QMatvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   p.rows = xd[0];
   p.in = xd[1];
   p.out = yd[1];
-  if (p.rows < 1 || p.rows > kMaxRows) return ffi::Error::InvalidArgument("qmatvec: 1 to 16 activation rows");
+  if (p.rows < 1 || p.rows > kMaxRows) return ffi::Error::InvalidArgument("qmatvec: 1 to 32 activation rows");
   if (sub != 16 && sub != 32) return ffi::Error::InvalidArgument("qmatvec: sub-blocks of 16 or 32");
   if (p.in % 32) return ffi::Error::InvalidArgument("qmatvec: input not a multiple of 32");
   if (d.element_type() != ffi::DataType::F16 || (m.element_count() && m.element_type() != ffi::DataType::F16))
@@ -526,3 +604,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmapQMatvec, QMatvec,
                                   .Attr<int64_t>("mcw1")
                                   .Attr<int64_t>("layers")
                                   .Attr<int64_t>("threads"));
+
+// Whether this build has the AVX-512 paths (several activation rows per unpacked weight: up to kMaxRows rows pay).
+extern "C" int JaxmapQMatvecAvx512() {
+#if defined(JAXMAP_AVX512)
+  return 1;
+#else
+  return 0;
+#endif
+}
