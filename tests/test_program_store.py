@@ -59,6 +59,20 @@ def test_changed_dtype_or_isq_makes_new_programs(store):
     assert q == q_plain
 
 
+def test_programs_calling_the_native_kernels_are_stored(store):
+    """On one CPU device a quantized stage calls jaxmap's native kernels (products, decode attention): its prefill
+    and decode programs are stored all the same, and a warm start gives the same tokens."""
+    from jaxmap.quant import native
+
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    model, cold = _tokens(isq="Q8_0", devices="0")
+    assert native.ATTENTION_TARGET in model.engine.compiled_text(0)
+    assert model.engine._stored and all(v is not None for v in model.engine._stored.values())
+    warm_model, warm = _tokens(isq="Q8_0", devices="0")
+    assert cold == warm and all(v is not None for v in warm_model.engine._stored.values())
+
+
 def test_a_torn_file_is_traced_again(store):
     _, want = _tokens()
     for p in store.glob("*.jaxexport"):

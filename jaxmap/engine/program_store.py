@@ -62,11 +62,12 @@ def store_root() -> Path | None:
 
 
 def source_digest() -> str:
-    """A hash of jaxmap's own source: an edited model file never reuses a program traced from the old one."""
+    """A hash of jaxmap's own source: an edited model file never reuses a program traced from the old one, nor an
+    edited native kernel (``*.cc``: its custom calls' operands) a program that calls the old one."""
     global _source_digest
     if _source_digest is None:
         h = hashlib.sha256()
-        for path in sorted(_PACKAGE.rglob("*.py")):
+        for path in sorted([*_PACKAGE.rglob("*.py"), *_PACKAGE.rglob("*.cc")]):
             h.update(str(path.relative_to(_PACKAGE)).encode())
             h.update(path.read_bytes())
         _source_digest = h.hexdigest()
@@ -144,8 +145,8 @@ def load_or_export(key: str, fn: Callable, args: Sequence[Any], donate: Sequence
             specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
             from jaxmap.quant import native
 
-            # the native CPU kernel's custom call: registered by jaxmap itself before any stored program runs
-            checks = [export.DisabledSafetyCheck.custom_call(native.TARGET)]
+            # the native CPU kernels' custom calls: registered by jaxmap itself before any stored program runs
+            checks = [export.DisabledSafetyCheck.custom_call(target) for target in native.TARGETS]
             exported = export.export(jax.jit(flat), disabled_checks=checks)(*specs)
             data = exported.serialize()
         except Exception as exc:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 TARGET = "jaxmap_qmatvec"
 ATTENTION_TARGET = "jaxmap_decode_attention"
+TARGETS = (TARGET, ATTENTION_TARGET)  # every custom call jaxmap registers (stored programs may contain them)
 KERNEL = "cpu"  # QTensor.kernel value of a weight whose decode products run here
 MAX_ROWS = 8  # activation rows sent to the kernel (decode batches); more go to XLA's GEMM (faster from 16 rows)
 # With AVX-512, a 4-bit plane's codes (Q4_*, Q5_*, Q4K-Q6K) are unpacked once for up to 8 activation rows: the kernel
