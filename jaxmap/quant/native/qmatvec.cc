@@ -102,20 +102,10 @@ struct Problem {
   Plane sc[2], mc[2];
   int scale_offset = 0;
   std::vector<float> xsum;  // [rows, n_sub]: the exact float sum of each sub-block of x
-  std::vector<float> x16, x32;  // [rows, in]: 16 x and 32 x (what a high-plane bit adds; AVX-512 pairs only)
 };
 
-// The float sums of x's sub-blocks (what a weight's constant term multiplies), and x scaled by what a high-plane bit
-// of a 5- or 6-bit code is worth.
+// The float sums of x's sub-blocks (what a weight's constant term multiplies).
 void sum_activation(Problem& p) {
-  if (p.q[0].width == 4 && p.q[1].width) {
-    p.x16.resize(p.rows * p.in);
-    p.x32.resize(p.rows * p.in);
-    for (int64_t i = 0; i < p.rows * p.in; ++i) {
-      p.x16[i] = 16.f * p.x[i];
-      p.x32[i] = 32.f * p.x[i];
-    }
-  }
   p.xsum.assign(p.rows * p.n_sub, 0.f);
   for (int64_t t = 0; t < p.rows; ++t)
     for (int64_t s = 0; s < p.n_sub; ++s) {
@@ -157,43 +147,13 @@ inline Acc block32(Acc acc, const uint8_t* p0, const uint8_t* p1, int shift0, in
   const __m512 v = _mm512_fmadd_ps(h0, _mm512_set1_ps(lo), acc.v);
   return {_mm512_fmadd_ps(_mm512_mul_ps(h1, _mm512_loadu_ps(x + 16)), _mm512_set1_ps(hi), v)};
 }
-// Two rows sharing a 4-bit plane's bytes p (row A the low nibbles, row B the high ones), and for 5- and 6-bit codes
-// their high bits in plane h (W1 bits per row, row A's at bit mask `ha`, row B's at `hb`). A high bit adds 16 x (32 x
-// for a 6-bit code's second) to the lanes where it is set, under a mask tested straight from the bytes (a 16-float
-// table lookup for the nibbles, tried, was slower: it competes with the widening for the same port).
-template <int W1>
-inline __m512 high_bits(__m512 v, const __m128i bytes, int bit, const float* x16, const float* x32) {
-  if (W1 >= 1) v = _mm512_mask_add_ps(v, _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(bit))), v, _mm512_loadu_ps(x16));
-  if (W1 == 2) v = _mm512_mask_add_ps(v, _mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(bit << 1))), v, _mm512_loadu_ps(x32));
-  return v;
-}
-template <int W1, int SUBS>
-inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const uint8_t* h, int ha, int hb, const float* x,
-                   const float* x16, const float* x32, float lo0, float hi0, float lo1, float hi1) {
-  __m512 l[2], u[2];
-  for (int q = 0; q < 2; ++q) {
-    const __m512i c = widen16(p + 16 * q);
-    const __m512 xv = _mm512_loadu_ps(x + 16 * q);
-    l[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, _mm512_set1_epi32(15))), xv);
-    u[q] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), xv);
-    if (W1) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 16 * q));
-      l[q] = high_bits<W1>(l[q], bytes, ha, x16 + 16 * q, x32 + 16 * q);
-      u[q] = high_bits<W1>(u[q], bytes, hb, x16 + 16 * q, x32 + 16 * q);
-    }
-  }
-  if (SUBS == 1) {
-    a0.v = _mm512_fmadd_ps(_mm512_add_ps(l[0], l[1]), _mm512_set1_ps(lo0), a0.v);
-    a1.v = _mm512_fmadd_ps(_mm512_add_ps(u[0], u[1]), _mm512_set1_ps(lo1), a1.v);
-  } else {
-    a0.v = _mm512_fmadd_ps(l[1], _mm512_set1_ps(hi0), _mm512_fmadd_ps(l[0], _mm512_set1_ps(lo0), a0.v));
-    a1.v = _mm512_fmadd_ps(u[1], _mm512_set1_ps(hi1), _mm512_fmadd_ps(u[0], _mm512_set1_ps(lo1), a1.v));
-  }
-}
 constexpr bool kHighPairs = true;  // pair32 takes 5- and 6-bit codes (AVX2 reads those row by row)
 
-// Several activation rows (batched decode): the two weight rows' codes of a 32-column block become floats once
-// (high bits folded in as +16 / +32) and meet NT activation rows, so unpacking is paid once per weight, not per row.
+// Two weight rows sharing a 4-bit plane's bytes p (row A the low nibbles, row B the high ones) and, for 5- and 6-bit
+// codes, their high bits in plane h (W1 bits per row, row A's at bit mask `ha`, row B's at `hb`): a 32-column block
+// becomes floats once, a high bit adding 16 (32 for a 6-bit code's second) under a mask tested straight from the
+// bytes, and meets up to 8 activation rows, so unpacking is paid once per weight, not per row. (A 16-float table
+// lookup for the nibbles, tried, was slower: it competes with the widening for the same port.)
 template <int W1>
 inline void pair_codes(const uint8_t* p, const uint8_t* h, int ha, int hb, __m512* a, __m512* b) {
   for (int q = 0; q < 2; ++q) {
@@ -260,9 +220,8 @@ inline Acc block32(Acc acc, const uint8_t* p0, const uint8_t* p1, int shift0, in
   return {_mm256_fmadd_ps(part[1], _mm256_set1_ps(hi), _mm256_fmadd_ps(part[0], _mm256_set1_ps(lo), acc.v))};
 }
 constexpr bool kHighPairs = false;
-template <int W1, int SUBS>
-inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const uint8_t*, int, int, const float* x, const float*,
-                   const float*, float lo0, float hi0, float lo1, float hi1) {
+template <int SUBS>
+inline void pair32(Acc& a0, Acc& a1, const uint8_t* p, const float* x, float lo0, float hi0, float lo1, float hi1) {
   const __m256i mask = _mm256_set1_epi32(15);
   __m256 l[2], u[2];
   for (int h = 0; h < 2; ++h) {
@@ -440,34 +399,28 @@ void pair_range(const Problem& p, int64_t r0, int64_t r1) {
     const uint8_t* high = W1 ? p.q[1].data + (r / per1) * in : nullptr;
     const int ha = W1 ? 1 << ((r % per1) * W1) : 0, hb = W1 ? 1 << (((r + 1) % per1) * W1) : 0;
 #if defined(JAXMAP_AVX512)
-    if (rows > 1) {  // up to eight activation rows at a time against the pair's unpacked codes
+    {  // up to eight activation rows at a time against the pair's unpacked codes
       int t = 0;
       for (; t + 8 <= rows; t += 8) pair_rows<W1, SUBS, 8>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
       for (; t + 4 <= rows; t += 4) pair_rows<W1, SUBS, 4>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
       if (rows - t == 3) pair_rows<W1, SUBS, 3>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
       if (rows - t == 2) pair_rows<W1, SUBS, 2>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
       if (rows - t == 1) pair_rows<W1, SUBS, 1>(p, r, t, base, high, ha, hb, a0, c0, a1, c1, t == 0);
-      continue;
     }
-#endif
+#else  // AVX2: one activation row at a time, 4-bit codes only (kHighPairs)
     for (int t = 0; t < rows; ++t) {
       const float* x = p.x + t * in;
-      const float* x16 = W1 ? p.x16.data() + t * in : nullptr;
-      const float* x32 = W1 ? p.x32.data() + t * in : nullptr;
       Acc acc0 = zero(), acc1 = zero();
       for (int64_t j = 0; j < n32; ++j) {
-        if (t == 0 && (j & 1) == 0) {
-          prefetch(base + kAhead * in + 32 * j);
-          if (W1 && (r / 2) % (per1 / 2) == 0) prefetch(high + kAhead * in + 32 * j);
-        }
-        pair32<W1, SUBS>(acc0, acc1, base + 32 * j, W1 ? high + 32 * j : nullptr, ha, hb, x + 32 * j,
-                         W1 ? x16 + 32 * j : nullptr, W1 ? x32 + 32 * j : nullptr, a0[j * SUBS],
-                         a0[j * SUBS + SUBS - 1], a1[j * SUBS], a1[j * SUBS + SUBS - 1]);
+        if (t == 0 && (j & 1) == 0) prefetch(base + kAhead * in + 32 * j);
+        pair32<SUBS>(acc0, acc1, base + 32 * j, x + 32 * j, a0[j * SUBS], a0[j * SUBS + SUBS - 1], a1[j * SUBS],
+                     a1[j * SUBS + SUBS - 1]);
       }
       const float* xsum = p.xsum.data() + t * p.n_sub;
       p.y[t * p.out + r] = hsum(tail(acc0, c0, xsum, p.n_sub));
       p.y[t * p.out + r + 1] = hsum(tail(acc1, c1, xsum, p.n_sub));
     }
+#endif
   }
 }
 
