@@ -12,9 +12,9 @@ activations have outliers; the float form is as fast here).
 It has AVX-512 and AVX2 paths, so it is built only on x86-64 CPUs with AVX2, FMA and F16C (elsewhere XLA's products
 are the faster ones). It is built on first use with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/
 ``clang++``) against the XLA FFI headers jaxlib ships, ``-O3 -march=native``, into ``<jaxmap cache>/native/`` keyed
-by the source, jaxlib's version, the compiler and the CPU (about 2 s, once). Where there is no compiler or the build
-fails, quantized products stay XLA's (logged once at INFO; ``python -m jaxmap.doctor`` says why).
-``JAXMAP_NATIVE_KERNELS=0`` turns the kernel off.
+by the sources, jaxlib's version, the compiler and the CPU (a few seconds, once). Where there is no compiler or the
+build fails, quantized products stay XLA's (logged once at INFO; ``python -m jaxmap.doctor`` says why).
+``JAXMAP_NATIVE_KERNELS=0`` turns the kernels off.
 
 Which products use it is decided where weights are placed (:func:`mark`): quantized ``[out, in]`` weights of a
 stage on one CPU device, for the block types of :func:`supports`. The choice is a static field of the
